@@ -1,0 +1,38 @@
+"""`pdiff SUBCOMMAND ...`: each subcommand lives in its own module with a ``main(argv) -> int``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("pdiff.train", "train (or resume) a model: pdiff train --config FILE [key=value ...]"),
+    "info": ("tools.info", "parameters, FLOPs per patch size and the schedule's cost per image"),
+    "shard": ("tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
+    "sample": ("tools.sample", "generate images from a snapshot or checkpoint"),
+    "fid": ("tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
+    "bench": ("tools.bench", "throughput: 'bench data|step|train|sample'"),
+    "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: pdiff COMMAND [args...]", "", "commands:"]
+    lines += [f"  {name:<8}{text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"pdiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""One tree of dataclasses for a whole run; YAML loads into it, dotted overrides patch it.
+
+    cfg = load_config("pdiff/presets/tiny.yaml", ["train.batch=64", "patch.real_p=0.25"])
+
+Unknown keys and values of the wrong type are errors naming the key and the file. Progress is
+counted in images seen (EDM2): every duration and interval below is in images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class NetworkConfig:
+    arch: str = "ddpmpp"                  # ddpmpp | ncsnpp | adm
+    model_channels: int = 128             # base channels
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_blocks: int = 4                   # residual blocks per resolution
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.10
+    label_dim: int = 0                    # number of classes; 0 = unconditional
+    label_dropout: float = 0.0            # probability of dropping the label (classifier-free guidance)
+    coord_embed: str = "none"             # none | fourier: sin/cos features of the coordinates
+    coord_freqs: int = 4                  # fourier: frequencies 2^0 .. 2^(k-1)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                        # folder of WebDataset shards with manifest.json
+    resolution: int = 64                  # R, the full image (or latent) size
+    channels: int = 3
+    backend: str = "auto"                 # auto | dali | torch
+    workers: int = 2                      # decoding threads (DALI) or DataLoader workers (torch)
+    prefetch: int = 4                     # batches decoded ahead
+    shuffle_buffer: int = 1024            # samples in the shuffle buffer
+    xflip: bool = False                   # random horizontal flips (off: flips move coordinates)
+
+
+@dataclass
+class PatchConfig:
+    mode: str = "stochastic"              # stochastic | progressive | full (plain EDM)
+    real_p: float = 0.5                   # share of full-size steps (the paper's p)
+    sizes: list[int] = field(default_factory=list)    # empty: {R/4, R/2, R}
+    probs: list[float] = field(default_factory=list)  # empty: (2/5 (1-p), 3/5 (1-p), p)
+
+
+@dataclass
+class LossConfig:
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_images: int = 10_000_000       # linear learning-rate warm-up (EDM: 10 Mimg)
+    grad_clip: float = 0.0                # 0 = no clipping
+    nonfinite: str = "skip"               # skip | zero: what to do with a step whose gradient is not finite
+
+
+@dataclass
+class EMAConfig:
+    halflife_images: int = 500_000        # EDM: 0.5 Mimg
+    rampup_ratio: float = 0.05            # half-life at most this share of images seen; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    batch: int = 512                      # global batch of FULL images; a step of size s carries batch * R/s patches
+    grad_accum: int = 1                   # micro-batches per step and rank
+    duration_images: int = 200_000_000
+    log_every_images: int = 100_000
+    ckpt_every_images: int = 5_000_000
+    snapshot_every_images: int = 5_000_000
+    sample_every_images: int = 5_000_000
+    keep_checkpoints: int = 3
+    compile: bool = True
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = False
+    kernels: str = "auto"                 # auto (Triton on CUDA) | triton | torch
+    wall_budget_s: float = 0.0            # stop cleanly after this many seconds; 0 = no budget
+    deterministic: bool = False
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
+    guidance: float = 1.0                 # classifier-free guidance scale (1 = off)
+    canvas: int = 0                       # 0 = the training resolution
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, checking and overriding
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+                return float(value)
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file path, or the name of a preset (``tiny``, ``celeba64``...)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    preset = PRESET_DIR / f"{path}.yaml"
+    if preset.exists():
+        return preset
+    names = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {path}: no such file and no such preset (presets: {names})")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a YAML file; ``base: other.yaml`` (relative, or a preset name) is merged underneath."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = path.parent / base if (path.parent / base).exists() else resolve_path(base)
+        data = _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.batch=64")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (with its ``base`` chain) <- dotted overrides, checked field by field."""
+    data: dict = to_dict(Config())
+    source = "<defaults>"
+    if path is not None:
+        p = resolve_path(path)
+        source = str(p)
+        data = _merge(data, _read_yaml(p))
+    if overrides:
+        try:
+            data = apply_overrides(data, list(overrides))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        source += " + overrides"
+    cfg = from_dict(data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    def bad(key, msg):
+        raise ConfigError(f"{source}: {key}: {msg}")
+    choices = {"network.arch": ("ddpmpp", "ncsnpp", "adm"), "network.coord_embed": ("none", "fourier"),
+               "data.backend": ("auto", "dali", "torch"), "patch.mode": ("stochastic", "progressive", "full"),
+               "train.precision": ("auto", "bf16", "fp32"), "train.kernels": ("auto", "triton", "torch"),
+               "optim.nonfinite": ("skip", "zero")}
+    for key, allowed in choices.items():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v not in allowed:
+            bad(key, f"{v!r} is not one of {', '.join(allowed)}")
+    if cfg.data.resolution < 2:
+        bad("data.resolution", "must be at least 2")
+    if cfg.train.batch < 1:
+        bad("train.batch", "must be positive")
+    if not 0 <= cfg.patch.real_p <= 1:
+        bad("patch.real_p", "must lie in [0, 1]")
+    if not 0 <= cfg.network.label_dropout < 1:
+        bad("network.label_dropout", "must lie in [0, 1)")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_yaml(cfg))
