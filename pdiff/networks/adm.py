@@ -1,0 +1,118 @@
+"""The ADM U-Net of Dhariwal & Nichol (2021) as EDM configures it.
+
+Differences from the Song et al. U-Net (songunet.py): the embedding modulates each block with a
+per-channel scale and shift (adaptive group norm), multi-head attention with 64 channels per head,
+no sqrt(1/2) skip scaling, a parameter-free nearest/box resampler on the skip path of resampling
+blocks, Kaiming-uniform initialisation at scale sqrt(1/3) with truly zero "zero" layers, and the
+class embedding is added after the second mapping layer (no bias). Attention placement is decided
+by level index (level i is resolution R >> i of the training resolution R), as in songunet.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_input, \
+    drop_labels
+
+
+class DhariwalUNet(nn.Module):
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0,
+                 model_channels: int = 192, channel_mult=(1, 2, 3, 4), channel_mult_emb: int = 4,
+                 num_blocks: int = 3, attn_resolutions=(32, 16, 8), dropout: float = 0.10,
+                 label_dropout: float = 0.0, coord_freqs: int = 0):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.downsample = 2 ** (len(channel_mult) - 1)
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
+        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
+                     init_zero=init_zero)
+
+        # Mapping network.
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        # Unit-variance class embeddings (kaiming_normal has std 1/sqrt(fan_in)).
+        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+
+        self.coord_features = CoordFeatures(coord_freqs)
+        in_channels = img_channels + 2 + self.coord_features.extra_channels()
+
+        # Encoder: every module's output is a skip.
+        self.enc = nn.ModuleDict()
+        enc_plan = []
+        skip_widths = []
+        width = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(width, model_channels * mult, 3, **init)
+                enc_plan.append((f"{res}x{res}_conv", "conv"))
+                width = model_channels * mult
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(width, width, down=True, **block)
+                enc_plan.append((f"{res}x{res}_down", "block"))
+            skip_widths.append(width)
+            for idx in range(num_blocks):
+                out = model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(width, out, attention=res in attn_resolutions,
+                                                                **block)
+                enc_plan.append((f"{res}x{res}_block{idx}", "block"))
+                width = out
+                skip_widths.append(width)
+        self._enc_plan = tuple(enc_plan)
+
+        # Decoder.
+        self.dec = nn.ModuleDict()
+        dec_plan = []
+        for level in reversed(range(len(channel_mult))):
+            res = img_resolution >> level
+            mult = channel_mult[level]
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(width, width, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
+                dec_plan += [(f"{res}x{res}_in0", False), (f"{res}x{res}_in1", False)]
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
+                dec_plan.append((f"{res}x{res}_up", False))
+            for idx in range(num_blocks + 1):
+                out = model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(width + skip_widths.pop(), out,
+                                                                attention=res in attn_resolutions, **block)
+                dec_plan.append((f"{res}x{res}_block{idx}", True))
+                width = out
+        self._dec_plan = tuple(dec_plan)
+        self.out_norm = GroupNorm(width)
+        self.out_conv = Conv2d(width, img_channels, 3, **init_zero)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        class_labels = check_input(x, noise_labels, class_labels, self.img_channels, self.label_dim,
+                                   self.downsample)
+        emb = F.silu(self.map_layer0(self.map_noise(noise_labels)))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, self.training).to(emb.dtype))
+        emb = F.silu(emb)
+
+        x = self.coord_features(x)
+        skips = []
+        for name, kind in self._enc_plan:
+            module = self.enc[name]
+            x = module(x) if kind == "conv" else module(x, emb)
+            skips.append(x)
+
+        for name, takes_skip in self._dec_plan:
+            if takes_skip:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = self.dec[name](x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
