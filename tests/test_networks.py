@@ -10,7 +10,7 @@ import torch
 from pdiff.config import NetworkConfig
 from pdiff.coords import coord_grid
 from pdiff.networks import build_network
-from pdiff.networks.layers import CoordFeatures, UNetBlock
+from pdiff.networks.layers import Conv2d, CoordFeatures, GroupNorm, UNetBlock
 
 R = 32
 ARCHS = ("ddpmpp", "ncsnpp", "adm")
@@ -134,6 +134,46 @@ def test_coordinate_fourier_features():
     f = math.pi * 2**k
     expect = torch.stack([(f * cx).sin(), (f * cx).cos(), (f * cy).sin(), (f * cy).cos()], dim=1)
     torch.testing.assert_close(out[:, 5 + 4 * k: 5 + 4 * (k + 1)], expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer semantics against plain formulas
+
+def test_resampling_filters():
+    x = torch.randn(2, 3, 8, 8)
+    box_down = Conv2d(3, 3, 0, down=True, resample_filter=[1, 1])
+    torch.testing.assert_close(box_down(x), torch.nn.functional.avg_pool2d(x, 2))
+    box_up = Conv2d(3, 3, 0, up=True, resample_filter=[1, 1])
+    torch.testing.assert_close(box_up(x), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    # [1,3,3,1]: a constant image stays constant away from the zero-padded border, at either rate.
+    ones = torch.ones(1, 3, 8, 8)
+    torch.testing.assert_close(Conv2d(3, 3, 0, down=True, resample_filter=[1, 3, 3, 1])(ones)[..., 1:-1, 1:-1],
+                               torch.ones(1, 3, 2, 2))
+    torch.testing.assert_close(Conv2d(3, 3, 0, up=True, resample_filter=[1, 3, 3, 1])(ones)[..., 1:-1, 1:-1],
+                               torch.ones(1, 3, 14, 14))
+    # Fused conv-then-filter equals the filter applied to the 'full' convolution output.
+    fused = Conv2d(3, 4, 3, down=True, resample_filter=[1, 3, 3, 1], fused_resample=True, init_bias=1.0)
+    full = torch.nn.functional.conv2d(x, fused.weight, fused.bias, padding=2)
+    f = fused.resample_filter.expand(4, 1, 4, 4)
+    torch.testing.assert_close(fused(x), torch.nn.functional.conv2d(full, f, groups=4, stride=2))
+
+
+def test_attention_block_matches_naive_multihead_attention():
+    torch.manual_seed(6)
+    blk = UNetBlock(128, 128, emb_channels=8, attention=True, channels_per_head=64,
+                    init_zero=dict(init_weight=1.0))
+    assert blk.num_heads == 2
+    x = torch.randn(2, 128, 4, 4)
+    h = blk.norm2(x)
+    qkv = blk.qkv(h).reshape(2 * 2, 64, 3, 16)  # heads folded into the batch, (channel, q/k/v, token)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / 8.0, dim=2)
+    a = torch.einsum("nqk,nck->ncq", w, v).reshape(2, 128, 4, 4)
+    torch.testing.assert_close(blk._attend(h), blk.proj(a), rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_groups():
+    assert GroupNorm(16).num_groups == 4 and GroupNorm(128).num_groups == 32 and GroupNorm(768).num_groups == 32
 
 
 # ---------------------------------------------------------------------------------------------
