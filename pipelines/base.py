@@ -1,0 +1,97 @@
+"""The backend-independent half of a patch pipeline: the plan, the uint8 -> [-1, 1] conversion and
+the resumable state."""
+from __future__ import annotations
+
+import torch
+
+from pipelines import Batch, PipelineStateError
+from pipelines.order import RankStep, SamplePlan
+from pipelines.shards import ShardSet
+
+STATE_VERSION = 1
+
+
+class PatchPipeline:
+    """Shared part: the plan, the uint8 -> [-1, 1] conversion, the state. Backends implement
+    ``_start(images_seen)``, ``_next_step() -> (RankStep, uint8 (b, s, s, C) tensor)`` and ``_stop()``."""
+    backend = "?"
+
+    def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, shards: ShardSet):
+        self.cfg, self.schedule, self.rank, self.world_size = cfg, schedule, rank, world_size
+        self.device = torch.device(device)
+        self.shards, self.manifest = shards, shards.manifest
+        self.seed = int(cfg.train.seed)
+        self.plan = SamplePlan(shards.count, shards.labels, schedule, self.seed, rank, world_size,
+                               xflip=bool(cfg.data.xflip))
+        self.images_seen = 0
+        self._running = False
+
+    # -- iteration
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if not self._running:
+            self._start(self.images_seen)
+            self._running = True
+        step, raw = self._next_step()
+        if step.images_seen != self.images_seen:
+            raise RuntimeError(f"pipeline out of step: got images_seen {step.images_seen}, expected {self.images_seen}")
+        patches = raw.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if step.flips.any():
+            flips = torch.from_numpy(step.flips).to(self.device)
+            patches = torch.where(flips[:, None, None, None], patches.flip(-1), patches)
+        self.images_seen += self.schedule.batch_for(step.patch_size)
+        return Batch(patches.contiguous(), torch.from_numpy(step.offsets).to(self.device),
+                     torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen)
+
+    # -- state
+    def _guards(self) -> dict:
+        return {"world_size": self.world_size, "batch": self.schedule.batch,
+                "resolution": self.schedule.resolution, "seed": self.seed,
+                "dataset": self.shards.fingerprint(), "count": self.shards.count}
+
+    def state_dict(self) -> dict:
+        """The same on every rank (the position is global): rank 0's state can be loaded by all."""
+        return {"kind": "pdiff-patch-pipeline", "version": STATE_VERSION, "images_seen": int(self.images_seen),
+                "backend": self.backend, **self._guards()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "pdiff-patch-pipeline":
+            raise PipelineStateError("not a pdiff pipeline state (expected the dict from pipe.state_dict())")
+        if state.get("version") != STATE_VERSION:
+            raise PipelineStateError(f"pipeline state version {state.get('version')} is not {STATE_VERSION}; "
+                                     f"it was written by another pdiff version")
+        what = {"world_size": "world size", "batch": "global batch (train.batch)", "resolution": "resolution",
+                "seed": "seed (train.seed)", "dataset": "dataset (shard checksums)", "count": "dataset size"}
+        for key, value in self._guards().items():
+            if state.get(key) != value:
+                raise PipelineStateError(
+                    f"cannot resume the data pipeline: the {what[key]} was {state.get(key)!r} when the state was "
+                    f"saved and is {value!r} now; resume with the same setting (or start a new run)")
+        n = int(state["images_seen"])
+        if n < 0 or n % self.world_size:
+            raise PipelineStateError(f"images_seen {n} in the state is not a multiple of the world size")
+        self.close()
+        self.images_seen = n
+
+    def close(self) -> None:
+        if self._running:
+            self._stop()
+            self._running = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- backend hooks
+    def _start(self, images_seen: int) -> None:
+        raise NotImplementedError
+
+    def _next_step(self) -> tuple[RankStep, torch.Tensor]:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,94 @@
+"""The torch fallback: DataLoader workers read samples by index from the tars (the shard indexes
+give the offsets), decode them with Pillow (raw: no decode) and crop. Used where DALI is missing.
+
+The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the
+main process joins the chunks of a step in order. No shuffling happens inside the DataLoader, so the
+output does not depend on the number of workers and resuming needs only the images seen.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipelines.base import PatchPipeline
+from pipelines.order import RankStep
+from pipelines.shards import ShardSet
+
+
+def read_patches(shards: ShardSet, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 (n, s, s, C): sample indices[j] cropped at read_xy[j] = (x0, y0)."""
+    s = patch_size
+    out = np.empty((len(indices), s, s, shards.channels), np.uint8)
+    for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
+        out[j] = shards.decode(int(i))[y:y + s, x:x + s]
+    return out
+
+
+class _ChunkReader(Dataset):
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
+
+    def __getitem__(self, key):
+        step_images_seen, chunk, n_chunks, s, indices, read_xy = key
+        return step_images_seen, chunk, n_chunks, torch.from_numpy(read_patches(self.shards, indices, read_xy, s))
+
+    def __len__(self):
+        raise TypeError("endless dataset")
+
+
+class _StepSampler(Sampler):
+    def __init__(self, pipe: "TorchPatchPipeline", images_seen: int):
+        self.pipe, self.images_seen = pipe, images_seen
+
+    def __iter__(self):
+        for step in self.pipe.plan.steps(self.images_seen):
+            self.pipe._pending.append(step)
+            b = len(step.indices)
+            size = self.pipe.chunk_size
+            n = -(-b // size)
+            for c in range(n):
+                sl = slice(c * size, (c + 1) * size)
+                yield step.images_seen, c, n, step.patch_size, step.indices[sl], step.read_xy[sl]
+
+
+class TorchPatchPipeline(PatchPipeline):
+    backend = "torch"
+
+    def __init__(self, cfg, schedule, rank, world_size, device, shards):
+        super().__init__(cfg, schedule, rank, world_size, device, shards)
+        self.workers = max(0, int(cfg.data.workers))
+        # Split a step over the workers so that one step is decoded in parallel.
+        self.chunk_size = max(16, -(-self.plan.max_per_rank // max(1, 2 * self.workers)))
+        self._pending: deque[RankStep] = deque()
+        self._iter = None
+
+    def _start(self, images_seen: int) -> None:
+        self._pending.clear()
+        kwargs = {}
+        if self.workers:
+            kwargs = dict(num_workers=self.workers, prefetch_factor=max(1, int(self.cfg.data.prefetch)),
+                          persistent_workers=False)
+        loader = DataLoader(_ChunkReader(self.shards), sampler=_StepSampler(self, images_seen), batch_size=None,
+                            pin_memory=self.device.type == "cuda", **kwargs)
+        self._iter = iter(loader)
+
+    def _next_step(self):
+        parts = []
+        while True:
+            step_images_seen, chunk, n_chunks, patches = next(self._iter)
+            parts.append(patches)
+            if chunk == n_chunks - 1:
+                break
+        step = self._pending.popleft()
+        if step.images_seen != step_images_seen:
+            raise RuntimeError("torch pipeline: chunks arrived out of order")
+        return step, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _stop(self) -> None:
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._pending.clear()

@@ -1,0 +1,89 @@
+"""`pdiff shard`: write a dataset as WebDataset tar shards with DALI indexes and a manifest.
+
+    pdiff shard SRC OUT [--resolution R] [--transform none|center-crop|center-crop-dhariwal|resize]
+                        [--channels auto|1|3] [--format png|jpeg|webp|raw] [--quality Q]
+                        [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip] ...
+    pdiff shard verify DIR     sizes, checksums and a decode of every sample
+    pdiff shard info DIR       what the manifest holds
+
+SRC: a folder of images (class sub-folders become labels), a .zip of images (EDM dataset.json
+labels honoured), or a .npz/.npy uint8 array (N, H, W[, C]) with optional labels.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.shards import ShardError
+from tools._shardlib import ENCODINGS, TRANSFORMS, ShardInputError, info, verify, write_shards
+
+__all__ = ["main", "write_shards", "verify", "info"]
+
+
+def _size(text: str) -> int:
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    t = text.strip().lower().rstrip("b")
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[:-len(u)]) * units[u])
+    return int(t)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdiff shard", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("source", help="folder, .zip, .npz or .npy")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--resolution", type=int, help="R; default: the size of the images (they must all match)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="none")
+    p.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                   help="1 = grayscale, 3 = RGB, auto = as the first image")
+    p.add_argument("--format", dest="encoding", choices=ENCODINGS, default="png",
+                   help="png (lossless, default), jpeg, webp, or raw uint8 (no decode, larger)")
+    p.add_argument("--quality", type=int, default=95, help="jpeg/webp quality (webp 100 = lossless)")
+    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
+    p.add_argument("--max-bytes", type=_size, default=1 << 30, help="bytes per shard at most (e.g. 500M, 1Gi)")
+    p.add_argument("--min-shards", type=int, default=1, help="at least this many shards (>= ranks x workers)")
+    p.add_argument("--name", default="data", help="shard name prefix: NAME-000000.tar")
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="bad inputs: stop at the first, or skip and count them (each is reported)")
+    p.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores")
+    p.add_argument("--images-key", help=".npz: array holding the images")
+    p.add_argument("--labels-key", help=".npz: array holding the labels")
+    p.add_argument("--labels", dest="labels_file", help=".npy source: a .npy of integer labels")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    try:
+        if argv and argv[0] == "verify":
+            if len(argv) != 2:
+                print("usage: pdiff shard verify DIR", file=sys.stderr)
+                return 2
+            ok, msg = verify(argv[1])
+            print(msg, file=sys.stdout if ok else sys.stderr)
+            return 0 if ok else 1
+        if argv and argv[0] == "info":
+            if len(argv) != 2:
+                print("usage: pdiff shard info DIR", file=sys.stderr)
+                return 2
+            print(info(argv[1]))
+            return 0
+        args = _parser().parse_args(argv)
+        opts = vars(args)
+        quiet = opts.pop("quiet")
+        src, out = opts.pop("source"), opts.pop("out")
+        opts["channels"] = "auto" if opts["channels"] == "auto" else int(opts["channels"])
+        write_shards(src, out, progress=False if quiet else None,
+                     command=["pdiff", "shard"] + argv, **opts)
+        return 0
+    except (ShardInputError, ShardError) as e:
+        print(f"pdiff shard: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
