@@ -269,7 +269,9 @@ def _to_pil(data, path_suffix: str):
         im = Image.open(io.BytesIO(data))
     except Exception as e:
         if path_suffix in IMAGE_SUFFIXES:
-            raise BadInput("undecodable", str(e)) from None
+            detail = (f"Pillow cannot identify the data of this {path_suffix} file" if "cannot identify" in str(e)
+                      else str(e))
+            raise BadInput("undecodable", detail) from None
         raise BadInput("not an image", f"cannot identify the format ({path_suffix or 'no extension'})") from None
     try:
         im.verify()                                  # checksums (PNG CRCs) and structure
@@ -329,7 +331,8 @@ def _encode(arr: np.ndarray, encoding: str, quality: int) -> bytes:
     if encoding == "png":
         im.save(buf, format="PNG")
     elif encoding == "jpeg":
-        im.save(buf, format="JPEG", quality=quality)
+        # full-resolution chroma at high quality: 4:2:0 smears colour edges of small images
+        im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     else:
         im.save(buf, format="WEBP", quality=quality, lossless=quality == 100)
     return buf.getvalue()
@@ -376,7 +379,8 @@ class _TarShard:
         return sum(512 + -(-s // 512) * 512 for s in sizes)
 
     def projected(self, sizes) -> int:
-        return self.tar.offset + self.cost(sizes) + tarfile.RECORDSIZE
+        end = self.tar.offset + self.cost(sizes) + 2 * tarfile.BLOCKSIZE     # two zero blocks close a tar
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE            # padded to whole records
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         comps = []
@@ -480,16 +484,15 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
         raise ShardInputError(f"{out} already holds shards written with other options or another source; "
                               f"pass --overwrite to replace them, or choose another folder")
 
-    done, skipped = _resume(out, opts.name, journal_path, fingerprint, items, log)
+    done = _resume(out, opts.name, journal_path, fingerprint, items, log)
     start = done[-1]["input_end"] if done else 0
-    for rec in done:
-        skipped.extend(rec["skipped"])
     listing_bad = {pos: (path, reason) for pos, path, reason in src.bad}
     dup = _duplicates(items)
     written = sum(r["count"] for r in done)
 
     todo = list(range(start, len(items)))
-    chunks = [todo[i:i + 32] for i in range(0, len(todo), 32)]
+    step = max(1, min(32, per_shard // 4))         # work units for the pool, small next to a shard
+    chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
     workers = opts.workers or os.cpu_count() or 1
     t0 = time.time()
     shard: _TarShard | None = None
@@ -538,7 +541,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
             done[-1]["skipped"].extend(shard_skipped)
             done[-1]["input_end"] = len(items)
             _atomic_json(journal_path, {"fingerprint": fingerprint, "shards": done})
-        skipped.extend(shard_skipped)
+        skipped = [s for rec in done for s in rec["skipped"]]
     finally:
         bar.close()
         if pool is not None:
@@ -546,7 +549,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
         if shard is not None:
             shard.abandon()
     if written == 0:
-        raise ShardInputError(f"{source}: every input was skipped ({len(skipped)} bad); nothing to write")
+        raise ShardInputError(f"{source}: every input was skipped ({len(shard_skipped)} bad); nothing to write")
 
     reasons = Counter(s["reason"].split(":")[0] for s in skipped)
     manifest = {
@@ -603,7 +606,9 @@ def _resume(out: Path, name: str, journal_path: Path, fingerprint: dict, items, 
     done: list[dict] = []
     if journal_path.exists():
         journal = json.loads(journal_path.read_text())
-        if journal.get("fingerprint") != fingerprint:
+        if journal.get("fingerprint") != fingerprint and not journal.get("shards"):
+            journal = {"shards": []}              # nothing was finished: nothing to protect
+        elif journal.get("fingerprint") != fingerprint:
             raise ShardInputError(f"{out} holds an unfinished run with other options or another source; "
                                   f"pass --overwrite to start again, or re-run the original command")
         for rec in journal["shards"]:
@@ -622,7 +627,7 @@ def _resume(out: Path, name: str, journal_path: Path, fingerprint: dict, items, 
         if p not in keep:
             p.unlink()
     _atomic_json(journal_path, {"fingerprint": fingerprint, "shards": done})
-    return done, []
+    return done
 
 
 class _Log:
