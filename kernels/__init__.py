@@ -1,0 +1,129 @@
+"""Fused Triton kernels for the two memory-bound ends of a training step, and their dispatcher.
+
+    backend = resolve_backend(cfg.train.kernels, device)      # "triton" | "torch"
+    net_in = build_net_input(patches, sigma, offsets, R, seed=seed, step=step, backend=backend)
+    F = model.raw(net_in, sigma, labels)
+    loss = edm_patch_loss(F, patches, sigma, seed=seed, step=step, backend=backend).mean()
+
+Patches come as the pipeline delivers them: float (B, C, s, s) in [-1, 1] or uint8 (B, s, s, C) in
+[0, 255] (mapped by x / 127.5 - 1). Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
+``step``: the Triton kernels then draw Philox noise in-kernel and the loss kernel regenerates the
+identical noise (see kernels/_philox.py; ``philox_noise`` materialises it). The torch backend with a
+seed draws from a torch.Generator seeded by (seed, step): the same in both calls of a step, but a
+different stream from the Philox one. Pass ``step`` as a one-element device tensor under
+torch.compile so the changing step count does not trigger recompiles.
+
+Both ops are torch.library ops (triton_op), so torch.compile(fullgraph=True) traces them without
+graph breaks; the loss is differentiable with respect to F (a bf16 F from autocast is fine).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._philox import philox_noise, rng_tensor, torch_step_noise
+from .edm_loss import EDMLoss, edm_loss_op, edm_loss_ref
+from .net_input import NetInput, chw_view, net_input_op, net_input_ref
+
+__all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise",
+           "net_input_ref", "edm_loss_ref", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(mode: str, device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton' off CUDA needs TRITON_INTERPRET=1."""
+    if mode not in BACKENDS:
+        raise ValueError(f"kernel backend {mode!r} is not one of {BACKENDS} (config key train.kernels)")
+    dev = torch.device(device)
+    if mode == "torch":
+        return "torch"
+    if mode == "auto":
+        return "triton" if dev.type == "cuda" else "torch"
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
+                           "to run the kernels in Triton's CPU interpreter (slow, for tests), or use "
+                           "train.kernels=auto|torch")
+    return "triton"
+
+
+def _check_common(patches, sigma, noise, seed, step, where):
+    if patches.ndim != 4:
+        raise ValueError(f"{where}: patches must be float (B, C, s, s) or uint8 (B, s, s, C), got shape {tuple(patches.shape)}")
+    if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
+        raise ValueError(f"{where}: patches must be uint8 (HWC) or floating point (CHW), got {patches.dtype}")
+    y = chw_view(patches)
+    b, _, h, w = y.shape
+    if h != w:
+        raise ValueError(f"{where}: patches must be square, got {h}x{w} (uint8 patches are (B, s, s, C))")
+    if sigma.numel() != b or not sigma.dtype.is_floating_point:
+        raise ValueError(f"{where}: sigma must be a float tensor with one value per sample ({b}), got "
+                         f"shape {tuple(sigma.shape)} {sigma.dtype}")
+    if (noise is None) == (seed is None and step is None):
+        raise ValueError(f"{where}: give exactly one of noise= or (seed=, step=)")
+    if noise is None and (seed is None or step is None):
+        raise ValueError(f"{where}: in-kernel noise needs both seed= and step=")
+    if noise is not None and (tuple(noise.shape) != tuple(y.shape) or not noise.dtype.is_floating_point):
+        raise ValueError(f"{where}: noise must be float with the patches' (B, C, s, s) shape {tuple(y.shape)}, "
+                         f"got {tuple(noise.shape)} {noise.dtype}")
+    return y, sigma.reshape(-1)
+
+
+def _resolve(backend, device):
+    return resolve_backend(backend, device) if backend == "auto" else backend
+
+
+def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor, resolution: int,
+                    noise: torch.Tensor | None = None, seed: int | None = None, step=None,
+                    sigma_data: float = 0.5, out_dtype: torch.dtype = torch.float32,
+                    channels_last: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Network input (B, C + 2, s, s): [c_in(sigma) (y + sigma n), x-grid, y-grid]."""
+    y, sigma = _check_common(patches, sigma, noise, seed, step, "build_net_input")
+    if offsets.shape != (y.shape[0], 2) or offsets.dtype.is_floating_point:
+        raise ValueError(f"build_net_input: offsets must be integer (B, 2) = (x0, y0), got "
+                         f"{tuple(offsets.shape)} {offsets.dtype}")
+    if resolution < max(2, y.shape[-1]):
+        raise ValueError(f"build_net_input: resolution {resolution} is smaller than the patch size {y.shape[-1]}")
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"build_net_input: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    backend = _resolve(backend, patches.device)
+    if backend == "torch":
+        if noise is None:
+            noise = torch_step_noise(rng_tensor(seed, step, patches.device), list(y.shape), patches.device)
+        return net_input_ref(patches, sigma, offsets, resolution, noise, sigma_data, out_dtype, channels_last)
+    if backend != "triton":
+        raise ValueError(f"build_net_input: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
+    rng = rng_tensor(seed, step, patches.device) if noise is None else None
+    args = (patches, sigma, offsets, noise, rng, int(resolution), float(sigma_data), out_dtype, bool(channels_last))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (patches, sigma, noise))
+    return NetInput.apply(*args) if needs_grad else net_input_op(*args)
+
+
+def edm_patch_loss(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor,
+                   noise: torch.Tensor | None = None, seed: int | None = None, step=None,
+                   sigma_data: float = 0.5, backend: str = "auto") -> torch.Tensor:
+    """Per-sample loss (B,) = mean over C s s of lambda(sigma) (D - y)^2, differentiable w.r.t. F.
+
+    With seed/step it must be called with the same (seed, step) as build_net_input for that step."""
+    y, sigma = _check_common(patches, sigma, noise, seed, step, "edm_patch_loss")
+    if tuple(F.shape) != tuple(y.shape) or not F.dtype.is_floating_point:
+        raise ValueError(f"edm_patch_loss: F must be float with the patches' (B, C, s, s) shape "
+                         f"{tuple(y.shape)}, got {tuple(F.shape)} {F.dtype}")
+    backend = _resolve(backend, F.device)
+    if backend == "torch":
+        if noise is None:
+            noise = torch_step_noise(rng_tensor(seed, step, F.device), list(y.shape), F.device)
+        return edm_loss_ref(F, patches, sigma, noise, sigma_data)
+    if backend != "triton":
+        raise ValueError(f"edm_patch_loss: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
+    rng = rng_tensor(seed, step, F.device) if noise is None else None
+    write_grad = torch.is_grad_enabled() and F.requires_grad
+    if write_grad:
+        return EDMLoss.apply(F, patches, sigma, noise, rng, float(sigma_data), True)
+    return edm_loss_op(F, patches, sigma, noise, rng, float(sigma_data), False)[0]

@@ -1,0 +1,128 @@
+"""Counter-based training noise shared by the net-input and loss kernels.
+
+The noise of element (b, c, p) of a (B, C, H, W) batch (p = row * W + col, the pixel's index in its
+plane) is a pure function of (seed, step, shape): Philox-4x32-10 keyed by the 64-bit seed, with the
+counter (j, b * C + c, step_lo, step_hi). One Philox call yields four uint32, which Box-Muller turns
+into four normals; they go to the pixels p = k * Q + j (k = 0..3, Q = ceil(H * W / 4)), so one call
+feeds four pixels of the same plane. The definition does not depend on block sizes or memory layout,
+so the loss kernel regenerates exactly what the net-input kernel drew and nothing is stored.
+
+The torch backend cannot run Philox cheaply; with a seed it draws from a torch.Generator seeded by
+(seed, step) instead. That stream is NOT the Philox stream (tests compare the two backends with
+explicit noise); it is only consistent between build_net_input and edm_patch_loss of one step.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import empty, lane_block, should_launch
+
+_MASK64 = (1 << 64) - 1
+
+
+@triton.jit
+def load_rng(rng_ptr):
+    """(seed, step_lo, step_hi) from the int64 pair [seed, step] on the device."""
+    seed = tl.load(rng_ptr)
+    step = tl.load(rng_ptr + 1)
+    step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
+    step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return seed, step_lo, step_hi
+
+
+@triton.jit
+def noise4(seed, j, plane, step_lo, step_hi):
+    """Four N(0, 1) blocks for counters j (a block) of one plane: the noise of pixels k * Q + j."""
+    c0 = j.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + plane.to(tl.uint32)
+    c2 = zero + step_lo
+    c3 = zero + step_hi
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _store_lane(out_ptr, base, j, k, Q, S, n):
+    p = k * Q + j
+    tl.store(out_ptr + base + p, n, mask=(j < Q) & (p < S))
+
+
+@triton.jit
+def _philox_noise_kernel(out_ptr, rng_ptr, S, Q, C: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    j = t * BLOCK + tl.arange(0, BLOCK)
+    seed, step_lo, step_hi = load_rng(rng_ptr)
+    for c in tl.static_range(C):
+        plane = b * C + c
+        n0, n1, n2, n3 = noise4(seed, j, plane, step_lo, step_hi)
+        base = plane.to(tl.int64) * S
+        _store_lane(out_ptr, base, j, 0, Q, S, n0)
+        _store_lane(out_ptr, base, j, 1, Q, S, n1)
+        _store_lane(out_ptr, base, j, 2, Q, S, n2)
+        _store_lane(out_ptr, base, j, 3, Q, S, n3)
+
+
+def rng_tensor(seed, step, device) -> torch.Tensor:
+    """The int64 pair [seed, step] the kernels read. ``step`` may be a device tensor, which keeps
+    torch.compile from recompiling as the step count changes (a Python int is a guarded constant)."""
+    if isinstance(seed, torch.Tensor):
+        raise TypeError("seed must be a Python int (fixed for a run); pass the changing step as a tensor")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point:
+            raise ValueError(f"step tensor must hold one integer, got shape {tuple(step.shape)} {step.dtype}")
+        step = step.reshape(1).to(device=device, dtype=torch.int64)
+        return torch.cat([step.new_full((1,), int(seed)), step])
+    if not 0 <= int(step) < 2**63:
+        raise ValueError(f"step must be in [0, 2**63), got {step}")
+    return torch.tensor([int(seed), int(step)], dtype=torch.int64, device=device)
+
+
+@torch.library.triton_op("pdiff::philox_noise", mutates_args=())
+def philox_noise_op(rng: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
+    out = empty((b, c, h, w), torch.float32, rng.device)
+    s_total = h * w
+    q = triton.cdiv(s_total, 4)
+    block = lane_block(q)
+    grid = (b, triton.cdiv(q, block))
+    if should_launch(out, rng):
+        torch.library.wrap_triton(_philox_noise_kernel)[grid](out, rng, s_total, q, C=c, BLOCK=block)
+    return out
+
+
+def philox_noise(seed, step, shape, device) -> torch.Tensor:
+    """Materialise the in-kernel noise (float32, contiguous (B, C, H, W)) for (seed, step, shape).
+
+    The forward kernels never call this; it exists so tests (and anyone debugging) can see the
+    exact noise a seeded step used, and for the rarely needed gradient with respect to sigma."""
+    b, c, h, w = (int(v) for v in shape)
+    return philox_noise_op(rng_tensor(seed, step, device), b, c, h, w)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@torch.library.custom_op("pdiff::torch_step_noise", mutates_args=())
+def torch_step_noise(rng: torch.Tensor, shape: list[int], device: torch.device) -> torch.Tensor:
+    """Torch-backend noise for (seed, step): a torch.Generator seeded from both. Opaque to
+    torch.compile (a custom op), so a compiled step with the torch backend has no graph break."""
+    seed, step = (int(v) for v in rng.tolist())
+    g = torch.Generator(device=device)
+    g.manual_seed(_splitmix64(_splitmix64(seed) ^ step) >> 1)
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+
+
+@torch_step_noise.register_fake
+def _(rng, shape, device):
+    return torch.empty(shape, device=device, dtype=torch.float32)

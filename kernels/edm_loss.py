@@ -1,0 +1,168 @@
+"""Fused patch EDM loss and its gradient with respect to the network output F.
+
+Per element, with x = y + sigma n (EDM eq. 2, Table 1):
+  D - y = c_skip x + c_out F - y = (c_skip - 1) y + c_skip sigma n + c_out F
+(the right-hand form avoids the cancellation of D - y at small sigma), and
+  per-sample loss L_b = lambda / N * sum (D - y)^2,   N = C s s,
+  dL_b / dF = 2 lambda c_out / N (D - y).
+The loss is the last node of the graph, so the backward is that saved gradient scaled by the
+incoming per-sample gradient. One pass reads F, y and (unless drawn in-kernel) n once, writes the
+gradient once and a (B, tiles) table of partial sums; no D, residual or clean patch is stored.
+Partial sums are reduced in a fixed order (no atomics), so the loss is deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
+
+from ._common import empty, empty_like, lane_block, should_launch
+from ._philox import load_rng, noise4
+from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
+
+
+@triton.jit
+def _loss_lane(f_base, y_base, n_base, g_base, c, j, k, Q, S, W, n_rng, a, bn, co, gcoef,
+               sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
+               F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, G_FLAT: tl.constexpr,
+               IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    p = k * Q + j
+    mask = (j < Q) & (p < S)
+    y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
+    if HAS_NOISE:
+        n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
+    else:
+        n = n_rng
+    f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_FLAT), mask=mask, other=0).to(tl.float32)
+    r = a * y + bn * n + co * f                       # D - y
+    if WRITE_GRAD:
+        tl.store(g_base + plane_offset(c, p, W, sg_c, sg_h, sg_w, G_FLAT),
+                 (gcoef * r).to(g_base.dtype.element_ty), mask=mask)
+    return tl.where(mask, r * r, 0.0)
+
+
+@triton.jit
+def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, rng_ptr, sigma_ptr, part_ptr, g_ptr,
+                     S, W, Q, n_tiles, sigma_data, inv_count,
+                     sf_b, sf_c, sf_h, sf_w, sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w,
+                     sg_b, sg_c, sg_h, sg_w, s_sig,
+                     C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
+                     WRITE_GRAD: tl.constexpr, F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr,
+                     N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    j = t * BLOCK + tl.arange(0, BLOCK)
+    # Per-sample coefficients in float64 (EDM Table 1), used in float32.
+    s64 = tl.load(sigma_ptr + b * s_sig).to(tl.float64)
+    sd = s64 * 0 + sigma_data
+    den = s64 * s64 + sd * sd
+    a = (-(s64 * s64) / den).to(tl.float32)                 # c_skip - 1
+    bn = (sd * sd / den * s64).to(tl.float32)               # c_skip sigma
+    co64 = s64 * sd / tl.sqrt(den)                          # c_out
+    lam = den / (s64 * sd * s64 * sd)                       # lambda(sigma)
+    co = co64.to(tl.float32)
+    gcoef = (2.0 * lam * co64 * inv_count).to(tl.float32)
+    f_base = f_ptr + b * sf_b
+    y_base = y_ptr + b * sy_b
+    n_base = n_ptr + b * sn_b
+    g_base = g_ptr + b * sg_b
+    if not HAS_NOISE:
+        seed, step_lo, step_hi = load_rng(rng_ptr)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in tl.static_range(C):
+        if HAS_NOISE:
+            n0 = a
+            n1 = a
+            n2 = a
+            n3 = a
+        else:
+            n0, n1, n2, n3 = noise4(seed, j, b.to(tl.int32) * C + c, step_lo, step_hi)
+        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 0, Q, S, W, n0, a, bn, co, gcoef,
+                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
+                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
+        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 1, Q, S, W, n1, a, bn, co, gcoef,
+                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
+                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
+        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 2, Q, S, W, n2, a, bn, co, gcoef,
+                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
+                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
+        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 3, Q, S, W, n3, a, bn, co, gcoef,
+                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
+                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
+    total = tl.sum(acc, axis=0) * (lam * inv_count).to(tl.float32)
+    tl.store(part_ptr + b * n_tiles + t, total)
+
+
+def _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad):
+    y = chw_view(patches)
+    b, c, h, w = y.shape
+    s_total = h * w
+    q = triton.cdiv(s_total, 4)
+    block = lane_block(q)
+    n_tiles = triton.cdiv(q, block)
+    partial = empty((b, n_tiles), torch.float32, F.device)
+    grad = empty_like(F) if write_grad else torch.empty((0,), dtype=F.dtype, device=F.device)
+    g = grad if write_grad else F
+    has_noise = noise is not None
+    n = noise if has_noise else y
+    if not should_launch(partial, F):
+        return partial.sum(1), grad
+    torch.library.wrap_triton(_edm_loss_kernel)[(b, n_tiles)](
+        F, y, n, rng if rng is not None else sigma, sigma, partial, g,
+        s_total, w, q, n_tiles, sigma_data, 1.0 / (c * s_total),
+        F.stride(0), F.stride(1), F.stride(2), F.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        n.stride(0), n.stride(1), n.stride(2), n.stride(3),
+        g.stride(0), g.stride(1), g.stride(2), g.stride(3), sigma.stride(0),
+        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, WRITE_GRAD=write_grad,
+        F_FLAT=planes_flat(F), Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), G_FLAT=planes_flat(g),
+        BLOCK=block, num_warps=4 if block >= 256 else 2)
+    return partial.sum(1), grad
+
+
+@torch.library.triton_op("pdiff::edm_loss", mutates_args=())
+def edm_loss_op(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor],
+                rng: Optional[torch.Tensor], sigma_data: float, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample loss (B,), dL_b/dF with F's dtype and layout, or an empty tensor)."""
+    return _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad)
+
+
+class EDMLoss(torch.autograd.Function):
+    """Per-sample loss, differentiable with respect to F only (patches, noise, sigma are data)."""
+
+    @staticmethod
+    def forward(ctx, F, patches, sigma, noise, rng, sigma_data, write_grad):
+        loss, grad = edm_loss_op(F, patches, sigma, noise, rng, sigma_data, write_grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0:
+            raise RuntimeError("edm_patch_loss: the kernel ran without writing dL/dF because F did not "
+                               "require grad when the loss was computed")
+        scale = grad_loss.to(torch.float32).reshape(-1, 1, 1, 1)
+        return (grad.to(torch.float32) * scale).to(grad.dtype), None, None, None, None, None, None
+
+
+def edm_loss_ref(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                 sigma_data: float = 0.5) -> torch.Tensor:
+    """Torch reference: pdiff.loss.weighted_loss_ref, extended to uint8 HWC patches."""
+    return _pdiff_weighted_loss_ref(F, patches_to_float(patches), noise, sigma, sigma_data)
+
+
+def edm_loss_ref64(F, patches, sigma, noise, sigma_data=0.5):
+    """The same per-sample loss in float64 throughout (D - y formed directly, as written in EDM)."""
+    y = chw_view(patches).double()
+    if patches.dtype == torch.uint8:
+        y = y / 127.5 - 1
+    s = sigma.double().reshape(-1, 1, 1, 1)
+    x = y + s * noise.double()
+    den = s**2 + sigma_data**2
+    d = sigma_data**2 / den * x + s * sigma_data / den.sqrt() * F.double()
+    return (den / (s * sigma_data) ** 2 * (d - y) ** 2).flatten(1).mean(1)

@@ -1,0 +1,217 @@
+"""Fused network input: [c_in(sigma) (y + sigma n), x-grid, y-grid] in one pass.
+
+Each program owns one sample and a block of Philox counters j, i.e. the pixels p = k * Q + j
+(k = 0..3, see _philox.py) of every channel. It reads each patch (and noise) element once and
+writes each output element once; the coordinate channels are computed from (x0, y0) and p.
+Per-sample coefficients are computed in float64, element math in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pdiff.coords import coord_grid
+from pdiff.loss import net_input_ref as _pdiff_net_input_ref
+from pdiff.precond import c_in as _c_in
+
+from ._common import empty, lane_block, should_launch
+from ._philox import load_rng, noise4, philox_noise_op
+
+
+@triton.jit
+def plane_offset(c, p, W, s_c, s_h, s_w, FLAT: tl.constexpr):
+    """Element offset of pixel p of channel c inside one sample (FLAT: each plane is contiguous)."""
+    if FLAT:
+        return c * s_c + p
+    else:
+        h = p // W
+        return c * s_c + h * s_h + (p - h * W) * s_w
+
+
+@triton.jit
+def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, FLAT: tl.constexpr, IS_UINT8: tl.constexpr):
+    """Clean patch values in [-1, 1] as float32 (uint8 pixels map by x / 127.5 - 1)."""
+    y = tl.load(y_base + plane_offset(c, p, W, s_c, s_h, s_w, FLAT), mask=mask, other=0)
+    if IS_UINT8:
+        return y.to(tl.float32) / 127.5 - 1.0
+    else:
+        return y.to(tl.float32)
+
+
+@triton.jit
+def _image_lane(y_base, n_base, o_base, c, j, k, Q, S, W, n_rng, sigma, cin,
+                sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, so_c, so_h, so_w,
+                Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+                IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr):
+    p = k * Q + j
+    mask = (j < Q) & (p < S)
+    y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
+    if HAS_NOISE:
+        n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
+    else:
+        n = n_rng
+    v = (y + sigma * n) * cin
+    tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_FLAT), v.to(o_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coord_lane(o_base, C: tl.constexpr, j, k, Q, S, W, x0, y0, rm1,
+                so_c, so_h, so_w, O_FLAT: tl.constexpr):
+    # (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer numerator and
+    # one correctly rounded division, so the fp32 result is the float64 reference rounded.
+    p = k * Q + j
+    mask = (j < Q) & (p < S)
+    h = p // W
+    w = p - h * W
+    den = rm1.to(tl.float32)
+    gx = tl.div_rn((2 * (x0 + w) - rm1).to(tl.float32), den)
+    gy = tl.div_rn((2 * (y0 + h) - rm1).to(tl.float32), den)
+    tl.store(o_base + plane_offset(C, p, W, so_c, so_h, so_w, O_FLAT), gx.to(o_base.dtype.element_ty), mask=mask)
+    tl.store(o_base + plane_offset(C + 1, p, W, so_c, so_h, so_w, O_FLAT), gy.to(o_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _net_input_kernel(y_ptr, n_ptr, rng_ptr, sigma_ptr, off_ptr, out_ptr,
+                      S, W, Q, rm1, sigma_data,
+                      sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w, so_b, so_c, so_h, so_w,
+                      s_sig, s_off_b, s_off_c,
+                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
+                      Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    sig64 = tl.load(sigma_ptr + b * s_sig).to(tl.float64)
+    sd = sig64 * 0 + sigma_data             # float64 in compiled and interpreted runs alike
+    cin = (1.0 / tl.sqrt(sig64 * sig64 + sd * sd)).to(tl.float32)   # EDM Table 1: c_in
+    sigma = sig64.to(tl.float32)
+    x0 = tl.load(off_ptr + b * s_off_b).to(tl.int32)
+    y0 = tl.load(off_ptr + b * s_off_b + s_off_c).to(tl.int32)
+    y_base = y_ptr + b * sy_b
+    n_base = n_ptr + b * sn_b
+    o_base = out_ptr + b * so_b
+    if not HAS_NOISE:
+        seed, step_lo, step_hi = load_rng(rng_ptr)
+    for c in tl.static_range(C):
+        if HAS_NOISE:
+            n0 = sigma
+            n1 = sigma
+            n2 = sigma
+            n3 = sigma
+        else:
+            n0, n1, n2, n3 = noise4(seed, j, b.to(tl.int32) * C + c, step_lo, step_hi)
+        _image_lane(y_base, n_base, o_base, c, j, 0, Q, S, W, n0, sigma, cin, sy_c, sy_h, sy_w,
+                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
+        _image_lane(y_base, n_base, o_base, c, j, 1, Q, S, W, n1, sigma, cin, sy_c, sy_h, sy_w,
+                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
+        _image_lane(y_base, n_base, o_base, c, j, 2, Q, S, W, n2, sigma, cin, sy_c, sy_h, sy_w,
+                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
+        _image_lane(y_base, n_base, o_base, c, j, 3, Q, S, W, n3, sigma, cin, sy_c, sy_h, sy_w,
+                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
+    for k in tl.static_range(4):
+        _coord_lane(o_base, C, j, k, Q, S, W, x0, y0, rm1, so_c, so_h, so_w, O_FLAT)
+
+
+def chw_view(patches: torch.Tensor) -> torch.Tensor:
+    """Logical (B, C, H, W) view of the pipeline's patches: uint8 arrive HWC, floats CHW."""
+    if patches.ndim != 4:
+        raise ValueError(f"patches must be 4-D (B, C, s, s) float or (B, s, s, C) uint8, got {tuple(patches.shape)}")
+    return patches.permute(0, 3, 1, 2) if patches.dtype == torch.uint8 else patches
+
+
+def planes_flat(t: torch.Tensor) -> bool:
+    """True when every (b, c) plane of a (B, C, H, W) tensor is one contiguous run."""
+    return t.stride(3) == 1 and t.stride(2) == t.shape[3]
+
+
+def _launch_net_input(patches, sigma, offsets, noise, rng, resolution, sigma_data, out_dtype, channels_last):
+    y = chw_view(patches)
+    b, c, h, w = y.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = empty((b, c + 2, h, w), out_dtype, y.device, fmt)
+    s_total = h * w
+    q = triton.cdiv(s_total, 4)
+    block = lane_block(q)
+    grid = (b, triton.cdiv(q, block))
+    has_noise = noise is not None
+    n = noise if has_noise else y
+    if not should_launch(out, y):
+        return out
+    torch.library.wrap_triton(_net_input_kernel)[grid](
+        y, n, rng if rng is not None else sigma, sigma, offsets, out,
+        s_total, w, q, resolution - 1, sigma_data,
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        n.stride(0), n.stride(1), n.stride(2), n.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        sigma.stride(0), offsets.stride(0), offsets.stride(1),
+        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise,
+        Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), O_FLAT=planes_flat(out),
+        BLOCK=block, num_warps=4 if block >= 256 else 2)
+    return out
+
+
+@torch.library.triton_op("pdiff::net_input", mutates_args=())
+def net_input_op(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor,
+                 noise: Optional[torch.Tensor], rng: Optional[torch.Tensor], resolution: int,
+                 sigma_data: float, out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    return _launch_net_input(patches, sigma, offsets, noise, rng, resolution, sigma_data, out_dtype, channels_last)
+
+
+class NetInput(torch.autograd.Function):
+    """Autograd around the fused kernel. Training never differentiates through the network input
+    (patches, noise and sigma are data), but the gradients exist for completeness and tests:
+    d/dy = c_in, d/dn = c_in sigma, d/dsigma = sum(g * (c_in n - sigma c_in^3 (y + sigma n)))."""
+
+    @staticmethod
+    def forward(ctx, patches, sigma, offsets, noise, rng, resolution, sigma_data, out_dtype, channels_last):
+        out = net_input_op(patches, sigma, offsets, noise, rng, resolution, sigma_data, out_dtype, channels_last)
+        ctx.save_for_backward(patches, sigma, noise, rng)
+        ctx.sigma_data = sigma_data
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        patches, sigma, noise, rng = ctx.saved_tensors
+        y = chw_view(patches)
+        b, c, h, w = y.shape
+        g = grad_out[:, :c].to(torch.float32)
+        s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        cin = _c_in(s, ctx.sigma_data)
+        grad_y = grad_n = grad_sigma = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (g * cin).to(patches.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_n = (g * cin * s).to(noise.dtype)
+        if ctx.needs_input_grad[1]:
+            n = noise.to(torch.float32) if noise is not None else philox_noise_op(rng, b, c, h, w)
+            yf = y.to(torch.float32) / 127.5 - 1 if patches.dtype == torch.uint8 else y.to(torch.float32)
+            dv = cin * n - s * cin**3 * (yf + s * n)
+            grad_sigma = (g * dv).sum((1, 2, 3)).to(sigma.dtype)
+        return grad_y, grad_sigma, None, grad_n, None, None, None, None, None
+
+
+def patches_to_float(patches: torch.Tensor) -> torch.Tensor:
+    """Float (B, C, s, s) in [-1, 1] from either pipeline format (uint8 HWC -> x / 127.5 - 1)."""
+    if patches.dtype == torch.uint8:
+        return chw_view(patches).to(torch.float32) / 127.5 - 1
+    return patches
+
+
+def net_input_ref(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor, resolution: int,
+                  noise: torch.Tensor, sigma_data: float = 0.5, out_dtype: torch.dtype = torch.float32,
+                  channels_last: bool = False) -> torch.Tensor:
+    """Torch reference: pdiff.loss.net_input_ref, extended to uint8 HWC patches and channels_last."""
+    out = _pdiff_net_input_ref(patches_to_float(patches), noise, sigma, offsets, resolution, sigma_data, out_dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def net_input_ref64(patches, sigma, offsets, resolution, noise, sigma_data=0.5):
+    """The same function in float64 throughout (what the tests hold both versions against)."""
+    y = chw_view(patches).double()
+    if patches.dtype == torch.uint8:
+        y = y / 127.5 - 1
+    s = sigma.double().reshape(-1, 1, 1, 1)
+    scaled = (y + s * noise.double()) / (s**2 + sigma_data**2).sqrt()
+    return torch.cat([scaled, coord_grid(offsets, y.shape[-1], resolution, torch.float64)], dim=1)
