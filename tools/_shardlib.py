@@ -500,7 +500,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     bar = log.bar(len(items), start)
     pool = None
     try:
-        if workers > 1 and len(todo) > 64:
+        if workers > 1 and len(chunks) > 1:
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(src, settings))
             results = pool.imap(_process_chunk, chunks)

@@ -1,0 +1,229 @@
+"""The patch pipeline, both backends: patches equal the source at their offsets, batch sizes follow
+the schedule, offsets reach both ends, rank parts are disjoint and cover the epoch, resume is exact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pdiff.config import load_config
+from pdiff.schedule import PatchSchedule
+from pipelines import PipelineStateError, build_pipeline, dali_available
+from pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
+from pipelines.shards import ShardError
+from tools._shardlib import write_shards
+
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                    reason="NVIDIA DALI is not installed"))]
+R = 16
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """37 random RGB 16x16 images with labels, as PNG shards and as raw shards."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng()
+    images = rng.integers(0, 256, (37, R, R, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, 37)
+    np.savez(root / "d.npz", images=images, labels=labels)
+    for enc in ("png", "raw"):
+        write_shards(root / "d.npz", root / enc, workers=1, encoding=enc, max_count=10, progress=False)
+    return root, images, labels
+
+
+def make(root, enc, backend, batch=4, world=1, rank=0, seed=None, workers=0, xflip=False, sizes=(4, 8, 16),
+         probs=(0.4, 0.3, 0.3)):
+    seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
+    cfg = load_config(None, [f"data.path={root / enc}", f"data.resolution={R}", "data.channels=3",
+                             f"data.backend={backend}", f"data.workers={workers}", f"train.batch={batch}",
+                             f"train.seed={seed}", f"data.xflip={str(xflip).lower()}"])
+    sch = PatchSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
+    return build_pipeline(cfg, sch, rank=rank, world_size=world, device=torch.device("cpu")), sch, cfg
+
+
+def expected_patch(images, index, x0, y0, s, flip=False):
+    img = images[index][:, ::-1] if flip else images[index]
+    region = img[y0:y0 + s, x0:x0 + s].astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("enc", ["png", "raw"])
+def test_patches_equal_source_at_offsets(dataset, backend, enc):
+    root, images, labels = dataset
+    pipe, sch, cfg = make(root, enc, backend, world=2, rank=1)
+    assert pipe.backend == backend and pipe.manifest["count"] == 37
+    plan = SamplePlan(37, labels, sch, cfg.train.seed, 1, 2)
+    seen = 0
+    sizes = set()
+    for _ in range(8):
+        b = next(pipe)
+        step = plan.step(seen)
+        assert b.images_seen == seen and b.patch_size == sch.size_at(seen) == step.patch_size
+        s = b.patch_size
+        sizes.add(s)
+        n = sch.batch_for(s) // 2
+        assert b.patches.shape == (n, 3, s, s) and b.patches.dtype == torch.float32
+        assert b.offsets.shape == (n, 2) and b.offsets.dtype == torch.int64 and b.labels.dtype == torch.int64
+        assert b.patches.min() >= -1 and b.patches.max() <= 1
+        np.testing.assert_array_equal(b.labels.numpy(), labels[step.indices])
+        for j in range(n):
+            x0, y0 = b.offsets[j].tolist()
+            assert 0 <= x0 <= R - s and 0 <= y0 <= R - s
+            torch.testing.assert_close(b.patches[j], expected_patch(images, step.indices[j], x0, y0, s), rtol=0, atol=0)
+        seen += sch.batch_for(s)
+    pipe.close()
+    assert len(sizes) >= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xflip_patches_are_regions_of_the_mirrored_image(dataset, backend):
+    root, images, labels = dataset
+    pipe, sch, cfg = make(root, "png", backend, xflip=True)
+    plan = SamplePlan(37, labels, sch, cfg.train.seed, 0, 1, xflip=True)
+    flipped_any = False
+    for _ in range(3):
+        b = next(pipe)
+        step = plan.step(b.images_seen)
+        for j in range(len(b.labels)):
+            x0, y0 = b.offsets[j].tolist()
+            flipped_any |= bool(step.flips[j])
+            torch.testing.assert_close(b.patches[j], expected_patch(images, step.indices[j], x0, y0, b.patch_size,
+                                                                    flip=bool(step.flips[j])), rtol=0, atol=0)
+    assert flipped_any
+    pipe.close()
+
+
+def test_offsets_uniform_over_all_valid_positions_both_ends():
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 30))
+    for s, r in ((4, 16), (7, 10), (16, 16)):
+        n = r - s + 1
+        offs = np.concatenate([crop_positions(seed, 0, k * 64, 64, s, r)[0] for k in range(200)])
+        assert offs.min() == 0 and offs.max() == r - s
+        for axis in (0, 1):
+            counts = np.bincount(offs[:, axis], minlength=n)
+            assert len(counts) == n
+            expected = len(offs) / n            # every position, the ends included, equally often
+            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 1), counts
+    a = crop_positions(seed, 0, 128, 10, 4, 16)[0]
+    np.testing.assert_array_equal(a, crop_positions(seed, 0, 128, 10, 4, 16)[0])
+    assert not np.array_equal(a, crop_positions(seed, 1, 128, 10, 4, 16)[0])   # ranks crop differently
+
+
+@pytest.mark.parametrize("n,world", [(30, 3), (31, 3), (37, 4), (5, 1)])
+def test_rank_parts_disjoint_and_cover_the_epoch(n, world):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    parts = [rank_part(n, seed, 2, r, world) for r in range(world)]
+    per = -(-n // world)
+    assert all(len(p) == per for p in parts)
+    allv = np.concatenate(parts)
+    assert set(allv.tolist()) == set(range(n))
+    assert len(allv) - n == per * world - n < world            # only the wrap-around padding repeats
+    if n % world == 0:
+        assert len(set(allv.tolist())) == len(allv)             # disjoint
+    # a pure function of (seed, epoch, rank, world size); epochs differ
+    np.testing.assert_array_equal(parts[0], rank_part(n, seed, 2, 0, world))
+    if n > 4:
+        assert not np.array_equal(rank_part(n, seed, 2, 0, world), rank_part(n, seed, 3, 0, world))
+    # the endless stream rolls over epochs
+    stream = rank_stream(n, seed, 0, world, per - 2, 4)
+    np.testing.assert_array_equal(stream[:2], rank_part(n, seed, 0, 0, world)[-2:])
+    np.testing.assert_array_equal(stream[2:], rank_part(n, seed, 1, 0, world)[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_share_sizes_and_split_samples(dataset, backend):
+    root, images, labels = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    # 36 images per epoch across 2 ranks... use 37 images: each rank reads 19 per epoch
+    pipes = [make(root, "raw", backend, batch=2, world=2, rank=r, seed=seed, sizes=(8, 16), probs=(0.5, 0.5))[0]
+             for r in range(2)]
+    plans = [SamplePlan(37, labels, p.schedule, seed, r, 2) for r, p in enumerate(pipes)]
+    seen_idx = [[], []]
+    for _ in range(6):
+        b0, b1 = next(pipes[0]), next(pipes[1])
+        assert b0.patch_size == b1.patch_size and b0.images_seen == b1.images_seen
+        assert b0.patches.shape == b1.patches.shape == (pipes[0].schedule.batch_for(b0.patch_size) // 2, 3,
+                                                        b0.patch_size, b0.patch_size)
+        for r in range(2):
+            seen_idx[r] += plans[r].step(b0.images_seen).indices.tolist()
+    for p in pipes:
+        p.close()
+    k = min(len(seen_idx[0]), 18)                                   # within the first epoch
+    assert not set(seen_idx[0][:k]) & set(seen_idx[1][:k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_gives_identical_batches(dataset, backend, tmp_path):
+    root, images, labels = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ref, _, _ = make(root, "png", backend, seed=seed)
+    ref_batches = [next(ref) for _ in range(12)]               # crosses epoch boundaries (37 images)
+    ref.close()
+    run, _, _ = make(root, "png", backend, seed=seed)
+    for _ in range(7):
+        next(run)
+    torch.save(run.state_dict(), tmp_path / "state.pt")
+    run.close()
+    resumed, _, _ = make(root, "png", backend, seed=seed)
+    next(resumed)                                               # a pipeline already running can be reset
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for want in ref_batches[7:]:
+        got = next(resumed)
+        assert got.patch_size == want.patch_size and got.images_seen == want.images_seen
+        assert torch.equal(got.patches, want.patches) and torch.equal(got.offsets, want.offsets)
+        assert torch.equal(got.labels, want.labels)
+    resumed.close()
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+def test_backends_agree_and_states_cross(dataset):
+    root, _, _ = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    d, _, _ = make(root, "png", "dali", seed=seed)
+    t, _, _ = make(root, "png", "torch", seed=seed, workers=2)    # worker processes: same output
+    for _ in range(3):
+        a, b = next(d), next(t)
+        assert torch.equal(a.patches, b.patches) and torch.equal(a.offsets, b.offsets)
+    t.load_state_dict(d.state_dict())
+    a, b = next(d), next(t)
+    assert torch.equal(a.patches, b.patches)
+    d.close()
+    t.close()
+
+
+def test_state_mismatch_is_a_clear_error(dataset):
+    root, _, _ = dataset
+    pipe, _, _ = make(root, "raw", "torch", batch=4, world=1, seed=3)
+    next(pipe)
+    state = pipe.state_dict()
+    for kwargs, what in ((dict(world=2), "world size"), (dict(batch=8), "global batch"), (dict(seed=4), "seed")):
+        other, _, _ = make(root, "raw", "torch", **{"batch": 4, "seed": 3, **kwargs})
+        with pytest.raises(PipelineStateError, match=what):
+            other.load_state_dict(state)
+        other.close()
+    other, _, _ = make(root, "png", "torch", batch=4, seed=3)
+    with pytest.raises(PipelineStateError, match="dataset"):
+        other.load_state_dict(state)
+    with pytest.raises(PipelineStateError, match="version"):
+        other.load_state_dict({**state, "version": 99})
+    pipe.close()
+
+
+def test_bad_setups_fail_before_building(dataset, tmp_path):
+    root, images, labels = dataset
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        make(root, "raw", "torch", batch=3, world=2, sizes=(16,), probs=(1.0,))
+    with pytest.raises(ShardError, match="data.resolution"):
+        cfg = load_config(None, [f"data.path={root / 'raw'}", "data.resolution=32"])
+        build_pipeline(cfg, PatchSchedule(32, 4), 0, 1)
+    # a truncated shard is caught from the manifest, before DALI or a worker touches it
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "png", copy)
+    tar = sorted(copy.glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:-512])
+    cfg = load_config(None, [f"data.path={copy}", f"data.resolution={R}"])
+    with pytest.raises(ShardError, match=tar.name):
+        build_pipeline(cfg, PatchSchedule(R, 4), 0, 1)
