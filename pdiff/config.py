@@ -73,7 +73,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_images: int = 10_000_000       # linear learning-rate warm-up (EDM: 10 Mimg)
     grad_clip: float = 0.0                # 0 = no clipping
-    nonfinite: str = "skip"               # skip | zero: what to do with a step whose gradient is not finite
+    nonfinite: str = "zero"               # zero (no host sync) | skip (one host sync a step): a step whose gradient is not finite
 
 
 @dataclass

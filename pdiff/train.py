@@ -1,0 +1,289 @@
+"""The Patch Diffusion training loop: `pdiff train --config FILE [section.key=value ...]`.
+
+Each step takes one patch-size batch from the pipeline, builds the network input and the weighted
+EDM loss (fused kernels on CUDA), runs forward/backward under DDP, steps Adam with a warm-up counted
+in images, and updates the EMA. Re-running the same command resumes from the newest complete
+checkpoint; SIGTERM/SIGUSR1 or the wall-clock budget finish the step, checkpoint and exit 0.
+Everything is counted in images seen: a step of patch size s counts batch * R/s images.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import CheckpointManager
+from .config import Config, dump_yaml, load_config, save_config, to_dict
+from .ema import EMA
+from .loss import sample_sigma
+from .model import build_model, count_parameters, one_hot_labels
+from .monitor import Monitor, StepStats, image_grid, peak_memory_bytes, save_png
+from .schedule import PatchSchedule
+from .step import PatchLoss, derive_seed
+
+# Settings a resumed run must share with its checkpoint (the rest, e.g. intervals or duration,
+# may change between runs).
+RESUME_KEYS = ["network", "data.resolution", "data.channels", "patch", "loss", "train.batch", "train.seed"]
+
+
+def make_schedule(cfg: Config) -> PatchSchedule:
+    p = cfg.patch
+    return PatchSchedule(cfg.data.resolution, cfg.train.batch, p.mode, p.real_p, p.sizes or None,
+                         p.probs or None, cfg.train.seed, cfg.train.duration_images)
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """True when an image-count interval boundary lies in (before, after]."""
+    return every > 0 and after // every > before // every
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask for a clean stop: finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def check_resume_compatible(saved: dict, cfg: Config, world_size: int, where: Path) -> None:
+    current = to_dict(cfg)
+    for key in RESUME_KEYS:
+        a, b = saved["config"], current
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise SystemExit(f"cannot resume from {where}: {key} was {a} and is now {b}. Use the "
+                             f"checkpoint's setting, or start a new run in another train.run_dir.")
+    if saved["world_size"] != world_size:
+        raise SystemExit(f"cannot resume from {where}: it was written by {saved['world_size']} "
+                         f"processes and this run has {world_size}. Restart with the same number "
+                         f"of processes (global batch and data order depend on it).")
+
+
+@torch.no_grad()
+def sample_grid(ema_model, cfg: Config, device, count: int = 36):
+    from .sampler import SeedNoise, sample_images
+    seeds = list(range(count))
+    noise_src = SeedNoise(seeds, device)
+    r, c = cfg.data.resolution, cfg.data.channels
+    labels = None
+    if cfg.network.label_dim:
+        labels = one_hot_labels(torch.tensor(seeds, device=device) % cfg.network.label_dim, cfg.network.label_dim)
+    s = cfg.sample
+    x = sample_images(ema_model, noise_src.randn((count, c, r, r)), r, labels, s.steps, s.sigma_min,
+                      s.sigma_max, s.rho, s.guidance, s.s_churn, s.s_min, s.s_max, s.s_noise,
+                      randn_like=noise_src.randn_like)
+    return image_grid(x[:, :3] if c > 3 else x)
+
+
+def train(cfg: Config, device_preference: str = "auto") -> int:
+    info = dist.init(device_preference)
+    device, rank, world = info.device, info.rank, info.world_size
+    t_start = time.time()
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Model, EMA, optimizer, schedule, data.
+    model = build_model(cfg).to(device)
+    ema = EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    schedule = make_schedule(cfg)
+    # The paper's EMA rule counts every step as batch * (average batch multiplier) images.
+    ema_images_per_step = cfg.train.batch * sum(p * schedule.multiplier(s) for s, p in zip(schedule.sizes, schedule.probs))
+    from pipelines import build_pipeline
+    pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device)
+
+    # Resume from the newest complete checkpoint, if any.
+    ckpts = CheckpointManager(run_dir, cfg.train.keep_checkpoints)
+    images_seen, latest = 0, ckpts.latest()
+    if latest is not None:
+        state = ckpts.load(latest)
+        check_resume_compatible(state, cfg, world, latest)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        pipe.load_state_dict(state["pipeline"][rank])
+        images_seen = int(state["images_seen"])
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"pdiff train: {cfg.name}, {count_parameters(model):,} parameters, {world} process(es) on "
+              f"{device.type}, data backend {pipe.backend}, "
+              + (f"resuming at {images_seen:,} images from {latest}" if latest else "starting fresh"),
+              file=sys.stderr, flush=True)
+    if images_seen >= cfg.train.duration_images:
+        print(f"pdiff train: {run_dir} already reached {images_seen:,} images; nothing to do", file=sys.stderr)
+        pipe.close()
+        return 0
+
+    # The compiled differentiable step: one static-shape graph per patch size.
+    from kernels import resolve_backend
+    backend = resolve_backend(cfg.train.kernels, device)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    net_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    loss_module = PatchLoss(model, cfg.data.resolution, backend, net_dtype)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # One graph per (patch size, micro-batch size): allow them all without evictions.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(schedule.sizes))
+        loss_module.use_network(torch.compile(model.net, dynamic=False))
+    ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if world > 1 else loss_module
+
+    stats = StepStats(schedule.sizes, device)
+    monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
+    stop = StopSignal()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
+    images_at_start = images_seen
+
+    while images_seen < cfg.train.duration_images:
+        # 1. Data: one patch size per step, this rank's share of batch * R/s patches.
+        t0 = time.perf_counter()
+        batch = next(pipe)
+        data_wait += time.perf_counter() - t0
+        if batch.images_seen != images_seen:
+            raise RuntimeError(f"data pipeline is at {batch.images_seen} images, the trainer at {images_seen}")
+        size, b = batch.patch_size, batch.patches.shape[0]
+        global_b = schedule.batch_for(size)
+
+        # 2. Randomness from (seed, images seen): a resumed run draws the same sigmas and noise.
+        # Sigma and noise are drawn for the global batch and sliced, so N processes train exactly
+        # like one process with the same global batch (on the torch path).
+        torch.manual_seed(derive_seed(cfg.train.seed, rank, images_seen, 1))   # dropout, label dropout
+        gen = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, images_seen, 2))
+        sigma = sample_sigma(global_b, cfg.loss.p_mean, cfg.loss.p_std, gen, device)[rank * b:(rank + 1) * b]
+        noise = None
+        if backend == "torch":
+            shape = (global_b, *batch.patches.shape[1:])
+            noise = torch.randn(shape, generator=gen, device=device)[rank * b:(rank + 1) * b]
+        labels = one_hot_labels(batch.labels.to(device), cfg.network.label_dim)
+
+        # 3. Forward/backward in micro-batches; DDP all-reduces on the last one only.
+        lr = cfg.optim.lr * min(1.0, (images_seen + global_b) / max(cfg.optim.warmup_images, 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        chunks = torch.arange(b, device=device).chunk(cfg.train.grad_accum)
+        per_sample = []
+        for j, idx in enumerate(chunks):
+            sync = contextlib.nullcontext() if (world == 1 or j == len(chunks) - 1) else ddp.no_sync()
+            with sync:
+                loss = ddp(batch.patches[idx], batch.offsets[idx], sigma[idx],
+                           None if noise is None else noise[idx], None if labels is None else labels[idx],
+                           derive_seed(cfg.train.seed, rank, j), images_seen)
+                (loss.sum() / b).backward()
+            per_sample.append(loss.detach())
+
+        # 4. Guard, clip, step, EMA: all on the device (no host sync unless nonfinite=skip).
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        finite = torch.isfinite(grad_norm)
+        skip = cfg.optim.nonfinite == "skip" and not bool(finite)
+        if cfg.optim.nonfinite == "zero":
+            for g in grads:
+                g.nan_to_num_(0.0, 0.0, 0.0).mul_(finite)
+        if cfg.optim.grad_clip > 0:
+            torch._foreach_mul_(grads, (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).nan_to_num(0.0))
+        if not skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, images_seen + global_b, ema_images_per_step)
+        stats.add(size, torch.cat(per_sample), sigma, grad_norm, finite)
+        before, images_seen = images_seen, images_seen + global_b
+        interval_images += global_b
+
+        # 5. Stop requests (signal, wall-clock budget) are agreed across ranks.
+        over_budget = cfg.train.wall_budget_s > 0 and time.time() - t_start > cfg.train.wall_budget_s
+        stopping = dist.any_rank(stop.requested or over_budget, device) if world > 1 else (stop.requested or over_budget)
+        done = images_seen >= cfg.train.duration_images
+
+        # 6. Log, snapshot, sample and checkpoint at their image intervals.
+        if crossed(before, images_seen, cfg.train.log_every_images) or done or stopping:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t_interval
+            figures = stats.reduce()
+            figures.update(lr=lr, images_per_s=interval_images / elapsed, ms_per_image=1e3 * elapsed / interval_images,
+                           data_wait_share=data_wait / elapsed, peak_memory_gb=peak_memory_bytes(device) / 2**30,
+                           images_seen_this_run=images_seen - images_at_start)
+            monitor.scalars(images_seen, figures)
+            t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
+        if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done):
+            from .snapshot import save_snapshot
+            (run_dir / "snapshots").mkdir(exist_ok=True)
+            save_snapshot(run_dir / "snapshots" / f"ema-{images_seen:012d}.safetensors", ema.model, cfg, images_seen)
+        if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
+            grid = sample_grid(ema.model, cfg, device)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            save_png(grid, run_dir / "samples" / f"samples-{images_seen:012d}.png")
+            monitor.image("samples/ema", images_seen, grid)
+        if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
+            save_checkpoint(ckpts, model, ema, opt, pipe, cfg, images_seen, info)
+            drift = dist.check_replicas_agree(model, device)
+            if drift > 0:
+                monitor.scalars(images_seen, {"replica_max_param_diff": drift})
+                print(f"pdiff train: WARNING replicas differ by up to {drift:.3g} after the checkpoint",
+                      file=sys.stderr)
+            monitor.flush()
+        if stopping:
+            if info.is_main:
+                why = "stop signal" if stop.requested else "wall-clock budget"
+                print(f"pdiff train: {why}: checkpointed at {images_seen:,} images; run the same "
+                      f"command to resume", file=sys.stderr, flush=True)
+            break
+
+    monitor.close()
+    pipe.close()
+    dist.shutdown()
+    return 0
+
+
+def save_checkpoint(ckpts: CheckpointManager, model, ema, opt, pipe, cfg: Config, images_seen: int, info) -> None:
+    """Gather every rank's data-pipeline state to rank 0, which writes the checkpoint atomically."""
+    pipe_state = pipe.state_dict()
+    if dist.active():
+        import torch.distributed as tdist
+        states = [None] * info.world_size
+        tdist.all_gather_object(states, pipe_state)
+    else:
+        states = [pipe_state]
+    if info.is_main:
+        ckpts.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "images_seen": images_seen, "world_size": info.world_size, "config": to_dict(cfg),
+                    "pipeline": states, "torch_rng": torch.get_rng_state()}, images_seen)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pdiff train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML file or preset name (tiny, celeba64, ...)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch=64 patch.real_p=0.25")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    ap.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_yaml(cfg))
+        sch = make_schedule(cfg)
+        plan = ", ".join(f"{s}px p={p:.2f} x{sch.multiplier(s)} ({sch.batch_for(s)} patches)"
+                         for s, p in zip(sch.sizes, sch.probs))
+        print(f"# patch schedule ({cfg.patch.mode}): {plan}")
+        return 0
+    return train(cfg, args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
