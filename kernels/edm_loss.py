@@ -146,8 +146,9 @@ class EDMLoss(torch.autograd.Function):
         if grad.numel() == 0:
             raise RuntimeError("edm_patch_loss: the kernel ran without writing dL/dF because F did not "
                                "require grad when the loss was computed")
-        scale = grad_loss.to(torch.float32).reshape(-1, 1, 1, 1)
-        return (grad.to(torch.float32) * scale).to(grad.dtype), None, None, None, None, None, None
+        # One pass over the saved gradient (the scale is cast to its dtype, so a bf16 gradient is
+        # not widened to float32 and back).
+        return grad * grad_loss.reshape(-1, 1, 1, 1).to(grad.dtype), None, None, None, None, None, None
 
 
 def edm_loss_ref(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
