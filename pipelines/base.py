@@ -9,11 +9,18 @@ from pipelines.order import RankStep, SamplePlan
 from pipelines.shards import ShardSet
 
 STATE_VERSION = 1
+SCALE = 1 / 127.5      # uint8 v -> (v - 127.5) * SCALE in float32: the same bits in numpy, torch and DALI
+
+
+def normalize(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, s, s, C) -> float32 (b, C, s, s) in [-1, 1]."""
+    return (patches.permute(0, 3, 1, 2).float() - 127.5).mul_(SCALE).contiguous()
 
 
 class PatchPipeline:
     """Shared part: the plan, the uint8 -> [-1, 1] conversion, the state. Backends implement
-    ``_start(images_seen)``, ``_next_step() -> (RankStep, uint8 (b, s, s, C) tensor)`` and ``_stop()``."""
+    ``_start(images_seen)``, ``_next_step() -> (RankStep, patches)`` and ``_stop()``; the patches are
+    float32 (b, C, s, s) already in [-1, 1] or uint8 (b, s, s, C), converted here on the device."""
     backend = "?"
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, shards: ShardSet):
@@ -37,12 +44,14 @@ class PatchPipeline:
         step, raw = self._next_step()
         if step.images_seen != self.images_seen:
             raise RuntimeError(f"pipeline out of step: got images_seen {step.images_seen}, expected {self.images_seen}")
-        patches = raw.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        patches = raw.to(self.device, non_blocking=True)
+        if patches.dtype == torch.uint8:
+            patches = normalize(patches)
         if step.flips.any():
-            flips = torch.from_numpy(step.flips).to(self.device)
-            patches = torch.where(flips[:, None, None, None], patches.flip(-1), patches)
+            rows = torch.from_numpy(step.flips.nonzero()[0]).to(self.device)
+            patches[rows] = patches[rows].flip(-1)
         self.images_seen += self.schedule.batch_for(step.patch_size)
-        return Batch(patches.contiguous(), torch.from_numpy(step.offsets).to(self.device),
+        return Batch(patches, torch.from_numpy(step.offsets).to(self.device),
                      torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen)
 
     # -- state

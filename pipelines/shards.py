@@ -190,6 +190,15 @@ class ShardSet:
     def image_bytes(self, i: int) -> bytes:
         return self._read(int(self.shard[i]), int(self.img_off[i]), int(self.img_size[i]), "image", i)
 
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Raw encoding: read sample i straight into ``out`` (uint8, R x R x C, contiguous)."""
+        shard, size = int(self.shard[i]), int(self.img_size[i])
+        if out.nbytes != size:
+            raise ShardError(f"{self.tars[shard]}: sample {i} has {size} bytes, expected {out.nbytes}")
+        got = os.preadv(self._fd(shard), [memoryview(out).cast("B")], int(self.img_off[i]))
+        if got != size:
+            raise ShardError(f"{self.tars[shard]}: sample {i} image cut short ({got} of {size} bytes)")
+
     def decode(self, i: int) -> np.ndarray:
         try:
             return decode_image(self.image_bytes(i), self.encoding, self.resolution, self.channels)

@@ -13,9 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import PatchPipeline
+from pipelines.base import SCALE, PatchPipeline
 from pipelines.order import RankStep
 from pipelines.shards import ShardSet
+
+
+_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE)   # same bits as normalize()
 
 
 def read_patches(shards: ShardSet, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
@@ -28,12 +31,18 @@ def read_patches(shards: ShardSet, indices: np.ndarray, read_xy: np.ndarray, pat
 
 
 class _ChunkReader(Dataset):
-    def __init__(self, shards: ShardSet):
-        self.shards = shards
+    """Decodes and crops a chunk of a step. For a CPU target the workers also normalize (in parallel);
+    for a GPU target they hand over uint8 (4x less to copy) and the GPU normalizes."""
+
+    def __init__(self, shards: ShardSet, normalize: bool):
+        self.shards, self.normalize = shards, normalize
 
     def __getitem__(self, key):
         step_images_seen, chunk, n_chunks, s, indices, read_xy = key
-        return step_images_seen, chunk, n_chunks, torch.from_numpy(read_patches(self.shards, indices, read_xy, s))
+        patches = read_patches(self.shards, indices, read_xy, s)
+        if self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
+            patches = _LUT[patches.transpose(0, 3, 1, 2)]
+        return step_images_seen, chunk, n_chunks, torch.from_numpy(patches)
 
     def __len__(self):
         raise TypeError("endless dataset")
@@ -59,7 +68,9 @@ class TorchPatchPipeline(PatchPipeline):
 
     def __init__(self, cfg, schedule, rank, world_size, device, shards):
         super().__init__(cfg, schedule, rank, world_size, device, shards)
-        self.workers = max(0, int(cfg.data.workers))
+        # Raw samples need no decode: reading and cropping them in this process beats shipping them
+        # through worker queues (measured: about 10x on 2 cores).
+        self.workers = 0 if shards.encoding == "raw" else max(0, int(cfg.data.workers))
         # Split a step over the workers so that one step is decoded in parallel.
         self.chunk_size = max(16, -(-self.plan.max_per_rank // max(1, 2 * self.workers)))
         self._pending: deque[RankStep] = deque()
@@ -71,7 +82,7 @@ class TorchPatchPipeline(PatchPipeline):
         if self.workers:
             kwargs = dict(num_workers=self.workers, prefetch_factor=max(1, int(self.cfg.data.prefetch)),
                           persistent_workers=False)
-        loader = DataLoader(_ChunkReader(self.shards), sampler=_StepSampler(self, images_seen), batch_size=None,
+        loader = DataLoader(_ChunkReader(self.shards, normalize=self.device.type != "cuda"), sampler=_StepSampler(self, images_seen), batch_size=None,
                             pin_memory=self.device.type == "cuda", **kwargs)
         self._iter = iter(loader)
 

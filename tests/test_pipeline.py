@@ -43,8 +43,10 @@ def make(root, enc, backend, batch=4, world=1, rank=0, seed=None, workers=0, xfl
 
 def expected_patch(images, index, x0, y0, s, flip=False):
     img = images[index][:, ::-1] if flip else images[index]
-    region = img[y0:y0 + s, x0:x0 + s].astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1) / 127.5 - 1
+    region = torch.from_numpy(np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s])).permute(2, 0, 1).float()
+    out = (region - 127.5) * np.float32(1 / 127.5)       # the pipelines' exact float32 arithmetic
+    torch.testing.assert_close(out, region / 127.5 - 1, rtol=0, atol=1e-7)
+    return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -227,3 +229,28 @@ def test_bad_setups_fail_before_building(dataset, tmp_path):
     cfg = load_config(None, [f"data.path={copy}", f"data.resolution={R}"])
     with pytest.raises(ShardError, match=tar.name):
         build_pipeline(cfg, PatchSchedule(R, 4), 0, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("enc", ["png", "jpeg", "raw"])
+def test_cuda_patches_match_cpu(dataset, backend, enc):
+    root, images, labels = dataset
+    if not (root / enc).exists():
+        write_shards(root / "d.npz", root / enc, workers=1, encoding=enc, quality=95, max_count=10, progress=False)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cpu, _, _ = make(root, enc, backend, seed=seed)
+    gpu, _, _ = make(root, enc, backend, seed=seed)
+    gpu.close()
+    gpu = build_pipeline(gpu.cfg, gpu.schedule, 0, 1, torch.device("cuda"))
+    for _ in range(4):
+        a, b = next(cpu), next(gpu)
+        assert b.patches.is_cuda and b.offsets.is_cuda and b.labels.is_cuda
+        assert torch.equal(a.offsets, b.offsets.cpu()) and torch.equal(a.labels, b.labels.cpu())
+        if enc == "jpeg":                      # nvJPEG and libjpeg-turbo may round differently
+            assert (a.patches - b.patches.cpu()).abs().max() <= 4 / 127.5
+        else:
+            assert torch.equal(a.patches, b.patches.cpu())
+    cpu.close()
+    gpu.close()

@@ -1,0 +1,237 @@
+"""Patch pipeline throughput: DALI and the torch fallback against a baseline loader built the way the
+official Patch Diffusion / EDM code loads (a zip of PNGs, PIL in the Dataset, one DataLoader worker,
+the crop after loading). Patches/s and images/s (each patch comes from its own image, so the two are
+equal), CPU cores busy, and images/s per core, for PNG, JPEG and raw shards at each patch size and
+for the default stochastic schedule. Writes JSON under benchmarks/results/.
+
+    python benchmarks/bench_pipeline.py                       # 64x64, all backends available
+    python benchmarks/bench_pipeline.py --seconds 2 --images 1024 --device cuda
+
+Runs without DALI (the torch fallback and the baseline only). Images are synthetic (smooth colour
+fields plus noise) so that PNG and JPEG sizes are in a natural range.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdiff.config import load_config  # noqa: E402
+from pdiff.coords import crop  # noqa: E402
+from pdiff.schedule import PatchSchedule  # noqa: E402
+from pipelines import build_pipeline, dali_available  # noqa: E402
+from tools._shardlib import write_shards  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids) -> float:
+    """user + system time of the given processes (all their threads), from /proc."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total
+
+
+def synthetic_images(n: int, res: int, rng) -> np.ndarray:
+    from PIL import Image
+    out = np.empty((n, res, res, 3), np.uint8)
+    for i in range(n):
+        low = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(low).resize((res, res), Image.BICUBIC), np.int16)
+        out[i] = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+# ---- the baseline: EDM's ImageFolderDataset over a zip, PIL per image, crop after load
+
+class ZipPNGDataset(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path, self._zip = path, None
+        with zipfile.ZipFile(path) as z:
+            self.names = sorted(n for n in z.namelist() if n.endswith(".png"))
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        with self._zip.open(self.names[i], "r") as f:
+            image = np.array(Image.open(f))
+        return image.transpose(2, 0, 1), 0        # HWC => CHW as EDM does
+
+
+def bench_baseline(zip_path, res, patch_size, batch, seconds, device, seed):
+    ds = ZipPNGDataset(zip_path)
+    mul = res // patch_size                       # the official code loads batch * R/s images per step
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch * mul, shuffle=True, num_workers=1,
+                                         drop_last=True, persistent_workers=True, prefetch_factor=2,
+                                         generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+
+    it = iter(loader)
+
+    def step():
+        nonlocal it
+        try:
+            images, _ = next(it)
+        except StopIteration:                     # new epoch (the persistent worker stays)
+            it = iter(loader)
+            images, _ = next(it)
+        images = images.to(device).float() / 127.5 - 1
+        offsets = torch.randint(0, res - patch_size + 1, (images.shape[0], 2), generator=gen).to(device)
+        return crop(images, offsets, patch_size).shape[0]
+
+    step()
+    workers = [w.pid for w in loader._iterator._workers]
+    return measure(step, seconds, workers, device)
+
+
+def measure(step, seconds, worker_pids, device):
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    pids = [os.getpid()] + list(worker_pids)
+    c0, t0 = cpu_seconds(pids), time.perf_counter()
+    n = steps = 0
+    while time.perf_counter() - t0 < seconds or steps < 3:
+        n += step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    cores = (cpu_seconds(pids) - c0) / wall
+    return {"images_per_s": n / wall, "patches_per_s": n / wall, "steps": steps, "seconds": wall,
+            "cpu_cores_busy": cores, "images_per_s_per_core": n / wall / max(cores, 1e-9)}
+
+
+def bench_pipeline(shard_dir, backend, res, sizes, probs, batch, seconds, device, workers, seed):
+    cfg = load_config(None, [f"data.path={shard_dir}", f"data.resolution={res}", "data.channels=3",
+                             f"data.backend={backend}", f"data.workers={workers}", f"train.batch={batch}",
+                             f"train.seed={seed}", "data.prefetch=4"])
+    sch = PatchSchedule(res, batch, sizes=sizes, probs=probs, seed=seed)
+    pipe = build_pipeline(cfg, sch, 0, 1, device)
+
+    def step():
+        b = next(pipe)
+        return b.patches.shape[0]
+
+    step()
+    worker_pids = []
+    it = getattr(pipe, "_iter", None)
+    if it is not None:
+        worker_pids = [w.pid for w in getattr(it, "_workers", [])]
+    try:
+        return measure(step, seconds, worker_pids, device)
+    finally:
+        pipe.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2048, help="synthetic images in the dataset")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="global batch of full images (a step of size s has batch*R/s patches)")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DALI threads / DataLoader workers")
+    p.add_argument("--formats", default="png,jpeg,raw")
+    p.add_argument("--backends", default="dali,torch,baseline")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pipeline-HOST-TIME.json)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    res = a.resolution
+    sizes = [res // 4, res // 2, res]
+    backends = [b for b in a.backends.split(",") if b]
+    if "dali" in backends and not dali_available():
+        print("DALI is not installed: running the torch fallback and the baseline only")
+        backends.remove("dali")
+    formats = [f for f in a.formats.split(",") if f]
+    machine = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
+               "cores": os.cpu_count(), "device": str(device),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import nvidia.dali
+        machine["dali"] = nvidia.dali.__version__
+    except ImportError:
+        machine["dali"] = None
+    print(json.dumps(machine))
+    rng = np.random.default_rng(a.seed)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images = synthetic_images(a.images, res, rng)
+        np.savez(tmp / "images.npz", images=images)
+        from PIL import Image
+        with zipfile.ZipFile(tmp / "images.zip", "w", compression=zipfile.ZIP_STORED) as z:
+            for i, im in enumerate(images):
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="PNG")
+                z.writestr(f"{i // 1000:05d}/img{i:08d}.png", buf.getvalue())
+        shard_dirs = {}
+        for fmt in formats:
+            t = time.perf_counter()
+            m = write_shards(tmp / "images.npz", tmp / fmt, encoding=fmt, quality=90, progress=False,
+                             min_shards=8, workers=a.workers)
+            shard_dirs[fmt] = tmp / fmt
+            print(f"sharded {fmt}: {m['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s")
+        configs = [(f"s={s}", [s], [1.0]) for s in sizes]
+        default = PatchSchedule(res, a.batch)        # {R/4, R/2, R} with the paper's probabilities
+        configs.append(("schedule", default.sizes, default.probs))
+        for label, sz, pr in configs:
+            if "baseline" in backends and label != "schedule":
+                r = bench_baseline(tmp / "images.zip", res, sz[0], a.batch, a.seconds, device, a.seed)
+                results.append({"backend": "baseline", "format": "png-zip", "config": label, **r})
+                print(f"{'baseline':9} {'png-zip':6} {label:9} {r['images_per_s']:9.0f} img/s "
+                      f"{r['cpu_cores_busy']:4.2f} cores {r['images_per_s_per_core']:9.0f} img/s/core")
+            for backend in [b for b in backends if b != "baseline"]:
+                for fmt in formats:
+                    r = bench_pipeline(shard_dirs[fmt], backend, res, sz, pr, a.batch, a.seconds, device,
+                                       a.workers, a.seed)
+                    results.append({"backend": backend, "format": fmt, "config": label, **r})
+                    print(f"{backend:9} {fmt:6} {label:9} {r['images_per_s']:9.0f} img/s "
+                          f"{r['cpu_cores_busy']:4.2f} cores {r['images_per_s_per_core']:9.0f} img/s/core")
+    base = [r for r in results if r["backend"] == "baseline"]
+    summary = {}
+    if base:
+        b = np.mean([r["images_per_s_per_core"] for r in base])
+        for backend in ("dali", "torch"):
+            for fmt in formats:
+                rs = [r for r in results if r["backend"] == backend and r["format"] == fmt]
+                if rs:
+                    summary[f"{backend}-{fmt}"] = np.mean([r["images_per_s_per_core"] for r in rs]) / b
+        print("images/s per core relative to the baseline: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
+    out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
+                                     f"pipeline-{machine['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "args": vars(a), "results": results,
+                               "per_core_vs_baseline": summary}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
