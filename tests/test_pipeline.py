@@ -254,3 +254,36 @@ def test_cuda_patches_match_cpu(dataset, backend, enc):
             assert torch.equal(a.patches, b.patches.cpu())
     cpu.close()
     gpu.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pipeline_offsets_reach_both_ends(dataset, backend):
+    root, _, _ = dataset
+    pipe, _, _ = make(root, "raw", backend, sizes=(4,), probs=(1.0,))
+    offs = torch.cat([next(pipe).offsets for _ in range(20)])      # 20 steps x 16 patches
+    pipe.close()
+    for axis in (0, 1):
+        counts = torch.bincount(offs[:, axis], minlength=R - 4 + 1)
+        assert len(counts) == R - 4 + 1 and (counts > 0).all(), counts   # 0 and R-s included, nothing beyond
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grayscale_dataset(tmp_path, backend):
+    rng = np.random.default_rng()
+    images = rng.integers(0, 256, (9, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", images=images)
+    write_shards(tmp_path / "g.npz", tmp_path / "png", workers=1, progress=False)
+    cfg = load_config(None, [f"data.path={tmp_path / 'png'}", "data.resolution=8", "data.channels=1",
+                             f"data.backend={backend}", "data.workers=0", "train.batch=2", "train.seed=5"])
+    sch = PatchSchedule(8, 2, sizes=[4, 8], probs=[0.5, 0.5], seed=5)
+    pipe = build_pipeline(cfg, sch, 0, 1)
+    plan = SamplePlan(9, np.full(9, -1), sch, 5, 0, 1)
+    for _ in range(4):
+        b = next(pipe)
+        step = plan.step(b.images_seen)
+        assert b.patches.shape[1] == 1 and (b.labels == -1).all()
+        for j in range(len(b.labels)):
+            x0, y0 = b.offsets[j].tolist()
+            want = expected_patch(images[..., None], step.indices[j], x0, y0, b.patch_size)
+            torch.testing.assert_close(b.patches[j], want, rtol=0, atol=0)
+    pipe.close()

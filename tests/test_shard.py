@@ -365,7 +365,8 @@ def test_cli_npz_info_verify(tmp_path, rng, capsys):
     assert m["command"][:3] == ["pdiff", "shard", str(tmp_path / "digits.npz")]
     assert m["count"] == 25 and m["channels"] == 1 and m["num_classes"] == 10 and len(m["shards"]) == 4
     capsys.readouterr()
-    assert shard_main(["info", str(out)]) == 0
+    from pdiff.cli import main as pdiff_main
+    assert pdiff_main(["shard", "info", str(out)]) == 0          # through the `pdiff` dispatch table
     text = capsys.readouterr().out
     assert "25 at 32x32" in text and "10 classes" in text
     assert shard_main(["verify", str(out)]) == 0
