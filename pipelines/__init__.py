@@ -10,13 +10,16 @@ images seen). The backends only fetch, decode and crop what the plan names:
 
 * dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples (read
   with the shard indexes), the crop anchors and the crop shape; DALI decodes (JPEG on the GPU with
-  the "mixed" decoder where CUDA exists, PNG/WebP on its CPU threads, raw not at all) and slices.
+  the "mixed" decoder where CUDA exists, PNG/WebP on its CPU threads, raw not at all), slices and
+  normalizes to float32 CHW (on the GPU when the patches go there).
   Batches vary in size per iteration (b = batch_for(s) / W), which DALI accepts when no reader sets a
   fixed batch size. We do not use ``fn.readers.webdataset``: its fixed batch size, its local shuffle
   buffer and ``fn.random.uniform``'s rounding of integer positions (DALI-NOTES) would rule out both
   one-size-per-step batches and an order that tests can recompute.
-* torch: a DataLoader whose workers read samples by index from the tars, decode with Pillow and
-  crop; the sampler hands out the plan's steps in chunks, so the order does not depend on workers.
+* torch: a DataLoader whose workers read samples by index from the tars (with the same indexes; not
+  the webdataset library, whose streaming shuffle is not a function of the epoch), decode with Pillow
+  and crop; the sampler hands out the plan's steps in chunks, so the order does not depend on the
+  number of workers. Needs only torch, numpy and Pillow.
 
 Because nothing random lives inside the loaders, the resumable state is the number of images seen
 (plus guards: world size, batch, resolution, seed, dataset); DALI's own checkpointing is not needed,
@@ -45,8 +48,20 @@ class Batch:
     images_seen: int          # global images seen before this step
 
 
+_DALI: list[bool] = []
+
+
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    """DALI can be imported here (tried once; a broken install counts as missing)."""
+    if not _DALI:
+        ok = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+        if ok:
+            try:
+                import nvidia.dali  # noqa: F401
+            except (ImportError, OSError):
+                ok = False
+        _DALI.append(ok)
+    return _DALI[0]
 
 
 def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,

@@ -287,3 +287,14 @@ def test_grayscale_dataset(tmp_path, backend):
             want = expected_patch(images[..., None], step.indices[j], x0, y0, b.patch_size)
             torch.testing.assert_close(b.patches[j], want, rtol=0, atol=0)
     pipe.close()
+
+
+def test_auto_falls_back_to_torch_without_dali(dataset, monkeypatch):
+    import pipelines
+    root, _, _ = dataset
+    monkeypatch.setattr(pipelines, "_DALI", [False])          # as on a box with only torch and triton
+    pipe, _, _ = make(root, "raw", "auto")
+    assert pipe.backend == "torch" and next(pipe).patches.shape[1] == 3
+    pipe.close()
+    with pytest.raises(ImportError, match="data.backend=torch"):
+        make(root, "raw", "dali")
