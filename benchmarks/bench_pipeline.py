@@ -215,13 +215,15 @@ def main(argv=None) -> int:
                           f"{r['cpu_cores_busy']:4.2f} cores {r['images_per_s_per_core']:9.0f} img/s/core")
     base = [r for r in results if r["backend"] == "baseline"]
     summary = {}
-    if base:
+    if base:                                      # same patch sizes on both sides (no 'schedule' baseline)
         b = np.mean([r["images_per_s_per_core"] for r in base])
+        sizes_measured = {r["config"] for r in base}
         for backend in ("dali", "torch"):
             for fmt in formats:
-                rs = [r for r in results if r["backend"] == backend and r["format"] == fmt]
+                rs = [r for r in results if r["backend"] == backend and r["format"] == fmt
+                      and r["config"] in sizes_measured]
                 if rs:
-                    summary[f"{backend}-{fmt}"] = np.mean([r["images_per_s_per_core"] for r in rs]) / b
+                    summary[f"{backend}-{fmt}"] = float(np.mean([r["images_per_s_per_core"] for r in rs]) / b)
         print("images/s per core relative to the baseline: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
     out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
