@@ -270,10 +270,14 @@ def test_parallel_workers_write_the_same_shards(tmp_path, rng):
         (src / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (src / f"c{i % 2}" / f"{i:02d}.png").write_bytes(png_bytes(a))
     (src / "c1" / "zz.png").write_bytes(b"broken")
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as zf:
+        for p in sorted(src.rglob("*.png")):
+            zf.write(p, p.relative_to(src).as_posix())
     one = write_shards(src, tmp_path / "one", workers=1, max_count=8, on_error="skip")
-    two = write_shards(src, tmp_path / "two", workers=2, max_count=8, on_error="skip")
-    assert [r["sha256"] for r in one["shards"]] == [r["sha256"] for r in two["shards"]]
-    assert two["count"] == 40 and two["skipped"]["by_reason"] == {"undecodable": 1}
+    for source, out in ((src, "two"), (tmp_path / "src.zip", "zip2")):
+        two = write_shards(source, tmp_path / out, workers=2, max_count=8, on_error="skip")
+        assert [r["sha256"] for r in one["shards"]] == [r["sha256"] for r in two["shards"]]
+        assert two["count"] == 40 and two["skipped"]["by_reason"] == {"undecodable": 1}
 
 
 def test_resume_keeps_complete_shards_and_matches_fresh_run(tmp_path, rng):

@@ -342,6 +342,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: Source, settings: dict) -> None:
+    source._zip = None        # a forked worker must not share the parent's zip file position
     _WORKER["source"], _WORKER["settings"] = source, settings
 
 
