@@ -10,7 +10,8 @@ Patches come as the pipeline delivers them: float (B, C, s, s) in [-1, 1] or uin
 ``step``: the Triton kernels then draw Philox noise in-kernel and the loss kernel regenerates the
 identical noise (see kernels/_philox.py; ``philox_noise`` materialises it). The torch backend with a
 seed draws from a torch.Generator seeded by (seed, step): the same in both calls of a step, but a
-different stream from the Philox one. Pass ``step`` as a one-element device tensor under
+different stream from the Philox one. ``step`` may be an int (passed to the kernel as a scalar
+argument: no host-to-device copy) or a one-element device tensor, which is what to pass under
 torch.compile so the changing step count does not trigger recompiles.
 
 Both ops are torch.library ops (triton_op), so torch.compile(fullgraph=True) traces them without
@@ -22,9 +23,9 @@ import os
 
 import torch
 
-from ._philox import philox_noise, rng_tensor, torch_step_noise
-from .edm_loss import EDMLoss, edm_loss_op, edm_loss_ref
-from .net_input import NetInput, chw_view, net_input_op, net_input_ref
+from ._philox import philox_noise, rng_args, torch_step_noise
+from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
+from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
 
 __all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise",
            "net_input_ref", "edm_loss_ref", "BACKENDS"]
@@ -94,15 +95,16 @@ def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.T
     backend = _resolve(backend, patches.device)
     if backend == "torch":
         if noise is None:
-            noise = torch_step_noise(rng_tensor(seed, step, patches.device), list(y.shape), patches.device)
+            noise = torch_step_noise(seed, step, y.shape, patches.device)
         return net_input_ref(patches, sigma, offsets, resolution, noise, sigma_data, out_dtype, channels_last)
     if backend != "triton":
         raise ValueError(f"build_net_input: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
-    rng = rng_tensor(seed, step, patches.device) if noise is None else None
-    args = (patches, sigma, offsets, noise, rng, int(resolution), float(sigma_data), out_dtype, bool(channels_last))
+    step_t, seed, step = rng_args(seed, step, patches.device) if noise is None else (None, 0, 0)
+    args = (patches, sigma, offsets, noise, step_t, seed, step, int(resolution), float(sigma_data), out_dtype,
+            bool(channels_last))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (patches, sigma, noise))
-    return NetInput.apply(*args) if needs_grad else net_input_op(*args)
+    return NetInput.apply(*args) if needs_grad else net_input_fused(*args)
 
 
 def edm_patch_loss(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor,
@@ -118,12 +120,11 @@ def edm_patch_loss(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor,
     backend = _resolve(backend, F.device)
     if backend == "torch":
         if noise is None:
-            noise = torch_step_noise(rng_tensor(seed, step, F.device), list(y.shape), F.device)
+            noise = torch_step_noise(seed, step, y.shape, F.device)
         return edm_loss_ref(F, patches, sigma, noise, sigma_data)
     if backend != "triton":
         raise ValueError(f"edm_patch_loss: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
-    rng = rng_tensor(seed, step, F.device) if noise is None else None
-    write_grad = torch.is_grad_enabled() and F.requires_grad
-    if write_grad:
-        return EDMLoss.apply(F, patches, sigma, noise, rng, float(sigma_data), True)
-    return edm_loss_op(F, patches, sigma, noise, rng, float(sigma_data), False)[0]
+    step_t, seed, step = rng_args(seed, step, F.device) if noise is None else (None, 0, 0)
+    if torch.is_grad_enabled() and F.requires_grad:
+        return EDMLoss.apply(F, patches, sigma, noise, step_t, seed, step, float(sigma_data))
+    return edm_loss_fused(F, patches, sigma, noise, step_t, seed, step, float(sigma_data), False)[0]

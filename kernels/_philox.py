@@ -13,6 +13,8 @@ explicit noise); it is only consistent between build_net_input and edm_patch_los
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -23,12 +25,15 @@ _MASK64 = (1 << 64) - 1
 
 
 @triton.jit
-def load_rng(rng_ptr):
-    """(seed, step_lo, step_hi) from the int64 pair [seed, step] on the device."""
-    seed = tl.load(rng_ptr)
-    step = tl.load(rng_ptr + 1)
-    step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
-    step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
+def rng_state(seed, step, step_ptr, STEP_IN_TENSOR: tl.constexpr):
+    """(seed, step_lo, step_hi): the step comes as a scalar argument or, under torch.compile, from
+    a one-element int64 tensor so that its changing value is data, not a guarded constant."""
+    if STEP_IN_TENSOR:
+        step64 = tl.load(step_ptr).to(tl.int64)
+    else:
+        step64 = step + tl.zeros((1,), dtype=tl.int64)   # an i32 or i64 scalar, or a Python int when interpreted
+    step_lo = (step64 & 0xFFFFFFFF).to(tl.uint32)
+    step_hi = ((step64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     return seed, step_lo, step_hi
 
 
@@ -52,12 +57,13 @@ def _store_lane(out_ptr, base, j, k, Q, S, n):
     tl.store(out_ptr + base + p, n, mask=(j < Q) & (p < S))
 
 
-@triton.jit
-def _philox_noise_kernel(out_ptr, rng_ptr, S, Q, C: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "step"])
+def _philox_noise_kernel(out_ptr, seed, step, step_ptr, S, Q, C: tl.constexpr, STEP_IN_TENSOR: tl.constexpr,
+                         BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.program_id(1)
     j = t * BLOCK + tl.arange(0, BLOCK)
-    seed, step_lo, step_hi = load_rng(rng_ptr)
+    seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     for c in tl.static_range(C):
         plane = b * C + c
         n0, n1, n2, n3 = noise4(seed, j, plane, step_lo, step_hi)
@@ -68,32 +74,37 @@ def _philox_noise_kernel(out_ptr, rng_ptr, S, Q, C: tl.constexpr, BLOCK: tl.cons
         _store_lane(out_ptr, base, j, 3, Q, S, n3)
 
 
-def rng_tensor(seed, step, device) -> torch.Tensor:
-    """The int64 pair [seed, step] the kernels read. ``step`` may be a device tensor, which keeps
-    torch.compile from recompiling as the step count changes (a Python int is a guarded constant)."""
-    if isinstance(seed, torch.Tensor):
-        raise TypeError("seed must be a Python int (fixed for a run); pass the changing step as a tensor")
-    if not 0 <= int(seed) < 2**63:
+def rng_args(seed, step, device):
+    """(step tensor or None, seed, step) for the kernels. ``seed`` is a Python int fixed for a run;
+    ``step`` an int, or a one-element integer tensor, which keeps torch.compile from recompiling as
+    the step count changes (an int is a guarded constant). Ints go to the kernel as scalar
+    arguments: no host-to-device copy, no synchronisation."""
+    if isinstance(seed, torch.Tensor) or isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int (fixed for a run), got {type(seed).__name__}; "
+                        "pass the changing step as a tensor instead")
+    if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype.is_floating_point:
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
             raise ValueError(f"step tensor must hold one integer, got shape {tuple(step.shape)} {step.dtype}")
-        step = step.reshape(1).to(device=device, dtype=torch.int64)
-        return torch.cat([step.new_full((1,), int(seed)), step])
-    if not 0 <= int(step) < 2**63:
-        raise ValueError(f"step must be in [0, 2**63), got {step}")
-    return torch.tensor([int(seed), int(step)], dtype=torch.int64, device=device)
+        return step.reshape(1).to(device=device, dtype=torch.int64), seed, 0
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+        raise ValueError(f"step must be an int in [0, 2**63) or a one-element tensor, got {step!r}")
+    return None, seed, step
 
 
 @torch.library.triton_op("pdiff::philox_noise", mutates_args=())
-def philox_noise_op(rng: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
-    out = empty((b, c, h, w), torch.float32, rng.device)
+def philox_noise_op(step_t: Optional[torch.Tensor], seed: int, step: int, b: int, c: int, h: int, w: int,
+                    device: torch.device) -> torch.Tensor:
+    out = empty((b, c, h, w), torch.float32, device)
     s_total = h * w
     q = triton.cdiv(s_total, 4)
     block = lane_block(q)
     grid = (b, triton.cdiv(q, block))
-    if should_launch(out, rng):
-        torch.library.wrap_triton(_philox_noise_kernel)[grid](out, rng, s_total, q, C=c, BLOCK=block)
+    if should_launch(out):
+        torch.library.wrap_triton(_philox_noise_kernel)[grid](
+            out, seed, step, step_t if step_t is not None else out, s_total, q,
+            C=c, STEP_IN_TENSOR=step_t is not None, BLOCK=block)
     return out
 
 
@@ -103,7 +114,8 @@ def philox_noise(seed, step, shape, device) -> torch.Tensor:
     The forward kernels never call this; it exists so tests (and anyone debugging) can see the
     exact noise a seeded step used, and for the rarely needed gradient with respect to sigma."""
     b, c, h, w = (int(v) for v in shape)
-    return philox_noise_op(rng_tensor(seed, step, device), b, c, h, w)
+    step_t, seed, step = rng_args(seed, step, device)
+    return philox_noise_op(step_t, seed, step, b, c, h, w, torch.device(device))
 
 
 def _splitmix64(x: int) -> int:
@@ -113,16 +125,24 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def torch_step_noise(seed: int, step, shape, device) -> torch.Tensor:
+    """Torch-backend noise for (seed, step): a torch.Generator seeded from both (a tensor step is
+    read back to the host: the torch backend is the fallback, not the fast path)."""
+    step_t, seed, step = rng_args(seed, step, device)
+    return _torch_step_noise(seed, step, step_t, list(shape), torch.device(device))
+
+
 @torch.library.custom_op("pdiff::torch_step_noise", mutates_args=())
-def torch_step_noise(rng: torch.Tensor, shape: list[int], device: torch.device) -> torch.Tensor:
-    """Torch-backend noise for (seed, step): a torch.Generator seeded from both. Opaque to
-    torch.compile (a custom op), so a compiled step with the torch backend has no graph break."""
-    seed, step = (int(v) for v in rng.tolist())
+def _torch_step_noise(seed: int, step: int, step_t: Optional[torch.Tensor], shape: list[int],
+                      device: torch.device) -> torch.Tensor:
+    # A custom op is opaque to torch.compile, so the Generator causes no graph break.
+    if step_t is not None:
+        step = int(step_t.item())
     g = torch.Generator(device=device)
     g.manual_seed(_splitmix64(_splitmix64(seed) ^ step) >> 1)
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
 
 
-@torch_step_noise.register_fake
-def _(rng, shape, device):
+@_torch_step_noise.register_fake
+def _(seed, step, step_t, shape, device):
     return torch.empty(shape, device=device, dtype=torch.float32)

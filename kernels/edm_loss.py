@@ -21,7 +21,7 @@ import triton.language as tl
 from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
 from ._common import empty, empty_like, lane_block, should_launch
-from ._philox import load_rng, noise4
+from ._philox import noise4, rng_state
 from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
 
 
@@ -45,13 +45,13 @@ def _loss_lane(f_base, y_base, n_base, g_base, c, j, k, Q, S, W, n_rng, a, bn, c
     return tl.where(mask, r * r, 0.0)
 
 
-@triton.jit
-def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, rng_ptr, sigma_ptr, part_ptr, g_ptr,
+@triton.jit(do_not_specialize=["seed", "step"])
+def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, seed, step,
                      S, W, Q, n_tiles, sigma_data, inv_count,
                      sf_b, sf_c, sf_h, sf_w, sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w,
                      sg_b, sg_c, sg_h, sg_w, s_sig,
                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     WRITE_GRAD: tl.constexpr, F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr,
+                     STEP_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr,
                      N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
@@ -71,7 +71,7 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, rng_ptr, sigma_ptr, part_ptr, g_ptr,
     n_base = n_ptr + b * sn_b
     g_base = g_ptr + b * sg_b
     if not HAS_NOISE:
-        seed, step_lo, step_hi = load_rng(rng_ptr)
+        seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in tl.static_range(C):
         if HAS_NOISE:
@@ -97,7 +97,7 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, rng_ptr, sigma_ptr, part_ptr, g_ptr,
     tl.store(part_ptr + b * n_tiles + t, total)
 
 
-def _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad):
+def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, write_grad):
     y = chw_view(patches)
     b, c, h, w = y.shape
     s_total = h * w
@@ -112,13 +112,14 @@ def _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad):
     if not should_launch(partial, F):
         return partial.sum(1), grad
     torch.library.wrap_triton(_edm_loss_kernel)[(b, n_tiles)](
-        F, y, n, rng if rng is not None else sigma, sigma, partial, g,
+        F, y, n, step_t if step_t is not None else sigma, sigma, partial, g, seed, step,
         s_total, w, q, n_tiles, sigma_data, 1.0 / (c * s_total),
         F.stride(0), F.stride(1), F.stride(2), F.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         n.stride(0), n.stride(1), n.stride(2), n.stride(3),
         g.stride(0), g.stride(1), g.stride(2), g.stride(3), sigma.stride(0),
-        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, WRITE_GRAD=write_grad,
+        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
+        WRITE_GRAD=write_grad,
         F_FLAT=planes_flat(F), Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), G_FLAT=planes_flat(g),
         BLOCK=block, num_warps=4 if block >= 256 else 2)
     return partial.sum(1), grad
@@ -126,29 +127,32 @@ def _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad):
 
 @torch.library.triton_op("pdiff::edm_loss", mutates_args=())
 def edm_loss_op(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor],
-                rng: Optional[torch.Tensor], sigma_data: float, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                step_t: Optional[torch.Tensor], seed: int, step: int, sigma_data: float,
+                write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample loss (B,), dL_b/dF with F's dtype and layout, or an empty tensor)."""
-    return _launch_edm_loss(F, patches, sigma, noise, rng, sigma_data, write_grad)
+    return launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, write_grad)
+
+
+def edm_loss_fused(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered op while torch.compile traces; the launcher itself in eager mode."""
+    return edm_loss_op(*args) if torch.compiler.is_compiling() else launch_edm_loss(*args)
 
 
 class EDMLoss(torch.autograd.Function):
     """Per-sample loss, differentiable with respect to F only (patches, noise, sigma are data)."""
 
     @staticmethod
-    def forward(ctx, F, patches, sigma, noise, rng, sigma_data, write_grad):
-        loss, grad = edm_loss_op(F, patches, sigma, noise, rng, sigma_data, write_grad)
+    def forward(ctx, F, patches, sigma, noise, step_t, seed, step, sigma_data):
+        loss, grad = edm_loss_fused(F, patches, sigma, noise, step_t, seed, step, sigma_data, True)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
-            raise RuntimeError("edm_patch_loss: the kernel ran without writing dL/dF because F did not "
-                               "require grad when the loss was computed")
         # One pass over the saved gradient (the scale is cast to its dtype, so a bf16 gradient is
         # not widened to float32 and back).
-        return grad * grad_loss.reshape(-1, 1, 1, 1).to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_loss.reshape(-1, 1, 1, 1).to(grad.dtype), None, None, None, None, None, None, None
 
 
 def edm_loss_ref(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,

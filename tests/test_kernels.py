@@ -282,6 +282,29 @@ def test_loss_kernel_regenerates_the_input_kernels_noise(uint8, s):
     assert not torch.allclose(l_other, l_seed), "a different step must draw different noise"
 
 
+def test_step_as_tensor_or_int_and_op_or_launcher_agree():
+    """A device-tensor step (what a compiled loop passes) draws the same noise as the int; the
+    registered ops (what torch.compile calls) equal the direct launches eager mode uses."""
+    from kernels.edm_loss import edm_loss_op
+    from kernels.net_input import net_input_op
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    b, c, s, res = 3, 3, 8, 16
+    patches, sigma, offsets, _ = make_batch(b, c, s, res, True, gen)
+    step = 2**33 + int(torch.randint(0, 2**31, (1,), generator=gen))
+    step_t = torch.tensor(step, device=DEV)
+    assert torch.equal(philox_noise(4, step, (b, c, s, s), DEV), philox_noise(4, step_t, (b, c, s, s), DEV))
+    by_int = build_net_input(patches, sigma, offsets, res, seed=4, step=step, backend="triton")
+    by_tensor = build_net_input(patches, sigma, offsets, res, seed=4, step=step_t, backend="triton")
+    assert torch.equal(by_int, by_tensor)
+    via_op = net_input_op(patches, sigma, offsets, None, None, 4, step, res, 0.5, torch.float32, False)
+    assert torch.equal(via_op, by_int)
+    F = torch.randn((b, c, s, s), generator=gen).to(DEV)
+    l_int = edm_patch_loss(F, patches, sigma, seed=4, step=step, backend="triton")
+    l_tensor = edm_patch_loss(F, patches, sigma, seed=4, step=step_t, backend="triton")
+    l_op, grad = edm_loss_op(F, patches, sigma, None, step_t.reshape(1), 4, 0, 0.5, True)
+    assert torch.equal(l_int, l_tensor) and torch.equal(l_op, l_int) and not grad.isnan().any()
+
+
 def test_torch_backend_seeded_noise_is_shared_by_both_ops():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     b, c, s, res = 3, 3, 16, 32
@@ -313,6 +336,10 @@ def test_bad_inputs_raise_clear_errors():
         edm_patch_loss(noise, patches, sigma[:2], noise=noise, backend="triton")
     with pytest.raises(ValueError, match="seed must be"):
         build_net_input(patches, sigma, offsets, 16, seed=-1, step=0, backend="triton")
+    with pytest.raises(TypeError, match="seed must be a Python int"):
+        build_net_input(patches, sigma, offsets, 16, seed=torch.tensor(1), step=0, backend="triton")
+    with pytest.raises(ValueError, match="step tensor must hold one integer"):
+        edm_patch_loss(noise, patches, sigma, seed=1, step=torch.zeros(2, dtype=torch.long), backend="triton")
 
 
 # --- a training step -------------------------------------------------------------------------------
