@@ -1,0 +1,127 @@
+"""EMA snapshots (safetensors + the run's config) and reading models back for sampling.
+
+A snapshot is one ``.safetensors`` file: the EDMPrecond state_dict (contiguous CPU tensors) and
+metadata {"format": "pdiff-snapshot-1", "config": <to_dict(cfg) as JSON>, "images_seen": "..."}.
+``load_model`` also reads the trainer's checkpoints (``RUN/checkpoints/ckpt-<images:012d>/state.pt``
+with a ``COMPLETE`` marker), taking their EMA weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, from_dict, to_dict
+
+FORMAT = "pdiff-snapshot-1"
+CKPT_PATTERN = re.compile(r"ckpt-(\d+)$")
+
+
+class SnapshotError(ValueError):
+    pass
+
+
+def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int,
+                  ema_halflife: float | None = None) -> Path:
+    """Write atomically: a temp file in the same folder, fsync, then os.replace."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "images_seen": str(int(images_seen))}
+    if ema_halflife is not None:
+        meta["ema_halflife"] = str(ema_halflife)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _build(cfg: Config, state: dict, source: str, device) -> torch.nn.Module:
+    from .model import build_model  # lazy: the networks are heavy imports
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SnapshotError(f"{source}: weights do not fit the network its config describes "
+                            f"(was the file written by another version of pdiff?): {e}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _config_from(data, source: str) -> Config:
+    try:
+        return from_dict(data, source)
+    except ConfigError as e:
+        raise SnapshotError(f"{source}: its stored config is not valid for this pdiff: {e}") from None
+
+
+def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """(EDMPrecond in eval mode, its Config, the metadata dict)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"snapshot {path} does not exist (snapshots are RUN/snapshots/*.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise SnapshotError(f"{path}: a safetensors file but not a pdiff snapshot (metadata format "
+                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+    cfg = _config_from(json.loads(meta["config"]), str(path))
+    return _build(cfg, state, str(path), device), cfg, meta
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / "COMPLETE").exists() and (ckpt / "state.pt").exists()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder itself, or a run folder -> its newest COMPLETE checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise SnapshotError(f"checkpoint {path} does not exist")
+    if (path / "state.pt").exists():
+        if not (path / "COMPLETE").exists():
+            raise SnapshotError(f"checkpoint {path} has no COMPLETE marker: it was not finished writing")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted((int(m.group(1)), d) for d in root.iterdir()
+                   if d.is_dir() and (m := CKPT_PATTERN.match(d.name)) and is_complete(d))
+    if not found:
+        raise SnapshotError(f"{path}: no complete checkpoint (ckpt-*/ with state.pt and COMPLETE) found "
+                            f"in {root}")
+    return found[-1][1]
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
+                    ) -> tuple[torch.nn.Module, Config, dict]:
+    """The model of a training checkpoint (EMA weights by default) from a checkpoint or run folder."""
+    ckpt = find_checkpoint(path)
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SnapshotError(f"{ckpt / 'state.pt'}: cannot be read ({e})") from None
+    for key in (weights, "config"):
+        if key not in state:
+            raise SnapshotError(f"{ckpt / 'state.pt'}: no {key!r} entry (keys: {sorted(state)})")
+    cfg = _config_from(state["config"], str(ckpt))
+    meta = {"format": "pdiff-checkpoint", "images_seen": str(state.get("images_seen", "")),
+            "source": str(ckpt), "weights": weights}
+    return _build(cfg, state[weights], str(ckpt), device), cfg, meta
+
+
+def load_model(snapshot=None, checkpoint=None, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
+    if (snapshot is None) == (checkpoint is None):
+        raise SnapshotError("give exactly one of --snapshot FILE or --checkpoint DIR_OR_RUN")
+    return load_snapshot(snapshot, device) if snapshot is not None else load_checkpoint(checkpoint, device)

@@ -1,0 +1,311 @@
+"""`pdiff fid ref|calc|gen`: FID with the TF-FID Inception-v3 (numbers comparable with EDM's fid.py,
+pytorch-fid and torch-fidelity).
+
+    pdiff fid ref  --data data/celeba64 --out refs/celeba64.npz --inception WEIGHTS
+    pdiff fid calc --images out/celeba --ref refs/celeba64.npz --inception WEIGHTS
+    pdiff fid gen  --snapshot SNAP --ref refs/celeba64.npz --num 50000 --sets 3 --inception WEIGHTS
+
+WEIGHTS is pytorch-fid's pt_inception-2015-12-05-6726825d.pth, as a file or its URL (downloaded
+once into ~/.cache/pdiff, or $PDIFF_CACHE). Image sources: a folder of images (searched
+recursively), an .npz with 'images' or 'x' (N, H, W, C) uint8, or a folder of WebDataset shards
+with manifest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------
+# Image sources: each yields uint8 NHWC arrays in a fixed order.
+
+@dataclass
+class ImageSource:
+    description: str
+    count: int | None                     # None: unknown until read (shards without counts)
+    batches: Callable[[int], Iterator[np.ndarray]]
+
+
+def _decode(data: bytes | Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        if im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _stack(arrays: list[np.ndarray], where: Callable[[int], str]) -> np.ndarray:
+    shape = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape != shape:
+            raise SystemExit(f"pdiff fid: {where(i)} is {a.shape[1]}x{a.shape[0]} but earlier images are "
+                             f"{shape[1]}x{shape[0]}; FID needs images of one size")
+    return np.stack(arrays)
+
+
+def folder_source(root: Path, limit: int | None) -> ImageSource:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    if not files:
+        raise SystemExit(f"pdiff fid: no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    files = files[:limit] if limit else files
+
+    def batches(n: int):
+        with ThreadPoolExecutor(4) as pool:
+            for i in range(0, len(files), n):
+                part = files[i:i + n]
+                yield _stack(list(pool.map(_decode, part)), lambda j: str(part[j]))
+    return ImageSource(f"{root} ({len(files)} images)", len(files), batches)
+
+
+def npz_source(path: Path, limit: int | None) -> ImageSource:
+    with np.load(path) as z:
+        key = next((k for k in ("images", "x") if k in z.files), None)
+        if key is None:
+            raise SystemExit(f"pdiff fid: {path} has no 'images' or 'x' array (found {z.files}); "
+                             f"expected (N, H, W, C) uint8 images")
+        arr = z[key]
+    if arr.ndim != 4 or arr.dtype != np.uint8:
+        raise SystemExit(f"pdiff fid: {path}['{key}'] is {arr.dtype} {arr.shape}; expected (N, H, W, C) uint8")
+    if arr.shape[3] not in (1, 3) and arr.shape[1] in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)   # NCHW files work too
+    arr = arr[:limit] if limit else arr
+
+    def batches(n: int):
+        for i in range(0, len(arr), n):
+            yield arr[i:i + n]
+    return ImageSource(f"{path} ({len(arr)} images)", len(arr), batches)
+
+
+def shard_source(root: Path, limit: int | None) -> ImageSource:
+    """WebDataset shards listed by manifest.json, in order. Small on purpose: swap for the
+    pipelines package's full-image reader once it has one."""
+    import webdataset as wds
+    manifest = json.loads((root / "manifest.json").read_text())
+    listed = manifest.get("shards") or []
+    names = [s if isinstance(s, str) else s.get("path") or s.get("name") or s.get("file") for s in listed]
+    urls = [str(root / n) for n in names if n] or sorted(str(p) for p in root.glob("*.tar"))
+    if not urls:
+        raise SystemExit(f"pdiff fid: {root}/manifest.json lists no shards and there is no *.tar beside it")
+    shape = manifest.get("shape")
+    if shape is None and "resolution" in manifest:
+        r = int(manifest["resolution"])
+        shape = [r, r, int(manifest.get("channels", 3))]
+    count = manifest.get("count") or manifest.get("num_samples")
+    count = min(count, limit) if count and limit else (count or limit)
+
+    def decode(sample: dict) -> np.ndarray:
+        for ext in ("png", "jpg", "jpeg", "webp"):
+            if ext in sample:
+                return _decode(sample[ext])
+        raw = next((k for k in sample if k.rsplit(".", 1)[-1] in ("u8", "raw", "npy")), None)
+        if raw is None:
+            raise SystemExit(f"pdiff fid: sample {sample.get('__key__')} in {sample.get('__url__')} has "
+                             f"no image entry (keys {sorted(k for k in sample if not k.startswith('__'))})")
+        if raw.endswith("npy"):
+            return np.load(io.BytesIO(sample[raw]))
+        if shape is None:
+            raise SystemExit(f"pdiff fid: {root}/manifest.json gives no 'shape' (H, W, C) for raw '{raw}' entries")
+        return np.frombuffer(sample[raw], np.uint8).reshape(shape)
+
+    def batches(n: int):
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        buf, seen = [], 0
+        for sample in ds:
+            if limit and seen >= limit:
+                break
+            buf.append(decode(sample))
+            seen += 1
+            if len(buf) == n:
+                yield _stack(buf, lambda j: f"a sample of {root}")
+                buf = []
+        if buf:
+            yield _stack(buf, lambda j: f"a sample of {root}")
+    return ImageSource(f"{root} ({len(urls)} shards)", count, batches)
+
+
+def open_images(path: str, limit: int | None = None) -> ImageSource:
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        return shard_source(p, limit)
+    if p.is_dir():
+        return folder_source(p, limit)
+    if p.is_file() and p.suffix == ".npz":
+        return npz_source(p, limit)
+    raise SystemExit(f"pdiff fid: {path} is neither an image folder, a shard folder with manifest.json, "
+                     f"nor an .npz of images")
+
+
+# --------------------------------------------------------------------------------------------
+
+def add_inception_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", help="TF-FID Inception weights: a file or a URL (cached). "
+                                       "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--fid-batch", type=int, default=100, help="images per Inception batch")
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
+    """(FeatureStats, image side) of every image of a source."""
+    from pdiff.fid import FeatureStats, inception_features
+    from tools.sample import progress_bar
+    stats, side = FeatureStats(device=device), None
+    bar = progress_bar(src.count or 0, progress, "features")
+    try:
+        for arr in src.batches(batch):
+            if side is None:
+                side = int(arr.shape[1]) if arr.shape[1] == arr.shape[2] else None
+            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+            stats.update(inception_features(net, x))
+            bar.update(len(arr))
+    finally:
+        bar.close()
+    return stats, side
+
+
+def cmd_ref(args) -> int:
+    from pdiff.fid import load_inception, save_stats
+    device = pick_device(args.device)
+    net = load_inception(args.inception, device)
+    src = open_images(args.data, args.max_images)
+    start = time.perf_counter()
+    stats, side = source_stats(src, net, args.fid_batch, device, not args.no_progress)
+    mu, sigma = stats.mean_cov()
+    save_stats(args.out, mu, sigma, stats.count, side, source=str(args.data))
+    print(f"pdiff fid ref: {stats.count} images of {side}x{side} from {src.description} -> {args.out} "
+          f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def load_or_compute(path: str, args, device):
+    """(statistics, image side): a stats .npz (mu, sigma) as is, or FeatureStats of images."""
+    from pdiff.fid import load_inception, load_stats
+    p = Path(path)
+    if p.suffix == ".npz" and p.is_file():
+        with np.load(p) as z:
+            is_stats = "mu" in z.files
+        if is_stats:
+            ref = load_stats(p)
+            return ref, ref.resolution
+    net = load_inception(args.inception, device)
+    return source_stats(open_images(path, args.num), net, args.fid_batch, device, not args.no_progress)
+
+
+def cmd_calc(args) -> int:
+    from pdiff.fid import FeatureStats, check_resolution, frechet_distance, load_stats
+    device = pick_device(args.device)
+    ref = load_stats(args.ref)
+    cur, side = load_or_compute(args.images, args, device)
+    if side is not None:
+        check_resolution(ref, side, args.allow_resolution_mismatch)
+    if isinstance(cur, FeatureStats):
+        fid = cur.fid_against(ref)
+    else:
+        fid = frechet_distance(cur.mu, cur.sigma, ref.mu, ref.sigma)
+    result = {"fid": fid, "images": args.images, "count": cur.count, "ref": args.ref}
+    print(f"pdiff fid calc: FID {fid:.4f} ({cur.count} images of {args.images} vs {args.ref})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_gen(args) -> int:
+    from pdiff.fid import check_resolution, load_inception, load_stats, sample_stats, seed_sets, summarize
+    from pdiff.generate import init_distributed
+    from pdiff.snapshot import load_model
+    from tools.sample import progress_bar, sample_options
+    ref = load_stats(args.ref)
+    dist = init_distributed(args.device)
+    try:
+        net = load_inception(args.inception, dist.device)
+        model, cfg, meta = load_model(args.snapshot, args.checkpoint, dist.device)
+        options = sample_options(args, cfg)
+        check_resolution(ref, options.canvas or cfg.data.resolution, args.allow_resolution_mismatch)
+        fids = []
+        for k, seeds in enumerate(seed_sets(args.first_seed, args.num, args.sets)):
+            bar = progress_bar(len(seeds[dist.rank::dist.world]), dist.main and not args.no_progress,
+                               f"set {k + 1}/{args.sets}")
+            try:
+                stats = sample_stats(model, seeds[dist.rank::dist.world], args.batch, cfg.data.resolution,
+                                     cfg.data.channels, cfg.network.label_dim, options, net, dist.device, bar)
+            finally:
+                bar.close()
+            fids.append(stats.fid_against(ref))
+            if dist.main:
+                print(f"pdiff fid gen: set {k + 1} (seeds {seeds[0]}-{seeds[-1]}): FID {fids[-1]:.4f}", flush=True)
+        if dist.main:
+            result = summarize(fids) | {"num": args.num, "sets": args.sets, "ref": args.ref,
+                                        "model": args.snapshot or meta.get("source"),
+                                        "images_seen": meta.get("images_seen"),
+                                        "sampler": {k: v for k, v in vars(options.sampler).items()},
+                                        "class": options.class_label, "canvas": options.canvas}
+            print(f"pdiff fid gen: FID mean {result['mean']:.4f}, min {result['min']:.4f} over "
+                  f"{args.sets} set(s) of {args.num} images")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    finally:
+        dist.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    from pdiff.fid import FIDError, InceptionWeightsMissing
+    from pdiff.snapshot import SnapshotError
+    from tools.sample import add_model_args, add_sampler_args
+    p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset")
+    r.add_argument("--data", required=True, help="shard folder (manifest.json), image folder or .npz")
+    r.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    r.add_argument("--max-images", type=int, help="use only the first N images")
+    r.add_argument("--device", default="auto")
+
+    c = sub.add_parser("calc", help="FID of an image folder or .npz against a reference")
+    c.add_argument("--images", required=True, help="image folder, .npz of images, or a statistics .npz")
+    c.add_argument("--ref", required=True, help="reference statistics (.npz from 'fid ref', EDM's or pytorch-fid's)")
+    c.add_argument("--num", type=int, help="use only the first N images")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", help="also write the result here")
+
+    g = sub.add_parser("gen", help="sample and score without writing images")
+    add_model_args(g)
+    add_sampler_args(g, seeds=False)
+    g.add_argument("--ref", required=True)
+    g.add_argument("--num", type=int, default=50000, help="images per seed set (default 50000)")
+    g.add_argument("--sets", type=int, default=3, help="seed sets: report mean and min (default 3, as EDM)")
+    g.add_argument("--first-seed", type=int, default=0, help="set k uses seeds first + k*num ... ")
+    g.add_argument("--json", help="also write the result here")
+
+    for sp in (r, c, g):
+        add_inception_arg(sp)
+        sp.add_argument("--no-progress", action="store_true")
+    for sp in (c, g):
+        sp.add_argument("--allow-resolution-mismatch", action="store_true",
+                        help="score against a reference of another image size anyway")
+    args = p.parse_args(argv)
+    try:
+        return {"ref": cmd_ref, "calc": cmd_calc, "gen": cmd_gen}[args.cmd](args)
+    except (FIDError, InceptionWeightsMissing, SnapshotError) as e:
+        print(f"pdiff fid {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,191 @@
+"""`pdiff sample`: images from an EMA snapshot or a training checkpoint.
+
+    pdiff sample --snapshot runs/celeba64/snapshots/snapshot-000200000000.safetensors \
+        --seeds 0-49999 --batch 256 --outdir out/celeba --subdirs
+    torchrun --nproc-per-node 8 -m pdiff.cli sample --checkpoint runs/celeba64 --seeds 0-63 \
+        --grid grid.png --npz samples.npz
+
+Seed s always gives the same image, whatever --batch and the number of processes (each rank
+samples seeds[rank::world]). Sampler settings default to the run's ``sample`` config section.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshot", help="EMA snapshot (.safetensors) written by pdiff train")
+    src.add_argument("--checkpoint", help="checkpoint folder ckpt-*/ or a run folder (its newest complete checkpoint, EMA weights)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+
+
+def add_sampler_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
+    g = p.add_argument_group("sampler (defaults: the run's sample section)")
+    if seeds:
+        g.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 0,5,10-19 (default 0-63)")
+    g.add_argument("--batch", type=int, default=64, help="images per batch and process (default 64)")
+    g.add_argument("--steps", type=int, help="Heun steps N (2N-1 network evaluations; 18 -> 35 NFE)")
+    g.add_argument("--sigma-min", type=float)
+    g.add_argument("--sigma-max", type=float)
+    g.add_argument("--rho", type=float)
+    g.add_argument("--churn", type=float, help="S_churn (0 = deterministic Heun)")
+    g.add_argument("--s-min", type=float, help="S_tmin: churn only for sigma >= this")
+    g.add_argument("--s-max", type=float, help="S_tmax: churn only for sigma <= this")
+    g.add_argument("--s-noise", type=float, help="S_noise")
+    g.add_argument("--class", dest="class_label", type=int, help="class for every seed (default: random per seed)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--canvas", type=int, help="output size; larger than the training resolution extrapolates")
+
+
+def sample_options(args, cfg):
+    from pdiff.generate import SampleOptions
+    s = cfg.sample
+    updates = {"steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
+               "rho": args.rho, "s_churn": args.churn, "s_min": args.s_min, "s_max": args.s_max,
+               "s_noise": args.s_noise, "guidance": args.guidance}
+    s = dataclasses.replace(s, **{k: v for k, v in updates.items() if v is not None})
+    canvas = args.canvas if args.canvas is not None else s.canvas
+    if canvas and canvas < cfg.data.resolution:
+        raise SystemExit(f"pdiff sample: --canvas {canvas} is smaller than the training resolution "
+                         f"{cfg.data.resolution}; use 0 or a size >= {cfg.data.resolution}")
+    if s.steps < 1:
+        raise SystemExit(f"pdiff sample: --steps must be at least 1, got {s.steps}")
+    return SampleOptions(sampler=s, class_label=args.class_label, canvas=canvas or 0)
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, disable=not enabled, unit="img", desc=desc, dynamic_ncols=True)
+
+
+def png_path(outdir: Path, seed: int, subdirs: bool) -> Path:
+    return outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png" if subdirs else outdir / f"{seed:06d}.png"
+
+
+def save_png(image_hwc: np.ndarray, path: Path) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = image_hwc[:, :, 0] if image_hwc.shape[2] == 1 else image_hwc
+    Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(path)
+
+
+def make_grid(images_nhwc: np.ndarray, cols: int = 0) -> np.ndarray:
+    n, h, w, c = images_nhwc.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images_nhwc):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pdiff sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sampler_args(p)
+    o = p.add_argument_group("outputs (at least one)")
+    o.add_argument("--outdir", help="write one PNG per seed here (NNNNNN.png)")
+    o.add_argument("--subdirs", action="store_true", help="PNGs in sub-folders of 1000 seeds (000000/, 001000/...)")
+    o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8, seeds, labels")
+    o.add_argument("--grid", help="write a grid PNG of the first --grid-count seeds")
+    o.add_argument("--grid-count", type=int, default=64)
+    o.add_argument("--grid-cols", type=int, default=0, help="grid columns (default: about square)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.outdir or args.npz or args.grid):
+        p.error("nothing to write: give --outdir, --npz and/or --grid")
+
+    from pdiff.generate import init_distributed, iter_uint8, parse_seeds
+    from pdiff.snapshot import SnapshotError, load_model
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
+    dist = init_distributed(args.device)
+    try:
+        try:
+            model, cfg, meta = load_model(args.snapshot, args.checkpoint, dist.device)
+        except SnapshotError as e:
+            print(f"pdiff sample: {e}", file=sys.stderr)
+            return 2
+        options = sample_options(args, cfg)
+        mine = seeds[dist.rank::dist.world]
+        grid_seeds = set(seeds[:args.grid_count]) if args.grid else set()
+        keep_all = bool(args.npz)
+        kept: dict[int, tuple[np.ndarray, int]] = {}
+        outdir = Path(args.outdir) if args.outdir else None
+        start = time.perf_counter()
+        bar = progress_bar(len(seeds), dist.main and not args.no_progress, "sample")
+        try:
+            for chunk, images, labels in iter_uint8(model, mine, args.batch, cfg.data.resolution,
+                                                    cfg.data.channels, cfg.network.label_dim,
+                                                    options, dist.device):
+                nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
+                labs = labels.cpu().numpy() if labels is not None else np.full(len(chunk), -1)
+                for seed, img, lab in zip(chunk, nhwc, labs):
+                    if outdir is not None:
+                        save_png(img, png_path(outdir, seed, args.subdirs))
+                    if keep_all or seed in grid_seeds:
+                        kept[seed] = (img, int(lab))
+                bar.update(len(chunk) * dist.world)  # every rank advances alike
+        finally:
+            bar.close()
+        if args.npz or args.grid:
+            kept = gather_kept(kept, dist, Path(args.npz or args.grid))
+        if dist.main:
+            order = [s for s in seeds if s in kept]
+            if args.npz:
+                Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+                np.savez(args.npz, images=np.stack([kept[s][0] for s in order]),
+                         seeds=np.asarray(order, np.int64),
+                         labels=np.asarray([kept[s][1] for s in order], np.int64))
+            if args.grid:
+                first = [s for s in seeds[:args.grid_count] if s in kept]
+                grid = make_grid(np.stack([kept[s][0] for s in first]), args.grid_cols)
+                save_png(grid, Path(args.grid))
+            elapsed = time.perf_counter() - start
+            where = ", ".join(x for x in (args.outdir, args.npz, args.grid) if x)
+            print(f"pdiff sample: {len(seeds)} images from {meta.get('source') or args.snapshot} "
+                  f"(images_seen {meta.get('images_seen')}) in {elapsed:.1f}s on {dist.world} "
+                  f"process(es) -> {where}")
+    finally:
+        dist.close()
+    return 0
+
+
+def gather_kept(kept: dict, dist, near: Path) -> dict:
+    """Bring every rank's kept images to rank 0 through files beside the output (the output
+    folder is shared by all ranks anyway), which keeps 50k images out of collective buffers."""
+    if dist.world == 1:
+        return kept
+    near.parent.mkdir(parents=True, exist_ok=True)
+    part = near.parent / f".{near.name}.rank{dist.rank}.npz"
+    seeds = np.asarray(list(kept), np.int64)
+    imgs = np.stack([kept[s][0] for s in seeds]) if len(seeds) else np.zeros((0, 1, 1, 1), np.uint8)
+    np.savez(part, seeds=seeds, images=imgs, labels=np.asarray([kept[s][1] for s in seeds], np.int64))
+    dist.barrier()
+    merged = {}
+    if dist.main:
+        for r in range(dist.world):
+            f = near.parent / f".{near.name}.rank{r}.npz"
+            with np.load(f) as z:
+                for s, img, lab in zip(z["seeds"], z["images"], z["labels"]):
+                    merged[int(s)] = (img, int(lab))
+            f.unlink()
+    dist.barrier()
+    return merged
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
