@@ -5,8 +5,9 @@
 
 Design. Everything random is decided on the host as a pure function before any pixel is read
 (pipelines/order.py): the step's patch size (the schedule, from images seen), which samples (an epoch
-permutation split across ranks), and the crop positions (a generator seeded with seed, rank and
-images seen). The backends only fetch, decode and crop what the plan names:
+permutation split across ranks), and the crop positions (drawn for the global step from seed and
+images seen; rank r keeps rows r, r+W, ... of both, so W ranks read what one process would). The
+backends only fetch, decode and crop what the plan names:
 
 * dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples (read
   with the shard indexes), the crop anchors and the crop shape; DALI decodes (JPEG on the GPU with

@@ -6,8 +6,10 @@
 * Each rank reads its part as one endless stream (epochs roll over). Every step consumes
   ``batch_for(s) / W`` entries of each rank's stream, so after ``images_seen`` global images a rank
   stands at position ``images_seen / W``: the position needs no state beyond images seen.
-* Crop positions and flips of a step come from a generator seeded with (seed, rank, images_seen),
-  uniform over 0..R-s with both ends included.
+* Crop positions and flips of a step are drawn for the whole global step from a generator seeded
+  with (seed, images_seen), uniform over 0..R-s with both ends included; rank r keeps rows r, r+W, ...
+  Its samples are rows r, r+W, ... of the global step too (within an epoch), so W ranks read exactly
+  what one process with the same global batch would read (when W divides the dataset size).
 """
 from __future__ import annotations
 
@@ -52,13 +54,14 @@ def rank_stream(num_samples: int, seed: int, rank: int, world_size: int, start: 
     return out
 
 
-def crop_positions(seed: int, rank: int, images_seen: int, count: int, patch_size: int, resolution: int,
+def crop_positions(seed: int, images_seen: int, count: int, patch_size: int, resolution: int,
                    xflip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(count, 2) int64 offsets (x0, y0), uniform over 0..R-s inclusive, and (count,) flips."""
+    """(count, 2) int64 offsets (x0, y0), uniform over 0..R-s inclusive, and (count,) flips, for the
+    ``count`` patches of the global step that starts after ``images_seen`` images."""
     n = resolution - patch_size + 1
     if n < 1:
         raise ValueError(f"patch size {patch_size} exceeds resolution {resolution}")
-    rng = np.random.default_rng([seed, rank, images_seen, _CROP_TAG])
+    rng = np.random.default_rng([seed, images_seen, _CROP_TAG])
     offsets = rng.integers(0, n, size=(count, 2), dtype=np.int64)
     flips = rng.random(count) < 0.5 if xflip else np.zeros(count, bool)
     return offsets, flips
@@ -108,7 +111,9 @@ class SamplePlan:
         b = self.per_rank(s)
         idx = rank_stream(self.num_samples, self.seed, self.rank, self.world_size,
                           images_seen // self.world_size, b, self._cache)
-        offsets, flips = crop_positions(self.seed, self.rank, images_seen, b, s, self.resolution, self.xflip)
+        offsets, flips = crop_positions(self.seed, images_seen, self.schedule.batch_for(s), s, self.resolution,
+                                        self.xflip)
+        offsets, flips = offsets[self.rank::self.world_size], flips[self.rank::self.world_size]
         read_xy = offsets.copy()
         read_xy[flips, 0] = self.resolution - s - offsets[flips, 0]
         return RankStep(images_seen, s, idx, offsets, read_xy, flips, self.labels[idx])

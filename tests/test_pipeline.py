@@ -101,16 +101,16 @@ def test_offsets_uniform_over_all_valid_positions_both_ends():
     seed = int(rng.integers(1 << 30))
     for s, r in ((4, 16), (7, 10), (16, 16)):
         n = r - s + 1
-        offs = np.concatenate([crop_positions(seed, 0, k * 64, 64, s, r)[0] for k in range(200)])
+        offs = np.concatenate([crop_positions(seed, k * 64, 64, s, r)[0] for k in range(200)])
         assert offs.min() == 0 and offs.max() == r - s
         for axis in (0, 1):
             counts = np.bincount(offs[:, axis], minlength=n)
             assert len(counts) == n
             expected = len(offs) / n            # every position, the ends included, equally often
             assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 1), counts
-    a = crop_positions(seed, 0, 128, 10, 4, 16)[0]
-    np.testing.assert_array_equal(a, crop_positions(seed, 0, 128, 10, 4, 16)[0])
-    assert not np.array_equal(a, crop_positions(seed, 1, 128, 10, 4, 16)[0])   # ranks crop differently
+    a = crop_positions(seed, 128, 10, 4, 16)[0]
+    np.testing.assert_array_equal(a, crop_positions(seed, 128, 10, 4, 16)[0])      # a pure function
+    assert not np.array_equal(a, crop_positions(seed, 192, 10, 4, 16)[0])         # steps crop differently
 
 
 @pytest.mark.parametrize("n,world", [(30, 3), (31, 3), (37, 4), (5, 1)])
@@ -298,3 +298,22 @@ def test_auto_falls_back_to_torch_without_dali(dataset, monkeypatch):
     pipe.close()
     with pytest.raises(ImportError, match="data.backend=torch"):
         make(root, "raw", "dali")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_together_read_what_one_process_reads(dataset, backend):
+    """Rank r's batch = rows r, r+W, ... of the single-process batch (within the first epoch)."""
+    root, _, _ = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    kw = dict(batch=4, seed=seed, sizes=(8, 16), probs=(0.5, 0.5))
+    one = make(root, "raw", backend, world=1, **kw)[0]
+    ranks = [make(root, "raw", backend, world=2, rank=r, **kw)[0] for r in range(2)]
+    seen = 0
+    while seen + 8 <= 36:                      # 37 images: stay inside epoch 0
+        a, parts = next(one), [next(p) for p in ranks]
+        for r, b in enumerate(parts):
+            assert torch.equal(b.patches, a.patches[r::2]) and torch.equal(b.offsets, a.offsets[r::2])
+            assert torch.equal(b.labels, a.labels[r::2])
+        seen = a.images_seen + one.schedule.batch_for(a.patch_size)
+    for p in [one, *ranks]:
+        p.close()
