@@ -161,15 +161,16 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
         global_b = schedule.batch_for(size)
 
         # 2. Randomness from (seed, images seen): a resumed run draws the same sigmas and noise.
-        # Sigma and noise are drawn for the global batch and sliced, so N processes train exactly
-        # like one process with the same global batch (on the torch path).
+        # Sigma and noise are drawn for the global batch and rank r takes rows r, r+W, ... (the
+        # rows its samples hold in the global step, as the pipeline deals them out), so N
+        # processes train like one process with the same global batch (on the torch path).
         torch.manual_seed(derive_seed(cfg.train.seed, rank, images_seen, 1))   # dropout, label dropout
         gen = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, images_seen, 2))
-        sigma = sample_sigma(global_b, cfg.loss.p_mean, cfg.loss.p_std, gen, device)[rank * b:(rank + 1) * b]
+        sigma = sample_sigma(global_b, cfg.loss.p_mean, cfg.loss.p_std, gen, device)[rank::world]
         noise = None
         if backend == "torch":
             shape = (global_b, *batch.patches.shape[1:])
-            noise = torch.randn(shape, generator=gen, device=device)[rank * b:(rank + 1) * b]
+            noise = torch.randn(shape, generator=gen, device=device)[rank::world]
         labels = one_hot_labels(batch.labels.to(device), cfg.network.label_dim)
 
         # 3. Forward/backward in micro-batches; DDP all-reduces on the last one only.
