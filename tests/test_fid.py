@@ -284,3 +284,38 @@ def test_seed_sets_and_summary():
     assert len(set(sum(sets, []))) == 15
     s = F.summarize([3.0, 2.0, 4.0])
     assert s["min"] == 2.0 and s["mean"] == pytest.approx(3.0)
+
+
+def test_fid_gen_cli_sets(tmp_path, capsys):
+    """Sample and score in one go over several seed sets: mean and min reported, set k = seeds
+    first + k*num ..., and each set's FID equals scoring that set's images offline."""
+    from pdiff.config import load_config
+    from pdiff.generate import SampleOptions, iter_uint8
+    from pdiff.model import build_model
+    from pdiff.snapshot import save_snapshot
+    torch.set_num_threads(1)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    cfg = load_config("tiny", ["network.model_channels=16", "network.channel_mult=[1,2]",
+                               "network.attn_resolutions=[]", "data.resolution=16", "sample.steps=2"])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    snap = save_snapshot(tmp_path / "snap.safetensors", model, cfg, 5)
+    net, weights = _random_weights(tmp_path)
+    rng = np.random.default_rng()
+    F.save_stats(tmp_path / "ref.npz", rng.normal(size=2048) * 0.1, np.eye(2048) * 1e-3, 50, 16)
+    F.save_stats(tmp_path / "ref8.npz", rng.normal(size=2048) * 0.1, np.eye(2048) * 1e-3, 50, 8)
+    base = ["gen", "--snapshot", str(snap), "--inception", str(weights), "--device", "cpu", "--no-progress",
+            "--num", "3", "--sets", "2", "--first-seed", "10", "--batch", "2"]
+    assert fid_cli.main(base + ["--ref", str(tmp_path / "ref.npz"), "--json", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert len(res["fid"]) == 2 and res["min"] == min(res["fid"])
+    assert res["mean"] == pytest.approx(sum(res["fid"]) / 2)
+    assert "min" in capsys.readouterr().out
+    ref = F.load_stats(tmp_path / "ref.npz")
+    feats = torch.cat([F.inception_features(net, im) for _, im, _ in
+                       iter_uint8(model, [13, 14, 15], 3, 16, 3, 0, SampleOptions(cfg.sample), "cpu")])
+    assert res["fid"][1] == pytest.approx(F.frechet_distance_lowrank(feats.numpy(), ref.mu, ref.sigma), rel=1e-6)
+    assert fid_cli.main(base + ["--ref", str(tmp_path / "ref8.npz")]) == 2
+    assert "8x8 images but the images to score are 16x16" in capsys.readouterr().err
