@@ -223,6 +223,16 @@ def test_feature_path_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(ref.mu, direct.mean(0).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref.sigma, np.cov(direct.numpy(), rowvar=False), rtol=1e-4, atol=1e-7)
 
+    # the same images as `pdiff shard` shards give the same reference
+    from tools import shard as shard_cli
+    assert shard_cli.main([str(tmp_path / "ref.npz"), str(tmp_path / "shards"), "--images-key", "x",
+                           "--workers", "1", "--quiet"]) == 0
+    assert fid_cli.main(["ref", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "stats2.npz"),
+                         "--inception", str(weights), "--fid-batch", "3", "--device", "cpu", "--no-progress"]) == 0
+    ref2 = F.load_stats(tmp_path / "stats2.npz")
+    assert ref2.count == 5 and ref2.resolution == 24
+    np.testing.assert_allclose(ref2.mu, ref.mu, rtol=1e-6, atol=1e-9)
+
     def calc(src):
         out = tmp_path / "res.json"
         assert fid_cli.main(["calc", "--images", str(src), "--ref", str(tmp_path / "stats.npz"),

@@ -8,7 +8,7 @@ pytorch-fid and torch-fidelity).
 WEIGHTS is pytorch-fid's pt_inception-2015-12-05-6726825d.pth, as a file or its URL (downloaded
 once into ~/.cache/pdiff, or $PDIFF_CACHE). Image sources: a folder of images (searched
 recursively), an .npz with 'images' or 'x' (N, H, W, C) uint8, or a folder of WebDataset shards
-with manifest.json.
+written by `pdiff shard`.
 """
 from __future__ import annotations
 
@@ -90,50 +90,19 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
 
 
 def shard_source(root: Path, limit: int | None) -> ImageSource:
-    """WebDataset shards listed by manifest.json, in order. Small on purpose: swap for the
-    pipelines package's full-image reader once it has one."""
-    import webdataset as wds
-    manifest = json.loads((root / "manifest.json").read_text())
-    listed = manifest.get("shards") or []
-    names = [s if isinstance(s, str) else s.get("path") or s.get("name") or s.get("file") for s in listed]
-    urls = [str(root / n) for n in names if n] or sorted(str(p) for p in root.glob("*.tar"))
-    if not urls:
-        raise SystemExit(f"pdiff fid: {root}/manifest.json lists no shards and there is no *.tar beside it")
-    shape = manifest.get("shape")
-    if shape is None and "resolution" in manifest:
-        r = int(manifest["resolution"])
-        shape = [r, r, int(manifest.get("channels", 3))]
-    count = manifest.get("count") or manifest.get("num_samples")
-    count = min(count, limit) if count and limit else (count or limit)
-
-    def decode(sample: dict) -> np.ndarray:
-        for ext in ("png", "jpg", "jpeg", "webp"):
-            if ext in sample:
-                return _decode(sample[ext])
-        raw = next((k for k in sample if k.rsplit(".", 1)[-1] in ("u8", "raw", "npy")), None)
-        if raw is None:
-            raise SystemExit(f"pdiff fid: sample {sample.get('__key__')} in {sample.get('__url__')} has "
-                             f"no image entry (keys {sorted(k for k in sample if not k.startswith('__'))})")
-        if raw.endswith("npy"):
-            return np.load(io.BytesIO(sample[raw]))
-        if shape is None:
-            raise SystemExit(f"pdiff fid: {root}/manifest.json gives no 'shape' (H, W, C) for raw '{raw}' entries")
-        return np.frombuffer(sample[raw], np.uint8).reshape(shape)
+    """A `pdiff shard` folder, every image in index order (decoded by the pipelines' reader)."""
+    from pipelines.shards import ShardError, ShardSet
+    try:
+        shards = ShardSet(root)
+    except (ShardError, KeyError) as e:
+        raise SystemExit(f"pdiff fid: {root}: cannot read the shards: {e}") from None
+    count = min(shards.count, limit) if limit else shards.count
 
     def batches(n: int):
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-        buf, seen = [], 0
-        for sample in ds:
-            if limit and seen >= limit:
-                break
-            buf.append(decode(sample))
-            seen += 1
-            if len(buf) == n:
-                yield _stack(buf, lambda j: f"a sample of {root}")
-                buf = []
-        if buf:
-            yield _stack(buf, lambda j: f"a sample of {root}")
-    return ImageSource(f"{root} ({len(urls)} shards)", count, batches)
+        with ThreadPoolExecutor(4) as pool:
+            for i in range(0, count, n):
+                yield np.stack(list(pool.map(shards.decode, range(i, min(i + n, count)))))
+    return ImageSource(f"{root} ({len(shards.tars)} shards, {shards.count} images)", count, batches)
 
 
 def open_images(path: str, limit: int | None = None) -> ImageSource:
