@@ -46,7 +46,7 @@ class DataConfig:
     backend: str = "auto"                 # auto | dali | torch
     workers: int = 2                      # decoding threads (DALI) or DataLoader workers (torch)
     prefetch: int = 4                     # batches decoded ahead
-    shuffle_buffer: int = 1024            # samples in the shuffle buffer
+    verify_checksums: bool = False        # sha256 of every shard against the manifest at start (sizes are always checked)
     xflip: bool = False                   # random horizontal flips (off: flips move coordinates)
 
 

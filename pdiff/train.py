@@ -142,6 +142,7 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(schedule.sizes))
         loss_module.use_network(torch.compile(model.net, dynamic=False))
     ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if world > 1 else loss_module
+    compiles_after_warmup = warm_up(loss_module, schedule, cfg, world, device) if cfg.train.compile else None
 
     stats = StepStats(schedule.sizes, device)
     monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
@@ -220,6 +221,8 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
             figures.update(lr=lr, images_per_s=interval_images / elapsed, ms_per_image=1e3 * elapsed / interval_images,
                            data_wait_share=data_wait / elapsed, peak_memory_gb=peak_memory_bytes(device) / 2**30,
                            images_seen_this_run=images_seen - images_at_start)
+            if compiles_after_warmup is not None:
+                figures["recompiles_after_warmup"] = compiled_graphs() - compiles_after_warmup
             monitor.scalars(images_seen, figures)
             t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done):
@@ -250,6 +253,29 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
     pipe.close()
     dist.shutdown()
     return 0
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(loss_module: PatchLoss, schedule: PatchSchedule, cfg: Config, world: int, device) -> int:
+    """Compile every shape the run will see (one per patch size and micro-batch size) before the
+    first real step, so no step stalls on a compile; returns the graph count afterwards, against
+    which the log reports recompiles (there should be none)."""
+    c, label_dim = cfg.data.channels, cfg.network.label_dim
+    for size in schedule.sizes:
+        b = schedule.batch_for(size) // world
+        for n in sorted({len(chunk) for chunk in torch.arange(b).chunk(cfg.train.grad_accum)}):
+            patches = torch.zeros(n, c, size, size, device=device)
+            offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
+            sigma = torch.ones(n, device=device)
+            noise = torch.zeros_like(patches) if loss_module.backend == "torch" else None
+            labels = torch.zeros(n, label_dim, device=device) if label_dim else None
+            loss_module(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
+    loss_module.model.zero_grad(set_to_none=True)
+    return compiled_graphs()
 
 
 def save_checkpoint(ckpts: CheckpointManager, model, ema, opt, pipe, cfg: Config, images_seen: int, info) -> None:

@@ -111,10 +111,9 @@ def test_training_lowers_the_loss(tmp_path, digits_shards):
 
 def test_two_processes_match_one_process(tmp_path, digits_shards):
     """torchrun with 2 gloo processes and 1 process with the same global batch end with the same
-    parameters: the data is dealt out by rank, the noise is sliced from the global batch's, and
-    DDP averages the gradients. Full images (patch.mode=full), since crop positions are drawn per
-    rank."""
-    common = dict(patch={"mode": "full"}, train={"duration_images": 96, "ckpt_every_images": 96})
+    parameters, with the patch schedule on: samples, crop positions, sigmas and noise are dealt out
+    of the global step by rank (rows r, r+W, ...), and DDP averages the gradients."""
+    common = dict(train={"duration_images": 160, "ckpt_every_images": 160})
     one = write_config(tmp_path, digits_shards, run="one", **common)
     two = write_config(tmp_path, digits_shards, run="two", **common)
     run_train(one)
@@ -124,7 +123,7 @@ def test_two_processes_match_one_process(tmp_path, digits_shards):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert b["world_size"] == 2 and a["images_seen"] == b["images_seen"] == 96
+    assert b["world_size"] == 2 and a["images_seen"] == b["images_seen"] >= 160
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     la = [r["loss"] for r in log_rows(tmp_path / "one")]
@@ -262,3 +261,14 @@ def test_tensorboard_has_scalars_and_samples(tmp_path, digits_shards):
     assert rows[-1]["images_seen"] >= 96 and "loss" in rows[-1]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_compiled_run_has_no_recompiles_after_warmup(tmp_path, digits_shards):
+    """torch.compile: every patch size is compiled once at start; no step compiles again."""
+    cfg = write_config(tmp_path, digits_shards, train={"compile": True, "duration_images": 192,
+                                                        "log_every_images": 64, "grad_accum": 2})
+    run_train(cfg)
+    rows = log_rows(tmp_path / "run")
+    sizes = {k for r in rows for k in r if k.startswith("loss_patch/")}
+    assert sizes == {"loss_patch/4", "loss_patch/8", "loss_patch/16"}, sizes
+    assert [r["recompiles_after_warmup"] for r in rows] == [0] * len(rows)
