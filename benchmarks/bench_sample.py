@@ -1,0 +1,121 @@
+"""Sampler throughput: images/s of `pdiff sample`'s path (seed-addressed noise, deterministic Heun,
+fp32 as in EDM) at 35 and 79 network evaluations (18 and 40 steps).
+
+    python benchmarks/bench_sample.py --out benchmarks/results [--quick] [--device cpu|cuda]
+
+Models: the tiny preset (32x32) and DDPM++ at 64x64 (the celeba64 preset, 61.8M parameters), with
+random weights (throughput does not depend on them). One warm-up batch, then timed batches; on
+CUDA the clock is synchronised. --quick times one batch per setting (under a minute on an H100);
+on a CPU it skips DDPM++-64, which needs minutes per batch there. Prints a table and writes
+sample_<machine>[_quick].json into --out, naming the CPU and GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+NFE_STEPS = {35: 18, 79: 40}   # Heun: 2N - 1 evaluations
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    info = {"host": platform.node(), "cpu": cpu_name(), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def build(preset: str, device):
+    from pdiff.config import load_config
+    from pdiff.model import build_model, count_parameters
+    cfg = load_config(preset)
+    model = build_model(cfg).to(device).eval().requires_grad_(False)
+    return model, cfg, count_parameters(model)
+
+
+def bench_one(model, cfg, nfe: int, batch: int, batches: int, device) -> dict:
+    from pdiff.generate import SampleOptions, generate
+    from pdiff.config import SamplerConfig
+    opts = SampleOptions(SamplerConfig(steps=NFE_STEPS[nfe]))
+    res, ch = cfg.data.resolution, cfg.data.channels
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generate(model, list(range(batch)), res, ch, cfg.network.label_dim,
+             SampleOptions(SamplerConfig(steps=2)), device)  # warm-up: cuDNN autotuning, allocator
+    sync()
+    start = time.perf_counter()
+    for b in range(batches):
+        seeds = list(range(b * batch, (b + 1) * batch))
+        generate(model, seeds, res, ch, cfg.network.label_dim, opts, device)
+    sync()
+    seconds = time.perf_counter() - start
+    n = batch * batches
+    return {"nfe": nfe, "steps": NFE_STEPS[nfe], "batch": batch, "images": n, "seconds": round(seconds, 4),
+            "images_per_s": round(n / seconds, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    p.add_argument("--quick", action="store_true", help="one timed batch per setting")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, help="images per batch (default: 256 tiny / 64 DDPM++ on CUDA, 8 / 2 on CPU)")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    info = machine(device)
+    gpu = device.type == "cuda"
+    plan = [("tiny", "tiny", args.batch or (256 if gpu else 8)),
+            ("ddpmpp64", "celeba64", args.batch or (64 if gpu else 2))]
+    batches = 1 if args.quick else (3 if gpu else 1)
+    results, skipped = [], []
+    print(f"bench_sample on {info.get('gpu', info['cpu'])} (torch {torch.__version__}, {device})")
+    print(f"{'model':<10} {'params':>11} {'NFE':>4} {'batch':>6} {'images/s':>10}")
+    for name, preset, batch in plan:
+        if name == "ddpmpp64" and not gpu and args.quick:
+            skipped.append({"model": name, "why": "CPU with --quick: minutes per batch"})
+            print(f"{name:<10} skipped (CPU, --quick)")
+            continue
+        try:
+            model, cfg, params = build(preset, device)
+        except Exception as e:  # a missing network must not fail the suite
+            skipped.append({"model": name, "why": f"cannot build: {e}"})
+            print(f"{name:<10} skipped: {e}")
+            continue
+        for nfe in NFE_STEPS:
+            r = bench_one(model, cfg, nfe, batch, batches, device)
+            r |= {"model": name, "preset": preset, "params": params, "resolution": cfg.data.resolution}
+            results.append(r)
+            print(f"{name:<10} {params:>11,} {nfe:>4} {batch:>6} {r['images_per_s']:>10.2f}", flush=True)
+        del model
+        if gpu:
+            torch.cuda.empty_cache()
+    report = {"benchmark": "bench_sample", "machine": info, "quick": args.quick, "precision": "fp32 (torch defaults, as pdiff sample)", "sampler": "deterministic Heun, seed-addressed noise",
+              "results": results, "skipped": skipped}
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", info.get("gpu") or info["cpu"]).strip("_")[:60]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"sample_{tag}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
