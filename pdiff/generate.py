@@ -92,11 +92,13 @@ def batches(seeds: Sequence[int], batch: int) -> list[list[int]]:
 
 
 def iter_uint8(model, seeds: Sequence[int], batch: int, resolution: int, channels: int, label_dim: int,
-               options: SampleOptions, device="cpu") -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """(seeds, uint8 images NCHW on the device, labels) for each batch of ``seeds``."""
+               options: SampleOptions, device="cpu", raw: bool = False
+               ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """(seeds, uint8 images NCHW on the device, labels) for each batch of ``seeds``; with ``raw``
+    the sampler's float32 output instead (latents)."""
     for chunk in batches(seeds, batch):
         images, labels = generate(model, chunk, resolution, channels, label_dim, options, device)
-        yield chunk, to_uint8(images), labels
+        yield chunk, images if raw else to_uint8(images), labels
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,14 +45,31 @@ def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, 
     return path
 
 
+def _unwrap(state: dict) -> dict:
+    """Drop the prefixes torch.compile (``_orig_mod.``) and DDP (``module.``) add to keys."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
 def _build(cfg: Config, state: dict, source: str, device) -> torch.nn.Module:
     from .model import build_model  # lazy: the networks are heavy imports
+    state = _unwrap(state)
     model = build_model(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SnapshotError(f"{source}: weights do not fit the network its config describes "
-                            f"(was the file written by another version of pdiff?): {e}") from None
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise SnapshotError(f"{source}: weights do not fit the network its config describes (was it "
+                            f"written by another version of pdiff?): {len(missing)} missing e.g. "
+                            f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
+                            f"{len(wrong)} of another shape e.g. {wrong[:3]}")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -89,6 +106,8 @@ def is_complete(ckpt: Path) -> bool:
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder itself, or a run folder -> its newest COMPLETE checkpoint."""
     path = Path(path)
+    if path.name == "state.pt" and path.is_file():
+        path = path.parent
     if not path.exists():
         raise SnapshotError(f"checkpoint {path} does not exist")
     if (path / "state.pt").exists():

@@ -156,3 +156,14 @@ def test_torchrun_two_processes_match_one(snapshot, tmp_path):
     assert np.abs(one["images"].astype(int) - two["images"].astype(int)).max() <= 1
     assert sorted(p.name for p in (tmp_path / "png2").iterdir()) == [f"{s:06d}.png" for s in range(5)]
     assert not list(tmp_path.glob(".two.npz.rank*"))  # partial files cleaned up
+
+
+def test_latent_models_write_npz_only(tmp_path, capsys):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    cfg = load_config("tiny", SMALL + ["data.channels=4"])
+    path = save_snapshot(tmp_path / "latent.safetensors", build_model(cfg), cfg, 1)
+    assert run_cli(["--snapshot", path, "--seeds", "0-1", "--outdir", tmp_path / "png"]) == 2
+    assert "--npz" in capsys.readouterr().err and not (tmp_path / "png").exists()
+    assert run_cli(["--snapshot", path, "--seeds", "0-1", "--npz", tmp_path / "lat.npz"]) == 0
+    lat = np.load(tmp_path / "lat.npz")["latents"]
+    assert lat.shape == (2, 16, 16, 4) and lat.dtype == np.float32

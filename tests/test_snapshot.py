@@ -99,6 +99,14 @@ def test_checkpoint_newest_complete_with_ema_weights(tmp_path):
         assert torch.equal(model.state_dict()[k], v), k
     raw, _, _ = load_checkpoint(old, weights="model")
     assert not all(torch.equal(raw.state_dict()[k], v) for k, v in old_ema.state_dict().items())
+    assert find_checkpoint(old / "state.pt") == old
+    # keys of a compiled / DDP-wrapped model still load
+    wrapped = {f"module._orig_mod.{k}": v for k, v in old_ema.state_dict().items()}
+    torch.save({"ema": wrapped, "config": to_dict(cfg), "images_seen": 5}, old / "state.pt")
+    model, _, _ = load_checkpoint(old)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in old_ema.state_dict().items())
+    with pytest.raises(SnapshotError, match="no 'model' entry"):
+        load_checkpoint(old, weights="model")
     with pytest.raises(SnapshotError, match="no COMPLETE marker"):
         find_checkpoint(newest_incomplete)
     with pytest.raises(SnapshotError, match="no complete checkpoint"):

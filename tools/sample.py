@@ -1,9 +1,9 @@
 """`pdiff sample`: images from an EMA snapshot or a training checkpoint.
 
-    pdiff sample --snapshot runs/celeba64/snapshots/snapshot-000200000000.safetensors \
+    pdiff sample --snapshot runs/celeba64/snapshots/snapshot-000200000000.safetensors
         --seeds 0-49999 --batch 256 --outdir out/celeba --subdirs
-    torchrun --nproc-per-node 8 -m pdiff.cli sample --checkpoint runs/celeba64 --seeds 0-63 \
-        --grid grid.png --npz samples.npz
+    torchrun --nproc-per-node 8 -m pdiff.cli sample --checkpoint runs/celeba64
+        --seeds 0-63 --grid grid.png --npz samples.npz
 
 Seed s always gives the same image, whatever --batch and the number of processes (each rank
 samples seeds[rank::world]). Sampler settings default to the run's ``sample`` config section.
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     o = p.add_argument_group("outputs (at least one)")
     o.add_argument("--outdir", help="write one PNG per seed here (NNNNNN.png)")
     o.add_argument("--subdirs", action="store_true", help="PNGs in sub-folders of 1000 seeds (000000/, 001000/...)")
-    o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8, seeds, labels")
+    o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8 (latents: float32), seeds, labels")
     o.add_argument("--grid", help="write a grid PNG of the first --grid-count seeds")
     o.add_argument("--grid-count", type=int, default=64)
     o.add_argument("--grid-cols", type=int, default=0, help="grid columns (default: about square)")
@@ -120,6 +120,12 @@ def main(argv: list[str]) -> int:
             print(f"pdiff sample: {e}", file=sys.stderr)
             return 2
         options = sample_options(args, cfg)
+        latent = cfg.data.channels not in (1, 3)
+        if latent and (args.outdir or args.grid):
+            print(f"pdiff sample: the model makes {cfg.data.channels}-channel latents, not images; "
+                  f"decoding them is not part of pdiff sample: write them (float32) with --npz only",
+                  file=sys.stderr)
+            return 2
         mine = seeds[dist.rank::dist.world]
         grid_seeds = set(seeds[:args.grid_count]) if args.grid else set()
         keep_all = bool(args.npz)
@@ -130,7 +136,7 @@ def main(argv: list[str]) -> int:
         try:
             for chunk, images, labels in iter_uint8(model, mine, args.batch, cfg.data.resolution,
                                                     cfg.data.channels, cfg.network.label_dim,
-                                                    options, dist.device):
+                                                    options, dist.device, raw=latent):
                 nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
                 labs = labels.cpu().numpy() if labels is not None else np.full(len(chunk), -1)
                 for seed, img, lab in zip(chunk, nhwc, labs):
@@ -138,7 +144,7 @@ def main(argv: list[str]) -> int:
                         save_png(img, png_path(outdir, seed, args.subdirs))
                     if keep_all or seed in grid_seeds:
                         kept[seed] = (img, int(lab))
-                bar.update(len(chunk) * dist.world)  # every rank advances alike
+                bar.update(min(len(chunk) * dist.world, bar.total - bar.n))  # ranks advance alike
         finally:
             bar.close()
         if args.npz or args.grid:
@@ -147,7 +153,7 @@ def main(argv: list[str]) -> int:
             order = [s for s in seeds if s in kept]
             if args.npz:
                 Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-                np.savez(args.npz, images=np.stack([kept[s][0] for s in order]),
+                np.savez(args.npz, **{"latents" if latent else "images": np.stack([kept[s][0] for s in order])},
                          seeds=np.asarray(order, np.int64),
                          labels=np.asarray([kept[s][1] for s in order], np.int64))
             if args.grid:
