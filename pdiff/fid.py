@@ -279,10 +279,11 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inception_features(net: FIDInceptionV3, images: torch.Tensor) -> torch.Tensor:
-    """(B, 2048) float64 features of uint8 NCHW images (or float in [0, 1])."""
+def inception_features(net: FIDInceptionV3, images: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """(B, 2048) float64 features of uint8 NCHW images (or float in [0, 1]), ``chunk`` images at
+    a time (each becomes 299 x 299 inside)."""
     dev = next(net.parameters()).device
-    return net(to_unit_float(images.to(dev))).to(torch.float64)
+    return torch.cat([net(to_unit_float(part.to(dev))).to(torch.float64) for part in images.split(chunk)])
 
 
 class FeatureStats:

@@ -220,6 +220,8 @@ def test_feature_path_end_to_end(tmp_path, capsys):
     assert ref.count == 5 and ref.resolution == 24
     direct = F.inception_features(net, torch.from_numpy(imgs).permute(0, 3, 1, 2))
     assert direct.shape == (5, 2048) and direct.std() > 1e-3   # features are not degenerate
+    chunked = F.inception_features(net, torch.from_numpy(imgs).permute(0, 3, 1, 2), chunk=2)
+    torch.testing.assert_close(chunked, direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref.mu, direct.mean(0).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref.sigma, np.cov(direct.numpy(), rowvar=False), rtol=1e-4, atol=1e-7)
 

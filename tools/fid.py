@@ -221,7 +221,8 @@ def cmd_gen(args) -> int:
             result = summarize(fids) | {"num": args.num, "sets": args.sets, "ref": args.ref,
                                         "model": args.snapshot or meta.get("source"),
                                         "images_seen": meta.get("images_seen"),
-                                        "sampler": {k: v for k, v in vars(options.sampler).items()},
+                                        "sampler": {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
+                                                    for k, v in vars(options.sampler).items()},
                                         "class": options.class_label, "canvas": options.canvas}
             print(f"pdiff fid gen: FID mean {result['mean']:.4f}, min {result['min']:.4f} over "
                   f"{args.sets} set(s) of {args.num} images")
