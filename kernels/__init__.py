@@ -75,8 +75,16 @@ def _check_common(patches, sigma, noise, seed, step, where):
     return y, sigma.reshape(-1)
 
 
-def _resolve(backend, device):
-    return resolve_backend(backend, device) if backend == "auto" else backend
+def _resolve(backend, device, tensors, where):
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, device)          # also refuses Triton on a CPU tensor
+    if backend == "triton":
+        for name, t in tensors.items():
+            if t is not None and t.device != device:
+                raise ValueError(f"{where}: {name} is on {t.device} but the patches are on {device}; "
+                                 "the kernels read every input on the patches' device")
+    return backend
 
 
 def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor, resolution: int,
@@ -92,13 +100,11 @@ def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.T
         raise ValueError(f"build_net_input: resolution {resolution} is smaller than the patch size {y.shape[-1]}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"build_net_input: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    backend = _resolve(backend, patches.device)
+    backend = _resolve(backend, patches.device, dict(sigma=sigma, offsets=offsets, noise=noise), "build_net_input")
     if backend == "torch":
         if noise is None:
             noise = torch_step_noise(seed, step, y.shape, patches.device)
         return net_input_ref(patches, sigma, offsets, resolution, noise, sigma_data, out_dtype, channels_last)
-    if backend != "triton":
-        raise ValueError(f"build_net_input: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
     step_t, seed, step = rng_args(seed, step, patches.device) if noise is None else (None, 0, 0)
     args = (patches, sigma, offsets, noise, step_t, seed, step, int(resolution), float(sigma_data), out_dtype,
             bool(channels_last))
@@ -117,14 +123,12 @@ def edm_patch_loss(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor,
     if tuple(F.shape) != tuple(y.shape) or not F.dtype.is_floating_point:
         raise ValueError(f"edm_patch_loss: F must be float with the patches' (B, C, s, s) shape "
                          f"{tuple(y.shape)}, got {tuple(F.shape)} {F.dtype}")
-    backend = _resolve(backend, F.device)
+    backend = _resolve(backend, patches.device, dict(F=F, sigma=sigma, noise=noise), "edm_patch_loss")
     if backend == "torch":
         if noise is None:
-            noise = torch_step_noise(seed, step, y.shape, F.device)
+            noise = torch_step_noise(seed, step, y.shape, patches.device)
         return edm_loss_ref(F, patches, sigma, noise, sigma_data)
-    if backend != "triton":
-        raise ValueError(f"edm_patch_loss: backend must be 'triton', 'torch' or 'auto', got {backend!r}")
-    step_t, seed, step = rng_args(seed, step, F.device) if noise is None else (None, 0, 0)
+    step_t, seed, step = rng_args(seed, step, patches.device) if noise is None else (None, 0, 0)
     if torch.is_grad_enabled() and F.requires_grad:
         return EDMLoss.apply(F, patches, sigma, noise, step_t, seed, step, float(sigma_data))
     return edm_loss_fused(F, patches, sigma, noise, step_t, seed, step, float(sigma_data), False)[0]

@@ -39,6 +39,13 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture
+def exact_convs(monkeypatch):
+    """Full float32 convolutions on a GPU (TF32 would swamp the differences under test)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def make_batch(b, c, s, resolution, uint8, gen, sigma_extremes=True):
     """Patches in the pipeline's format, log-normal sigmas (with the sampler's extremes mixed in),
     offsets that touch both canvas edges."""
@@ -336,6 +343,18 @@ def test_bad_inputs_raise_clear_errors():
         edm_patch_loss(noise, patches, sigma[:2], noise=noise, backend="triton")
     with pytest.raises(ValueError, match="seed must be"):
         build_net_input(patches, sigma, offsets, 16, seed=-1, step=0, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        build_net_input(patches, sigma, offsets, 16, noise=noise, backend="cuda")
+    if not CUDA:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            os.environ["TRITON_INTERPRET"] = "0"
+            try:
+                edm_patch_loss(noise, patches, sigma, noise=noise, backend="triton")
+            finally:
+                os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        with pytest.raises(ValueError, match="sigma is on cpu"):
+            build_net_input(patches, sigma.cpu(), offsets, 16, noise=noise, backend="triton")
     with pytest.raises(TypeError, match="seed must be a Python int"):
         build_net_input(patches, sigma, offsets, 16, seed=torch.tensor(1), step=0, backend="triton")
     with pytest.raises(ValueError, match="step tensor must hold one integer"):
@@ -362,7 +381,7 @@ def train_step(net, patches, sigma, offsets, res, backend, **noise_kw):
     return edm_patch_loss(F, patches, sigma, backend=backend, **noise_kw).mean()
 
 
-def test_training_step_kernels_match_reference():
+def test_training_step_kernels_match_reference(exact_convs):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     b, c, s, res = 3, 3, 16, 48
     patches, sigma, offsets, noise = make_batch(b, c, s, res, True, gen, sigma_extremes=False)
@@ -380,7 +399,7 @@ def test_training_step_kernels_match_reference():
         torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item())
 
 
-def test_compiled_step_has_no_graph_break_and_no_recompile():
+def test_compiled_step_has_no_graph_break_and_no_recompile(exact_convs):
     """fullgraph=True turns any graph break into an error; a step tensor keeps one graph across
     steps. (Without CUDA the compile runs with aot_eager and the kernel ops kept opaque, which is
     how the interpreted kernels can be traced; on CUDA Inductor lowers the Triton kernels.)"""
