@@ -12,6 +12,7 @@ and scaled to [-1, 1].
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -283,7 +284,23 @@ def inception_features(net: FIDInceptionV3, images: torch.Tensor, chunk: int = 1
     """(B, 2048) float64 features of uint8 NCHW images (or float in [0, 1]), ``chunk`` images at
     a time (each becomes 299 x 299 inside)."""
     dev = next(net.parameters()).device
-    return torch.cat([net(to_unit_float(part.to(dev))).to(torch.float64) for part in images.split(chunk)])
+    with _exact_fp32(dev):
+        return torch.cat([net(to_unit_float(part.to(dev))).to(torch.float64) for part in images.split(chunk)])
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device):
+    """No TF32 in the feature network: its 10-bit mantissa moves features by ~1e-3, which is not
+    what the published numbers were measured with."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class FeatureStats:

@@ -331,3 +331,15 @@ def test_fid_gen_cli_sets(tmp_path, capsys):
     assert res["fid"][1] == pytest.approx(F.frechet_distance_lowrank(feats.numpy(), ref.mu, ref.sigma), rel=1e-6)
     assert fid_cli.main(base + ["--ref", str(tmp_path / "ref8.npz")]) == 2
     assert "8x8 images but the images to score are 16x16" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_match_cpu_and_leave_tf32_flags():
+    net = F.load_inception(random_init=True)
+    imgs = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    cpu = F.inception_features(net, imgs)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    gpu = F.inception_features(net.to("cuda"), imgs.cuda(), chunk=4).cpu()
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)

@@ -167,3 +167,16 @@ def test_latent_models_write_npz_only(tmp_path, capsys):
     assert run_cli(["--snapshot", path, "--seeds", "0-1", "--npz", tmp_path / "lat.npz"]) == 0
     lat = np.load(tmp_path / "lat.npz")["latents"]
     assert lat.shape == (2, 16, 16, 4) and lat.dtype == np.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_seed_image_independent_of_batch(tmp_path):
+    model, cfg = small_model(label_dim=3)
+    model = model.cuda()
+    opts = SampleOptions(SamplerConfig(steps=4, s_churn=20.0, s_min=0.01, s_max=50.0))
+    seeds = [int(s) for s in torch.randint(0, 2**40, (6,))]
+    whole, labels = generate(model, seeds, 16, 3, 3, opts, "cuda")
+    parts = [generate(model, seeds[i:i + b], 16, 3, 3, opts, "cuda") for b, i in ((1, 0), (3, 1), (2, 4))]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole, atol=1e-3, rtol=1e-3)
+    assert torch.equal(torch.cat([p[1] for p in parts]), labels)
