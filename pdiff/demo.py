@@ -1,6 +1,6 @@
 """`make demo`: the whole user path on real images an installed package ships.
 
-scikit-learn's digits (1,797 scanned 8x8 handwritten digits) are upscaled to 32x32, written as
+scikit-learn's digits (1,797 scanned 8x8 handwritten digits) are upscaled (bicubic), written as
 WebDataset shards with `pdiff shard` (as users shard their data), a small DDPM++ is trained on them
 with the patch schedule for a few minutes on the CPU, and the EMA model samples a grid, written
 next to a grid of real digits for comparison. Nothing is downloaded.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 
-def digits_npz(path: Path, resolution: int = 32) -> Path:
+def digits_npz(path: Path, resolution: int) -> Path:
     from PIL import Image
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -31,6 +31,7 @@ def digits_npz(path: Path, resolution: int = 32) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pdiff demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="folder for the data, shards, run and grids")
+    ap.add_argument("--config", default="digits", help="preset or YAML file (default: the digits preset)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.duration_images=20000")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -47,21 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     from tools.shard import main as shard_main
 
     t0 = time.time()
-    npz = digits_npz(out / "digits.npz")
-    print(f"[demo] wrote {npz}: scikit-learn digits upscaled to 32x32", flush=True)
-    rc = shard_main([str(npz), str(out / "shards"), "--resolution", "32", "--channels", "1",
-                     "--max-samples", "400"])
+    cfg = load_config(args.config, [f"data.path={out / 'shards'}", f"train.run_dir={out / 'run'}",
+                                    *args.overrides])
+    r = cfg.data.resolution
+    npz = digits_npz(out / "digits.npz", r)
+    print(f"[demo] wrote {npz}: scikit-learn digits upscaled to {r}x{r}", flush=True)
+    rc = shard_main([str(npz), str(out / "shards"), "--resolution", str(r), "--channels", "1",
+                     "--max-count", "400", "--quiet"])
     if rc:
         return rc
-    cfg = load_config("digits", [f"data.path={out / 'shards'}", f"train.run_dir={out / 'run'}",
-                                 *args.overrides])
     train(cfg, device_preference="cpu")
 
     snaps = sorted((out / "run" / "snapshots").glob("*.safetensors"))
     model, cfg, _ = load_snapshot(snaps[-1])
     n = 64
     noise = SeedNoise(range(n))
-    x = sample_images(model, noise.randn((n, 1, 32, 32)), 32, steps=cfg.sample.steps,
+    x = sample_images(model, noise.randn((n, 1, r, r)), r, steps=cfg.sample.steps,
                       randn_like=noise.randn_like)
     save_png(image_grid(x, 8), out / "samples.png")
     real = np.load(npz)["images"][:n].astype(np.float32) / 127.5 - 1
