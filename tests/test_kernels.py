@@ -43,7 +43,6 @@ def poison_outputs(monkeypatch):
 def exact_convs(monkeypatch):
     """Full float32 convolutions on a GPU (TF32 would swamp the differences under test)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def make_batch(b, c, s, resolution, uint8, gen, sigma_extremes=True):
