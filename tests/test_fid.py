@@ -125,6 +125,11 @@ def test_wrong_resolution_reference_message(tmp_path, capsys):
     rc = fid_cli.main(["calc", "--images", str(tmp_path / "cur32.npz"), "--ref", str(tmp_path / "ref64.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "64x64" in err and "32x32" in err and "--allow-resolution-mismatch" in err
+    # images are checked before any Inception work (here: before it finds no weights)
+    np.savez(tmp_path / "imgs16.npz", images=np.zeros((3, 16, 16, 3), np.uint8))
+    rc = fid_cli.main(["calc", "--images", str(tmp_path / "imgs16.npz"), "--ref", str(tmp_path / "ref64.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "16x16" in err and "weights" not in err
     F.check_resolution(F.load_stats(tmp_path / "ref64.npz"), 32, allow_mismatch=True)
     F.check_resolution(F.load_stats(tmp_path / "ref64.npz"), 64)
 

@@ -34,7 +34,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 @dataclass
 class ImageSource:
     description: str
-    count: int | None                     # None: unknown until read (shards without counts)
+    count: int
+    side: int | None                      # image size when square (from the first image)
     batches: Callable[[int], Iterator[np.ndarray]]
 
 
@@ -61,13 +62,16 @@ def folder_source(root: Path, limit: int | None) -> ImageSource:
     if not files:
         raise SystemExit(f"pdiff fid: no images ({', '.join(IMAGE_EXTS)}) under {root}")
     files = files[:limit] if limit else files
+    from PIL import Image
+    with Image.open(files[0]) as im:   # reads the header only
+        w, h = im.size
 
     def batches(n: int):
         with ThreadPoolExecutor(4) as pool:
             for i in range(0, len(files), n):
                 part = files[i:i + n]
                 yield _stack(list(pool.map(_decode, part)), lambda j: str(part[j]))
-    return ImageSource(f"{root} ({len(files)} images)", len(files), batches)
+    return ImageSource(f"{root} ({len(files)} images)", len(files), w if w == h else None, batches)
 
 
 def npz_source(path: Path, limit: int | None) -> ImageSource:
@@ -86,7 +90,8 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
     def batches(n: int):
         for i in range(0, len(arr), n):
             yield arr[i:i + n]
-    return ImageSource(f"{path} ({len(arr)} images)", len(arr), batches)
+    side = arr.shape[1] if arr.shape[1] == arr.shape[2] else None
+    return ImageSource(f"{path} ({len(arr)} images)", len(arr), side, batches)
 
 
 def shard_source(root: Path, limit: int | None) -> ImageSource:
@@ -102,7 +107,8 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
         with ThreadPoolExecutor(4) as pool:
             for i in range(0, count, n):
                 yield np.stack(list(pool.map(shards.decode, range(i, min(i + n, count)))))
-    return ImageSource(f"{root} ({len(shards.tars)} shards, {shards.count} images)", count, batches)
+    return ImageSource(f"{root} ({len(shards.tars)} shards, {shards.count} images)", count,
+                       shards.resolution, batches)
 
 
 def open_images(path: str, limit: int | None = None) -> ImageSource:
@@ -130,21 +136,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
-    """(FeatureStats, image side) of every image of a source."""
+    """FeatureStats of every image of a source."""
     from pdiff.fid import FeatureStats, inception_features
     from tools.sample import progress_bar
-    stats, side = FeatureStats(device=device), None
-    bar = progress_bar(src.count or 0, progress, "features")
+    stats = FeatureStats(device=device)
+    bar = progress_bar(src.count, progress, "features")
     try:
         for arr in src.batches(batch):
-            if side is None:
-                side = int(arr.shape[1]) if arr.shape[1] == arr.shape[2] else None
             x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
             stats.update(inception_features(net, x))
             bar.update(len(arr))
     finally:
         bar.close()
-    return stats, side
+    return stats
 
 
 def cmd_ref(args) -> int:
@@ -153,7 +157,7 @@ def cmd_ref(args) -> int:
     net = load_inception(args.inception, device)
     src = open_images(args.data, args.max_images)
     start = time.perf_counter()
-    stats, side = source_stats(src, net, args.fid_batch, device, not args.no_progress)
+    stats, side = source_stats(src, net, args.fid_batch, device, not args.no_progress), src.side
     mu, sigma = stats.mean_cov()
     save_stats(args.out, mu, sigma, stats.count, side, source=str(args.data))
     print(f"pdiff fid ref: {stats.count} images of {side}x{side} from {src.description} -> {args.out} "
@@ -161,33 +165,29 @@ def cmd_ref(args) -> int:
     return 0
 
 
-def load_or_compute(path: str, args, device):
-    """(statistics, image side): a stats .npz (mu, sigma) as is, or FeatureStats of images."""
-    from pdiff.fid import load_inception, load_stats
-    p = Path(path)
+def cmd_calc(args) -> int:
+    from pdiff.fid import check_resolution, frechet_distance, load_inception, load_stats
+    device = pick_device(args.device)
+    ref = load_stats(args.ref)
+    p = Path(args.images)
+    is_stats = False
     if p.suffix == ".npz" and p.is_file():
         with np.load(p) as z:
             is_stats = "mu" in z.files
-        if is_stats:
-            ref = load_stats(p)
-            return ref, ref.resolution
-    net = load_inception(args.inception, device)
-    return source_stats(open_images(path, args.num), net, args.fid_batch, device, not args.no_progress)
-
-
-def cmd_calc(args) -> int:
-    from pdiff.fid import FeatureStats, check_resolution, frechet_distance, load_stats
-    device = pick_device(args.device)
-    ref = load_stats(args.ref)
-    cur, side = load_or_compute(args.images, args, device)
-    if side is not None:
-        check_resolution(ref, side, args.allow_resolution_mismatch)
-    if isinstance(cur, FeatureStats):
-        fid = cur.fid_against(ref)
+    if is_stats:  # two statistics files
+        cur = load_stats(p)
+        if cur.resolution is not None:
+            check_resolution(ref, cur.resolution, args.allow_resolution_mismatch)
+        fid, count = frechet_distance(cur.mu, cur.sigma, ref.mu, ref.sigma), cur.count
     else:
-        fid = frechet_distance(cur.mu, cur.sigma, ref.mu, ref.sigma)
-    result = {"fid": fid, "images": args.images, "count": cur.count, "ref": args.ref}
-    print(f"pdiff fid calc: FID {fid:.4f} ({cur.count} images of {args.images} vs {args.ref})")
+        src = open_images(args.images, args.num)
+        if src.side is not None:  # before any feature is computed
+            check_resolution(ref, src.side, args.allow_resolution_mismatch)
+        net = load_inception(args.inception, device)
+        stats = source_stats(src, net, args.fid_batch, device, not args.no_progress)
+        fid, count = stats.fid_against(ref), stats.count
+    result = {"fid": fid, "images": args.images, "count": count, "ref": args.ref}
+    print(f"pdiff fid calc: FID {fid:.4f} ({count} images of {args.images} vs {args.ref})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
