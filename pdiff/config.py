@@ -117,6 +117,15 @@ class SamplerConfig:
 
 
 @dataclass
+class EvalConfig:
+    fid_every_images: int = 0             # in-training FID every N images; 0 = off
+    fid_images: int = 5000                # samples per in-training FID
+    fid_batch: int = 64
+    fid_ref: str = ""                     # reference statistics (pdiff fid ref)
+    inception: str = ""                   # TF-FID Inception weights: a file or URL (cached)
+
+
+@dataclass
 class Config:
     name: str = "default"
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -127,6 +136,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,6 +144,11 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
     ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if world > 1 else loss_module
     compiles_after_warmup = warm_up(loss_module, schedule, cfg, world, device) if cfg.train.compile else None
 
+    fid = None
+    if cfg.eval.fid_every_images > 0:
+        from .fid import FIDEvaluator
+        fid = FIDEvaluator.maybe(cfg.eval.fid_ref, cfg.eval.inception, num_images=cfg.eval.fid_images,
+                                 batch=cfg.eval.fid_batch, device=device)
     stats = StepStats(schedule.sizes, device)
     monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
     stop = StopSignal()
@@ -234,6 +239,9 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
             (run_dir / "samples").mkdir(exist_ok=True)
             save_png(grid, run_dir / "samples" / f"samples-{images_seen:012d}.png")
             monitor.image("samples/ema", images_seen, grid)
+        if fid is not None and (crossed(before, images_seen, cfg.eval.fid_every_images) or done):
+            score = fid.compute(ema.model, cfg)       # every rank samples its share of the seeds
+            monitor.scalars(images_seen, {f"fid/{cfg.eval.fid_images}": score})
         if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
             save_checkpoint(ckpts, model, ema, opt, pipe, cfg, images_seen, info)
             drift = dist.check_replicas_agree(model, device)
