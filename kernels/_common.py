@@ -27,16 +27,28 @@ def lane_block(q: int, cap: int = 512) -> int:
     return max(16, min(cap, triton.next_power_of_2(q)))
 
 
-def should_launch(*tensors) -> bool:
-    """False while tracing under TRITON_INTERPRET=1, where wrap_triton hands back the raw
-    interpreted kernel and cannot run it on fake tensors: the op's fake implementation then only
-    allocates its outputs. On a GPU wrap_triton handles tracing itself and this is always True."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return True
+def launcher(kernel, *tensors):
+    """How to launch ``kernel`` on these tensors.
+
+    Real tensors outside any tracing mode (eager calls): the bare kernel, without the custom-op or
+    higher-order-op dispatch that would cost tens of microseconds to a millisecond per call.
+    Fake or functional tensors, or an active dispatch mode (torch.compile, export, make_fx):
+    wrap_triton, so the tracer records the kernel. Under TRITON_INTERPRET=1 wrap_triton hands back
+    the interpreted kernel, which cannot run on fake tensors: None then tells the caller to only
+    allocate outputs (the op's fake implementation)."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
-    if any(isinstance(t, FunctionalTensor) for t in tensors):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    fake = any(isinstance(t, FakeTensor) for t in tensors)
+    functional = any(isinstance(t, FunctionalTensor) for t in tensors)
+    if not (fake or functional or _get_current_dispatch_mode() is not None):
+        return kernel
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return torch.library.wrap_triton(kernel)
+    if functional:
         raise RuntimeError("pdiff kernels under TRITON_INTERPRET=1 cannot be decomposed by torch.compile "
                            "(the kernel call would be dropped from the graph); compile inside "
                            "torch._functorch.config.patch(decompose_custom_triton_ops=False)")
-    return not any(isinstance(t, FakeTensor) for t in tensors)
+    if not fake:
+        raise RuntimeError("pdiff kernels under TRITON_INTERPRET=1 cannot be traced by a dispatch mode")
+    return None

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, lane_block, should_launch
+from ._common import empty, lane_block, launcher
 
 _MASK64 = (1 << 64) - 1
 
@@ -101,8 +101,9 @@ def philox_noise_op(step_t: Optional[torch.Tensor], seed: int, step: int, b: int
     q = triton.cdiv(s_total, 4)
     block = lane_block(q)
     grid = (b, triton.cdiv(q, block))
-    if should_launch(out):
-        torch.library.wrap_triton(_philox_noise_kernel)[grid](
+    kernel = launcher(_philox_noise_kernel, out)
+    if kernel is not None:
+        kernel[grid](
             out, seed, step, step_t if step_t is not None else out, s_total, q,
             C=c, STEP_IN_TENSOR=step_t is not None, BLOCK=block)
     return out

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
-from ._common import empty, empty_like, lane_block, should_launch
+from ._common import empty, empty_like, lane_block, launcher
 from ._philox import noise4, rng_state
 from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
 
@@ -109,9 +109,10 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
     g = grad if write_grad else F
     has_noise = noise is not None
     n = noise if has_noise else y
-    if not should_launch(partial, F):
+    kernel = launcher(_edm_loss_kernel, partial, F)
+    if kernel is None:
         return partial.sum(1), grad
-    torch.library.wrap_triton(_edm_loss_kernel)[(b, n_tiles)](
+    kernel[(b, n_tiles)](
         F, y, n, step_t if step_t is not None else sigma, sigma, partial, g, seed, step,
         s_total, w, q, n_tiles, sigma_data, 1.0 / (c * s_total),
         F.stride(0), F.stride(1), F.stride(2), F.stride(3),

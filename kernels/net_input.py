@@ -17,7 +17,7 @@ from pdiff.coords import coord_grid
 from pdiff.loss import net_input_ref as _pdiff_net_input_ref
 from pdiff.precond import c_in as _c_in
 
-from ._common import empty, lane_block, should_launch
+from ._common import empty, lane_block, launcher
 from ._philox import noise4, philox_noise_op, rng_state
 
 
@@ -138,9 +138,10 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
     grid = (b, triton.cdiv(q, block))
     has_noise = noise is not None
     n = noise if has_noise else y
-    if not should_launch(out, y):
+    kernel = launcher(_net_input_kernel, out, y)
+    if kernel is None:
         return out
-    torch.library.wrap_triton(_net_input_kernel)[grid](
+    kernel[grid](
         y, n, step_t if step_t is not None else sigma, sigma, offsets, out, seed, step,
         s_total, w, q, resolution - 1, sigma_data,
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
