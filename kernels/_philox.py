@@ -13,6 +13,7 @@ explicit noise); it is only consistent between build_net_input and edm_patch_los
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -79,18 +80,19 @@ def rng_args(seed, step, device):
     ``step`` an int, or a one-element integer tensor, which keeps torch.compile from recompiling as
     the step count changes (an int is a guarded constant). Ints go to the kernel as scalar
     arguments: no host-to-device copy, no synchronisation."""
-    if isinstance(seed, torch.Tensor) or isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, (torch.Tensor, bool)) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be a Python int (fixed for a run), got {type(seed).__name__}; "
                         "pass the changing step as a tensor instead")
+    seed = operator.index(seed)                      # numpy integers too
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
             raise ValueError(f"step tensor must hold one integer, got shape {tuple(step.shape)} {step.dtype}")
         return step.reshape(1).to(device=device, dtype=torch.int64), seed, 0
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+    if isinstance(step, bool) or not hasattr(step, "__index__") or not 0 <= operator.index(step) < 2**63:
         raise ValueError(f"step must be an int in [0, 2**63) or a one-element tensor, got {step!r}")
-    return None, seed, step
+    return None, seed, operator.index(step)
 
 
 @torch.library.triton_op("pdiff::philox_noise", mutates_args=())

@@ -23,6 +23,7 @@ if not CUDA:
             "in the environment (or in tests/conftest.py when CUDA is unavailable).")
     os.environ["TRITON_INTERPRET"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from kernels import _common, build_net_input, edm_patch_loss, philox_noise, resolve_backend  # noqa: E402
@@ -299,6 +300,8 @@ def test_step_as_tensor_or_int_and_op_or_launcher_agree():
     step = 2**33 + int(torch.randint(0, 2**31, (1,), generator=gen))
     step_t = torch.tensor(step, device=DEV)
     assert torch.equal(philox_noise(4, step, (b, c, s, s), DEV), philox_noise(4, step_t, (b, c, s, s), DEV))
+    assert torch.equal(philox_noise(4, step, (b, c, s, s), DEV),
+                       philox_noise(np.uint64(4), np.int64(step), (b, c, s, s), DEV))
     by_int = build_net_input(patches, sigma, offsets, res, seed=4, step=step, backend="triton")
     by_tensor = build_net_input(patches, sigma, offsets, res, seed=4, step=step_t, backend="triton")
     assert torch.equal(by_int, by_tensor)
