@@ -16,6 +16,15 @@ R = 32
 ARCHS = ("ddpmpp", "ncsnpp", "adm")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The networks here are tiny: one thread is as fast, and far faster on a shared, busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def count_params(resolution, channels, **cfg) -> int:
     with torch.device("meta"):
         net = build_network(NetworkConfig(**cfg), resolution, channels)
@@ -170,6 +179,11 @@ def test_attention_block_matches_naive_multihead_attention():
     w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / 8.0, dim=2)
     a = torch.einsum("nqk,nck->ncq", w, v).reshape(2, 128, 4, 4)
     torch.testing.assert_close(blk._attend(h), blk.proj(a), rtol=1e-4, atol=1e-5)
+    # The fused (flash) kernel accepts the layout: q, k, v need a stride-1 channel dim, else SDPA
+    # silently drops to its slow fp32 math path (the CPU flash kernel checks the same constraint).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        torch.testing.assert_close(blk._attend(h), blk.proj(a), rtol=1e-4, atol=1e-5)
 
 
 def test_group_norm_groups():

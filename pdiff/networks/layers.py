@@ -197,8 +197,11 @@ class UNetBlock(nn.Module):
         # The qkv conv's output channels are laid out (head, channel, {q,k,v}) as in the reference,
         # so checkpoints converted from it keep their meaning.
         qkv = self.qkv(x).reshape(b, heads, c // heads, 3, hgt * wid)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))          # (b, heads, tokens, c/heads)
-        # softmax(q k^T / sqrt(d)) v; the fused kernel keeps the softmax statistics in fp32.
+        # (3, b, heads, tokens, c/heads), copied so the channel dim has stride 1: the fused attention
+        # kernels (flash / memory-efficient) require that, and without it SDPA silently falls back to
+        # the fp32 math path (seen on an H200: batched fp32 GEMMs were the top kernels of ADM's step).
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+        # softmax(q k^T / sqrt(d)) v; the fused kernels keep the softmax statistics in fp32.
         a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a.transpose(-1, -2).reshape(b, c, hgt, wid))
 
