@@ -1,0 +1,7 @@
+"""Without CUDA, Triton kernels run under the interpreter: set it before anything imports triton."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
