@@ -188,7 +188,7 @@ class UNetBlock(nn.Module):
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         x = (h + shortcut) * self.skip_scale
         if self.num_heads:
-            x = (self.proj(self._attend(self.norm2(x))) + x) * self.skip_scale
+            x = (self._attend(self.norm2(x)) + x) * self.skip_scale
         return x
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
