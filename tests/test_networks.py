@@ -327,3 +327,15 @@ def test_state_dict_round_trip(arch):
         assert not torch.allclose(fresh(x, noise, labels), net(x, noise, labels), atol=1e-4)
         fresh.load_state_dict(net.state_dict())
         assert torch.equal(fresh(x, noise, labels), net(x, noise, labels))
+
+
+@pytest.mark.parametrize("arch, keys", [
+    ("ddpmpp", ["map_layer0.weight", "enc.32x32_conv.weight", "enc.16x16_down.skip.resample_filter",
+                "dec.16x16_in0.qkv.weight", "dec.32x32_block1.conv1.weight", "dec.32x32_aux_conv.weight"]),
+    ("ncsnpp", ["map_noise.freqs", "enc.16x16_aux_residual.weight", "dec.32x32_aux_norm.weight"]),
+    ("adm", ["map_label.weight", "enc.16x16_block0.norm2.weight", "out_norm.weight", "out_conv.bias"]),
+])
+def test_state_dict_keys_follow_edm_names(arch, keys):
+    """EDM's module names, so weights move between the two code bases without a key map."""
+    sd = build_network(tiny_cfg(arch, label_dim=10), R, 3).state_dict()
+    assert set(keys) <= set(sd), sorted(set(keys) - set(sd))

@@ -118,8 +118,10 @@ class SongUNet(nn.Module):
                 dec_plan.append((f"{res}x{res}_block{idx}", "cat"))
                 width = out
         self._dec_plan = tuple(dec_plan)
-        self.out_norm = GroupNorm(width, eps=1e-6)
-        self.out_conv = Conv2d(width, img_channels, 3, **init_zero)
+        # Output layers, kept in ``dec`` under EDM's names so state dicts share EDM's keys.
+        self._out_names = (f"{img_resolution}x{img_resolution}_aux_norm", f"{img_resolution}x{img_resolution}_aux_conv")
+        self.dec[self._out_names[0]] = GroupNorm(width, eps=1e-6)
+        self.dec[self._out_names[1]] = Conv2d(width, img_channels, 3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,4 +157,5 @@ class SongUNet(nn.Module):
             if kind == "cat":
                 x = torch.cat([x, skips.pop()], dim=1)
             x = self.dec[name](x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        norm, conv = (self.dec[n] for n in self._out_names)
+        return conv(F.silu(norm(x)))
