@@ -1,0 +1,276 @@
+"""The README's results table, generated from the JSON under benchmarks/results/ (never typed by hand).
+
+    python benchmarks/make_table.py                           # rewrite README.md between the markers
+    python benchmarks/make_table.py --print                   # the table on stdout only
+    python benchmarks/make_table.py --summary OUTDIR [--stages FILE]
+                                                              # gpu_suite.sh: OUTDIR/summary.md, printed
+
+Each row is one benchmark result: which benchmark, its headline figure, the machine it ran on and
+the date. The result files come in several shapes (bench_step, bench_train, bench_kernels,
+bench_sample, bench_pipeline, `pdiff bench ...`); files of any other shape are skipped with a note.
+The table sits between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+# ---- machine and date, from whatever the file records
+
+def machine_label(m) -> str:
+    if isinstance(m, str):
+        return m
+    if not isinstance(m, dict):
+        return "?"
+    if m.get("gpu"):
+        return str(m["gpu"])
+    cpu = m.get("cpu") or "?"
+    cores = m.get("cores") or m.get("cpu_threads")
+    return f"{cpu} ({cores} cores)" if cores else str(cpu)
+
+
+def file_date(path: Path, payload: dict) -> str:
+    m = payload.get("machine") if isinstance(payload.get("machine"), dict) else {}
+    if m.get("date"):
+        return str(m["date"])[:10]
+    stamp = re.search(r"(20\d{2})(\d{2})(\d{2})-\d{6}", path.name)
+    if stamp:
+        return "-".join(stamp.groups())
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
+
+
+# ---- headlines per shape
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _rate(v: float) -> str:
+    if v >= 10000:
+        return f"{v / 1000:.0f}k"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def step_headline(res: dict) -> str:
+    c = res["schedule_cost_per_image_vs_full"]
+    mode = "compiled" if res.get("compile") else "eager"
+    per = res.get("per_patch_size", {})
+    full = per.get(str(res.get("resolution"))) or per.get(res.get("resolution"))
+    rate = f", full {_rate(full['images_per_s'])} img/s" if full else ""
+    return (f"{res.get('config', '?')} {mode} {res.get('precision', '')} batch {res.get('batch_full_images', '?')}: "
+            f"schedule cost/img {c['measured']:.2f} of full (speed-up {_x(1 / c['measured'])}; "
+            f"FLOP model {c['flop_model']:.2f}){rate}")
+
+
+def train_headline(mode: str, res: dict) -> str | None:
+    if "comparison" in res:
+        c = res["comparison"]
+        waits = [res[r]["data_wait_share"] for r in ("full", "patch") if r in res]
+        return (f"{mode}: schedule cost/img {c['cost_per_image_vs_full']:.2f} of full end to end "
+                f"(speed-up {_x(c['speedup_per_image_vs_full'])}; {_rate(c['patch_images_per_s'])} vs "
+                f"{_rate(c['full_images_per_s'])} img/s), "
+                f"data wait <= {100 * max(waits):.1f}%")
+    run = res.get("run") or res.get("patch") or res.get("full")
+    if run:
+        return f"{mode}: {_rate(run['images_per_s'])} img/s, data wait {100 * run['data_wait_share']:.1f}%"
+    return None
+
+
+def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
+    """(benchmark name, headline lines) for a known shape, else None."""
+    name = p.get("benchmark")
+    if name == "bench_kernels":
+        rows = p.get("results", [])
+        speed = []
+        for r in rows:
+            if r.get("shape") != "large" and r.get("provider") == "triton" and r.get("op") == "loss_fwbw":
+                eager = next((e for e in rows if e.get("shape") == r["shape"] and e.get("op") == r["op"]
+                              and e.get("provider") == "eager"), None)
+                if eager:
+                    speed.append(eager["gpu_ms"] / r["gpu_ms"])
+        targets = p.get("targets", [])
+        line = f"{sum(t.get('met', False) for t in targets)}/{len(targets)} targets met"
+        if speed:
+            line += f"; loss fwd+bwd {_x(statistics.median(speed))} eager at training shapes"
+        large = [r for r in rows if r.get("shape") == "large" and r.get("provider") == "triton"]
+        if large and p.get("copy_bandwidth_gbps"):
+            line += f"; large shapes {100 * max(r['gpu_gbps'] for r in large) / p['copy_bandwidth_gbps']:.0f}% of copy bandwidth"
+        return "bench_kernels" + (" (quick)" if p.get("quick") else ""), [line]
+    if name == "bench_sample":
+        rows = p.get("results", [])
+        lines = [f"{r['model']} {r['nfe']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s" for r in rows
+                 if r.get("nfe") == 35]
+        return "bench_sample" + (" (quick)" if p.get("quick") else ""), lines or ["no results"]
+    if name == "bench_step" or (isinstance(p.get("results"), list) and p["results"]
+                                and "schedule_cost_per_image_vs_full" in p["results"][0]):
+        return "bench_step", [step_headline(r) for r in p["results"]] or ["no results"]
+    if name == "bench_train":
+        lines = [h for mode, res in p.get("modes", {}).items() if (h := train_headline(mode, res))]
+        lines += [f"{e.get('mode')}: failed ({e.get('error', '')[:60]})" for e in p.get("errors", [])]
+        tag = " (quick)" if p.get("quick") else ""
+        return f"bench_train{tag} {p.get('config', '')} batch {p.get('batch_full_images', '?')}", lines or ["no results"]
+    if isinstance(name, str) and name.startswith("pdiff bench "):
+        kind, res = p.get("kind"), p.get("results", {})
+        tag = f"pdiff bench {kind}" + (" (quick)" if p.get("quick") else "") + f" {p.get('config', '')}"
+        if kind == "data":
+            s = res["results"].get("schedule", {})
+            return tag, [f"{res.get('backend')} pipeline: schedule {_rate(s.get('patches_per_s', 0))} patches/s"]
+        if kind == "step":
+            return tag, [step_headline(res)]
+        if kind in ("train", "compare"):
+            return tag, [train_headline("compile" if p.get("resolved_config", {}).get("train", {}).get("compile") else "eager", res) or "no results"]
+        if kind == "sample":
+            return tag, [f"{res['steps']} steps batch {res['batch']}: {_rate(res['images_per_s'])} img/s"]
+        return None
+    if isinstance(p.get("rows"), list) and any("step_ms" in r for r in p["rows"]):   # bench_networks
+        lines = []
+        for net in dict.fromkeys(r["net"] for r in p["rows"] if "step_ms" in r):
+            for prov in dict.fromkeys(r["provider"] for r in p["rows"] if r.get("net") == net and "step_ms" in r):
+                rs = [r for r in p["rows"] if r.get("net") == net and r.get("provider") == prov and "step_ms" in r]
+                full = max(rs, key=lambda r: r["size"])
+                lines.append(f"{net} {prov}: {_rate(full['patches_per_s'])} full images/s fwd+bwd "
+                             f"(batch {full['patches']}), {min(rs, key=lambda r: r['size'])['size']}px patches "
+                             f"{_rate(min(rs, key=lambda r: r['size'])['patches_per_s'])}/s")
+        note = " (measured before later fixes, see its note)" if "BEFORE" in str(p.get("note", "")) else ""
+        return "bench_networks" + note, lines
+    if isinstance(p.get("results"), list) and "per_core_vs_baseline" in p:      # bench_pipeline
+        rows = p["results"]
+        sched = sorted((r for r in rows if r.get("config") == "schedule"), key=lambda r: -r["images_per_s"])
+        line = ", ".join(f"{r['backend']}-{r['format']} {_rate(r['images_per_s'])}" for r in sched[:3])
+        line = f"schedule img/s: {line}" if line else "no schedule rows"
+        per_core = p.get("per_core_vs_baseline") or {}
+        if per_core:
+            best = max(per_core, key=per_core.get)
+            line += f"; per core vs baseline loader: {best} {_x(per_core[best])}"
+        return "bench_pipeline", [line]
+    return None
+
+
+def collect(folder: Path) -> tuple[list[dict], list[str]]:
+    rows, skipped = [], []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+            got = headlines(path, payload) if isinstance(payload, dict) else None
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError) as e:
+            skipped.append(f"{path.relative_to(folder)} ({type(e).__name__}: {e})")
+            continue
+        if got is None:
+            skipped.append(f"{path.relative_to(folder)} (unknown shape)")
+            continue
+        bench, lines = got
+        rows.append({"benchmark": bench, "result": "<br>".join(lines), "machine": machine_label(payload.get("machine")),
+                     "date": file_date(path, payload), "file": str(path.relative_to(folder))})
+    rows.sort(key=lambda r: (r["date"], r["benchmark"], r["file"]))
+    return rows, skipped
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(rows: list[dict], skipped: list[str], source: str) -> str:
+    out = ["| benchmark | result | machine | date |", "|---|---|---|---|"]
+    out += [f"| {_cell(r['benchmark'])} | {_cell(r['result'])} | {_cell(r['machine'])} | {r['date']} |" for r in rows]
+    out.append("")
+    note = f"Generated by `python benchmarks/make_table.py` from {len(rows)} result file(s) in `{source}`"
+    if skipped:
+        note += f"; skipped {len(skipped)}: " + ", ".join(f"`{s}`" for s in skipped)
+    out.append(note + ".")
+    return "\n".join(out)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{readme}: no '{BEGIN}' ... '{END}' lines to put the table between; add them "
+                         f"where the table belongs (the end of the Benchmarks section)")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+# ---- gpu_suite.sh's summary
+
+def summary(outdir: Path, stages: Path | None) -> str:
+    lines = ["# GPU suite summary", ""]
+    if stages and stages.exists():
+        lines += ["| stage | status | seconds | note |", "|---|---|---|---|"]
+        for row in stages.read_text().splitlines():
+            parts = row.split("\t")
+            if len(parts) >= 3:
+                name, rc, secs = parts[:3]
+                note = parts[3] if len(parts) > 3 else ""
+                status = {"0": "ok", "124": "TIMEOUT", "137": "KILLED", "skip": "skipped"}.get(rc, f"FAILED (rc {rc})")
+                lines.append(f"| {name} | {status} | {secs} | {_cell(note)} |")
+        lines.append("")
+    rows, skipped = collect(outdir)
+    lines.append(markdown(rows, skipped, str(outdir)))
+    missed = []
+    for path in sorted(outdir.rglob("*.json")):
+        try:
+            p = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for t in p.get("targets", []) if isinstance(p, dict) else []:
+            if isinstance(t, dict) and not t.get("met", True):
+                missed.append(f"- {path.name}: {t.get('target')}: {t.get('value')}")
+    lines += ["", f"Targets missed: {len(missed)}" + (":" if missed else "")] + missed
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(RESULTS), help="folder of result JSON (searched recursively)")
+    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--print", action="store_true", help="print the table, leave the README alone")
+    ap.add_argument("--summary", metavar="OUTDIR", help="write OUTDIR/summary.md (gpu_suite.sh) and print it")
+    ap.add_argument("--stages", default=None, help="with --summary: the suite's stage statuses (TSV)")
+    args = ap.parse_args(argv)
+    if args.summary:
+        out = Path(args.summary)
+        text = summary(out, Path(args.stages) if args.stages else None)
+        (out / "summary.md").write_text(text)
+        print(text)
+        return 0
+    folder = Path(args.results)
+    rows, skipped = collect(folder)
+    try:
+        source = str(folder.resolve().relative_to(ROOT))
+    except ValueError:
+        source = str(folder)
+    table = markdown(rows, skipped, source + "/")
+    for s in skipped:
+        print(f"make_table: skipped {s}", file=sys.stderr)
+    if args.print:
+        print(table)
+        return 0
+    write_readme(Path(args.readme), table)
+    print(f"make_table: {len(rows)} row(s) written to {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

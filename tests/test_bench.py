@@ -1,0 +1,296 @@
+"""`pdiff bench`, the benchmark arithmetic, the README table and the GPU suite's plumbing.
+
+The arithmetic is checked with a fake clock (per-size step costs) and a stubbed training run (log
+rows made from known per-patch costs); the real quick runs check that every command runs on the CPU
+and writes the JSON fields the issue names. Tiny network (8 channels, 16x16), data made on the fly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pdiff.config import load_config
+from pdiff.schedule import PatchSchedule
+from pdiff.train import crossed, make_schedule
+from tools import bench
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
+        "network.attn_resolutions=[8]", "data.resolution=16", "train.batch=4", "data.backend=torch",
+        "data.workers=0", "sample.steps=2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from tools._shardlib import write_shards
+    root = tmp_path_factory.mktemp("benchdata")
+    rng = np.random.default_rng()
+    np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    write_shards(root / "img.npz", root / "shards", workers=1, max_count=16, progress=False)
+    return root / "shards"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0 * np.random.default_rng().random()
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_costs_and_schedule_ratio_with_fake_clock():
+    rng = np.random.default_rng()
+    r, batch = 32, int(rng.integers(2, 9))
+    probs = rng.dirichlet([1, 1, 1])
+    sched = PatchSchedule(r, batch, sizes=[8, 16, 32], probs=list(probs))
+    per_patch = {s: float(rng.uniform(1e-4, 1e-2)) for s in (8, 16, 32)}   # seconds per patch
+    clock = FakeClock()
+    calls = {s: 0 for s in per_patch}
+
+    def make_step(s):
+        n = sched.batch_for(s)
+
+        def step():
+            calls[s] += 1
+            clock.now += n * per_patch[s] * (1 + 0.5 * (calls[s] == 1))   # the warm-up call is slower
+        return step, n
+
+    per_size = bench.time_sizes(make_step, [8, 16, 32], repeats=3, warmup=1, clock=clock)
+    assert calls == {8: 4, 16: 4, 32: 4}
+    for s, v in per_size.items():
+        n = sched.batch_for(s)
+        assert v["patches"] == n
+        assert v["ms_per_image"] == pytest.approx(1e3 * per_patch[s])       # warm-up excluded
+        assert v["ms_per_step"] == pytest.approx(1e3 * per_patch[s] * n)
+        assert v["images_per_s"] == pytest.approx(1 / per_patch[s])
+    fig = bench.schedule_figures(sched, per_size)
+    m = {s: r // s for s in per_patch}
+    p = dict(zip(sched.sizes, sched.probs))
+    want = sum(p[s] * m[s] * per_patch[s] for s in p) / sum(p[s] * m[s] for s in p) / per_patch[r]
+    assert fig["cost_per_image_vs_full"] == pytest.approx(want)
+    assert fig["speedup_per_image_vs_full"] == pytest.approx(1 / want)
+    # images/s of the schedule = expected images per step / expected seconds per step
+    ips = sum(p[s] * batch * m[s] for s in p) / sum(p[s] * batch * m[s] * per_patch[s] for s in p)
+    assert fig["images_per_s"] == pytest.approx(ips)
+    assert fig["ms_per_step"] == pytest.approx(1e3 * sum(p[s] * batch * m[s] * per_patch[s] for s in p))
+
+
+def fake_training(per_patch: dict[int, float], wait: float):
+    """A stand-in for run_training: walks the run's schedule with the trainer's logging rule and
+    writes the rows it would log if a patch of size s took per_patch[s] seconds and every step
+    waited ``wait`` seconds for data."""
+    runs = []
+
+    def runner(cfg, device):
+        sched, t = make_schedule(cfg), cfg.train
+        rows, images, secs, waited, n = [], 0, 0.0, 0.0, 0
+        while images < t.duration_images:
+            st = sched.step_at(images)
+            secs += st.batch * per_patch[st.patch_size] + wait
+            waited += wait
+            before, images = images, images + st.batch
+            n += st.batch
+            if crossed(before, images, t.log_every_images) or images >= t.duration_images:
+                rows.append({"images_seen": images, "images_per_s": n / secs, "ms_per_image": 1e3 * secs / n,
+                             "data_wait_share": waited / secs, "loss": 1.0, "peak_memory_gb": 0.5})
+                secs, waited, n = 0.0, 0.0, 0
+        runs.append(cfg)
+        return rows
+    return runner, runs
+
+
+def test_compare_ratio_from_two_stubbed_runs(tmp_path):
+    rng = np.random.default_rng()
+    per_patch = {4: float(rng.uniform(1e-4, 1e-3)), 8: float(rng.uniform(1e-4, 2e-3)), 16: float(rng.uniform(1e-3, 5e-3))}
+    wait = float(rng.uniform(0, 1e-3))
+    runner, runs = fake_training(per_patch, wait)
+    cfg = load_config("tiny", TINY + ["data.path=unused", f"train.seed={int(rng.integers(1000))}"])
+    seen = []
+    res = bench.compare_train(cfg, torch.device("cpu"), tmp_path, intervals=4, interval_images=48,
+                              runner=runner, on_result=lambda name, fig: seen.append(name))
+    assert seen == ["full", "patch"]
+    assert [c.patch.mode for c in runs] == ["full", "stochastic"]
+    assert all(c.train.batch == cfg.train.batch and c.train.duration_images == 5 * 48 for c in runs)
+    assert runs[0].train.run_dir != runs[1].train.run_dir
+
+    def expected(run_cfg):            # the measured intervals: everything after the first log row
+        sched = make_schedule(run_cfg)
+        steps = list(sched.steps(0, until=run_cfg.train.duration_images))
+        first = next(i for i, st in enumerate(steps) if crossed(st.images_seen, st.images_seen + st.batch, 48))
+        rest = steps[first + 1:]
+        secs = sum(st.batch * per_patch[st.patch_size] + wait for st in rest)
+        return secs, sum(st.batch for st in rest), len(rest)
+
+    for name, run_cfg in zip(("full", "patch"), runs):
+        secs, images, steps = expected(run_cfg)
+        got = res[name]
+        assert got["images"] == images and got["steps"] == steps
+        assert got["ms_per_image"] == pytest.approx(1e3 * secs / images)
+        assert got["ms_per_step"] == pytest.approx(1e3 * secs / steps)
+        assert got["data_wait_share"] == pytest.approx(wait * steps / secs)
+    full_secs, full_images, _ = expected(runs[0])
+    patch_secs, patch_images, _ = expected(runs[1])
+    ratio = (patch_secs / patch_images) / (full_secs / full_images)
+    assert res["comparison"]["cost_per_image_vs_full"] == pytest.approx(ratio)
+    assert res["comparison"]["speedup_per_image_vs_full"] == pytest.approx(1 / ratio)
+    assert ratio < 1          # patches of 4 and 8 are cheaper per image here by construction
+
+
+def test_summarize_log_needs_measured_intervals():
+    sched = PatchSchedule(16, 4, mode="full")
+    with pytest.raises(bench.BenchError, match="nothing left to measure"):
+        bench.summarize_log([{"images_seen": 16, "images_per_s": 100.0, "data_wait_share": 0.0}], sched)
+
+
+def test_overrides_make_a_measurement_run(tmp_path):
+    cfg = load_config("tiny", TINY + ["data.path=x"])
+    run = bench.variant(cfg, bench.measuring_overrides(tmp_path / "r", 32, intervals=3, wall_budget_s=9))
+    assert run.train.duration_images == 4 * 32 and run.train.log_every_images == 32
+    assert run.train.ckpt_every_images > 10 ** 12 and run.train.sample_every_images > 10 ** 12
+    assert run.train.wall_budget_s == 9 and run.train.run_dir == str(tmp_path / "r")
+    assert cfg.train.log_every_images != 32            # the original config is left alone
+    with pytest.raises(ValueError, match="patch.mode"):
+        bench.variant(cfg, ["patch.mode=sideways"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real quick runs on the CPU
+
+MACHINE_FIELDS = {"cpu", "cores", "gpu", "gpu_memory_gb", "versions", "date", "host"}
+
+
+@pytest.fixture(scope="module")
+def quick_results(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchout")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    paths = {}
+    try:
+        for kind, extra in [("data", []), ("step", []), ("train", ["--compare"]), ("sample", [])]:
+            path = out / f"{kind}.json"
+            rc = bench.main([kind, "--config", "tiny", *TINY, f"data.path={shards}", "--quick", "--device", "cpu",
+                             "--out", str(path), *extra])
+            assert rc == 0, kind
+            paths[kind] = path
+    finally:
+        torch.set_num_threads(before)
+    return {k: json.loads(p.read_text()) for k, p in paths.items()}, out
+
+
+def test_quick_runs_write_every_field(quick_results):
+    res, _ = quick_results
+    for kind, payload in res.items():
+        assert payload["kind"] == kind and payload["quick"] is True
+        assert MACHINE_FIELDS <= set(payload["machine"]), kind
+        assert payload["machine"]["cores"] >= 1 and payload["machine"]["cpu"]
+        assert {"python", "torch", "triton", "numpy", "dali"} <= set(payload["machine"]["versions"])
+    data = res["data"]["results"]
+    assert set(data["results"]) == {"s=4", "s=8", "s=16", "schedule"}
+    for v in data["results"].values():
+        assert v["patches_per_s"] > 0 and v["images_per_s"] > 0 and v["ms_per_step"] > 0
+    assert data["results"]["s=4"]["patches_per_step"] == 16 and data["backend"] == "torch"
+
+    step = res["step"]["results"]
+    assert set(step["per_patch_size"]) == {"4", "8", "16"}
+    for s, v in step["per_patch_size"].items():
+        assert v["patches"] == 4 * 16 // int(s) and v["images_per_s"] > 0
+    sc = step["schedule"]
+    ms = {int(s): v["ms_per_image"] for s, v in step["per_patch_size"].items()}
+    sched = PatchSchedule(16, 4)
+    assert sc["cost_per_image_vs_full"] == pytest.approx(sched.expected_cost_ratio(ms))
+    assert sc["images_per_s"] == pytest.approx(1e3 / (sc["cost_per_image_vs_full"] * ms[16]))
+    assert 0 < step["flop_model"]["cost_per_image_vs_full"] < 1
+
+    train = res["train"]["results"]
+    for run in ("full", "patch"):
+        v = train[run]
+        assert v["images_per_s"] > 0 and 0 <= v["data_wait_share"] < 1 and v["intervals"] >= 1
+        assert v["ms_per_image"] == pytest.approx(1e3 / v["images_per_s"])
+    assert set(train["full"]["steps_by_patch_size"]) == {"16"}
+    c = train["comparison"]
+    assert c["cost_per_image_vs_full"] == pytest.approx(train["patch"]["ms_per_image"] / train["full"]["ms_per_image"])
+
+    sample = res["sample"]["results"]
+    assert sample["images_per_s"] > 0 and sample["steps"] == 2 and sample["network_evaluations"] == 3
+
+
+def test_cli_reports_missing_data(capsys):
+    assert bench.main(["train", "--config", "tiny", *TINY, "--quick", "--device", "cpu"]) == 2
+    assert "data.path is empty" in capsys.readouterr().err
+
+
+def test_prewarm_runs_every_patch_size():
+    cfg = load_config("tiny", TINY)
+    assert bench.prewarm_kernels(cfg, torch.device("cpu")) == 0.0        # only for eager CUDA runs
+    assert bench.prewarm_kernels(cfg, torch.device("cpu"), force=True) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The README table and the suite
+
+def load_make_table():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_table", REPO / "benchmarks" / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_table_between_markers(quick_results, tmp_path):
+    make_table = load_make_table()
+    _, out = quick_results
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    for p in out.glob("*.json"):
+        (results / "sub" / p.name).write_text(p.read_text())
+    (results / "odd.json").write_text(json.dumps({"something": [1, 2]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{make_table.BEGIN}\nold\n{make_table.END}\n\n## After\nkeep\n")
+    assert make_table.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Benchmarks\n\ntext\n\n") and text.endswith(f"{make_table.END}\n\n## After\nkeep\n")
+    table = text.split(make_table.BEGIN)[1].split(make_table.END)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| pdiff bench")]
+    assert len(rows) == 4 and "old" not in table
+    assert all("Xeon" in r or "cores" in r for r in rows)                   # the machine is named
+    assert "odd.json (unknown shape)" in table
+    train_row = next(r for r in rows if r.startswith("| pdiff bench train"))
+    ratio = json.loads((out / "train.json").read_text())["results"]["comparison"]["cost_per_image_vs_full"]
+    assert f"{ratio:.2f} of full" in train_row
+    make_table.main(["--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == text                                        # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="results:begin"):
+        make_table.main(["--results", str(results), "--readme", str(readme)])
+
+
+def test_gpu_suite_plumbing_without_time(tmp_path):
+    """With no time left every stage is skipped: the suite still writes its summary and log."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_SUITE_DRY": "1", "GPU_SUITE_BUDGET": "0"}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "o")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    files = sorted(f.name for f in (tmp_path / "o").iterdir())
+    assert files == ["suite.log", "summary.md"]
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    for stage in ("1 cuda tests", "2 kernels", "3 step", "4 train", "5 pipeline", "6 sample"):
+        assert f"| {stage} | skipped |" in summary
+    assert p.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])    # the summary is printed last
