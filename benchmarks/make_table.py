@@ -90,7 +90,9 @@ def train_headline(mode: str, res: dict) -> str | None:
         waits = [res[r]["data_wait_share"] for r in ("full", "patch") if r in res]
         return (f"{mode}: schedule cost/img {c['cost_per_image_vs_full']:.2f} of full end to end "
                 f"(speed-up {_x(c['speedup_per_image_vs_full'])}; {_rate(c['patch_images_per_s'])} vs "
-                f"{_rate(c['full_images_per_s'])} img/s), "
+                f"{_rate(c['full_images_per_s'])} img/s"
+                + (f"; {c['cost_per_image_vs_full_expected_mix']:.2f} at the schedule's own mix"
+                   if c.get("cost_per_image_vs_full_expected_mix") else "") + "), "
                 f"data wait <= {100 * max(waits):.1f}%")
     run = res.get("run") or res.get("patch") or res.get("full")
     if run:

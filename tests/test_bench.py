@@ -153,6 +153,27 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
     assert res["comparison"]["speedup_per_image_vs_full"] == pytest.approx(1 / ratio)
     assert ratio < 1          # patches of 4 and 8 are cheaper per image here by construction
 
+    # The fit recovers each size's step cost (exactly linear here), so the expected-mix ratio is
+    # the schedule's formula, whatever mix this short run drew.
+    sched = make_schedule(runs[1])
+    rows, current = [], {s: 0 for s in sched.sizes}       # the trainer's intervals, step counts per size
+    for st in sched.steps(0, until=240):
+        current[st.patch_size] += 1
+        if crossed(st.images_seen, st.images_seen + st.batch, 48) or st.images_seen + st.batch >= 240:
+            rows.append([current[s] for s in sched.sizes])
+            current = {s: 0 for s in sched.sizes}
+    counts = np.array(rows[1:])
+    c = res["comparison"]["cost_per_image_vs_full_expected_mix"]
+    if np.linalg.matrix_rank(counts) == 3:
+        p, b = dict(zip(sched.sizes, sched.probs)), {s: sched.batch_for(s) for s in sched.sizes}
+        step = {s: b[s] * per_patch[s] + wait for s in b}
+        want = (sum(p[s] * step[s] for s in p) / sum(p[s] * b[s] for s in p)) / (step[16] / b[16])
+        assert c == pytest.approx(want)
+        got = res["patch"]["expected_mix"]["ms_per_step_by_patch_size"]
+        assert {s: got[s] for s in b} == pytest.approx({s: 1e3 * step[s] for s in b})
+    else:
+        assert c is None
+
 
 def test_summarize_log_needs_measured_intervals():
     sched = PatchSchedule(16, 4, mode="full")

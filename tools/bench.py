@@ -159,9 +159,37 @@ def compare_figures(full: dict, patch: dict) -> dict:
     """Full-image EDM (p = 1) against the patch schedule, from two measured runs: cost per image
     of the schedule relative to full images (< 1: cheaper) and its inverse."""
     ratio = patch["ms_per_image"] / full["ms_per_image"]
-    return {"cost_per_image_vs_full": ratio, "speedup_per_image_vs_full": 1 / ratio,
-            "full_ms_per_image": full["ms_per_image"], "patch_ms_per_image": patch["ms_per_image"],
-            "full_images_per_s": full["images_per_s"], "patch_images_per_s": patch["images_per_s"]}
+    out = {"cost_per_image_vs_full": ratio, "speedup_per_image_vs_full": 1 / ratio,
+           "full_ms_per_image": full["ms_per_image"], "patch_ms_per_image": patch["ms_per_image"],
+           "full_images_per_s": full["images_per_s"], "patch_images_per_s": patch["images_per_s"],
+           "cost_per_image_vs_full_expected_mix": None}
+    if patch.get("expected_mix"):
+        # the schedule's probabilities instead of the sizes this run drew (see expected_mix)
+        out["cost_per_image_vs_full_expected_mix"] = patch["expected_mix"]["ms_per_image"] / full["ms_per_image"]
+    return out
+
+
+def expected_mix(intervals: list[dict], schedule) -> dict | None:
+    """Per-step seconds of each patch size, fitted by least squares to the intervals' lengths and
+    their step counts per size, and the cost per image with the schedule's own probabilities in
+    place of the mix a short run happened to draw. None when the fit is not determined (a size never
+    drawn, too few intervals) or not meaningful (a non-positive fitted cost, progressive schedules)."""
+    import numpy as np
+    sizes = list(schedule.sizes)
+    if schedule.mode == "progressive" or not intervals:
+        return None
+    a = np.array([[i["sizes"].get(s, 0) for s in sizes] for i in intervals], dtype=float)
+    y = np.array([i["seconds"] for i in intervals], dtype=float)
+    if np.linalg.matrix_rank(a) < len(sizes):
+        return None
+    tau = np.linalg.lstsq(a, y, rcond=None)[0]
+    if (tau <= 0).any():
+        return None
+    probs = np.array(schedule.probs)
+    images = np.array([schedule.batch_for(s) for s in sizes], dtype=float)
+    ms_img = 1e3 * float(probs @ tau) / float(probs @ images)
+    return {"ms_per_image": ms_img, "images_per_s": 1e3 / ms_img,
+            "ms_per_step_by_patch_size": {s: 1e3 * float(t) for s, t in zip(sizes, tau)}}
 
 
 def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int = 0) -> dict:
@@ -210,6 +238,7 @@ def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int =
         "peak_memory_gb": max(peaks) if peaks else None,
         "recompiles_after_warmup": max(recompiles) if recompiles else None,
         "final_loss": measured[-1]["loss"],
+        "expected_mix": expected_mix(measured, schedule),
     }
 
 
@@ -585,6 +614,10 @@ def print_train(res: dict) -> None:
         c = res["comparison"]
         print(f"patch schedule vs full-image EDM, measured end to end: cost per image {c['cost_per_image_vs_full']:.3f} "
               f"of full images (speed-up {c['speedup_per_image_vs_full']:.2f}x)")
+        if c.get("cost_per_image_vs_full_expected_mix"):
+            steps = res["patch"]["steps_by_patch_size"]
+            print(f"  with the schedule's probabilities in place of the sizes drawn ({steps}): "
+                  f"{c['cost_per_image_vs_full_expected_mix']:.3f} of full images")
 
 
 def print_sample(res: dict) -> None:
