@@ -295,8 +295,9 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
                clock=time.perf_counter) -> dict:
     """Patches/s and images/s of the pipeline (pipelines.build_pipeline on cfg.data.path) for each
     patch size alone and for the config's schedule: ``warmup_steps`` steps first, then ``repeats``
-    runs of ``steps`` steps each; medians. In pdiff every patch is cut from its own image and
-    counts as one image seen, so patches/s = images/s; full_images_per_s counts steps x batch."""
+    runs of ``steps`` steps each; medians. Every patch is cut from its own image (decoded whole)
+    and counts as one image seen, so images/s (images seen, as the trainer counts them) equals
+    patches/s on one process; both are reported under their own names."""
     from pdiff.schedule import PatchSchedule
     from pdiff.train import make_schedule
     from pipelines import build_pipeline
@@ -325,12 +326,12 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
                 if sync:
                     sync()
                 dt = clock() - t0
-                runs.append((n / dt, counted / dt, steps * batch / dt, 1e3 * dt / steps))
+                runs.append((n / dt, counted / dt, steps / dt, 1e3 * dt / steps))
         finally:
             pipe.close()
         med = [statistics.median(x) for x in zip(*runs)]
         results[label] = {"patch_size": size, "patches_per_step": None if size is None else schedule.batch_for(size),
-                          "patches_per_s": med[0], "images_per_s": med[1], "full_images_per_s": med[2],
+                          "patches_per_s": med[0], "images_per_s": med[1], "steps_per_s": med[2],
                           "ms_per_step": med[3], "steps": steps, "repeats": repeats}
     return {"backend": backend, "workers": cfg.data.workers, "batch": batch, "resolution": r,
             "schedule": {"mode": sched.mode, "sizes": sched.sizes, "probs": sched.probs}, "results": results}
@@ -631,7 +632,7 @@ def print_sample(res: dict) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdiff bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("--config", required=True, help="YAML file or preset name")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch=64 data.workers=8")
@@ -640,7 +641,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="a few steps only: checks that it runs (seconds on a CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (data, step, sample); medians are reported")
     ap.add_argument("--steps", type=int, default=None, help="data: pipeline steps per repeat")
-    ap.add_argument("--compile", action="store_true", help="step: torch.compile the network (train: set train.compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="step: torch.compile the network; train: force train.compile=true (else the config's "
+                         "train.compile decides; train.compile=false forces eager)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="step: default train.precision")
     ap.add_argument("--kernels", choices=["auto", "triton", "torch"], default=None, help="step: default train.kernels")
     ap.add_argument("--compare", action="store_true",
@@ -666,6 +669,9 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
                          args.precision, args.kernels or cfg.train.kernels, repeats=args.repeats or (1 if quick else 5))
         print_step(res)
     elif kind in ("train", "compare"):
+        if device.type == "cuda" and (device.index or 0) != int(os.environ.get("LOCAL_RANK", "0")):
+            raise BenchError(f"--device {device}: the trainer runs on cuda:LOCAL_RANK; pick the GPU with "
+                             f"CUDA_VISIBLE_DEVICES instead")
         if args.compile:
             cfg = variant(cfg, ["train.compile=true"])
         kw = dict(intervals=args.intervals or (2 if quick else 10), interval_images=args.interval_images
