@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every config, e.g. --set network.model_channels=8")
     ap.add_argument("--out", default=None, help="results folder or .json path (default benchmarks/results)")
+    ap.add_argument("--append", action="store_true", help="--out is a .json from an earlier run: add to its results")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -64,6 +65,13 @@ def main(argv=None) -> int:
                "precision": precision, "results": [], "errors": []}
     out = args.out or RESULTS
     path = None
+    if args.append:
+        if not (args.out and args.out.endswith(".json")):
+            ap.error("--append needs --out FILE.json")
+        if Path(args.out).exists():
+            earlier = json.loads(Path(args.out).read_text())
+            payload["results"] = earlier.get("results", []) + payload["results"]
+            payload["errors"] = earlier.get("errors", []) + payload["errors"]
     t0 = time.perf_counter()
     for name in args.configs.split(","):
         for mode in modes:

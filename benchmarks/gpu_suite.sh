@@ -5,6 +5,7 @@
 #
 #   benchmarks/gpu_suite.sh [OUTDIR]        # default: benchmarks/results/gpu-suite-<UTC time>/
 #   GPU_SUITE_DRY=1 benchmarks/gpu_suite.sh /tmp/suite    # CPU dry run: every stage's quick CPU variant
+#   GPU_SUITE_COMPILE=1 ...   # then, in whatever is left of the 8 minutes, bench_step compiled (added to step.json)
 #
 # Needs python3 with torch, triton, numpy, pyyaml, pillow, safetensors, pytest (DALI optional: the
 # torch fallback pipeline is used where it is missing). Run from anywhere; the repo need not be
@@ -68,7 +69,7 @@ suite() {
     if [[ "$DRY" == "1" ]]; then
         export OMP_NUM_THREADS=1
         DEV=cpu
-        STEP_ARGS="--device cpu --configs tiny --batch 2 --repeats 1 --set network.model_channels=8 --set network.channel_mult=[1,2] --set data.resolution=16"
+        STEP_ARGS="--device cpu --modes eager --configs tiny --batch 2 --repeats 1 --set network.model_channels=8 --set network.channel_mult=[1,2] --set data.resolution=16"
         TRAIN_ARGS="--quick --device cpu --modes eager --synthetic 64 --set data.backend=torch"
         PIPE_ARGS="--backends torch,baseline --device cpu --seconds 0.3 --images 64 --formats png --workers 1 --resolution 32 --batch 4"
         SAMPLE_ARGS="--quick --device cpu --batch 1"
@@ -92,6 +93,11 @@ suite() {
         "'$PY' benchmarks/bench_pipeline.py $PIPE_ARGS --out '$OUT/pipeline.json'"
     run_stage "6 sample" 60 "bench_sample --quick: tiny and DDPM++ 64 at 35/79 NFE" \
         "'$PY' benchmarks/bench_sample.py $SAMPLE_ARGS --out '$WORK/sample'; rc=\$?; f=\$(ls -t '$WORK'/sample/*.json 2>/dev/null | head -n 1); [[ -n \"\$f\" ]] && mv \"\$f\" '$OUT/sample.json'; exit \$rc"
+
+    if [[ "${GPU_SUITE_COMPILE:-0}" == "1" ]]; then
+        run_stage "7 step compile" 400 "bench_step compiled (opt-in): ~100 s of torch.compile per patch size when the cache is cold" \
+            "'$PY' benchmarks/bench_step.py ${STEP_ARGS/--modes eager/--modes compile} --append --out '$OUT/step.json'"
+    fi
 
     echo
     echo "gpu_suite: stages done after $(( $(date +%s) - T0 ))s; files in $OUT:"
