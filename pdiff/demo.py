@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     noise = SeedNoise(range(n))
     x = sample_images(model, noise.randn((n, 1, r, r)), r, steps=cfg.sample.steps,
                       randn_like=noise.randn_like)
-    save_png(image_grid(x, 8), out / "samples.png")
+    save_png(image_grid(x, 8), out / "samples.png", scale=4)
     real = np.load(npz)["images"][:n].astype(np.float32) / 127.5 - 1
-    save_png(image_grid(torch.from_numpy(real)[:, None], 8), out / "data.png")
+    save_png(image_grid(torch.from_numpy(real)[:, None], 8), out / "data.png", scale=4)
     print(f"[demo] done in {time.time() - t0:.0f} s", flush=True)
     print(f"[demo] samples: {(out / 'samples.png').resolve()}")
     print(f"[demo] real digits for comparison: {(out / 'data.png').resolve()}")

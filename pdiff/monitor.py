@@ -145,6 +145,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return np.repeat(out, 3, axis=2) if c == 1 else out[..., :3]
 
 
-def save_png(grid: np.ndarray, path: str | Path) -> None:
+def save_png(grid: np.ndarray, path: str | Path, scale: int = 1) -> None:
+    """Write an HWC uint8 grid; ``scale`` enlarges it (nearest) so small images can be seen."""
     from PIL import Image
-    Image.fromarray(grid).save(path)
+    im = Image.fromarray(grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im.save(path)
