@@ -200,6 +200,7 @@ MACHINE_FIELDS = {"cpu", "cores", "gpu", "gpu_memory_gb", "versions", "date", "h
 
 @pytest.fixture(scope="module")
 def quick_results(shards, tmp_path_factory):
+    from pdiff.cli import main as cli           # through the `pdiff` dispatch table
     out = tmp_path_factory.mktemp("benchout")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -207,8 +208,8 @@ def quick_results(shards, tmp_path_factory):
     try:
         for kind, extra in [("data", []), ("step", []), ("train", ["--compare"]), ("sample", [])]:
             path = out / f"{kind}.json"
-            rc = bench.main([kind, "--config", "tiny", *TINY, f"data.path={shards}", "--quick", "--device", "cpu",
-                             "--out", str(path), *extra])
+            rc = cli(["bench", kind, "--config", "tiny", *TINY, f"data.path={shards}", "--quick", "--device", "cpu",
+                      "--out", str(path), *extra])
             assert rc == 0, kind
             paths[kind] = path
     finally:
