@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -25,22 +24,9 @@ import torch
 NFE_STEPS = {35: 18, 79: 40}   # Heun: 2N - 1 evaluations
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: torch.device) -> dict:
-    info = {"host": platform.node(), "cpu": cpu_name(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    from tools.bench import machine as describe_machine
+    return {**describe_machine(), "device": str(device)}
 
 
 def build(preset: str, device):
