@@ -378,3 +378,22 @@ def test_cli_npz_info_verify(tmp_path, rng, capsys):
     assert shard_main(["verify", str(out)]) == 1
     assert "data-000000.tar" in capsys.readouterr().err
     assert shard_main([str(tmp_path / "missing.npz"), str(tmp_path / "o2")]) == 1
+
+
+def test_shards_read_with_the_webdataset_library(tmp_path, rng):
+    """The shards are plain WebDataset tars: the webdataset library reads the same images and
+    labels (so other tools can use them), in shard order."""
+    import webdataset as wds
+    imgs = rand_images(rng, 10)
+    labels = rng.integers(0, 5, 10)
+    np.savez(tmp_path / "d.npz", images=imgs, labels=labels)
+    m = write_shards(tmp_path / "d.npz", tmp_path / "out", max_count=4, workers=1, progress=False)
+    urls = [str(tmp_path / "out" / s["tar"]) for s in m["shards"]]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        img = np.asarray(Image.open(io.BytesIO(sample[m["image_ext"]])))
+        label = int(np.frombuffer(sample[m["label_ext"]], dtype=m["label_dtype"])[0])
+        seen.append((img, label))
+    assert len(seen) == 10
+    for i, (img, label) in enumerate(seen):
+        assert np.array_equal(img, imgs[i]) and label == labels[i]
