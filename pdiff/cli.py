@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from .config import ConfigError
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as e:  # a config mistake is the user's to fix: the message, not a traceback
+        print(f"pdiff {name}: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
