@@ -131,6 +131,28 @@ def test_two_processes_match_one_process(tmp_path, digits_shards):
     np.testing.assert_allclose(la, lb, rtol=1e-4)
 
 
+def test_two_nodes_on_loopback_match_one_process(tmp_path, digits_shards):
+    """Multi-node rendezvous (torchrun's c10d): two "nodes" of one process each on loopback train
+    like one process with the same global batch."""
+    common = dict(train={"duration_images": 96, "ckpt_every_images": 96})
+    one = write_config(tmp_path, digits_shards, run="one", **common)
+    two = write_config(tmp_path, digits_shards, run="nodes", **common)
+    run_train(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port = free_port()
+    cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pdiff-test",
+           "-m", "pdiff.cli", "train", "--config", str(two), "--device", "cpu"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [n.communicate(timeout=600)[1] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "nodes")
+    assert b["world_size"] == 2 and a["images_seen"] == b["images_seen"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards):
     """kill -9 mid-run, re-run the same command: the trajectory (losses at every log point from the
     checkpoint on) and the final parameters equal an uninterrupted run's bit for bit, and the data
