@@ -252,6 +252,28 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, digits_shards):
     assert latest is not None and CheckpointManager.load(latest)["images_seen"] > 0
 
 
+def test_sigterm_to_every_rank_of_a_torchrun_job(tmp_path, digits_shards):
+    """As a cluster's scheduler does at preemption: SIGTERM reaches every worker; the ranks agree,
+    finish the step, write one checkpoint and the job exits 0."""
+    cfg = write_config(tmp_path, digits_shards, train={"duration_images": 10**7, "ckpt_every_images": 10**7})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    job = subprocess.Popen([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(free_port()), "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"],
+                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 300
+    while (not log.exists() or not log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    state = CheckpointManager.load(CheckpointManager(tmp_path / "run").latest())
+    assert state["world_size"] == 2 and state["images_seen"] > 0
+
+
 def test_resume_guards(tmp_path, digits_shards):
     cfg = write_config(tmp_path, digits_shards, train={"duration_images": 64, "ckpt_every_images": 64})
     run_train(cfg)
