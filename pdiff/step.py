@@ -17,12 +17,14 @@ def derive_seed(*parts: int) -> int:
 
 
 class PatchLoss(nn.Module):
-    def __init__(self, model: EDMPrecond, resolution: int, backend: str, net_dtype: torch.dtype):
+    def __init__(self, model: EDMPrecond, resolution: int, backend: str, net_dtype: torch.dtype,
+                 channels_last: bool = False):
         super().__init__()
         self.model = model
         self.resolution = resolution
         self.backend = backend          # "triton" | "torch" (kernels.resolve_backend)
         self.net_dtype = net_dtype      # bf16 under autocast on CUDA, else fp32
+        self.channels_last = channels_last  # the network input's memory layout (match the weights')
         self.use_network(model.net)
 
     def use_network(self, fn) -> None:
@@ -37,7 +39,8 @@ class PatchLoss(nn.Module):
         sd = self.model.sigma_data
         kw = dict(noise=noise) if noise is not None else dict(seed=seed, step=step)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
-                                 out_dtype=self.net_dtype, backend=self.backend, **kw)
+                                 out_dtype=self.net_dtype, channels_last=self.channels_last,
+                                 backend=self.backend, **kw)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.net_dtype == torch.bfloat16
                     else contextlib.nullcontext())
         with autocast:

@@ -101,7 +101,8 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
     model = build_model(cfg).to(device)
     ema = EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                           fused=device.type == "cuda")   # one kernel for the whole update on CUDA
     schedule = make_schedule(cfg)
     # The paper's EMA rule counts every step as batch * (average batch multiplier) images.
     ema_images_per_step = cfg.train.batch * sum(p * schedule.multiplier(s) for s, p in zip(schedule.sizes, schedule.probs))
@@ -135,7 +136,7 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
     backend = resolve_backend(cfg.train.kernels, device)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     net_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    loss_module = PatchLoss(model, cfg.data.resolution, backend, net_dtype)
+    loss_module = PatchLoss(model, cfg.data.resolution, backend, net_dtype, cfg.train.channels_last)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
