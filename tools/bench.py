@@ -357,9 +357,12 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
                               ("bf16" if device.type == "cuda" else "fp32"))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    if cfg.train.channels_last:   # --set train.channels_last=true measures the other layout
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=device.type == "cuda")  # as the trainer
     backend = resolve_backend(kernels, device)
-    loss_module = PatchLoss(model, r, backend, torch.bfloat16 if precision == "bf16" else torch.float32)
+    loss_module = PatchLoss(model, r, backend, torch.bfloat16 if precision == "bf16" else torch.float32,
+                            cfg.train.channels_last)
     if compile_:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         loss_module.use_network(torch.compile(model.net, dynamic=False))
