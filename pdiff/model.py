@@ -15,15 +15,12 @@ def build_model(cfg: Config) -> EDMPrecond:
 
 def one_hot_labels(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
     """Integer class indices (B,) -> one-hot (B, label_dim) floats; index -1 (no label) -> zeros.
-    Returns None for unconditional models."""
+    Returns None for unconditional models. No host sync (the trainer calls it every step): the
+    range of the dataset's labels is checked once, against its manifest, before training."""
     if label_dim == 0 or labels is None:
         return None
-    if (labels >= label_dim).any():
-        raise ValueError(f"class label {int(labels.max())} out of range for network.label_dim={label_dim}")
-    out = torch.zeros(labels.shape[0], label_dim, device=labels.device)
-    known = labels >= 0
-    out[known.nonzero().squeeze(1), labels[known]] = 1.0
-    return out
+    hot = torch.nn.functional.one_hot(labels.clamp(0, label_dim - 1), label_dim).float()
+    return hot * (labels >= 0).unsqueeze(1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

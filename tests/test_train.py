@@ -365,3 +365,17 @@ def test_trainer_runs_the_triton_kernels(tmp_path, digits_shards):
     la = np.mean([r["loss"] for r in rows])
     lb = np.mean([r["loss"] for r in log_rows(tmp_path / "ref")])
     assert abs(la - lb) < 0.25 * lb, (la, lb)
+
+
+def test_class_conditional_training_and_label_range(tmp_path, digits_shards):
+    """Labels from the shards condition the network (with label dropout); a label_dim smaller than
+    the dataset's classes is refused before training, naming the fix."""
+    cfg = write_config(tmp_path, digits_shards, network={"label_dim": 10, "label_dropout": 0.1},
+                       train={"duration_images": 64, "sample_every_images": 64}, sample={"guidance": 1.5})
+    run_train(cfg)
+    state = final_state(tmp_path / "run")
+    assert state["model"]["net.map_label.weight"].shape[1] == 10
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    bad = write_config(tmp_path, digits_shards, run="bad", network={"label_dim": 5})
+    p = run_train(bad, check=False)
+    assert p.returncode != 0 and "10 classes but network.label_dim is 5" in p.stderr
