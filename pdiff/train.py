@@ -39,6 +39,12 @@ def make_schedule(cfg: Config) -> PatchSchedule:
                          p.probs or None, cfg.train.seed, cfg.train.duration_images)
 
 
+def micro_batches(b: int, accum: int) -> list[slice]:
+    """Slices (views, no copies) splitting a batch of b into at most ``accum`` micro-batches."""
+    size = -(-b // max(1, accum))
+    return [slice(i, min(i + size, b)) for i in range(0, b, size)]
+
+
 def crossed(before: int, after: int, every: int) -> bool:
     """True when an image-count interval boundary lies in (before, after]."""
     return every > 0 and after // every > before // every
@@ -189,7 +195,7 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
         lr = cfg.optim.lr * min(1.0, (images_seen + global_b) / max(cfg.optim.warmup_images, 1))
         for group in opt.param_groups:
             group["lr"] = lr
-        chunks = torch.arange(b, device=device).chunk(cfg.train.grad_accum)
+        chunks = micro_batches(b, cfg.train.grad_accum)
         per_sample = []
         for j, idx in enumerate(chunks):
             sync = contextlib.nullcontext() if (world == 1 or j == len(chunks) - 1) else ddp.no_sync()
@@ -285,7 +291,7 @@ def warm_up(loss_module: PatchLoss, schedule: PatchSchedule, cfg: Config, world:
     c, label_dim = cfg.data.channels, cfg.network.label_dim
     for size in schedule.sizes:
         b = schedule.batch_for(size) // world
-        for n in sorted({len(chunk) for chunk in torch.arange(b).chunk(cfg.train.grad_accum)}):
+        for n in sorted({sl.stop - sl.start for sl in micro_batches(b, cfg.train.grad_accum)}):
             patches = torch.zeros(n, c, size, size, device=device)
             offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
             sigma = torch.ones(n, device=device)
