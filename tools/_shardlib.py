@@ -407,7 +407,8 @@ def _prepare_latent(arr: np.ndarray, st: dict) -> bytes:
     bad = int(np.count_nonzero(~np.isfinite(a)))
     if bad:
         raise BadInput("non-finite", f"{bad} NaN or infinite value(s) of {a.size}")
-    stored = np.ascontiguousarray(a, dtype=LATENT_DTYPES[st["dtype"]])
+    with np.errstate(over="ignore"):                 # an overflow to inf is reported just below
+        stored = np.ascontiguousarray(a, dtype=LATENT_DTYPES[st["dtype"]])
     bad = int(np.count_nonzero(~np.isfinite(stored)))
     if bad:
         raise BadInput("non-finite", f"{bad} value(s) overflow {st['dtype']} (largest |v| {float(np.abs(a).max()):g}; "
