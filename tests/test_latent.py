@@ -277,3 +277,16 @@ def test_train_runs_on_latent_shards(latent_set, tmp_path, arch):
     state = CheckpointManager.load(CheckpointManager(tmp_path / "run").latest())
     assert state["images_seen"] >= 64
     shutil.rmtree(tmp_path / "run")
+
+
+def test_rerun_keeps_latent_shards_and_other_options_are_refused(tmp_path, rng):
+    np.save(tmp_path / "lat.npy", rand_latents(rng, 7))
+    kw = dict(encoding="latent", workers=1, progress=False)
+    m = write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw)
+    assert m["version"] == 2
+    assert write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw)["created"] == m["created"]   # already complete
+    for other in (dict(dtype="float32"), dict(latent_scale=0.5)):
+        with pytest.raises(ShardInputError, match="other options"):
+            write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw, **other)
+    np.save(tmp_path / "img.npy", rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    assert write_shards(tmp_path / "img.npy", tmp_path / "img", workers=1, progress=False)["version"] == 1
