@@ -3,6 +3,11 @@
     pipe = build_pipeline(cfg, schedule, rank, world_size, device)
     batch = next(pipe)   # .patches (b, C, s, s) in [-1, 1], .offsets (b, 2) = (x0, y0), .labels, ...
 
+Latent shards (encoding "latent": float16/float32 H x W x C samples, any C) give float32 patches with
+the values as stored (no [-1, 1] normalization; the user's scale, e.g. 0.18215, is already in them),
+through the same plan, state and guards. DALI reads them like raw: the bytes are fed as a typed HWC
+batch, sliced, transposed to CHW and cast to float32; the torch backend does the same in numpy.
+
 Design. Everything random is decided on the host as a pure function before any pixel is read
 (pipelines/order.py): the step's patch size (the schedule, from images seen), which samples (an epoch
 permutation split across ranks), and the crop positions (drawn for the global step from seed and
@@ -42,7 +47,7 @@ class PipelineStateError(RuntimeError):
 
 @dataclass
 class Batch:
-    patches: torch.Tensor     # float32 (b, C, s, s) in [-1, 1]
+    patches: torch.Tensor     # float32 (b, C, s, s) in [-1, 1] (latents: the stored values)
     offsets: torch.Tensor     # int64 (b, 2) = (x0, y0)
     labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
     patch_size: int

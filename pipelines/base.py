@@ -1,5 +1,6 @@
 """The backend-independent half of a patch pipeline: the plan, the uint8 -> [-1, 1] conversion and
-the resumable state."""
+the resumable state. Latent shards are not normalized: their patches arrive as float32 CHW, values as
+stored."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,8 @@ def normalize(patches: torch.Tensor) -> torch.Tensor:
 class PatchPipeline:
     """Shared part: the plan, the uint8 -> [-1, 1] conversion, the state. Backends implement
     ``_start(images_seen)``, ``_next_step() -> (RankStep, patches)`` and ``_stop()``; the patches are
-    float32 (b, C, s, s) already in [-1, 1] or uint8 (b, s, s, C), converted here on the device."""
+    float32 (b, C, s, s) already in [-1, 1] (latents: as stored) or uint8 (b, s, s, C), converted here
+    on the device."""
     backend = "?"
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, shards: ShardSet):

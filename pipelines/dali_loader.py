@@ -7,6 +7,9 @@ pipeline started at images seen n is the k-th step after n), so DALI may run it 
 Decoding: JPEG with the "mixed" decoder (nvJPEG on the GPU) where the target device is CUDA; PNG and
 WebP on DALI's CPU threads (nvImageCodec decodes them on the CPU anyway), then the patches, not the
 images, go to the GPU; raw is sliced without a decode. CPU-only (device_id=None) elsewhere.
+
+Latents are fed like raw, as one typed (b, R, R, C) float16/float32 batch; they are sliced, moved to
+the GPU where the patches go there, transposed to CHW and cast to float32 without normalization.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ class DaliPatchPipeline(PatchPipeline):
         step = self._step_for(info.iteration)
         sh = self.shards
         n = len(step.indices)
-        if sh.encoding == "raw":                  # one uniform array: DALI takes it as a batch, no per-sample cost
-            data = np.empty((n, sh.resolution, sh.resolution, sh.channels), np.uint8)
+        if sh.encoding in ("raw", "latent"):      # one uniform array: DALI takes it as a batch, no per-sample cost
+            data = np.empty((n, sh.resolution, sh.resolution, sh.channels), sh.dtype)
             for j, i in enumerate(step.indices):
                 sh.read_into(int(i), data[j])
         else:
@@ -56,13 +59,16 @@ class DaliPatchPipeline(PatchPipeline):
         from nvidia.dali import fn, pipeline_def, types
         enc = self.shards.encoding
         cuda = self.cuda
+        uniform = enc in ("raw", "latent")
+        data_type = {np.dtype(np.uint8): types.UINT8, np.dtype("<f2"): types.FLOAT16,
+                     np.dtype("<f4"): types.FLOAT}[np.dtype(self.shards.dtype)]
 
         @pipeline_def
         def graph():
             data, anchors, shapes = fn.external_source(source=self._feed, num_outputs=3, batch=True, batch_info=True,
-                                                       dtype=[types.UINT8, types.INT32, types.INT32],
-                                                       layout=["HWC" if enc == "raw" else None, None, None])
-            if enc == "raw":
+                                                       dtype=[data_type, types.INT32, types.INT32],
+                                                       layout=["HWC" if uniform else None, None, None])
+            if uniform:
                 images = data
             else:
                 kind = types.GRAY if self.shards.channels == 1 else types.RGB
@@ -70,6 +76,8 @@ class DaliPatchPipeline(PatchPipeline):
             patches = fn.slice(images, anchors, shapes, axes=[0, 1])
             if cuda and patches.device == "cpu":
                 patches = patches.gpu()
+            if enc == "latent":          # values as stored
+                return fn.cast(fn.transpose(patches, perm=[2, 0, 1], output_layout="CHW"), dtype=types.FLOAT)
             c = self.shards.channels
             return fn.crop_mirror_normalize(patches, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[127.5] * c, std=[127.5] * c)

@@ -2,7 +2,8 @@
 any sample by its global index.
 
 Layout of one shard (a plain ustar archive): for sample k (a global index, zero-padded, no dots) the
-members ``KKKKKKKKK.<ext>`` (the image: png, jpg, webp, or raw = the H x W x C uint8 bytes) and
+members ``KKKKKKKKK.<ext>`` (the image: png, jpg, webp, or raw = the H x W x C uint8 bytes; or
+``lat`` = a latent's H x W x C little-endian float16/float32 bytes, dtype and scale in the manifest) and
 ``KKKKKKKKK.lbl`` (the label as a 4-byte little-endian int32, -1 when the dataset has none). Next to
 ``NAME-000000.tar`` lies ``NAME-000000.idx`` in DALI's webdataset index format (v1.2), which is also
 what gives the torch fallback its random access. ``manifest.json`` is written last.
@@ -23,11 +24,22 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "pdiff-webdataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2 added the "latent" encoding; image shards are still written as version 1
 INDEX_VERSION = "v1.2"
 LABEL_EXT = "lbl"
 LABEL_DTYPE = np.dtype("<i4")
-IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw"}   # encoding -> member extension
+IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}   # encoding -> member extension
+LATENT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def sample_dtype(manifest: dict) -> np.dtype:
+    """The element type of a decoded sample: uint8 for images, the stored float type for latents."""
+    if manifest.get("encoding") != "latent":
+        return np.dtype(np.uint8)
+    name = manifest.get("dtype")
+    if name not in LATENT_DTYPES:
+        raise ShardError(f"latent shards with dtype {name!r}; expected one of {', '.join(LATENT_DTYPES)}")
+    return LATENT_DTYPES[name]
 
 
 class ShardError(RuntimeError):
@@ -104,8 +116,16 @@ def check_files(root: str | Path, manifest: dict, checksums: bool = False) -> No
                 raise ShardError(f"{p}: sha256 differs from the manifest (corrupted; re-create the shards)")
 
 
-def decode_image(data: bytes | memoryview, encoding: str, resolution: int, channels: int) -> np.ndarray:
-    """Bytes of one stored image -> (R, R, C) uint8."""
+def decode_image(data: bytes | memoryview, encoding: str, resolution: int, channels: int,
+                 dtype: np.dtype | str | None = None) -> np.ndarray:
+    """Bytes of one stored image -> (R, R, C) uint8; of one latent -> (R, R, C) in its stored ``dtype``."""
+    if encoding == "latent":
+        dt = np.dtype(dtype or "<f2")
+        want = resolution * resolution * channels * dt.itemsize
+        if len(data) != want:
+            raise ShardError(f"latent has {len(data)} bytes, expected {want} "
+                             f"({resolution}x{resolution}x{channels} {dt.name})")
+        return np.frombuffer(data, dt).reshape(resolution, resolution, channels)
     if encoding == "raw":
         want = resolution * resolution * channels
         if len(data) != want:
@@ -144,6 +164,11 @@ class ShardSet:
         m = self.manifest
         self.resolution, self.channels = int(m["resolution"]), int(m["channels"])
         self.encoding, self.count = m["encoding"], int(m["count"])
+        if self.encoding not in IMAGE_EXTS:
+            raise ShardError(f"{self.root / MANIFEST}: unknown encoding {self.encoding!r} (expected one of "
+                             f"{', '.join(IMAGE_EXTS)}); update pdiff or re-create the shards")
+        self.dtype = sample_dtype(m)       # uint8, or the latents' float16/float32
+        self.latent = self.encoding == "latent"
         self.image_ext = IMAGE_EXTS[self.encoding]
         self.tars = [str(self.root / rec["tar"]) for rec in m["shards"]]
         shard, img_off, img_size, lbl_off = [], [], [], []
@@ -191,7 +216,8 @@ class ShardSet:
         return self._read(int(self.shard[i]), int(self.img_off[i]), int(self.img_size[i]), "image", i)
 
     def read_into(self, i: int, out: np.ndarray) -> None:
-        """Raw encoding: read sample i straight into ``out`` (uint8, R x R x C, contiguous)."""
+        """Raw and latent encodings: read sample i straight into ``out`` (R x R x C of the stored dtype,
+        contiguous)."""
         shard, size = int(self.shard[i]), int(self.img_size[i])
         if out.nbytes != size:
             raise ShardError(f"{self.tars[shard]}: sample {i} has {size} bytes, expected {out.nbytes}")
@@ -201,7 +227,7 @@ class ShardSet:
 
     def decode(self, i: int) -> np.ndarray:
         try:
-            return decode_image(self.image_bytes(i), self.encoding, self.resolution, self.channels)
+            return decode_image(self.image_bytes(i), self.encoding, self.resolution, self.channels, self.dtype)
         except ShardError:
             raise
         except Exception as e:

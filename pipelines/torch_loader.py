@@ -1,5 +1,6 @@
 """The torch fallback: DataLoader workers read samples by index from the tars (the shard indexes
-give the offsets), decode them with Pillow (raw: no decode) and crop. Used where DALI is missing.
+give the offsets), decode them with Pillow (raw and latent: no decode) and crop. Used where DALI is
+missing. Latent samples are cropped in their stored float type and handed over as float32 CHW.
 
 The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the
 main process joins the chunks of a step in order. No shuffling happens inside the DataLoader, so the
@@ -22,9 +23,10 @@ _LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE
 
 
 def read_patches(shards: ShardSet, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 (n, s, s, C): sample indices[j] cropped at read_xy[j] = (x0, y0)."""
+    """(n, s, s, C) in the stored type (uint8 images, float16/float32 latents): sample indices[j]
+    cropped at read_xy[j] = (x0, y0)."""
     s = patch_size
-    out = np.empty((len(indices), s, s, shards.channels), np.uint8)
+    out = np.empty((len(indices), s, s, shards.channels), shards.dtype)
     for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
         out[j] = shards.decode(int(i))[y:y + s, x:x + s]
     return out
@@ -40,7 +42,9 @@ class _ChunkReader(Dataset):
     def __getitem__(self, key):
         step_images_seen, chunk, n_chunks, s, indices, read_xy = key
         patches = read_patches(self.shards, indices, read_xy, s)
-        if self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
+        if self.shards.latent:           # values as stored: HWC -> CHW, float16 -> float32 is exact
+            patches = patches.transpose(0, 3, 1, 2).astype(np.float32)
+        elif self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
             patches = _LUT[patches.transpose(0, 3, 1, 2)]
         return step_images_seen, chunk, n_chunks, torch.from_numpy(patches)
 
@@ -68,9 +72,9 @@ class TorchPatchPipeline(PatchPipeline):
 
     def __init__(self, cfg, schedule, rank, world_size, device, shards):
         super().__init__(cfg, schedule, rank, world_size, device, shards)
-        # Raw samples need no decode: reading and cropping them in this process beats shipping them
-        # through worker queues (measured: about 10x on 2 cores).
-        self.workers = 0 if shards.encoding == "raw" else max(0, int(cfg.data.workers))
+        # Raw and latent samples need no decode: reading and cropping them in this process beats
+        # shipping them through worker queues (measured for raw: about 10x on 2 cores).
+        self.workers = 0 if shards.encoding in ("raw", "latent") else max(0, int(cfg.data.workers))
         # Split a step over the workers so that one step is decoded in parallel.
         self.chunk_size = max(16, -(-self.plan.max_per_rank // max(1, 2 * self.workers)))
         self._pending: deque[RankStep] = deque()

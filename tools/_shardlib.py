@@ -5,6 +5,14 @@ Sources: a folder or a zip of images (class sub-folders become labels 0..K-1 in 
 EDM-style ``dataset.json`` with ``{"labels": [[name, label], ...]}`` takes precedence), or a numpy
 ``.npz``/``.npy`` array of shape (N, H, W) or (N, H, W, C) in uint8.
 
+Latents (``encoding="latent"``, ``pdiff shard X.npy OUT --format latent``): a float array (N, H, W, C)
+or, with ``layout="nchw"``, (N, C, H, W), any C, already encoded by the user (e.g. Stable Diffusion VAE
+latents multiplied by 0.18215). Each sample is stored as H x W x C little-endian float16 or float32
+bytes (``dtype``), as given: no transform, no scaling. The choice is explicit, not made from the
+array's dtype, so that float images in 0..1 are never mistaken for latents. ``latent_scale`` is
+recorded in the manifest (the factor the latents already carry); nothing applies it. A sample with
+a NaN or an infinity (also after a cast to float16 overflows) is a bad input like any other.
+
 Resumable: after each complete shard, ``NAME.progress.json`` records the shard (size, sha256, the
 input range it covers and a hash of the keys in it). A re-run with the same options keeps the shards
 that still match and goes on from the first one that does not. Shards are written as ``*.tmp`` and
@@ -29,12 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.shards import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, LABEL_DTYPE, LABEL_EXT, MANIFEST, ShardError,
-                              check_files, decode_image, load_manifest, read_index, sha256_file, write_index)
+from pipelines.shards import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, LABEL_DTYPE, LABEL_EXT, LATENT_DTYPES, MANIFEST,
+                              ShardError, check_files, decode_image, load_manifest, read_index, sample_dtype,
+                              sha256_file, write_index)
 
 TOOL_VERSION = "1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TRANSFORMS = ("none", "center-crop", "center-crop-dhariwal", "resize")
+LAYOUTS = ("nhwc", "nchw")
 ENCODINGS = tuple(IMAGE_EXTS)
 GRAY_MODES = {"1", "L", "LA", "La"}
 COLOR_MODES = {"P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -55,7 +65,10 @@ class Options:
     resolution: int | None = None         # None: taken from the first image (transform 'none' only)
     transform: str = "none"
     channels: int | str = "auto"          # 1, 3 or auto (the first image's: gray -> 1, else 3)
-    encoding: str = "png"                 # png | jpeg | webp | raw
+    encoding: str = "png"                 # png | jpeg | webp | raw | latent (float arrays only)
+    layout: str = "nhwc"                  # latent: the array's axes, nhwc or nchw
+    dtype: str = "float16"                # latent: stored as float16 or float32
+    latent_scale: float = 1.0             # latent: the factor the latents already carry (recorded only)
     quality: int = 95                     # jpeg / webp (webp 100 = lossless)
     max_count: int = 10_000               # samples per shard at most
     max_bytes: int = 1 << 30              # bytes per shard at most (one sample larger than this still gets a shard)
@@ -79,6 +92,17 @@ class Options:
             raise ShardInputError(f"channels must be 1, 3 or auto, got {self.channels!r}")
         if self.on_error not in ("stop", "skip"):
             raise ShardInputError(f"on-error must be stop or skip, got {self.on_error!r}")
+        if self.layout not in LAYOUTS:
+            raise ShardInputError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.dtype not in LATENT_DTYPES:
+            raise ShardInputError(f"dtype {self.dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
+        if self.encoding == "latent":
+            if self.transform != "none":
+                raise ShardInputError(f"--transform {self.transform}: latents are stored as given (no image "
+                                      f"transforms); resize the images before encoding them, or drop --transform")
+            if not (isinstance(self.latent_scale, (int, float)) and math.isfinite(self.latent_scale)
+                    and self.latent_scale > 0):
+                raise ShardInputError(f"latent scale must be a positive number, got {self.latent_scale!r}")
         if self.transform != "none" and not self.resolution:
             raise ShardInputError(f"--transform {self.transform} needs --resolution")
         if self.resolution is not None and self.resolution < 2:
@@ -237,9 +261,13 @@ def _array_source(p: Path, opts: Options) -> Source:
         if isinstance(e, ShardInputError):
             raise
         raise ShardInputError(f"{p}: cannot read the array: {e}") from None
-    if images.dtype != np.uint8:
-        raise ShardInputError(f"{p}: images are {images.dtype}, expected uint8 (scale to 0..255 and cast first)")
-    if images.ndim == 4 and images.shape[-1] == 1:
+    if opts.encoding == "latent":
+        _check_latent_array(p, images, opts)
+    elif images.dtype != np.uint8:
+        hint = (" (for latents pass --format latent)" if np.issubdtype(images.dtype, np.floating) else "")
+        raise ShardInputError(f"{p}: images are {images.dtype}, expected uint8 (scale to 0..255 and cast "
+                              f"first){hint}")
+    elif images.ndim == 4 and images.shape[-1] == 1:
         pass
     elif not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise ShardInputError(f"{p}: images have shape {images.shape}, expected (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
@@ -254,6 +282,39 @@ def _array_source(p: Path, opts: Options) -> Source:
         classes = [str(i) for i in range(int(labels.max()) + 1 if n else 0)]
     items = [Item(f"{i:09d}", f"{p}[{i}]", i, int(labels[i]) if labels is not None else -1) for i in range(n)]
     return Source("array", str(p), items, classes, labels is not None, array=images)
+
+
+def latent_shape(shape: tuple, layout: str) -> tuple[int, int, int]:
+    """(H, W, C) of one sample of an (N, ...) latent array in ``layout``."""
+    if layout == "nchw":
+        return shape[2], shape[3], shape[1]
+    return shape[1], shape[2], shape[3]
+
+
+def _check_latent_array(p: Path, a: np.ndarray, opts: Options) -> None:
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ShardInputError(f"{p}: --format latent needs a float16/float32 array, got {a.dtype} "
+                              f"(uint8 images: use --format png or raw)")
+    if a.ndim != 4:
+        raise ShardInputError(f"{p}: latents have shape {a.shape}; expected 4 axes, (N, H, W, C) with --layout nhwc "
+                              f"or (N, C, H, W) with --layout nchw")
+    h, w, c = latent_shape(a.shape, opts.layout)
+    if h != w:
+        other = "nchw" if opts.layout == "nhwc" else "nhwc"
+        oh, ow, oc = latent_shape(a.shape, other)
+        hint = (f"; as --layout {other} they would be {oh}x{ow} with {oc} channels: pass --layout {other}"
+                if oh == ow else "")
+        raise ShardInputError(f"{p}: latents of shape {a.shape} read as --layout {opts.layout} are {h}x{w} with {c} "
+                              f"channels, not square{hint}")
+    if c > h:
+        other = "nchw" if opts.layout == "nhwc" else "nhwc"
+        raise ShardInputError(f"{p}: latents of shape {a.shape} read as --layout {opts.layout} have {c} channels, "
+                              f"more than their {h}x{w} size: the channel axis is likely wrong (pass --layout {other})")
+    if opts.resolution is not None and opts.resolution != h:
+        raise ShardInputError(f"{p}: latents are {h}x{h} but --resolution is {opts.resolution} (latents are not "
+                              f"resized; drop --resolution or pass {h})")
+    if opts.channels != "auto" and int(opts.channels) != c:
+        raise ShardInputError(f"{p}: latents have {c} channels but --channels is {opts.channels} (drop --channels)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +399,23 @@ def _encode(arr: np.ndarray, encoding: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _prepare_latent(arr: np.ndarray, st: dict) -> bytes:
+    """One latent sample -> its stored bytes (H x W x C, little-endian ``st['dtype']``); raises BadInput."""
+    a = np.asarray(arr)
+    if st["layout"] == "nchw":
+        a = a.transpose(1, 2, 0)
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad:
+        raise BadInput("non-finite", f"{bad} NaN or infinite value(s) of {a.size}")
+    with np.errstate(over="ignore"):                 # an overflow to inf is reported just below
+        stored = np.ascontiguousarray(a, dtype=LATENT_DTYPES[st["dtype"]])
+    bad = int(np.count_nonzero(~np.isfinite(stored)))
+    if bad:
+        raise BadInput("non-finite", f"{bad} value(s) overflow {st['dtype']} (largest |v| {float(np.abs(a).max()):g}; "
+                                     f"use --dtype float32)")
+    return stored.tobytes()
+
+
 _WORKER: dict = {}
 
 
@@ -357,8 +435,11 @@ def _process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None
                 data = src.load(item.ref)
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise BadInput("unreadable", str(e)) from None
-            arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"])
-            out.append((pos, _encode(arr, st["encoding"], st["quality"]), None))
+            if st["encoding"] == "latent":
+                out.append((pos, _prepare_latent(data, st), None))
+            else:
+                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"])
+                out.append((pos, _encode(arr, st["encoding"], st["quality"]), None))
         except BadInput as e:
             out.append((pos, None, f"{e.reason}: {e.detail}" if e.detail else e.reason))
     return out
@@ -431,6 +512,11 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 def _probe(src: Source, opts: Options, log) -> tuple[int, int]:
     """Resolution and channel count: given, or from the first image that decodes."""
+    if opts.encoding == "latent":
+        if src.kind != "array":
+            raise ShardInputError(f"{src.root}: --format latent reads a .npy or .npz float array, not image files")
+        h, _, c = latent_shape(src.array.shape, opts.layout)
+        return h, c
     if src.kind == "array":
         a = src.array
         ch = 1 if a.ndim == 3 or a.shape[-1] == 1 else 3
@@ -469,6 +555,9 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     per_shard = min(opts.max_count, max(1, math.ceil(len(items) / opts.min_shards)))
     settings = {"resolution": resolution, "channels": channels, "transform": opts.transform,
                 "encoding": opts.encoding, "quality": opts.quality if opts.encoding in ("jpeg", "webp") else None}
+    latent = opts.encoding == "latent"
+    if latent:
+        settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
     fingerprint = dict(settings, source=str(Path(source).resolve()), kind=src.kind, per_shard=per_shard,
                        max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), tool_version=TOOL_VERSION)
     journal_path = out / f"{opts.name}.progress.json"
@@ -554,7 +643,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
 
     reasons = Counter(s["reason"].split(":")[0] for s in skipped)
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION, "tool": "pdiff shard", "tool_version": TOOL_VERSION,
+        "format": FORMAT, "version": FORMAT_VERSION if latent else 1, "tool": "pdiff shard", "tool_version": TOOL_VERSION,
         "command": opts.command or ["write_shards", str(source), str(out_dir)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": str(source), "resolution": resolution, "channels": channels,
@@ -567,6 +656,9 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
         "skipped": {"count": len(skipped), "by_reason": dict(reasons), "items": skipped},
         "fingerprint": fingerprint,
     }
+    if latent:      # samples are H x W x C (the input's layout was converted); values as given
+        manifest.update(dtype=opts.dtype, shape=[resolution, resolution, channels], layout="hwc",
+                        scale=float(opts.latent_scale), input_layout=opts.layout)
     if len(done) < opts.min_shards:
         log.warn(f"only {len(done)} shards for --min-shards {opts.min_shards} (bad inputs were skipped)")
     _atomic_json(manifest_path, manifest)
@@ -672,7 +764,13 @@ def verify(root: str | Path, log=print) -> tuple[bool, str]:
     except ShardError as e:
         return False, str(e)
     R, C, enc = m["resolution"], m["channels"], m["encoding"]
+    if enc not in IMAGE_EXTS:
+        return False, f"{root}: unknown encoding {enc!r} in the manifest"
     ext = IMAGE_EXTS[enc]
+    try:
+        dtype = sample_dtype(m)
+    except ShardError as e:
+        return False, f"{root}: {e}"
     total = 0
     for rec in m["shards"]:
         tar, idx = root / rec["tar"], root / rec["index"]
@@ -699,9 +797,11 @@ def verify(root: str | Path, log=print) -> tuple[bool, str]:
             if io_ + isz > len(blob) or lo + lsz > len(blob) or lsz != 4:
                 return False, f"{where}: index points outside the archive"
             try:
-                decode_image(blob[io_:io_ + isz], enc, R, C)
+                arr = decode_image(blob[io_:io_ + isz], enc, R, C, dtype)
             except Exception as err:
                 return False, f"{where}: cannot decode: {err}"
+            if enc == "latent" and not np.isfinite(arr).all():
+                return False, f"{where}: {int(np.count_nonzero(~np.isfinite(arr)))} non-finite value(s)"
             label = int(np.frombuffer(blob[lo:lo + 4], LABEL_DTYPE)[0])
             if m["labeled"] and not 0 <= label < m["num_classes"]:
                 return False, f"{where}: label {label} outside 0..{m['num_classes'] - 1}"
@@ -716,11 +816,17 @@ def info(root: str | Path) -> str:
     sizes = [r["bytes"] for r in m["shards"]]
     counts = [r["count"] for r in m["shards"]]
     classes = m["classes"]
+    if m["encoding"] == "latent":
+        what = [f"latents     {m['count']} of {m['resolution']}x{m['resolution']}x{m['channels']} (H x W x C)",
+                f"stored as   latent {m['dtype']}, scale {m['scale']:g} (already applied by the user; "
+                f"input layout {m.get('input_layout', 'nhwc')})"]
+    else:
+        what = [f"images      {m['count']} at {m['resolution']}x{m['resolution']}, {m['channels']} channel(s)",
+                f"stored as   {m['encoding']}" + (f" (quality {m['quality']})" if m.get("quality") else "")
+                + f", transform {m['transform']}"]
     lines = [
         f"folder      {root}",
-        f"images      {m['count']} at {m['resolution']}x{m['resolution']}, {m['channels']} channel(s)",
-        f"stored as   {m['encoding']}" + (f" (quality {m['quality']})" if m.get("quality") else "")
-        + f", transform {m['transform']}",
+        *what,
         f"labels      " + (f"{m['num_classes']} classes: " + ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else "")
                            if m["labeled"] else "none"),
         f"shards      {len(sizes)} ({m['shards'][0]['tar']} .. {m['shards'][-1]['tar']}), "

@@ -101,6 +101,9 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
         shards = ShardSet(root)
     except (ShardError, KeyError) as e:
         raise SystemExit(f"pdiff fid: {root}: cannot read the shards: {e}") from None
+    if shards.latent:
+        raise SystemExit(f"pdiff fid: {root} holds latents, not images; decode them with your autoencoder and "
+                         f"give the images (a folder or an .npz) as the FID reference")
     count = min(shards.count, limit) if limit else shards.count
 
     def batches(n: int):

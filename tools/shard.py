@@ -1,13 +1,18 @@
 """`pdiff shard`: write a dataset as WebDataset tar shards with DALI indexes and a manifest.
 
     pdiff shard SRC OUT [--resolution R] [--transform none|center-crop|center-crop-dhariwal|resize]
-                        [--channels auto|1|3] [--format png|jpeg|webp|raw] [--quality Q]
+                        [--channels auto|1|3] [--format png|jpeg|webp|raw|latent] [--quality Q]
                         [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip] ...
     pdiff shard verify DIR     sizes, checksums and a decode of every sample
     pdiff shard info DIR       what the manifest holds
 
 SRC: a folder of images (class sub-folders become labels), a .zip of images (EDM dataset.json
 labels honoured), or a .npz/.npy uint8 array (N, H, W[, C]) with optional labels.
+
+Latents: --format latent takes a .npy/.npz float array (N, H, W, C), or (N, C, H, W) with --layout
+nchw, any number of channels, and stores each sample as float16 (default) or float32 (--dtype) bytes,
+values as given (no transform). --latent-scale records the factor they already carry: multiply
+Stable Diffusion VAE latents by 0.18215 before sharding and pass --latent-scale 0.18215.
 """
 from __future__ import annotations
 
@@ -39,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
                    help="1 = grayscale, 3 = RGB, auto = as the first image")
     p.add_argument("--format", dest="encoding", choices=ENCODINGS, default="png",
-                   help="png (lossless, default), jpeg, webp, or raw uint8 (no decode, larger)")
+                   help="png (lossless, default), jpeg, webp, raw uint8 (no decode, larger), or latent (float arrays)")
+    p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc", help="latent: the array's axis order")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="latent: stored element type")
+    p.add_argument("--latent-scale", type=float, default=1.0,
+                   help="latent: the scale factor the values already carry (recorded, not applied)")
     p.add_argument("--quality", type=int, default=95, help="jpeg/webp quality (webp 100 = lossless)")
     p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
     p.add_argument("--max-bytes", type=_size, default=1 << 30, help="bytes per shard at most (e.g. 500M, 1Gi)")
