@@ -76,5 +76,9 @@ def check_replicas_agree(model: torch.nn.Module, device: torch.device) -> float:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears its connections down while a peer is
+    still finishing a collective can bring that peer down (gloo aborts it)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
