@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -81,4 +82,5 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
+        gc.collect()   # finished work objects still referenced by cycles go while the group lives
         dist.destroy_process_group()

@@ -275,6 +275,7 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
 
     monitor.close()
     pipe.close()
+    del ddp, loss_module   # DDP's reducer holds communication work: release it before the group
     dist.shutdown()
     return 0
 
