@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdiff.config import load_config  # noqa: E402
+from pdiff.step import resolve_precision  # noqa: E402
 from tools.bench import bench_step, machine, machine_name, print_step, save_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true", help="--out is a .json from an earlier run: add to its results")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision or "auto", device)
     modes = [m for m in (args.modes or ("compile" if args.compile else "eager")).split(",") if m]
     for m in modes:
         if m not in ("eager", "compile"):

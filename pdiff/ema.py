@@ -29,9 +29,9 @@ class EMA:
         beta = self.beta(images_seen, images_per_step)
         ema_p = list(self.model.parameters())
         src_p = list(model.parameters())
+        # Parameters only, as EDM: the networks' buffers (resampling filters, Fourier
+        # frequencies) are constants the deep copy already holds.
         torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
 
     def state_dict(self):
         return self.model.state_dict()

@@ -8,12 +8,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels import build_net_input, edm_patch_loss
+
 from .precond import EDMPrecond, c_noise
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, images seen, ...): the same parts, the same seed."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def resolve_precision(mode: str, device) -> str:
+    """train.precision: "auto" is bf16 autocast on CUDA and fp32 elsewhere."""
+    return mode if mode != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
+
+
+def net_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 class PatchLoss(nn.Module):
@@ -35,7 +46,6 @@ class PatchLoss(nn.Module):
     def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, step: int):
         """Per-sample loss (B,). ``noise`` is given on the torch path; on the Triton path it is
         None and both kernels regenerate the same Philox noise from (seed, step)."""
-        from kernels import build_net_input, edm_patch_loss
         sd = self.model.sigma_data
         kw = dict(noise=noise) if noise is not None else dict(seed=seed, step=step)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,

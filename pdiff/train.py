@@ -25,7 +25,7 @@ from .loss import sample_sigma
 from .model import build_model, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, image_grid, peak_memory_bytes, save_png
 from .schedule import PatchSchedule
-from .step import PatchLoss, derive_seed
+from .step import PatchLoss, derive_seed, net_dtype, resolve_precision
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. intervals or duration,
 # may change between runs).
@@ -79,18 +79,11 @@ def check_resume_compatible(saved: dict, cfg: Config, world_size: int, where: Pa
 
 @torch.no_grad()
 def sample_grid(ema_model, cfg: Config, device, count: int = 36):
-    from .sampler import SeedNoise, sample_images
-    seeds = list(range(count))
-    noise_src = SeedNoise(seeds, device)
-    r, c = cfg.data.resolution, cfg.data.channels
-    labels = None
-    if cfg.network.label_dim:
-        labels = one_hot_labels(torch.tensor(seeds, device=device) % cfg.network.label_dim, cfg.network.label_dim)
-    s = cfg.sample
-    x = sample_images(ema_model, noise_src.randn((count, c, r, r)), r, labels, s.steps, s.sigma_min,
-                      s.sigma_max, s.rho, s.guidance, s.s_churn, s.s_min, s.s_max, s.s_noise,
-                      randn_like=noise_src.randn_like)
-    return image_grid(x[:, :3] if c > 3 else x)
+    """Seeds 0..count-1 exactly as `pdiff sample --seeds 0-(count-1)` draws them."""
+    from .generate import SampleOptions, generate
+    x, _ = generate(ema_model, list(range(count)), cfg.data.resolution, cfg.data.channels,
+                    cfg.network.label_dim, SampleOptions(sampler=cfg.sample), device)
+    return image_grid(x[:, :3] if cfg.data.channels > 3 else x)
 
 
 def train(cfg: Config, device_preference: str = "auto") -> int:
@@ -144,9 +137,8 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
     # The compiled differentiable step: one static-shape graph per patch size.
     from kernels import resolve_backend
     backend = resolve_backend(cfg.train.kernels, device)
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    net_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    loss_module = PatchLoss(model, cfg.data.resolution, backend, net_dtype, cfg.train.channels_last)
+    dtype = net_dtype(resolve_precision(cfg.train.precision, device))
+    loss_module = PatchLoss(model, cfg.data.resolution, backend, dtype, cfg.train.channels_last)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:

@@ -349,20 +349,18 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     from pdiff.coords import random_offsets
     from pdiff.loss import sample_sigma
     from pdiff.model import build_model, count_parameters
-    from pdiff.step import PatchLoss
+    from pdiff.step import PatchLoss, net_dtype, resolve_precision
     from pdiff.train import make_schedule
     from tools.info import describe
     r, c, label_dim = cfg.data.resolution, cfg.data.channels, cfg.network.label_dim
-    precision = precision or (cfg.train.precision if cfg.train.precision != "auto" else
-                              ("bf16" if device.type == "cuda" else "fp32"))
+    precision = precision or resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device).train()
     if cfg.train.channels_last:   # --set train.channels_last=true measures the other layout
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=device.type == "cuda")  # as the trainer
     backend = resolve_backend(kernels, device)
-    loss_module = PatchLoss(model, r, backend, torch.bfloat16 if precision == "bf16" else torch.float32,
-                            cfg.train.channels_last)
+    loss_module = PatchLoss(model, r, backend, net_dtype(precision), cfg.train.channels_last)
     if compile_:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         loss_module.use_network(torch.compile(model.net, dynamic=False))
@@ -423,27 +421,14 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
     if not force and (device.type != "cuda" or cfg.train.compile):
         return 0.0
     from kernels import resolve_backend
-    from pdiff.coords import random_offsets
-    from pdiff.loss import sample_sigma
     from pdiff.model import build_model
-    from pdiff.step import PatchLoss, derive_seed
-    from pdiff.train import make_schedule
+    from pdiff.step import PatchLoss, net_dtype, resolve_precision
+    from pdiff.train import make_schedule, warm_up
     t = time.perf_counter()
-    r, c, label_dim = cfg.data.resolution, cfg.data.channels, cfg.network.label_dim
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     model = build_model(cfg).to(device)
-    backend = resolve_backend(cfg.train.kernels, device)
-    lm = PatchLoss(model, r, backend, torch.bfloat16 if precision == "bf16" else torch.float32)
-    sched = make_schedule(cfg)
-    for s in sched.sizes:
-        b = sched.batch_for(s)
-        for n in sorted({len(chunk) for chunk in torch.arange(b).chunk(cfg.train.grad_accum)}):
-            y = torch.rand(n, c, s, s, device=device) * 2 - 1
-            noise = torch.randn_like(y) if backend == "torch" else None
-            labels = (torch.nn.functional.one_hot(torch.randint(0, label_dim, (n,), device=device), label_dim).float()
-                      if label_dim else None)
-            lm(y, random_offsets(n, s, r, device=device), sample_sigma(n, device=device), noise, labels,
-               derive_seed(cfg.train.seed, 0, 0), 7 * b).sum().backward()
+    lm = PatchLoss(model, cfg.data.resolution, resolve_backend(cfg.train.kernels, device),
+                   net_dtype(resolve_precision(cfg.train.precision, device)), cfg.train.channels_last)
+    warm_up(lm, make_schedule(cfg), cfg, 1, device)
     del lm, model
     gc.collect()
     if device.type == "cuda":
