@@ -23,8 +23,16 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def lane_block(q: int, cap: int = 512) -> int:
-    """Counters per program: a power of two covering Q up to ``cap``."""
+    """Philox counters per program (each covers 4 pixels): a power of two covering q, at most ``cap``."""
     return max(16, min(cap, triton.next_power_of_2(q)))
+
+
+def counter_blocks(pixels: int) -> tuple[int, int, int]:
+    """(counters per program, programs per plane, warps) for planes of ``pixels`` pixels: a program
+    covers 4 * counters pixels of a plane; each thread takes two counters, i.e. 8 adjacent pixels
+    (two 16-byte vectors of float32, one of bfloat16), and at least 2 warps run per program."""
+    block = lane_block(triton.cdiv(pixels, 4))
+    return block, triton.cdiv(pixels, 4 * block), max(2, min(8, block // 64))
 
 
 def launcher(kernel, *tensors):

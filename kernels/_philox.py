@@ -3,9 +3,11 @@
 The noise of element (b, c, p) of a (B, C, H, W) batch (p = row * W + col, the pixel's index in its
 plane) is a pure function of (seed, step, shape): Philox-4x32-10 keyed by the 64-bit seed, with the
 counter (j, b * C + c, step_lo, step_hi). One Philox call yields four uint32, which Box-Muller turns
-into four normals; they go to the pixels p = k * Q + j (k = 0..3, Q = ceil(H * W / 4)), so one call
-feeds four pixels of the same plane. The definition does not depend on block sizes or memory layout,
-so the loss kernel regenerates exactly what the net-input kernel drew and nothing is stored.
+into four normals; they go to the four adjacent pixels p = 4 j + k (k = 0..3) of the same plane. The
+definition does not depend on block sizes or memory layout, so the loss kernel regenerates exactly
+what the net-input kernel drew and nothing is stored. (Adjacent pixels also keep the noise in the
+registers of the thread that loads and stores those pixels: a thread's four values of one call are
+its four contiguous elements of a block, so no value crosses threads through shared memory.)
 
 The torch backend cannot run Philox cheaply; with a seed it draws from a torch.Generator seeded by
 (seed, step) instead. That stream is NOT the Philox stream (tests compare the two backends with
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, lane_block, launcher
+from ._common import counter_blocks, empty, launcher
 
 _MASK64 = (1 << 64) - 1
 
@@ -40,7 +42,7 @@ def rng_state(seed, step, step_ptr, STEP_IN_TENSOR: tl.constexpr):
 
 @triton.jit
 def noise4(seed, j, plane, step_lo, step_hi):
-    """Four N(0, 1) blocks for counters j (a block) of one plane: the noise of pixels k * Q + j."""
+    """Four N(0, 1) blocks for counters j (a block) of one plane: the noise of pixels 4 j + k."""
     c0 = j.to(tl.uint32)
     zero = c0 * 0
     c1 = zero + plane.to(tl.uint32)
@@ -53,26 +55,26 @@ def noise4(seed, j, plane, step_lo, step_hi):
 
 
 @triton.jit
-def _store_lane(out_ptr, base, j, k, Q, S, n):
-    p = k * Q + j
-    tl.store(out_ptr + base + p, n, mask=(j < Q) & (p < S))
+def noise_block(seed, t, plane, step_lo, step_hi, BLOCK: tl.constexpr):
+    """N(0, 1) noise of the pixels t * 4 BLOCK + (0 .. 4 BLOCK) of one plane, as one block: counters
+    j = t * BLOCK + i give pixels 4 j + k. Joining the four outputs keeps each call's values in one
+    thread, in the order the pixels lie in memory."""
+    j = t * BLOCK + tl.arange(0, BLOCK)
+    n0, n1, n2, n3 = noise4(seed, j, plane, step_lo, step_hi)
+    return tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), (4 * BLOCK,))
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
-def _philox_noise_kernel(out_ptr, seed, step, step_ptr, S, Q, C: tl.constexpr, STEP_IN_TENSOR: tl.constexpr,
+def _philox_noise_kernel(out_ptr, seed, step, step_ptr, S, C: tl.constexpr, STEP_IN_TENSOR: tl.constexpr,
                          BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.program_id(1)
-    j = t * BLOCK + tl.arange(0, BLOCK)
+    p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
     seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     for c in tl.static_range(C):
         plane = b * C + c
-        n0, n1, n2, n3 = noise4(seed, j, plane, step_lo, step_hi)
-        base = plane.to(tl.int64) * S
-        _store_lane(out_ptr, base, j, 0, Q, S, n0)
-        _store_lane(out_ptr, base, j, 1, Q, S, n1)
-        _store_lane(out_ptr, base, j, 2, Q, S, n2)
-        _store_lane(out_ptr, base, j, 3, Q, S, n3)
+        n = noise_block(seed, t, plane, step_lo, step_hi, BLOCK)
+        tl.store(out_ptr + plane.to(tl.int64) * S + p, n, mask=p < S)
 
 
 def rng_args(seed, step, device):
@@ -100,14 +102,12 @@ def philox_noise_op(step_t: Optional[torch.Tensor], seed: int, step: int, b: int
                     device: torch.device) -> torch.Tensor:
     out = empty((b, c, h, w), torch.float32, device)
     s_total = h * w
-    q = triton.cdiv(s_total, 4)
-    block = lane_block(q)
-    grid = (b, triton.cdiv(q, block))
+    block, n_tiles, num_warps = counter_blocks(s_total)
     kernel = launcher(_philox_noise_kernel, out)
     if kernel is not None:
-        kernel[grid](
-            out, seed, step, step_t if step_t is not None else out, s_total, q,
-            C=c, STEP_IN_TENSOR=step_t is not None, BLOCK=block)
+        kernel[(b, n_tiles)](
+            out, seed, step, step_t if step_t is not None else out, s_total,
+            C=c, STEP_IN_TENSOR=step_t is not None, BLOCK=block, num_warps=num_warps)
     return out
 
 

@@ -20,34 +20,14 @@ import triton.language as tl
 
 from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
-from ._common import empty, empty_like, lane_block, launcher
-from ._philox import noise4, rng_state
+from ._common import counter_blocks, empty, empty_like, launcher
+from ._philox import noise_block, rng_state
 from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
-
-
-@triton.jit
-def _loss_lane(f_base, y_base, n_base, g_base, c, j, k, Q, S, W, n_rng, a, bn, co, gcoef,
-               sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
-               F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, G_FLAT: tl.constexpr,
-               IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_GRAD: tl.constexpr):
-    p = k * Q + j
-    mask = (j < Q) & (p < S)
-    y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
-    if HAS_NOISE:
-        n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
-    else:
-        n = n_rng
-    f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_FLAT), mask=mask, other=0).to(tl.float32)
-    r = a * y + bn * n + co * f                       # D - y
-    if WRITE_GRAD:
-        tl.store(g_base + plane_offset(c, p, W, sg_c, sg_h, sg_w, G_FLAT),
-                 (gcoef * r).to(g_base.dtype.element_ty), mask=mask)
-    return tl.where(mask, r * r, 0.0)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, seed, step,
-                     S, W, Q, n_tiles, sigma_data, inv_count,
+                     S, W, n_tiles, sigma_data, inv_count,
                      sf_b, sf_c, sf_h, sf_w, sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w,
                      sg_b, sg_c, sg_h, sg_w, s_sig,
                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -55,7 +35,8 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
                      N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
-    j = t * BLOCK + tl.arange(0, BLOCK)
+    p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
+    mask = p < S
     # Per-sample coefficients in float64 (EDM Table 1), used in float32.
     s64 = tl.load(sigma_ptr + b * s_sig).to(tl.float64)
     sd = s64 * 0 + sigma_data
@@ -72,27 +53,19 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
     g_base = g_ptr + b * sg_b
     if not HAS_NOISE:
         seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((4 * BLOCK,), dtype=tl.float32)
     for c in tl.static_range(C):
+        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
         if HAS_NOISE:
-            n0 = a
-            n1 = a
-            n2 = a
-            n3 = a
+            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
         else:
-            n0, n1, n2, n3 = noise4(seed, j, b.to(tl.int32) * C + c, step_lo, step_hi)
-        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 0, Q, S, W, n0, a, bn, co, gcoef,
-                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
-                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
-        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 1, Q, S, W, n1, a, bn, co, gcoef,
-                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
-                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
-        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 2, Q, S, W, n2, a, bn, co, gcoef,
-                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
-                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
-        acc += _loss_lane(f_base, y_base, n_base, g_base, c, j, 3, Q, S, W, n3, a, bn, co, gcoef,
-                          sf_c, sf_h, sf_w, sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, sg_c, sg_h, sg_w,
-                          F_FLAT, Y_FLAT, N_FLAT, G_FLAT, IS_UINT8, HAS_NOISE, WRITE_GRAD)
+            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK)
+        f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_FLAT), mask=mask, other=0).to(tl.float32)
+        r = a * y + bn * n + co * f                         # D - y
+        if WRITE_GRAD:
+            tl.store(g_base + plane_offset(c, p, W, sg_c, sg_h, sg_w, G_FLAT),
+                     (gcoef * r).to(g_base.dtype.element_ty), mask=mask)
+        acc += tl.where(mask, r * r, 0.0)
     total = tl.sum(acc, axis=0) * (lam * inv_count).to(tl.float32)
     tl.store(part_ptr + b * n_tiles + t, total)
 
@@ -101,9 +74,7 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
     y = chw_view(patches)
     b, c, h, w = y.shape
     s_total = h * w
-    q = triton.cdiv(s_total, 4)
-    block = lane_block(q)
-    n_tiles = triton.cdiv(q, block)
+    block, n_tiles, num_warps = counter_blocks(s_total)
     partial = empty((b, n_tiles), torch.float32, F.device)
     grad = empty_like(F) if write_grad else torch.empty((0,), dtype=F.dtype, device=F.device)
     g = grad if write_grad else F
@@ -114,7 +85,7 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
         return partial.sum(1), grad
     kernel[(b, n_tiles)](
         F, y, n, step_t if step_t is not None else sigma, sigma, partial, g, seed, step,
-        s_total, w, q, n_tiles, sigma_data, 1.0 / (c * s_total),
+        s_total, w, n_tiles, sigma_data, 1.0 / (c * s_total),
         F.stride(0), F.stride(1), F.stride(2), F.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         n.stride(0), n.stride(1), n.stride(2), n.stride(3),
@@ -122,7 +93,7 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
         WRITE_GRAD=write_grad,
         F_FLAT=planes_flat(F), Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), G_FLAT=planes_flat(g),
-        BLOCK=block, num_warps=4 if block >= 256 else 2)
+        BLOCK=block, num_warps=num_warps)
     return partial.sum(1), grad
 
 

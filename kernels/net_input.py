@@ -1,7 +1,7 @@
 """Fused network input: [c_in(sigma) (y + sigma n), x-grid, y-grid] in one pass.
 
-Each program owns one sample and a block of Philox counters j, i.e. the pixels p = k * Q + j
-(k = 0..3, see _philox.py) of every channel. It reads each patch (and noise) element once and
+Each program owns one sample and a block of 4 * BLOCK pixels p of every channel (BLOCK Philox
+counters j, pixels p = 4 j + k, see _philox.py). It reads each patch (and noise) element once and
 writes each output element once; the coordinate channels are computed from (x0, y0) and p.
 Per-sample coefficients are computed in float64, element math in float32.
 """
@@ -17,8 +17,8 @@ from pdiff.coords import coord_grid
 from pdiff.loss import net_input_ref as _pdiff_net_input_ref
 from pdiff.precond import c_in as _c_in
 
-from ._common import empty, lane_block, launcher
-from ._philox import noise4, philox_noise_op, rng_state
+from ._common import counter_blocks, empty, launcher
+from ._philox import noise_block, philox_noise_op, rng_state
 
 
 @triton.jit
@@ -41,77 +41,47 @@ def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, FLAT: tl.constexpr, IS_UINT
         return y.to(tl.float32)
 
 
-@triton.jit
-def _image_lane(y_base, n_base, o_base, c, j, k, Q, S, W, n_rng, sigma, cin,
-                sy_c, sy_h, sy_w, sn_c, sn_h, sn_w, so_c, so_h, so_w,
-                Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
-                IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr):
-    p = k * Q + j
-    mask = (j < Q) & (p < S)
-    y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
-    if HAS_NOISE:
-        n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
-    else:
-        n = n_rng
-    v = (y + sigma * n) * cin
-    tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_FLAT), v.to(o_base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _coord_lane(o_base, C: tl.constexpr, j, k, Q, S, W, x0, y0, rm1,
-                so_c, so_h, so_w, O_FLAT: tl.constexpr):
-    # (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer numerator and
-    # one correctly rounded division, so the fp32 result is the float64 reference rounded.
-    p = k * Q + j
-    mask = (j < Q) & (p < S)
-    h = p // W
-    w = p - h * W
-    den = rm1.to(tl.float32)
-    gx = tl.div_rn((2 * (x0 + w) - rm1).to(tl.float32), den)
-    gy = tl.div_rn((2 * (y0 + h) - rm1).to(tl.float32), den)
-    tl.store(o_base + plane_offset(C, p, W, so_c, so_h, so_w, O_FLAT), gx.to(o_base.dtype.element_ty), mask=mask)
-    tl.store(o_base + plane_offset(C + 1, p, W, so_c, so_h, so_w, O_FLAT), gy.to(o_base.dtype.element_ty), mask=mask)
-
-
 @triton.jit(do_not_specialize=["seed", "step"])
 def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed, step,
-                      S, W, Q, rm1, sigma_data,
+                      S, W, rm1, sigma_data,
                       sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w, so_b, so_c, so_h, so_w,
                       s_sig, s_off_b, s_off_c,
                       C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
                       STEP_IN_TENSOR: tl.constexpr, Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
                       BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(1)
+    p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
+    mask = p < S
     sig64 = tl.load(sigma_ptr + b * s_sig).to(tl.float64)
     sd = sig64 * 0 + sigma_data             # float64 in compiled and interpreted runs alike
     cin = (1.0 / tl.sqrt(sig64 * sig64 + sd * sd)).to(tl.float32)   # EDM Table 1: c_in
     sigma = sig64.to(tl.float32)
-    x0 = tl.load(off_ptr + b * s_off_b).to(tl.int32)
-    y0 = tl.load(off_ptr + b * s_off_b + s_off_c).to(tl.int32)
     y_base = y_ptr + b * sy_b
     n_base = n_ptr + b * sn_b
     o_base = out_ptr + b * so_b
+    out_ty = o_base.dtype.element_ty
     if not HAS_NOISE:
         seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     for c in tl.static_range(C):
+        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
         if HAS_NOISE:
-            n0 = sigma
-            n1 = sigma
-            n2 = sigma
-            n3 = sigma
+            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
         else:
-            n0, n1, n2, n3 = noise4(seed, j, b.to(tl.int32) * C + c, step_lo, step_hi)
-        _image_lane(y_base, n_base, o_base, c, j, 0, Q, S, W, n0, sigma, cin, sy_c, sy_h, sy_w,
-                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
-        _image_lane(y_base, n_base, o_base, c, j, 1, Q, S, W, n1, sigma, cin, sy_c, sy_h, sy_w,
-                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
-        _image_lane(y_base, n_base, o_base, c, j, 2, Q, S, W, n2, sigma, cin, sy_c, sy_h, sy_w,
-                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
-        _image_lane(y_base, n_base, o_base, c, j, 3, Q, S, W, n3, sigma, cin, sy_c, sy_h, sy_w,
-                    sn_c, sn_h, sn_w, so_c, so_h, so_w, Y_FLAT, N_FLAT, O_FLAT, IS_UINT8, HAS_NOISE)
-    for k in tl.static_range(4):
-        _coord_lane(o_base, C, j, k, Q, S, W, x0, y0, rm1, so_c, so_h, so_w, O_FLAT)
+            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK)
+        v = (y + sigma * n) * cin
+        tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_FLAT), v.to(out_ty), mask=mask)
+    # Coordinates: (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer
+    # numerator and one correctly rounded division, so the fp32 result is the float64 reference rounded.
+    x0 = tl.load(off_ptr + b * s_off_b).to(tl.int32)
+    y0 = tl.load(off_ptr + b * s_off_b + s_off_c).to(tl.int32)
+    h = p // W
+    w = p - h * W
+    den = rm1.to(tl.float32)
+    gx = tl.div_rn((2 * (x0 + w) - rm1).to(tl.float32), den)
+    gy = tl.div_rn((2 * (y0 + h) - rm1).to(tl.float32), den)
+    tl.store(o_base + plane_offset(C, p, W, so_c, so_h, so_w, O_FLAT), gx.to(out_ty), mask=mask)
+    tl.store(o_base + plane_offset(C + 1, p, W, so_c, so_h, so_w, O_FLAT), gy.to(out_ty), mask=mask)
 
 
 def chw_view(patches: torch.Tensor) -> torch.Tensor:
@@ -132,25 +102,22 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
     b, c, h, w = y.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = empty((b, c + 2, h, w), out_dtype, y.device, fmt)
-    s_total = h * w
-    q = triton.cdiv(s_total, 4)
-    block = lane_block(q)
-    grid = (b, triton.cdiv(q, block))
+    block, n_tiles, num_warps = counter_blocks(h * w)
     has_noise = noise is not None
     n = noise if has_noise else y
     kernel = launcher(_net_input_kernel, out, y)
     if kernel is None:
         return out
-    kernel[grid](
+    kernel[(b, n_tiles)](
         y, n, step_t if step_t is not None else sigma, sigma, offsets, out, seed, step,
-        s_total, w, q, resolution - 1, sigma_data,
+        h * w, w, resolution - 1, sigma_data,
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         n.stride(0), n.stride(1), n.stride(2), n.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         sigma.stride(0), offsets.stride(0), offsets.stride(1),
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
         Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), O_FLAT=planes_flat(out),
-        BLOCK=block, num_warps=4 if block >= 256 else 2)
+        BLOCK=block, num_warps=num_warps)
     return out
 
 
