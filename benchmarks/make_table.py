@@ -30,7 +30,10 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # ---- machine and date, from whatever the file records
 
-def machine_label(m) -> str:
+def machine_label(m, payload: dict | None = None) -> str:
+    if payload and payload.get("tool") == "kernels.offline":
+        version = re.search(r"cuda_(\d+\.\d+)", str(payload.get("ptxas", "")))
+        return f"this VM, no GPU (ptxas {version.group(1) if version else '?'})"
     if isinstance(m, str):
         return m
     if not isinstance(m, dict):
@@ -120,6 +123,15 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if large and p.get("copy_bandwidth_gbps"):
             line += f"; large shapes {100 * max(r['gpu_gbps'] for r in large) / p['copy_bandwidth_gbps']:.0f}% of copy bandwidth"
         return "bench_kernels" + (" (quick)" if p.get("quick") else ""), [line]
+    if p.get("tool") == "kernels.offline":
+        v = p.get("variants", [])
+        default = [r for r in v if "channels_last" not in r["name"]]
+        noise = [r for r in default if r["name"].split()[0] in ("net_input", "edm_loss") and r["name"].endswith("philox")]
+        line = (f"{len(v)} launch variants compiled for {p.get('arch')} without a GPU: "
+                f"{sum(r['spill_bytes'] for r in v)} bytes spilled, at most {max(r['registers'] for r in default)} "
+                f"registers (channels_last {max((r['registers'] for r in v if r not in default), default=0)}), "
+                f"in-kernel noise at most {max((r['barriers'] for r in noise), default=0)} barriers per program")
+        return "kernels.offline (compile only)", [line]
     if name == "bench_sample":
         rows = p.get("results", [])
         lines = [f"{r['model']} {r['nfe']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s" for r in rows
@@ -183,7 +195,7 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
             skipped.append(f"{path.relative_to(folder)} (unknown shape)")
             continue
         bench, lines = got
-        rows.append({"benchmark": bench, "result": "<br>".join(lines), "machine": machine_label(payload.get("machine")),
+        rows.append({"benchmark": bench, "result": "<br>".join(lines), "machine": machine_label(payload.get("machine"), payload),
                      "date": file_date(path, payload), "file": str(path.relative_to(folder))})
     rows.sort(key=lambda r: (r["date"], r["benchmark"], r["file"]))
     return rows, skipped

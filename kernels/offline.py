@@ -1,0 +1,272 @@
+"""Compile the kernels for an NVIDIA GPU on a machine without one, and read what ptxas made of them.
+
+    python -m kernels.offline                 # every launch variant training uses, for sm_90a (H100/H200)
+    python -m kernels.offline --arch 80       # for an A100
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, what the tests run) checks what the kernels compute,
+but not that they compile: the interpreter accepts code the compiler rejects, and it says nothing of
+registers, spills or vector widths. Triton ships the NVIDIA compiler chain (LLVM to PTX, ptxas to
+cubin), which needs no GPU. So here the public launchers run with their kernel launch recorded
+instead of executed; each recorded launch goes through Triton's own argument specialisation
+(dtypes, 16-byte alignment, constexprs) for the chosen GPU, is compiled to a cubin, and ptxas -v
+reports its registers and spills. The PTX shows whether global loads and stores are vectorised and
+how many barriers (shared-memory layout conversions, reductions) a program passes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher issued it: the @triton.jit function, grid, arguments."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Report:
+    """What one compiled launch variant looks like to the GPU."""
+    name: str
+    num_warps: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    barriers: int
+    loads: dict = field(default_factory=dict)     # PTX global load forms -> count, e.g. {"v4.b32": 12}
+    stores: dict = field(default_factory=dict)
+
+    def access_bytes(self, which: str) -> float:
+        """Mean bytes one thread moves per global load or store instruction ("loads"/"stores"):
+        16 for 128-bit vectors, 1 for single bytes."""
+        ops = getattr(self, which)
+        total = sum(ops.values())
+        return sum(n * _form_bytes(form) for form, n in ops.items()) / max(total, 1)
+
+
+def _form_bytes(form: str) -> int:
+    """Bytes of one PTX access form such as "v4.b32", "b16" or "v2.b64"."""
+    vec = re.match(r"v(\d+)\.", form)
+    bits = re.search(r"[bfus](\d+)$", form)
+    return (int(vec.group(1)) if vec else 1) * int(bits.group(1)) // 8
+
+
+class _Recorder:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, tuple(grid), args, dict(kwargs)))
+        return record
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block the kernel launchers record their launches (a list, yielded) and run nothing;
+    their outputs are left unwritten. Inputs may be CPU tensors (only dtypes, strides and alignment
+    matter to the compiler)."""
+    from . import _philox, edm_loss, net_input
+    modules = (net_input, edm_loss, _philox)
+    launches: list[Launch] = []
+    saved = [m.launcher for m in modules]
+    old_interp = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"          # lets the dispatcher take the Triton path off CUDA
+    try:
+        for m in modules:
+            m.launcher = lambda kernel, *tensors: _Recorder(kernel, launches)
+        yield launches
+    finally:
+        for m, f in zip(modules, saved):
+            m.launcher = f
+        if old_interp is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_interp
+
+
+def _jit_function(kernel):
+    """The JITFunction behind a kernel; with TRITON_INTERPRET=1 at import @triton.jit made
+    interpreter functions, which the compiler cannot take."""
+    from triton.runtime.jit import JITFunction
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError("kernels.offline compiles the kernels for a GPU: run it in a process started without "
+                           "TRITON_INTERPRET=1 (under the interpreter @triton.jit does not build compilable "
+                           "kernels), e.g. env -u TRITON_INTERPRET python -m kernels.offline")
+    return kernel
+
+
+def compile_launch(launch: Launch, capability: int = 90):
+    """Compile a recorded launch for CUDA compute capability ``capability`` (90: H100/H200) with the
+    specialisation Triton's JIT would give the same arguments on a GPU. Returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = _jit_function(launch.kernel)
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
+
+
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) from ptxas -v on the PTX (the cubin's own numbers are
+    only read back from a loaded module, which needs a GPU)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+                              src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    if regs is None:
+        raise RuntimeError(f"ptxas -v printed no register count:\n{log}")
+    return int(regs.group(1)), sum(spills)
+
+
+def _global_ops(ptx: str, op: str) -> dict:
+    """Global loads or stores (op "ld"/"st") by access form, e.g. {"v4.b32": 12, "b8": 48}. Loads from
+    libdevice's constant table for sin/cos of huge arguments (a branch Box-Muller never takes) are
+    left out: they are code, not data the kernel moves."""
+    table_regs: set = set()
+    counts: dict = {}
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:mov|add|cvta)\.\S+\s+(%rd\d+),\s*([%\w]+)", line)
+        if m and (m.group(2) == "__cudart_i2opi_f" or m.group(2) in table_regs):
+            table_regs.add(m.group(1))
+            continue
+        m = re.search(rf"\b{op}\.global((?:\.[a-z0-9]+)+)\s.*?\[\s*(%rd\d+)", line)
+        if m is None or m.group(2) in table_regs:
+            continue
+        parts = [p for p in m.group(1).split(".") if p and p not in _CACHE_HINTS]
+        key = ".".join(parts)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+_CACHE_HINTS = ("nc", "L1", "L2", "cs", "ca", "cg", "lu", "cv", "wb", "wt", "relaxed", "acquire", "gpu",
+                "evict_last", "evict_first", "evict_normal", "L1::evict_last", "L2::cache_hint")
+
+
+def report(name: str, compiled, capability: int = 90) -> Report:
+    ptx = compiled.asm["ptx"]
+    regs, spills = _ptxas_usage(ptx, capability)
+    return Report(name=name, num_warps=compiled.metadata.num_warps, registers=regs, spill_bytes=spills,
+                  shared_bytes=compiled.metadata.shared, barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
+                  loads=_global_ops(ptx, "ld"), stores=_global_ops(ptx, "st"))
+
+
+# (channels, patch size, uint8 HWC patches, network input / F dtype, channels_last): what training
+# feeds the kernels on CUDA (pixel patches from the pipeline at the largest and smallest patch of a
+# 64x64 run, latents), the channels_last switch, and the float32 shape the bandwidth target is judged on.
+VARIANTS = ((3, 64, True, torch.bfloat16, False), (3, 16, True, torch.bfloat16, False),
+            (4, 32, False, torch.bfloat16, False), (3, 64, True, torch.bfloat16, True),
+            (3, 64, False, torch.float32, False))
+
+
+def variant_name(op, c, s, uint8, dtype, channels_last, seeded):
+    return (f"{op:9s} C{c} s{s} {'u8-hwc' if uint8 else 'f32-chw'} -> {str(dtype)[6:]}"
+            f"{' channels_last' if channels_last else ''} {'philox' if seeded else 'noise'}")
+
+
+def training_variants(batch: int = 4):
+    """(name, thunk) for every launch variant in VARIANTS: the network input and the loss with its
+    gradient, each with the noise passed in and drawn in-kernel; the loss without a gradient (the
+    benchmarks' no-grad call) and the noise materialiser."""
+    from . import build_net_input, edm_patch_loss, philox_noise
+    from .edm_loss import edm_loss_fused
+
+    def inputs(c, s, uint8):
+        g = torch.Generator().manual_seed(0)
+        patches = (torch.randint(0, 256, (batch, s, s, c), generator=g, dtype=torch.uint8) if uint8
+                   else torch.rand((batch, c, s, s), generator=g) * 2 - 1)
+        return patches, torch.rand(batch, generator=g) + 0.1, torch.randn((batch, c, s, s), generator=g)
+
+    def net_input(c, s, uint8, dtype, cl, seeded):
+        patches, sigma, noise = inputs(c, s, uint8)
+        rng = dict(seed=5, step=torch.tensor(7)) if seeded else dict(noise=noise)
+        build_net_input(patches, sigma, torch.zeros((batch, 2), dtype=torch.int64), 64, out_dtype=dtype,
+                        channels_last=cl, backend="triton", **rng)
+
+    def loss(c, s, uint8, dtype, cl, seeded):
+        patches, sigma, noise = inputs(c, s, uint8)
+        F = torch.randn((batch, c, s, s)).to(dtype)
+        F = F.contiguous(memory_format=torch.channels_last) if cl else F
+        rng = dict(seed=5, step=torch.tensor(7)) if seeded else dict(noise=noise)
+        edm_patch_loss(F.requires_grad_(), patches, sigma, backend="triton", **rng)
+
+    def loss_no_grad(c, s, uint8, dtype, cl, seeded):
+        patches, sigma, noise = inputs(c, s, uint8)
+        edm_loss_fused(torch.randn((batch, c, s, s)).to(dtype), patches, sigma, noise, None, 0, 0, 0.5, False)
+
+    out = []
+    for v in VARIANTS:
+        for seeded in (False, True):
+            out.append((variant_name("net_input", *v, seeded), functools.partial(net_input, *v, seeded)))
+            out.append((variant_name("edm_loss", *v, seeded), functools.partial(loss, *v, seeded)))
+    out.append((variant_name("loss_only", *VARIANTS[-1], False), functools.partial(loss_no_grad, *VARIANTS[-1], False)))
+    out.append(("philox    C3 s64", lambda: philox_noise(5, 7, (batch, 3, 64, 64), "cpu")))
+    return out
+
+
+def compile_variants(capability: int = 90, variants=None) -> list[Report]:
+    reports = []
+    for name, thunk in (variants if variants is not None else training_variants()):
+        with recording() as launches:
+            thunk()
+        if len(launches) != 1:
+            raise RuntimeError(f"{name}: expected one kernel launch, recorded {len(launches)}")
+        reports.append(report(name, compile_launch(launches[0], capability), capability))
+    return reports
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    ap.add_argument("--json", help="also write the reports to this JSON file")
+    args = ap.parse_args(argv)
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    arch = sm_arch_from_capability(args.arch)
+    reports = compile_variants(args.arch)
+    if args.json:
+        import triton
+        from triton.backends.nvidia.compiler import get_ptxas_version
+        with open(args.json, "w") as f:
+            json.dump(dict(tool="kernels.offline", arch=arch, triton=triton.__version__,
+                           ptxas=get_ptxas_version(args.arch).strip().splitlines()[-1], machine=platform.node(),
+                           note="compiled without a GPU; registers and spills from ptxas -v",
+                           variants=[dataclasses.asdict(r) for r in reports]), f, indent=1)
+    head = f"{'variant':58s} {'warps':>5s} {'regs':>5s} {'spill':>6s} {'smem':>6s} {'bar':>4s} {'B/ld':>5s} {'B/st':>5s}"
+    print(f"Triton kernels compiled for {arch} (no GPU needed); registers and spills from ptxas -v")
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        print(f"{r.name:58s} {r.num_warps:5d} {r.registers:5d} {r.spill_bytes:6d} {r.shared_bytes:6d} {r.barriers:4d} "
+              f"{r.access_bytes('loads'):5.1f} {r.access_bytes('stores'):5.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
