@@ -51,12 +51,27 @@ def crossed(before: int, after: int, every: int) -> bool:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 ask for a clean stop: finish the step, checkpoint, exit 0."""
+    """While training, SIGTERM / SIGUSR1 ask for a clean stop: finish the step, checkpoint, exit 0.
+
+    A context manager: on leaving, the previous handlers come back, so a process that goes on after
+    training (the demo samples, tests, notebooks) can be terminated again, and processes it forks
+    later (a multiprocessing pool's workers) do not inherit a handler that ignores terminate()."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -86,7 +101,14 @@ def sample_grid(ema_model, cfg: Config, device, count: int = 36):
     return image_grid(x[:, :3] if cfg.data.channels > 3 else x)
 
 
-def train(cfg: Config, device_preference: str = "auto") -> int:
+def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None = None) -> int:
+    """Train (or resume) the run cfg describes; 0 when it finished or stopped cleanly. Pass ``stop``
+    to learn afterwards whether a signal stopped it (``stop.requested``)."""
+    with stop or StopSignal() as stop:
+        return _train(cfg, device_preference, stop)
+
+
+def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
     info = dist.init(device_preference)
     device, rank, world = info.device, info.rank, info.world_size
     t_start = time.time()
@@ -155,7 +177,6 @@ def train(cfg: Config, device_preference: str = "auto") -> int:
                                  batch=cfg.eval.fid_batch, device=device)
     stats = StepStats(schedule.sizes, device)
     monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
-    stop = StopSignal()
     params = [p for p in model.parameters() if p.requires_grad]
     t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
     images_at_start, steps_this_run = images_seen, 0

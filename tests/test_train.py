@@ -391,3 +391,32 @@ def test_gradient_accumulation_matches_one_pass(tmp_path, digits_shards):
     sa, sb = final_state(tmp_path / "one"), final_state(tmp_path / "acc")
     for k in sa["model"]:
         torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_signal_handlers_are_restored_after_training(digits_shards, tmp_path):
+    """In-process callers (the demo, pdiff bench, notebooks) get their SIGTERM back once train()
+    returns; a handler left behind would swallow terminate() in the process and in the pool workers
+    it forks later. During the run the trainer's handler records the request."""
+    from pdiff.train import StopSignal, train
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    before = {sig: signal.signal(sig, mine) for sig in StopSignal.SIGNALS}
+    try:
+        cfg = load_config(str(write_config(tmp_path, digits_shards, train={"duration_images": 32})))
+        stop = StopSignal()
+        assert train(cfg, "cpu", stop=stop) == 0 and not stop.requested
+        for sig in StopSignal.SIGNALS:
+            assert signal.getsignal(sig) is mine
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert stop.requested and not seen
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert seen == [signal.SIGTERM]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

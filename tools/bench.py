@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -440,20 +439,17 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
 def run_training(cfg, device: torch.device) -> list[dict]:
     """One run of pdiff.train.train in this process; its log rows. A SIGTERM/SIGUSR1 during the run
     stops the run cleanly (the trainer's handler) and then raises BenchInterrupted here."""
-    from pdiff.train import train
+    from pdiff.train import StopSignal, train
     try:
         prewarm_kernels(cfg, device)
     except Exception as e:            # only a warm-up: the run itself says what is wrong, if anything
         print(f"pdiff bench: kernel warm-up skipped ({type(e).__name__}: {e})", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    stop = StopSignal()                # the trainer installs it for the run and restores the old handlers
     try:
-        rc = train(cfg, "cpu" if device.type == "cpu" else "auto")
-        stop = getattr(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), "requested", False)
+        rc = train(cfg, "cpu" if device.type == "cpu" else "auto", stop=stop)
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -461,7 +457,7 @@ def run_training(cfg, device: torch.device) -> list[dict]:
         raise BenchError(f"pdiff train returned {rc} for {cfg.train.run_dir}")
     log = Path(cfg.train.run_dir) / "log.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    if stop:
+    if stop.requested:
         raise BenchInterrupted(f"stop signal during the run in {cfg.train.run_dir}")
     return rows
 
