@@ -397,3 +397,32 @@ def test_shards_read_with_the_webdataset_library(tmp_path, rng):
     assert len(seen) == 10
     for i, (img, label) in enumerate(seen):
         assert np.array_equal(img, imgs[i]) and label == labels[i]
+
+
+def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
+    """A process with other threads (trainer writers, DALI, this test runner) starts the workers by
+    forkserver, so no lock a thread held at fork time is inherited; the shards are the same as with
+    one worker. A worker also drops any SIGTERM handler it inherits, so terminate() ends it."""
+    import signal
+    import threading
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 40), labels=np.arange(40) % 3)
+    write_shards(tmp_path / "d.npz", tmp_path / "one", workers=1, max_count=8, progress=False)
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert _shardlib._pool_context().get_start_method() != "fork"
+        write_shards(tmp_path / "d.npz", tmp_path / "two", workers=2, max_count=8, progress=False)
+    finally:
+        release.set()
+        thread.join()
+    (a, la), (b, lb) = all_samples(tmp_path / "one"), all_samples(tmp_path / "two")
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)
+    try:
+        _shardlib._init_worker(_shardlib.Source.__new__(_shardlib.Source), {})
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _shardlib._WORKER.clear()

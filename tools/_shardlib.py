@@ -26,8 +26,10 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -419,8 +421,25 @@ def _prepare_latent(arr: np.ndarray, st: dict) -> bytes:
 _WORKER: dict = {}
 
 
+def _pool_context():
+    """fork while this process runs a single thread (the CLI): fast, and the workers share the item
+    list. A process with other threads (a trainer's writers, DALI, a test runner) gets forkserver:
+    a thread holding a lock at fork time would leave that lock held forever in the child."""
+    methods = multiprocessing.get_all_start_methods()
+    try:
+        threads = len(os.listdir("/proc/self/task"))      # native threads too, on Linux
+    except OSError:
+        threads = threading.active_count()
+    if "fork" in methods and threads == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _init_worker(source: Source, settings: dict) -> None:
     source._zip = None        # a forked worker must not share the parent's zip file position
+    # A worker forked from a process with its own SIGTERM handler (a trainer, a test runner) must
+    # still die when the pool terminates it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER["source"], _WORKER["settings"] = source, settings
 
 
@@ -591,8 +610,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     pool = None
     try:
         if workers > 1 and len(chunks) > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(src, settings))
+            pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(src, settings))
             results = pool.imap(_process_chunk, chunks)
         else:
             _init_worker(src, settings)
