@@ -131,9 +131,38 @@ def step_peak_memory(b, c, s, res, uint8, dtype, device, use_kernels):
     return peak
 
 
+def targets_met(rows, copy_gbps) -> list[dict]:
+    """The issue's targets, for the rows measured so far: the large shape at >= 80% of the measured
+    copy bandwidth; at training shapes >= 3x eager and no slower than torch.compile."""
+    def get(shape, op, prov, key):
+        return next((r[key] for r in rows if r["shape"] == shape and r["op"] == op and r["provider"] == prov), None)
+
+    targets = []
+    if any(r["shape"] == "large" for r in rows):
+        for op in ("net_input", "loss_kernel"):
+            for prov in ("triton", "triton_philox"):
+                for key in ("gpu_gbps", "wall_gbps"):
+                    share = get("large", op, prov, key) / copy_gbps
+                    targets.append(dict(target=f"large {op} {prov} {key.split('_')[0]}: >= {TARGET_COPY_SHARE:.0%} of copy",
+                                        value=round(share, 3), met=share >= TARGET_COPY_SHARE))
+    for op in ("net_input", "loss_fwbw"):
+        for name in sorted({r["shape"] for r in rows} - {"large"}):
+            for timing in ("wall_ms", "gpu_ms"):
+                t = get(name, op, "triton", timing)
+                vs_eager = get(name, op, "eager", timing) / t
+                vs_compile = get(name, op, "compile", timing) / t
+                tag = timing.split("_")[0]
+                targets.append(dict(target=f"{name} {op} {tag}: >= {TARGET_VS_EAGER:.0f}x eager",
+                                    value=round(vs_eager, 2), met=vs_eager >= TARGET_VS_EAGER))
+                targets.append(dict(target=f"{name} {op} {tag}: >= 1x torch.compile",
+                                    value=round(vs_compile, 2), met=vs_compile >= TARGET_VS_COMPILE))
+    return targets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
+    ap.add_argument("--json", help="write the JSON to this file instead (rewritten after every shape)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 90 s on an H100)")
     ap.add_argument("--batch", type=int, default=512,
                     help="full images per step (the presets' train.batch); a step of patch size s carries batch*R/s")
@@ -160,6 +189,18 @@ def main(argv=None) -> int:
 
     compiled_net_input = torch.compile(net_input_ref, dynamic=False)
     compiled_loss = torch.compile(edm_loss_ref, dynamic=False)
+
+    gpu_tag = machine["gpu"].replace(" ", "_").replace("/", "_")
+    path = args.json or os.path.join(args.out, f"kernels_{gpu_tag}{'_quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def save(targets, memory, complete):
+        """Written after every shape too, so a run cut short (the suite's time limit) keeps its rows."""
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(benchmark="bench_kernels", machine=machine, quick=args.quick, batch=args.batch,
+                           copy_bandwidth_gbps=copy_gbps, complete=complete, results=rows, targets=targets,
+                           step_peak_memory=memory, seconds=round(time.time() - t_start, 1)), f, indent=1)
+        os.replace(path + ".tmp", path)
 
     rows = []
     header = f"{'shape':16s} {'op':11s} {'provider':16s} {'wall ms':>9s} {'GB/s':>7s} {'gpu ms':>9s} {'GB/s':>7s} {'%copy':>6s}"
@@ -207,29 +248,9 @@ def main(argv=None) -> int:
                       f"{row['gpu_gbps']:7.0f} {100 * row['gpu_share_of_copy']:5.0f}%")
         del patches, sigma, offsets, noise, F
         torch.cuda.empty_cache()
+        save(targets_met(rows, copy_gbps), [], complete=False)
 
-    # Targets: large shape at >= 80% of copy bandwidth; training shapes >= 3x eager, <= compile.
-    def get(shape, op, prov, key):
-        return next(r[key] for r in rows if r["shape"] == shape and r["op"] == op and r["provider"] == prov)
-
-    targets = []
-    for op in ("net_input", "loss_kernel"):
-        for prov in ("triton", "triton_philox"):
-            for key in ("gpu_gbps", "wall_gbps"):
-                share = get("large", op, prov, key) / copy_gbps
-                targets.append(dict(target=f"large {op} {prov} {key.split('_')[0]}: >= {TARGET_COPY_SHARE:.0%} of copy",
-                                    value=round(share, 3), met=share >= TARGET_COPY_SHARE))
-    for op in ("net_input", "loss_fwbw"):
-        for name in sorted({r["shape"] for r in rows} - {"large"}):
-            for timing in ("wall_ms", "gpu_ms"):
-                t = get(name, op, "triton", timing)
-                vs_eager = get(name, op, "eager", timing) / t
-                vs_compile = get(name, op, "compile", timing) / t
-                tag = timing.split("_")[0]
-                targets.append(dict(target=f"{name} {op} {tag}: >= {TARGET_VS_EAGER:.0f}x eager",
-                                    value=round(vs_eager, 2), met=vs_eager >= TARGET_VS_EAGER))
-                targets.append(dict(target=f"{name} {op} {tag}: >= 1x torch.compile",
-                                    value=round(vs_compile, 2), met=vs_compile >= TARGET_VS_COMPILE))
+    targets = targets_met(rows, copy_gbps)
     print("\ntargets:")
     for t in targets:
         print(f"  [{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['value']}")
@@ -242,13 +263,7 @@ def main(argv=None) -> int:
         memory.append(dict(shape=name, batch=b, peak_bytes_reference=ref, peak_bytes_kernels=fused))
         print(f"step peak memory {name}: reference {ref / 2**20:.1f} MiB, kernels {fused / 2**20:.1f} MiB")
 
-    os.makedirs(args.out, exist_ok=True)
-    gpu_tag = machine["gpu"].replace(" ", "_").replace("/", "_")
-    path = os.path.join(args.out, f"kernels_{gpu_tag}{'_quick' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(dict(benchmark="bench_kernels", machine=machine, quick=args.quick, batch=args.batch,
-                       copy_bandwidth_gbps=copy_gbps, results=rows, targets=targets, step_peak_memory=memory,
-                       seconds=round(time.time() - t_start, 1)), f, indent=1)
+    save(targets, memory, complete=True)
     print(f"\nwrote {path} ({time.time() - t_start:.0f} s)")
     return 0
 

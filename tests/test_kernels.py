@@ -33,6 +33,7 @@ from pdiff.loss import net_input_ref, weighted_loss_ref  # noqa: E402
 from pdiff.precond import c_in  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.kernels          # benchmarks/gpu_suite.sh runs these on CUDA
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.cuda,
+pytestmark = [pytest.mark.cuda, pytest.mark.kernels,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for compiled Triton kernels")]
 
 if torch.cuda.is_available():
