@@ -22,6 +22,12 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def fast_math() -> bool:
+    """Whether the noise uses the GPU's approximate log/sin/cos (see _philox.box_muller): in compiled
+    kernels yes; the interpreter has no libdevice."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
 def lane_block(q: int, cap: int = 512) -> int:
     """Philox counters per program (each covers 4 pixels): a power of two covering q, at most ``cap``."""
     return max(16, min(cap, triton.next_power_of_2(q)))

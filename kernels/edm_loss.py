@@ -20,7 +20,7 @@ import triton.language as tl
 
 from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
-from ._common import counter_blocks, empty, empty_like, launcher
+from ._common import counter_blocks, empty, empty_like, fast_math, launcher
 from ._philox import noise_block, rng_state
 from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
 
@@ -32,7 +32,7 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
                      sg_b, sg_c, sg_h, sg_w, s_sig,
                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
                      STEP_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr,
-                     N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr):
+                     N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
@@ -59,7 +59,7 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
         if HAS_NOISE:
             n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
         else:
-            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK)
+            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
         f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_FLAT), mask=mask, other=0).to(tl.float32)
         r = a * y + bn * n + co * f                         # D - y
         if WRITE_GRAD:
@@ -93,7 +93,7 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
         WRITE_GRAD=write_grad,
         F_FLAT=planes_flat(F), Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), G_FLAT=planes_flat(g),
-        BLOCK=block, num_warps=num_warps)
+        BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
     return partial.sum(1), grad
 
 

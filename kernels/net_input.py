@@ -17,7 +17,7 @@ from pdiff.coords import coord_grid
 from pdiff.loss import net_input_ref as _pdiff_net_input_ref
 from pdiff.precond import c_in as _c_in
 
-from ._common import counter_blocks, empty, launcher
+from ._common import counter_blocks, empty, fast_math, launcher
 from ._philox import noise_block, philox_noise_op, rng_state
 
 
@@ -48,7 +48,7 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
                       s_sig, s_off_b, s_off_c,
                       C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
                       STEP_IN_TENSOR: tl.constexpr, Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
@@ -68,7 +68,7 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
         if HAS_NOISE:
             n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
         else:
-            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK)
+            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
         v = (y + sigma * n) * cin
         tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_FLAT), v.to(out_ty), mask=mask)
     # Coordinates: (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer
@@ -117,7 +117,7 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
         sigma.stride(0), offsets.stride(0), offsets.stride(1),
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
         Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), O_FLAT=planes_flat(out),
-        BLOCK=block, num_warps=num_warps)
+        BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
     return out
 
 

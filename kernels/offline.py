@@ -10,7 +10,9 @@ cubin), which needs no GPU. So here the public launchers run with their kernel l
 instead of executed; each recorded launch goes through Triton's own argument specialisation
 (dtypes, 16-byte alignment, constexprs) for the chosen GPU, is compiled to a cubin, and ptxas -v
 reports its registers and spills. The PTX shows whether global loads and stores are vectorised and
-how many barriers (shared-memory layout conversions, reductions) a program passes.
+how many barriers (shared-memory layout conversions, reductions) a program passes; nvdisasm counts
+the machine instructions (SASS) per element a thread handles, the ALU cost a memory-bound kernel
+must keep under its bandwidth.
 """
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ class Report:
     num_warps: int
     registers: int
     spill_bytes: int
+    stack_bytes: int                              # local memory per thread (spills, local arrays)
     shared_bytes: int
     barriers: int
+    sass_instructions: int                        # in the cubin (nvdisasm); no loops, so >= executed
+    elements_per_thread: int                      # (channel, pixel) elements each thread handles
     loads: dict = field(default_factory=dict)     # PTX global load forms -> count, e.g. {"v4.b32": 12}
     stores: dict = field(default_factory=dict)
 
@@ -80,20 +85,23 @@ class _Recorder:
 def recording():
     """Within the block the kernel launchers record their launches (a list, yielded) and run nothing;
     their outputs are left unwritten. Inputs may be CPU tensors (only dtypes, strides and alignment
-    matter to the compiler)."""
+    matter to the compiler). The launches are recorded as a CUDA run issues them (fast math on, see
+    _philox.box_muller), although TRITON_INTERPRET=1 is set meanwhile so that the dispatcher takes
+    the Triton path for CPU tensors."""
     from . import _philox, edm_loss, net_input
     modules = (net_input, edm_loss, _philox)
     launches: list[Launch] = []
-    saved = [m.launcher for m in modules]
+    saved = [(m.launcher, m.fast_math) for m in modules]
     old_interp = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"          # lets the dispatcher take the Triton path off CUDA
+    os.environ["TRITON_INTERPRET"] = "1"
     try:
         for m in modules:
             m.launcher = lambda kernel, *tensors: _Recorder(kernel, launches)
+            m.fast_math = lambda: True
         yield launches
     finally:
-        for m, f in zip(modules, saved):
-            m.launcher = f
+        for m, (launcher, fast_math) in zip(modules, saved):
+            m.launcher, m.fast_math = launcher, fast_math
         if old_interp is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
@@ -128,9 +136,9 @@ def compile_launch(launch: Launch, capability: int = 90):
     return triton.compile(source, target=target, options=options.__dict__)
 
 
-def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes) from ptxas -v on the PTX (the cubin's own numbers are
-    only read back from a loaded module, which needs a GPU)."""
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
+    """(registers per thread, spill bytes, stack frame bytes) from ptxas -v on the PTX (the cubin's
+    own numbers are only read back from a loaded module, which needs a GPU)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
@@ -141,9 +149,10 @@ def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
     log = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    stack = re.search(r"(\d+) bytes stack frame", log)
     if regs is None:
         raise RuntimeError(f"ptxas -v printed no register count:\n{log}")
-    return int(regs.group(1)), sum(spills)
+    return int(regs.group(1)), sum(spills), int(stack.group(1)) if stack else 0
 
 
 def _global_ops(ptx: str, op: str) -> dict:
@@ -170,10 +179,25 @@ _CACHE_HINTS = ("nc", "L1", "L2", "cs", "ca", "cg", "lu", "cv", "wb", "wt", "rel
                 "evict_last", "evict_first", "evict_normal", "L1::evict_last", "L2::cache_hint")
 
 
-def report(name: str, compiled, capability: int = 90) -> Report:
+def _sass_instructions(cubin: bytes, capability: int) -> int:
+    from triton.backends.nvidia.compiler import get_ptxas
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(capability).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+
+
+def report(name: str, compiled, capability: int = 90, launch: Launch | None = None) -> Report:
     ptx = compiled.asm["ptx"]
-    regs, spills = _ptxas_usage(ptx, capability)
-    return Report(name=name, num_warps=compiled.metadata.num_warps, registers=regs, spill_bytes=spills,
+    regs, spills, stack = _ptxas_usage(ptx, capability)
+    kw = launch.kwargs if launch is not None else {}
+    threads = 32 * compiled.metadata.num_warps
+    elements = 4 * kw["BLOCK"] * kw["C"] // threads if "BLOCK" in kw and "C" in kw else 0
+    return Report(name=name, num_warps=compiled.metadata.num_warps, registers=regs, spill_bytes=spills, stack_bytes=stack,
+                  sass_instructions=_sass_instructions(compiled.asm["cubin"], capability), elements_per_thread=elements,
                   shared_bytes=compiled.metadata.shared, barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
                   loads=_global_ops(ptx, "ld"), stores=_global_ops(ptx, "st"))
 
@@ -238,7 +262,7 @@ def compile_variants(capability: int = 90, variants=None) -> list[Report]:
             thunk()
         if len(launches) != 1:
             raise RuntimeError(f"{name}: expected one kernel launch, recorded {len(launches)}")
-        reports.append(report(name, compile_launch(launches[0], capability), capability))
+        reports.append(report(name, compile_launch(launches[0], capability), capability, launches[0]))
     return reports
 
 
@@ -258,13 +282,14 @@ def main(argv=None) -> int:
                            ptxas=get_ptxas_version(args.arch).strip().splitlines()[-1], machine=platform.node(),
                            note="compiled without a GPU; registers and spills from ptxas -v",
                            variants=[dataclasses.asdict(r) for r in reports]), f, indent=1)
-    head = f"{'variant':58s} {'warps':>5s} {'regs':>5s} {'spill':>6s} {'smem':>6s} {'bar':>4s} {'B/ld':>5s} {'B/st':>5s}"
+    head = f"{'variant':58s} {'warps':>5s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'smem':>6s} {'bar':>4s} {'B/ld':>5s} {'B/st':>5s} {'SASS/el':>7s}"
     print(f"Triton kernels compiled for {arch} (no GPU needed); registers and spills from ptxas -v")
     print(head)
     print("-" * len(head))
     for r in reports:
-        print(f"{r.name:58s} {r.num_warps:5d} {r.registers:5d} {r.spill_bytes:6d} {r.shared_bytes:6d} {r.barriers:4d} "
-              f"{r.access_bytes('loads'):5.1f} {r.access_bytes('stores'):5.1f}")
+        print(f"{r.name:58s} {r.num_warps:5d} {r.registers:5d} {r.spill_bytes:6d} {r.stack_bytes:6d} {r.shared_bytes:6d} {r.barriers:4d} "
+              f"{r.access_bytes('loads'):5.1f} {r.access_bytes('stores'):5.1f} "
+              f"{r.sass_instructions / max(r.elements_per_thread, 1):7.1f}")
     return 0
 
 
