@@ -22,17 +22,17 @@ from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
 from ._common import counter_blocks, empty, empty_like, fast_math, launcher
 from ._philox import noise_block, rng_state
-from .net_input import chw_view, load_patch, patches_to_float, plane_offset, planes_flat
+from .net_input import chw_view, load_patch, patches_to_float, plane_offset, pixels_linear
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, seed, step,
-                     S, W, n_tiles, sigma_data, inv_count,
+                     S, W: tl.constexpr, n_tiles, sigma_data, inv_count,
                      sf_b, sf_c, sf_h, sf_w, sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w,
                      sg_b, sg_c, sg_h, sg_w, s_sig,
                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     STEP_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_FLAT: tl.constexpr, Y_FLAT: tl.constexpr,
-                     N_FLAT: tl.constexpr, G_FLAT: tl.constexpr, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+                     STEP_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr,
+                     N_LINEAR: tl.constexpr, G_LINEAR: tl.constexpr, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
@@ -55,15 +55,15 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
         seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     acc = tl.zeros((4 * BLOCK,), dtype=tl.float32)
     for c in tl.static_range(C):
-        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
+        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
         if HAS_NOISE:
-            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
+            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_LINEAR), mask=mask, other=0).to(tl.float32)
         else:
             n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
-        f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_FLAT), mask=mask, other=0).to(tl.float32)
+        f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_LINEAR), mask=mask, other=0).to(tl.float32)
         r = a * y + bn * n + co * f                         # D - y
         if WRITE_GRAD:
-            tl.store(g_base + plane_offset(c, p, W, sg_c, sg_h, sg_w, G_FLAT),
+            tl.store(g_base + plane_offset(c, p, W, sg_c, sg_h, sg_w, G_LINEAR),
                      (gcoef * r).to(g_base.dtype.element_ty), mask=mask)
         acc += tl.where(mask, r * r, 0.0)
     total = tl.sum(acc, axis=0) * (lam * inv_count).to(tl.float32)
@@ -92,7 +92,7 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
         g.stride(0), g.stride(1), g.stride(2), g.stride(3), sigma.stride(0),
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
         WRITE_GRAD=write_grad,
-        F_FLAT=planes_flat(F), Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), G_FLAT=planes_flat(g),
+        F_LINEAR=pixels_linear(F), Y_LINEAR=pixels_linear(y), N_LINEAR=pixels_linear(n), G_LINEAR=pixels_linear(g),
         BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
     return partial.sum(1), grad
 

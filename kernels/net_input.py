@@ -22,19 +22,21 @@ from ._philox import noise_block, philox_noise_op, rng_state
 
 
 @triton.jit
-def plane_offset(c, p, W, s_c, s_h, s_w, FLAT: tl.constexpr):
-    """Element offset of pixel p of channel c inside one sample (FLAT: each plane is contiguous)."""
-    if FLAT:
-        return c * s_c + p
+def plane_offset(c, p, W, s_c, s_h, s_w, LINEAR: tl.constexpr):
+    """Element offset of pixel p of channel c inside one sample. LINEAR: rows follow each other
+    (s_h = W s_w), so pixel p sits at p s_w: contiguous planes (s_w = 1, which Triton specialises
+    to a constant, keeping the accesses vectorised), uint8 HWC and channels_last (s_w = C) alike."""
+    if LINEAR:
+        return c * s_c + p * s_w
     else:
         h = p // W
         return c * s_c + h * s_h + (p - h * W) * s_w
 
 
 @triton.jit
-def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, FLAT: tl.constexpr, IS_UINT8: tl.constexpr):
+def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, LINEAR: tl.constexpr, IS_UINT8: tl.constexpr):
     """Clean patch values in [-1, 1] as float32 (uint8 pixels map by x / 127.5 - 1)."""
-    y = tl.load(y_base + plane_offset(c, p, W, s_c, s_h, s_w, FLAT), mask=mask, other=0)
+    y = tl.load(y_base + plane_offset(c, p, W, s_c, s_h, s_w, LINEAR), mask=mask, other=0)
     if IS_UINT8:
         return y.to(tl.float32) / 127.5 - 1.0
     else:
@@ -43,11 +45,11 @@ def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, FLAT: tl.constexpr, IS_UINT
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed, step,
-                      S, W, rm1, sigma_data,
+                      S, W: tl.constexpr, rm1, sigma_data,
                       sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w, so_b, so_c, so_h, so_w,
                       s_sig, s_off_b, s_off_c,
                       C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
-                      STEP_IN_TENSOR: tl.constexpr, Y_FLAT: tl.constexpr, N_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+                      STEP_IN_TENSOR: tl.constexpr, Y_LINEAR: tl.constexpr, N_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
                       BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
@@ -64,13 +66,13 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
     if not HAS_NOISE:
         seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
     for c in tl.static_range(C):
-        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_FLAT, IS_UINT8)
+        y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
         if HAS_NOISE:
-            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_FLAT), mask=mask, other=0).to(tl.float32)
+            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_LINEAR), mask=mask, other=0).to(tl.float32)
         else:
             n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
         v = (y + sigma * n) * cin
-        tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_FLAT), v.to(out_ty), mask=mask)
+        tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_LINEAR), v.to(out_ty), mask=mask)
     # Coordinates: (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer
     # numerator and one correctly rounded division, so the fp32 result is the float64 reference rounded.
     x0 = tl.load(off_ptr + b * s_off_b).to(tl.int32)
@@ -80,8 +82,8 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
     den = rm1.to(tl.float32)
     gx = tl.div_rn((2 * (x0 + w) - rm1).to(tl.float32), den)
     gy = tl.div_rn((2 * (y0 + h) - rm1).to(tl.float32), den)
-    tl.store(o_base + plane_offset(C, p, W, so_c, so_h, so_w, O_FLAT), gx.to(out_ty), mask=mask)
-    tl.store(o_base + plane_offset(C + 1, p, W, so_c, so_h, so_w, O_FLAT), gy.to(out_ty), mask=mask)
+    tl.store(o_base + plane_offset(C, p, W, so_c, so_h, so_w, O_LINEAR), gx.to(out_ty), mask=mask)
+    tl.store(o_base + plane_offset(C + 1, p, W, so_c, so_h, so_w, O_LINEAR), gy.to(out_ty), mask=mask)
 
 
 def chw_view(patches: torch.Tensor) -> torch.Tensor:
@@ -91,9 +93,10 @@ def chw_view(patches: torch.Tensor) -> torch.Tensor:
     return patches.permute(0, 3, 1, 2) if patches.dtype == torch.uint8 else patches
 
 
-def planes_flat(t: torch.Tensor) -> bool:
-    """True when every (b, c) plane of a (B, C, H, W) tensor is one contiguous run."""
-    return t.stride(3) == 1 and t.stride(2) == t.shape[3]
+def pixels_linear(t: torch.Tensor) -> bool:
+    """True when the pixels of a (B, C, H, W) tensor's planes are evenly spaced, row after row
+    (stride(2) == W * stride(3)): contiguous, channels_last and HWC tensors all are."""
+    return t.stride(2) == t.shape[3] * t.stride(3)
 
 
 def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolution, sigma_data, out_dtype,
@@ -116,7 +119,7 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         sigma.stride(0), offsets.stride(0), offsets.stride(1),
         C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
-        Y_FLAT=planes_flat(y), N_FLAT=planes_flat(n), O_FLAT=planes_flat(out),
+        Y_LINEAR=pixels_linear(y), N_LINEAR=pixels_linear(n), O_LINEAR=pixels_linear(out),
         BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
     return out
 

@@ -191,6 +191,34 @@ def test_loss_and_gradient_match_float64(b, c, s, uint8, f_dtype, f_cl, seeded):
     assert torch.equal(again, loss.detach()), "loss without the gradient pass differs (or is not deterministic)"
 
 
+def test_crops_of_larger_tensors(monkeypatch):
+    """Patches, noise and F that are windows into larger tensors (rows not following each other,
+    stride(2) != W * stride(3)) take the kernels' general row/column addressing; several tiles per
+    plane too. Both kernels against float64, forward and gradient."""
+    import kernels._common
+    monkeypatch.setattr(kernels._common, "lane_block", lambda q: 16)
+    gen = fresh_generator()
+    b, c, s, res = 3, 3, 12, 30
+    for uint8 in (True, False):
+        patches, sigma, offsets, _ = make_batch(b, c, s, res, uint8, gen)
+        big = (torch.randint(0, 256, (b, s + 5, s + 7, c), generator=gen, dtype=torch.uint8) if uint8
+               else torch.rand((b, c, s + 5, s + 7), generator=gen) * 2 - 1).to(DEV)
+        patches = big[:, 2:2 + s, 3:3 + s] if uint8 else big[..., 2:2 + s, 3:3 + s]
+        noise = torch.randn((b, c, s + 1, s + 4), generator=gen).to(DEV)[..., 1:, 2:2 + s]
+        from kernels.net_input import chw_view, pixels_linear
+        assert not pixels_linear(chw_view(patches)) and not pixels_linear(noise)
+        out = build_net_input(patches, sigma, offsets, res, noise=noise, backend="triton")
+        assert_close_to64(out, net_input_ref64(patches, sigma, offsets, res, noise), torch.float32, "net input")
+        F = torch.randn((b, c, s + 3, s + 3), generator=gen).to(DEV)[..., 3:, :s].requires_grad_()
+        loss = edm_patch_loss(F, patches, sigma, noise=noise, backend="triton")
+        loss.sum().backward()
+        F64 = F.detach().double().requires_grad_()
+        ref = edm_loss_ref64(F64, patches, sigma, noise)
+        ref.sum().backward()
+        assert_close_to64(loss, ref, torch.float32, "loss")
+        torch.testing.assert_close(F.grad.double(), F64.grad, rtol=1e-5, atol=1e-5 * F64.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("s", [7, 20])
 def test_odd_sizes_and_many_tiles(monkeypatch, s):
     """Patch sizes whose plane is not a multiple of 4 (the last Philox call's 4 pixels partly masked)
