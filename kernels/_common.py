@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 # Tests set this to fill every kernel output with NaN before the launch, so an element the kernel
 # fails to write shows up as a mismatch instead of passing with whatever memory held.
@@ -30,15 +29,15 @@ def fast_math() -> bool:
 
 def lane_block(q: int, cap: int = 512) -> int:
     """Philox counters per program (each covers 4 pixels): a power of two covering q, at most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(q)))
+    return max(16, min(cap, 1 << (q - 1).bit_length()))     # plain ints: triton.cdiv & co. cost microseconds
 
 
 def counter_blocks(pixels: int) -> tuple[int, int, int]:
     """(counters per program, programs per plane, warps) for planes of ``pixels`` pixels: a program
     covers 4 * counters pixels of a plane; each thread takes two counters, i.e. 8 adjacent pixels
     (two 16-byte vectors of float32, one of bfloat16), and at least 2 warps run per program."""
-    block = lane_block(triton.cdiv(pixels, 4))
-    return block, triton.cdiv(pixels, 4 * block), max(2, min(8, block // 64))
+    block = lane_block(-(-pixels // 4))
+    return block, -(-pixels // (4 * block)), max(2, min(8, block // 64))
 
 
 def launcher(kernel, *tensors):
