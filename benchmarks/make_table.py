@@ -131,6 +131,10 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
                 f"{sum(r['spill_bytes'] for r in v)} bytes spilled, at most {max(r['registers'] for r in default)} "
                 f"registers (channels_last {max((r['registers'] for r in v if r not in default), default=0)}), "
                 f"in-kernel noise at most {max((r['barriers'] for r in noise), default=0)} barriers per program")
+        large = [r for r in noise if "f32-chw -> float32" in r["name"] and r.get("elements_per_thread")]
+        if large:
+            line += (f"; float32 64 px with in-kernel noise: "
+                     f"{max(r['sass_instructions'] / r['elements_per_thread'] for r in large):.0f} SASS instructions per element")
         return "kernels.offline (compile only)", [line]
     if name == "bench_sample":
         rows = p.get("results", [])
