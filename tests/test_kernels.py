@@ -191,6 +191,21 @@ def test_loss_and_gradient_match_float64(b, c, s, uint8, f_dtype, f_cl, seeded):
     assert torch.equal(again, loss.detach()), "loss without the gradient pass differs (or is not deterministic)"
 
 
+def check_both_float32(patches, sigma, offsets, res, noise, F, rng: dict):
+    """Both kernels (noise given or drawn as ``rng`` says; ``noise`` is what they use) against
+    float64: the network input, the per-sample loss and its gradient with respect to F."""
+    out = build_net_input(patches, sigma, offsets, res, backend="triton", **rng)
+    assert_close_to64(out, net_input_ref64(patches, sigma, offsets, res, noise), torch.float32, "net input")
+    F = F.requires_grad_()
+    loss = edm_patch_loss(F, patches, sigma, backend="triton", **rng)
+    loss.sum().backward()
+    F64 = F.detach().double().requires_grad_()
+    ref = edm_loss_ref64(F64, patches, sigma, noise)
+    ref.sum().backward()
+    assert_close_to64(loss, ref, torch.float32, "loss")
+    torch.testing.assert_close(F.grad.double(), F64.grad, rtol=1e-5, atol=1e-5 * F64.grad.abs().max().item())
+
+
 def test_crops_of_larger_tensors(monkeypatch):
     """Patches, noise and F that are windows into larger tensors (rows not following each other,
     stride(2) != W * stride(3)) take the kernels' general row/column addressing; several tiles per
@@ -207,16 +222,8 @@ def test_crops_of_larger_tensors(monkeypatch):
         noise = torch.randn((b, c, s + 1, s + 4), generator=gen).to(DEV)[..., 1:, 2:2 + s]
         from kernels.net_input import chw_view, pixels_linear
         assert not pixels_linear(chw_view(patches)) and not pixels_linear(noise)
-        out = build_net_input(patches, sigma, offsets, res, noise=noise, backend="triton")
-        assert_close_to64(out, net_input_ref64(patches, sigma, offsets, res, noise), torch.float32, "net input")
-        F = torch.randn((b, c, s + 3, s + 3), generator=gen).to(DEV)[..., 3:, :s].requires_grad_()
-        loss = edm_patch_loss(F, patches, sigma, noise=noise, backend="triton")
-        loss.sum().backward()
-        F64 = F.detach().double().requires_grad_()
-        ref = edm_loss_ref64(F64, patches, sigma, noise)
-        ref.sum().backward()
-        assert_close_to64(loss, ref, torch.float32, "loss")
-        torch.testing.assert_close(F.grad.double(), F64.grad, rtol=1e-5, atol=1e-5 * F64.grad.abs().max().item())
+        F = torch.randn((b, c, s + 3, s + 3), generator=gen).to(DEV)[..., 3:, :s]
+        check_both_float32(patches, sigma, offsets, res, noise, F, dict(noise=noise))
 
 
 @pytest.mark.parametrize("s", [7, 20])
@@ -232,16 +239,8 @@ def test_odd_sizes_and_many_tiles(monkeypatch, s):
         if seeded:
             noise = philox_noise(21, 4, (b, c, s, s), DEV)
         kw = dict(seed=21, step=4) if seeded else dict(noise=noise)
-        out = build_net_input(patches, sigma, offsets, res, backend="triton", **kw)
-        assert_close_to64(out, net_input_ref64(patches, sigma, offsets, res, noise), torch.float32, "net input")
-        F = torch.randn((b, c, s, s), generator=gen).to(DEV).requires_grad_()
-        loss = edm_patch_loss(F, patches, sigma, backend="triton", **kw)
-        loss.sum().backward()
-        F64 = F.detach().double().requires_grad_()
-        ref = edm_loss_ref64(F64, patches, sigma, noise)
-        ref.sum().backward()
-        assert_close_to64(loss, ref, torch.float32, "loss")
-        torch.testing.assert_close(F.grad.double(), F64.grad, rtol=1e-5, atol=1e-5 * F64.grad.abs().max().item())
+        F = torch.randn((b, c, s, s), generator=gen).to(DEV)
+        check_both_float32(patches, sigma, offsets, res, noise, F, kw)
 
 
 def test_loss_torch_backend_is_the_core_reference():
