@@ -19,10 +19,9 @@ graph breaks; the loss is differentiable with respect to F (a bf16 F from autoca
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._common import interpreting
 from ._philox import philox_noise, rng_args, torch_step_noise
 from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
 from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
@@ -31,10 +30,6 @@ __all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise
            "net_input_ref", "edm_loss_ref", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(mode: str, device) -> str:
@@ -46,7 +41,7 @@ def resolve_backend(mode: str, device) -> str:
         return "torch"
     if mode == "auto":
         return "triton" if dev.type == "cuda" else "torch"
-    if dev.type != "cuda" and not _interpreting():
+    if dev.type != "cuda" and not interpreting():
         raise RuntimeError(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
                            "to run the kernels in Triton's CPU interpreter (slow, for tests), or use "
                            "train.kernels=auto|torch")

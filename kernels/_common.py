@@ -21,10 +21,15 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def fast_math() -> bool:
     """Whether the noise uses the GPU's approximate log/sin/cos (see _philox.box_muller): in compiled
     kernels yes; the interpreter has no libdevice."""
-    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return not interpreting()
 
 
 def lane_block(q: int, cap: int = 512) -> int:
@@ -56,7 +61,7 @@ def launcher(kernel, *tensors):
     functional = any(isinstance(t, FunctionalTensor) for t in tensors)
     if not (fake or functional or _get_current_dispatch_mode() is not None):
         return kernel
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         return torch.library.wrap_triton(kernel)
     if functional:
         raise RuntimeError("pdiff kernels under TRITON_INTERPRET=1 cannot be decomposed by torch.compile "

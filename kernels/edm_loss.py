@@ -21,8 +21,8 @@ import triton.language as tl
 from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
 
 from ._common import counter_blocks, empty, empty_like, fast_math, launcher
-from ._philox import noise_block, rng_state
-from .net_input import chw_view, load_patch, patches_to_float, plane_offset, pixels_linear
+from ._philox import rng_state
+from .net_input import channel_noise, chw_view, load_patch, patches_to_float, plane_offset, pixels_linear
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -51,15 +51,12 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
     y_base = y_ptr + b * sy_b
     n_base = n_ptr + b * sn_b
     g_base = g_ptr + b * sg_b
-    if not HAS_NOISE:
-        seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
+    seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)   # unused with HAS_NOISE
     acc = tl.zeros((4 * BLOCK,), dtype=tl.float32)
     for c in tl.static_range(C):
         y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
-        if HAS_NOISE:
-            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_LINEAR), mask=mask, other=0).to(tl.float32)
-        else:
-            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
+        n = channel_noise(n_base, c, p, mask, W, sn_c, sn_h, sn_w, N_LINEAR, HAS_NOISE,
+                          seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
         f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_LINEAR), mask=mask, other=0).to(tl.float32)
         r = a * y + bn * n + co * f                         # D - y
         if WRITE_GRAD:

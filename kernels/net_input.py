@@ -43,6 +43,17 @@ def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, LINEAR: tl.constexpr, IS_UI
         return y.to(tl.float32)
 
 
+@triton.jit
+def channel_noise(n_base, c, p, mask, W, s_c, s_h, s_w, LINEAR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                  seed, t, plane, step_lo, step_hi, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+    """The noise of channel c at pixels p: read from the given tensor, or drawn (Philox) for the
+    plane. Both kernels take it from here, so the loss sees exactly what the input kernel used."""
+    if HAS_NOISE:
+        return tl.load(n_base + plane_offset(c, p, W, s_c, s_h, s_w, LINEAR), mask=mask, other=0).to(tl.float32)
+    else:
+        return noise_block(seed, t, plane, step_lo, step_hi, BLOCK, FAST_MATH)
+
+
 @triton.jit(do_not_specialize=["seed", "step"])
 def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed, step,
                       S, W: tl.constexpr, rm1, sigma_data,
@@ -63,14 +74,11 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
     n_base = n_ptr + b * sn_b
     o_base = out_ptr + b * so_b
     out_ty = o_base.dtype.element_ty
-    if not HAS_NOISE:
-        seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)
+    seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)   # unused with HAS_NOISE
     for c in tl.static_range(C):
         y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
-        if HAS_NOISE:
-            n = tl.load(n_base + plane_offset(c, p, W, sn_c, sn_h, sn_w, N_LINEAR), mask=mask, other=0).to(tl.float32)
-        else:
-            n = noise_block(seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
+        n = channel_noise(n_base, c, p, mask, W, sn_c, sn_h, sn_w, N_LINEAR, HAS_NOISE,
+                          seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
         v = (y + sigma * n) * cin
         tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_LINEAR), v.to(out_ty), mask=mask)
     # Coordinates: (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer
