@@ -108,7 +108,7 @@ class StepNet(torch.nn.Module):
 
 
 def step_peak_memory(b, c, s, res, uint8, dtype, device, use_kernels):
-    from kernels import build_net_input, edm_patch_loss
+    from pdiff.kernels import build_net_input, edm_patch_loss
     patches, sigma, offsets, _, _ = make_inputs(b, c, s, res, uint8, dtype, device)
     net = StepNet(c).to(device)
     backend = "triton" if use_kernels else "torch"
@@ -172,9 +172,9 @@ def main(argv=None) -> int:
         print("bench_kernels: no CUDA device on this machine; the Triton kernels need one. Nothing measured.")
         return 0
 
-    from kernels import build_net_input, edm_patch_loss
-    from kernels.edm_loss import edm_loss_fused, edm_loss_ref
-    from kernels.net_input import net_input_ref
+    from pdiff.kernels import build_net_input, edm_patch_loss
+    from pdiff.kernels.edm_loss import edm_loss_fused, edm_loss_ref
+    from pdiff.kernels.net_input import net_input_ref
 
     t_start = time.time()
     device = torch.device("cuda")

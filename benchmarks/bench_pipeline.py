@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdiff.config import load_config  # noqa: E402
-from pdiff.coords import crop  # noqa: E402
-from pdiff.schedule import PatchSchedule  # noqa: E402
-from pipelines import build_pipeline, dali_available  # noqa: E402
-from tools._shardlib import write_shards  # noqa: E402
+from pdiff.config import load_config
+from pdiff.coords import crop
+from pdiff.schedule import PatchSchedule
+from pdiff.pipelines import build_pipeline, dali_available
+from pdiff.tools._shardlib import write_shards
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdiff.config import load_config  # noqa: E402
-from pdiff.step import resolve_precision  # noqa: E402
-from tools.bench import bench_step, machine, machine_name, print_step, save_json  # noqa: E402
+from pdiff.config import load_config
+from pdiff.step import resolve_precision
+from pdiff.tools.bench import bench_step, machine, machine_name, print_step, save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

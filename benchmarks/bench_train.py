@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdiff.config import load_config, to_dict  # noqa: E402
-from tools.bench import (PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, compare_train,  # noqa: E402
+from pdiff.config import load_config, to_dict
+from pdiff.tools.bench import (PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, compare_train,
                          default_interval_images, machine, machine_name, print_train, resolve_device, save_json,
                          synthetic_shards, variant)
 

@@ -1,7 +1,7 @@
 """Compile the kernels for an NVIDIA GPU on a machine without one, and read what ptxas made of them.
 
-    python -m kernels.offline                 # every launch variant training uses, for sm_90a (H100/H200)
-    python -m kernels.offline --arch 80       # for an A100
+    python -m pdiff.kernels.offline                 # every launch variant training uses, for sm_90a (H100/H200)
+    python -m pdiff.kernels.offline --arch 80       # for an A100
 
 Triton's CPU interpreter (TRITON_INTERPRET=1, what the tests run) checks what the kernels compute,
 but not that they compile: the interpreter accepts code the compiler rejects, and it says nothing of
@@ -115,7 +115,7 @@ def _jit_function(kernel):
     if not isinstance(kernel, JITFunction):
         raise RuntimeError("kernels.offline compiles the kernels for a GPU: run it in a process started without "
                            "TRITON_INTERPRET=1 (under the interpreter @triton.jit does not build compilable "
-                           "kernels), e.g. env -u TRITON_INTERPRET python -m kernels.offline")
+                           "kernels), e.g. env -u TRITON_INTERPRET python -m pdiff.kernels.offline")
     return kernel
 
 

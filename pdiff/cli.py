@@ -6,11 +6,11 @@ import sys
 
 COMMANDS = {
     "train": ("pdiff.train", "train (or resume) a model: pdiff train --config FILE [key=value ...]"),
-    "info": ("tools.info", "parameters, FLOPs per patch size and the schedule's cost per image"),
-    "shard": ("tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
-    "sample": ("tools.sample", "generate images from a snapshot or checkpoint"),
-    "fid": ("tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
-    "bench": ("tools.bench", "throughput: 'bench data|step|train|sample'"),
+    "info": ("pdiff.tools.info", "parameters, FLOPs per patch size and the schedule's cost per image"),
+    "shard": ("pdiff.tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
+    "sample": ("pdiff.tools.sample", "generate images from a snapshot or checkpoint"),
+    "fid": ("pdiff.tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
+    "bench": ("pdiff.tools.bench", "throughput: 'bench data|step|train|sample'"),
     "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
 }
 

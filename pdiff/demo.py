@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdiff.snapshot import load_snapshot
     from pdiff.sampler import SeedNoise, sample_images
     from pdiff.train import train
-    from tools.shard import main as shard_main
+    from pdiff.tools.shard import main as shard_main
 
     t0 = time.time()
     cfg = load_config(args.config, [f"data.path={out / 'shards'}", f"train.run_dir={out / 'run'}",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import build_net_input, edm_patch_loss
+from pdiff.kernels import build_net_input, edm_patch_loss
 
 from .precond import EDMPrecond, c_noise
 

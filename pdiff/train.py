@@ -127,7 +127,7 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
     schedule = make_schedule(cfg)
     # The paper's EMA rule counts every step as batch * (average batch multiplier) images.
     ema_images_per_step = cfg.train.batch * sum(p * schedule.multiplier(s) for s, p in zip(schedule.sizes, schedule.probs))
-    from pipelines import build_pipeline
+    from pdiff.pipelines import build_pipeline
     pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device)
     classes = int(pipe.manifest.get("num_classes") or 0)
     if cfg.network.label_dim and classes > cfg.network.label_dim:
@@ -157,7 +157,7 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
         return 0
 
     # The compiled differentiable step: one static-shape graph per patch size.
-    from kernels import resolve_backend
+    from pdiff.kernels import resolve_backend
     backend = resolve_backend(cfg.train.kernels, device)
     dtype = net_dtype(resolve_precision(cfg.train.precision, device))
     loss_module = PatchLoss(model, cfg.data.resolution, backend, dtype, cfg.train.channels_last)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from pipelines.shards import ShardError, ShardSet
+from pdiff.pipelines.shards import ShardError, ShardSet
 
 __all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "ShardError", "dali_available"]
 
@@ -92,16 +92,16 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
         if not dali_available():
             raise ImportError("data.backend=dali but NVIDIA DALI is not installed (pip install "
                               "nvidia-dali-cuda130, or set data.backend=torch)")
-        from pipelines.dali_loader import DaliPatchPipeline
+        from pdiff.pipelines.dali_loader import DaliPatchPipeline
         return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), shards)
     if backend == "torch":
-        from pipelines.torch_loader import TorchPatchPipeline
+        from pdiff.pipelines.torch_loader import TorchPatchPipeline
         return TorchPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), shards)
     raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
 
 
 def __getattr__(name):
     if name == "PatchPipeline":     # imported lazily: the shard writer uses this package without torch
-        from pipelines.base import PatchPipeline
+        from pdiff.pipelines.base import PatchPipeline
         return PatchPipeline
     raise AttributeError(name)

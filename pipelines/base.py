@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pipelines import Batch, PipelineStateError
-from pipelines.order import RankStep, SamplePlan
-from pipelines.shards import ShardSet
+from pdiff.pipelines import Batch, PipelineStateError
+from pdiff.pipelines.order import RankStep, SamplePlan
+from pdiff.pipelines.shards import ShardSet
 
 STATE_VERSION = 1
 SCALE = 1 / 127.5      # uint8 v -> (v - 127.5) * SCALE in float32: the same bits in numpy, torch and DALI

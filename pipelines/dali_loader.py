@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import torch
 
-from pipelines.base import PatchPipeline
+from pdiff.pipelines.base import PatchPipeline
 
 
 class DaliPatchPipeline(PatchPipeline):

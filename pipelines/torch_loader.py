@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.base import SCALE, PatchPipeline
-from pipelines.order import RankStep
-from pipelines.shards import ShardSet
+from pdiff.pipelines.base import SCALE, PatchPipeline
+from pdiff.pipelines.order import RankStep
+from pdiff.pipelines.shards import ShardSet
 
 
 _LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE)   # same bits as normalize()

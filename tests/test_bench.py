@@ -19,7 +19,7 @@ import torch
 from pdiff.config import load_config
 from pdiff.schedule import PatchSchedule
 from pdiff.train import crossed, make_schedule
-from tools import bench
+from pdiff.tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
@@ -37,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tools._shardlib import write_shards
+    from pdiff.tools._shardlib import write_shards
     root = tmp_path_factory.mktemp("benchdata")
     rng = np.random.default_rng()
     np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))

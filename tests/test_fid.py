@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from pdiff import fid as F
-from tools import fid as fid_cli
+from pdiff.tools import fid as fid_cli
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -231,7 +231,7 @@ def test_feature_path_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(ref.sigma, np.cov(direct.numpy(), rowvar=False), rtol=1e-4, atol=1e-7)
 
     # the same images as `pdiff shard` shards give the same reference
-    from tools import shard as shard_cli
+    from pdiff.tools import shard as shard_cli
     assert shard_cli.main([str(tmp_path / "ref.npz"), str(tmp_path / "shards"), "--images-key", "x",
                            "--workers", "1", "--quiet"]) == 0
     assert fid_cli.main(["ref", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "stats2.npz"),

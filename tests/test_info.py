@@ -2,7 +2,7 @@
 import math
 
 from pdiff.config import load_config
-from tools.info import describe, main
+from pdiff.tools.info import describe, main
 
 
 def test_info_celeba64_counts_and_cost(capsys):

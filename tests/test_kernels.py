@@ -26,9 +26,9 @@ if not CUDA:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from kernels import _common, build_net_input, edm_patch_loss, philox_noise, resolve_backend  # noqa: E402
-from kernels.edm_loss import edm_loss_ref64  # noqa: E402
-from kernels.net_input import net_input_ref64  # noqa: E402
+from pdiff.kernels import _common, build_net_input, edm_patch_loss, philox_noise, resolve_backend  # noqa: E402
+from pdiff.kernels.edm_loss import edm_loss_ref64  # noqa: E402
+from pdiff.kernels.net_input import net_input_ref64  # noqa: E402
 from pdiff.loss import net_input_ref, weighted_loss_ref  # noqa: E402
 from pdiff.precond import c_in  # noqa: E402
 
@@ -210,8 +210,8 @@ def test_crops_of_larger_tensors(monkeypatch):
     """Patches, noise and F that are windows into larger tensors (rows not following each other,
     stride(2) != W * stride(3)) take the kernels' general row/column addressing; several tiles per
     plane too. Both kernels against float64, forward and gradient."""
-    import kernels._common
-    monkeypatch.setattr(kernels._common, "lane_block", lambda q: 16)
+    import pdiff.kernels._common  # noqa: F401
+    monkeypatch.setattr(pdiff.kernels._common, "lane_block", lambda q: 16)
     gen = fresh_generator()
     b, c, s, res = 3, 3, 12, 30
     for uint8 in (True, False):
@@ -220,7 +220,7 @@ def test_crops_of_larger_tensors(monkeypatch):
                else torch.rand((b, c, s + 5, s + 7), generator=gen) * 2 - 1).to(DEV)
         patches = big[:, 2:2 + s, 3:3 + s] if uint8 else big[..., 2:2 + s, 3:3 + s]
         noise = torch.randn((b, c, s + 1, s + 4), generator=gen).to(DEV)[..., 1:, 2:2 + s]
-        from kernels.net_input import chw_view, pixels_linear
+        from pdiff.kernels.net_input import chw_view, pixels_linear
         assert not pixels_linear(chw_view(patches)) and not pixels_linear(noise)
         F = torch.randn((b, c, s + 3, s + 3), generator=gen).to(DEV)[..., 3:, :s]
         check_both_float32(patches, sigma, offsets, res, noise, F, dict(noise=noise))
@@ -230,8 +230,8 @@ def test_crops_of_larger_tensors(monkeypatch):
 def test_odd_sizes_and_many_tiles(monkeypatch, s):
     """Patch sizes whose plane is not a multiple of 4 (the last Philox call's 4 pixels partly masked)
     and 16 counters (64 pixels) per program: several tiles per sample, a ragged last tile, partial sums."""
-    import kernels._common
-    monkeypatch.setattr(kernels._common, "lane_block", lambda q: 16)
+    import pdiff.kernels._common  # noqa: F401
+    monkeypatch.setattr(pdiff.kernels._common, "lane_block", lambda q: 16)
     gen = fresh_generator()
     b, c, res = 3, 3, 2 * s + 1
     patches, sigma, offsets, noise = make_batch(b, c, s, res, False, gen)
@@ -329,8 +329,8 @@ def test_loss_kernel_regenerates_the_input_kernels_noise(uint8, s):
 def test_step_as_tensor_or_int_and_op_or_launcher_agree():
     """A device-tensor step (what a compiled loop passes) draws the same noise as the int; the
     registered ops (what torch.compile calls) equal the direct launches eager mode uses."""
-    from kernels.edm_loss import edm_loss_op
-    from kernels.net_input import net_input_op
+    from pdiff.kernels.edm_loss import edm_loss_op
+    from pdiff.kernels.net_input import net_input_op
     gen = fresh_generator()
     b, c, s, res = 3, 3, 8, 16
     patches, sigma, offsets, _ = make_batch(b, c, s, res, True, gen)

@@ -13,9 +13,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.kernels,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for compiled Triton kernels")]
 
 if torch.cuda.is_available():
-    from kernels import _common, build_net_input, edm_patch_loss, philox_noise
-    from kernels.edm_loss import edm_loss_ref, edm_loss_ref64
-    from kernels.net_input import net_input_ref64
+    from pdiff.kernels import _common, build_net_input, edm_patch_loss, philox_noise
+    from pdiff.kernels.edm_loss import edm_loss_ref, edm_loss_ref64
+    from pdiff.kernels.net_input import net_input_ref64
 
 DEV = "cuda"
 # (batch, channels, patch size, canvas): 64x64 pixels at each patch size with its batch multiplier,

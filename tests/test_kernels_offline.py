@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.offline import VARIANTS, Report
+from pdiff.kernels.offline import VARIANTS, Report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def sm90(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "kernels.offline", "--arch", "90", "--json", str(out)],
+    res = subprocess.run([sys.executable, "-m", "pdiff.kernels.offline", "--arch", "90", "--json", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"compiling the kernels for sm_90 failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return {v["name"]: v for v in json.loads(out.read_text())["variants"]}

@@ -13,11 +13,11 @@ import torch
 
 from pdiff.config import load_config
 from pdiff.schedule import PatchSchedule
-from pipelines import build_pipeline, dali_available
-from pipelines.order import SamplePlan
-from pipelines.shards import ShardSet
-from tools._shardlib import ShardInputError, info, verify, write_shards
-from tools.shard import main as shard_main
+from pdiff.pipelines import build_pipeline, dali_available
+from pdiff.pipelines.order import SamplePlan
+from pdiff.pipelines.shards import ShardSet
+from pdiff.tools._shardlib import ShardInputError, info, verify, write_shards
+from pdiff.tools.shard import main as shard_main
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                     reason="NVIDIA DALI is not installed"))]

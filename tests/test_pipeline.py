@@ -8,10 +8,10 @@ import torch
 
 from pdiff.config import load_config
 from pdiff.schedule import PatchSchedule
-from pipelines import PipelineStateError, build_pipeline, dali_available
-from pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
-from pipelines.shards import ShardError
-from tools._shardlib import write_shards
+from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
+from pdiff.pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
+from pdiff.pipelines.shards import ShardError
+from pdiff.tools._shardlib import write_shards
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                     reason="NVIDIA DALI is not installed"))]
@@ -290,7 +290,7 @@ def test_grayscale_dataset(tmp_path, backend):
 
 
 def test_auto_falls_back_to_torch_without_dali(dataset, monkeypatch):
-    import pipelines
+    from pdiff import pipelines
     root, _, _ = dataset
     monkeypatch.setattr(pipelines, "_DALI", [False])          # as on a box with only torch and triton
     pipe, _, _ = make(root, "raw", "auto")

@@ -13,7 +13,7 @@ from pdiff.config import SamplerConfig, load_config
 from pdiff.generate import SampleOptions, generate, iter_uint8, parse_seeds
 from pdiff.model import build_model
 from pdiff.snapshot import save_snapshot
-from tools import sample as sample_cli
+from pdiff.tools import sample as sample_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["network.model_channels=16", "network.channel_mult=[1,2]", "network.attn_resolutions=[]",

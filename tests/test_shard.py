@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import dali_available
-from pipelines.shards import ShardSet, read_index
-from tools import _shardlib
-from tools._shardlib import ShardInputError, verify, write_shards
-from tools.shard import main as shard_main
+from pdiff.pipelines import dali_available
+from pdiff.pipelines.shards import ShardSet, read_index
+from pdiff.tools import _shardlib
+from pdiff.tools._shardlib import ShardInputError, verify, write_shards
+from pdiff.tools.shard import main as shard_main
 
 
 def rand_images(rng, n, size=16, channels=3):

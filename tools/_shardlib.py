@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.shards import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, LABEL_DTYPE, LABEL_EXT, LATENT_DTYPES, MANIFEST,
+from pdiff.pipelines.shards import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, LABEL_DTYPE, LABEL_EXT, LATENT_DTYPES, MANIFEST,
                               ShardError, check_files, decode_image, load_manifest, read_index, sample_dtype,
                               sha256_file, write_index)
 

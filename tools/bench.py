@@ -84,7 +84,7 @@ def machine() -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2 ** 30, 1), gpu_count=torch.cuda.device_count())
-    from pipelines import dali_available
+    from pdiff.pipelines import dali_available
     if dali_available():
         info["versions"]["dali"] = _version("nvidia.dali")
     return info
@@ -258,7 +258,7 @@ def synthetic_shards(out_dir: str | Path, count: int, resolution: int, channels:
     written as pdiff shards in ``out_dir``."""
     import numpy as np
     from PIL import Image
-    from tools._shardlib import write_shards
+    from pdiff.tools._shardlib import write_shards
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -299,7 +299,7 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
     patches/s on one process; both are reported under their own names."""
     from pdiff.schedule import PatchSchedule
     from pdiff.train import make_schedule
-    from pipelines import build_pipeline
+    from pdiff.pipelines import build_pipeline
     sched = make_schedule(cfg)
     r, batch = cfg.data.resolution, cfg.train.batch
     sync = _sync(device)
@@ -344,13 +344,13 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     """Training-step cost at each patch size of the config's schedule (and R) with its batch
     multiplier (B full images -> B R/s patches), PatchLoss forward + backward + Adam, and the
     schedule's cost per image against full images, measured and from the FLOP model."""
-    from kernels import resolve_backend
+    from pdiff.kernels import resolve_backend
     from pdiff.coords import random_offsets
     from pdiff.loss import sample_sigma
     from pdiff.model import build_model, count_parameters
     from pdiff.step import PatchLoss, net_dtype, resolve_precision
     from pdiff.train import make_schedule
-    from tools.info import describe
+    from pdiff.tools.info import describe
     r, c, label_dim = cfg.data.resolution, cfg.data.channels, cfg.network.label_dim
     precision = precision or resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
@@ -419,7 +419,7 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
     runs get this from the trainer's own warm-up.) Returns the seconds it took."""
     if not force and (device.type != "cuda" or cfg.train.compile):
         return 0.0
-    from kernels import resolve_backend
+    from pdiff.kernels import resolve_backend
     from pdiff.model import build_model
     from pdiff.step import PatchLoss, net_dtype, resolve_precision
     from pdiff.train import make_schedule, warm_up

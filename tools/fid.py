@@ -96,7 +96,7 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
 
 def shard_source(root: Path, limit: int | None) -> ImageSource:
     """A `pdiff shard` folder, every image in index order (decoded by the pipelines' reader)."""
-    from pipelines.shards import ShardError, ShardSet
+    from pdiff.pipelines.shards import ShardError, ShardSet
     try:
         shards = ShardSet(root)
     except (ShardError, KeyError) as e:
@@ -141,7 +141,7 @@ def pick_device(name: str) -> torch.device:
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
     """FeatureStats of every image of a source."""
     from pdiff.fid import FeatureStats, inception_features
-    from tools.sample import progress_bar
+    from pdiff.tools.sample import progress_bar
     stats = FeatureStats(device=device)
     bar = progress_bar(src.count, progress, "features")
     try:
@@ -200,7 +200,7 @@ def cmd_gen(args) -> int:
     from pdiff.fid import check_resolution, load_inception, load_stats, sample_stats, seed_sets, summarize
     from pdiff.generate import init_distributed
     from pdiff.snapshot import load_model
-    from tools.sample import progress_bar, sample_options
+    from pdiff.tools.sample import progress_bar, sample_options
     ref = load_stats(args.ref)
     dist = init_distributed(args.device)
     try:
@@ -239,7 +239,7 @@ def cmd_gen(args) -> int:
 def main(argv: list[str]) -> int:
     from pdiff.fid import FIDError, InceptionWeightsMissing
     from pdiff.snapshot import SnapshotError
-    from tools.sample import add_model_args, add_sampler_args
+    from pdiff.tools.sample import add_model_args, add_sampler_args
     p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

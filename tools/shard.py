@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.shards import ShardError
-from tools._shardlib import ENCODINGS, TRANSFORMS, ShardInputError, info, verify, write_shards
+from pdiff.pipelines.shards import ShardError
+from pdiff.tools._shardlib import ENCODINGS, TRANSFORMS, ShardInputError, info, verify, write_shards
 
 __all__ = ["main", "write_shards", "verify", "info"]
 
