@@ -2,8 +2,11 @@
 
     cfg = load_config("pdiff/presets/tiny.yaml", ["train.batch=64", "patch.real_p=0.25"])
 
-Unknown keys and values of the wrong type are errors naming the key and the file. Progress is
-counted in images seen (EDM2): every duration and interval below is in images.
+Unknown keys and values of the wrong type are errors naming the key and the file; so is a value
+outside a closed set of choices (a ``Literal`` field). Open sets that grow by registration are
+checked against their registries: network.arch against ``pdiff.networks.NETWORKS``, patch.mode
+against the patch schedules. Progress is counted in images seen (EDM2): every duration and interval
+below is in images.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class NetworkConfig:
-    arch: str = "ddpmpp"                  # ddpmpp | ncsnpp | adm
+    arch: str = "ddpmpp"                  # a name in pdiff.networks.NETWORKS: ddpmpp | ncsnpp | adm | ...
     model_channels: int = 128             # base channels
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
     num_blocks: int = 4                   # residual blocks per resolution
@@ -34,7 +37,7 @@ class NetworkConfig:
     dropout: float = 0.10
     label_dim: int = 0                    # number of classes; 0 = unconditional
     label_dropout: float = 0.0            # probability of dropping the label (classifier-free guidance)
-    coord_embed: str = "none"             # none | fourier: sin/cos features of the coordinates
+    coord_embed: Literal["none", "fourier"] = "none"   # fourier: sin/cos features of the coordinates
     coord_freqs: int = 4                  # fourier: frequencies 2^0 .. 2^(k-1)
 
 
@@ -43,7 +46,7 @@ class DataConfig:
     path: str = ""                        # folder of WebDataset shards with manifest.json
     resolution: int = 64                  # R, the full image (or latent) size
     channels: int = 3
-    backend: str = "auto"                 # auto | dali | torch
+    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: DALI where it is installed
     workers: int = 2                      # decoding threads (DALI) or DataLoader workers (torch)
     prefetch: int = 4                     # batches decoded ahead
     verify_checksums: bool = False        # sha256 of every shard against the manifest at start (sizes are always checked)
@@ -52,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class PatchConfig:
-    mode: str = "stochastic"              # stochastic | progressive | full (plain EDM)
+    mode: str = "stochastic"              # a patch schedule: stochastic | progressive | full (plain EDM)
     real_p: float = 0.5                   # share of full-size steps (the paper's p)
     sizes: list[int] = field(default_factory=list)    # empty: {R/4, R/2, R}
     probs: list[float] = field(default_factory=list)  # empty: (2/5 (1-p), 3/5 (1-p), p)
@@ -73,7 +76,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_images: int = 10_000_000       # linear learning-rate warm-up (EDM: 10 Mimg)
     grad_clip: float = 0.0                # 0 = no clipping
-    nonfinite: str = "zero"               # zero (no host sync) | skip (one host sync a step): a step whose gradient is not finite
+    nonfinite: Literal["zero", "skip"] = "zero"   # a step whose gradient is not finite: zero it (no host sync) | skip it (one host sync a step)
 
 
 @dataclass
@@ -95,9 +98,9 @@ class TrainConfig:
     sample_every_images: int = 5_000_000
     keep_checkpoints: int = 3
     compile: bool = True
-    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = False
-    kernels: str = "auto"                 # auto (Triton on CUDA) | triton | torch
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, the torch references elsewhere
     wall_budget_s: float = 0.0            # stop cleanly after this many seconds; 0 = no budget
     deterministic: bool = False
 
@@ -149,6 +152,11 @@ def _type_name(tp) -> str:
 def _coerce(value: Any, tp, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
@@ -287,17 +295,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
+    """The checks that span fields or need a registry; each field's type and closed set of choices
+    were checked while loading."""
+    from .networks import NETWORKS
+    from .schedule import MODES
+
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
-    choices = {"network.arch": ("ddpmpp", "ncsnpp", "adm"), "network.coord_embed": ("none", "fourier"),
-               "data.backend": ("auto", "dali", "torch"), "patch.mode": ("stochastic", "progressive", "full"),
-               "train.precision": ("auto", "bf16", "fp32"), "train.kernels": ("auto", "triton", "torch"),
-               "optim.nonfinite": ("skip", "zero")}
-    for key, allowed in choices.items():
-        sec, name = key.split(".")
-        v = getattr(getattr(cfg, sec), name)
-        if v not in allowed:
-            bad(key, f"{v!r} is not one of {', '.join(allowed)}")
+    if cfg.network.arch not in NETWORKS:
+        bad("network.arch", f"{cfg.network.arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
+                            "a new one is added in pdiff/networks/__init__.py)")
+    if cfg.patch.mode not in MODES:
+        bad("patch.mode", f"{cfg.patch.mode!r} is not one of {', '.join(MODES)}")
     if cfg.data.resolution < 2:
         bad("data.resolution", "must be at least 2")
     if cfg.train.batch < 1:
@@ -306,6 +315,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("patch.real_p", "must lie in [0, 1]")
     if not 0 <= cfg.network.label_dropout < 1:
         bad("network.label_dropout", "must lie in [0, 1)")
+    if cfg.network.label_dim < 0:
+        bad("network.label_dim", f"must be >= 0 (0 = unconditional), got {cfg.network.label_dim}")
+    if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
+        bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
 
 
 def dump_yaml(cfg: Config) -> str:

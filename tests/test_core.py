@@ -208,3 +208,19 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         C.load_config(f, ["train.batch"])
     with pytest.raises(C.ConfigError, match="no such preset"):
         C.load_config("nonexistent_preset")
+
+
+def test_config_choices_are_checked_once_with_the_key_file_value_and_choices(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("base: tiny\ndata: {backend: gpu}\n")
+    with pytest.raises(C.ConfigError, match=r"run.yaml.*data.backend: 'gpu' is not one of auto, dali, torch"):
+        C.load_config(f)
+    with pytest.raises(C.ConfigError, match=r"train.kernels: 'cuda' is not one of auto, triton, torch"):
+        C.load_config("tiny", ["train.kernels=cuda"])
+    with pytest.raises(C.ConfigError, match=r"network.arch: 'unet' is not a registered network \(registered: ddpmpp, "
+                                            r"ncsnpp, adm"):
+        C.load_config("tiny", ["network.arch=unet"])
+    with pytest.raises(C.ConfigError, match=r"network.label_dropout: must lie in \[0, 1\)"):
+        C.load_config("tiny", ["network.label_dropout=1.0"])
+    cfg = C.load_config("tiny", ["train.precision=bf16", "optim.nonfinite=skip", "network.coord_embed=fourier"])
+    assert (cfg.train.precision, cfg.optim.nonfinite, cfg.network.coord_embed) == ("bf16", "skip", "fourier")
