@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_input, \
-    drop_labels
+from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, add_decoder, \
+    add_encoder, check_input, drop_labels, run_decoder, unet_settings
 
 
 class DhariwalUNet(nn.Module):
@@ -49,48 +49,15 @@ class DhariwalUNet(nn.Module):
 
         # Encoder: every module's output is a skip.
         self.enc = nn.ModuleDict()
-        enc_plan = []
-        skip_widths = []
-        width = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(width, model_channels * mult, 3, **init)
-                enc_plan.append((f"{res}x{res}_conv", "conv"))
-                width = model_channels * mult
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(width, width, down=True, **block)
-                enc_plan.append((f"{res}x{res}_down", "block"))
-            skip_widths.append(width)
-            for idx in range(num_blocks):
-                out = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(width, out, attention=res in attn_resolutions,
-                                                                **block)
-                enc_plan.append((f"{res}x{res}_block{idx}", "block"))
-                width = out
-                skip_widths.append(width)
-        self._enc_plan = tuple(enc_plan)
+        self._enc_plan, skip_widths, width = add_encoder(
+            self.enc, in_channels, img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions,
+            block, stem_width=model_channels * channel_mult[0], stem_init=init)
 
-        # Decoder.
+        # Decoder: EDM's, as in both U-Nets (layers.add_decoder).
         self.dec = nn.ModuleDict()
-        dec_plan = []
-        for level in reversed(range(len(channel_mult))):
-            res = img_resolution >> level
-            mult = channel_mult[level]
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(width, width, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
-                dec_plan += [(f"{res}x{res}_in0", False), (f"{res}x{res}_in1", False)]
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
-                dec_plan.append((f"{res}x{res}_up", False))
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(width + skip_widths.pop(), out,
-                                                                attention=res in attn_resolutions, **block)
-                dec_plan.append((f"{res}x{res}_block{idx}", True))
-                width = out
-        self._dec_plan = tuple(dec_plan)
+        self._dec_plan, width = add_decoder(self.dec, width, skip_widths, img_resolution, model_channels,
+                                            channel_mult, num_blocks, lambda res, idx: res in attn_resolutions,
+                                            block)
         self.out_norm = GroupNorm(width)
         self.out_conv = Conv2d(width, img_channels, 3, **init_zero)
 
@@ -111,8 +78,10 @@ class DhariwalUNet(nn.Module):
             x = module(x) if kind == "conv" else module(x, emb)
             skips.append(x)
 
-        for name, takes_skip in self._dec_plan:
-            if takes_skip:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = self.dec[name](x, emb)
+        x = run_decoder(self.dec, self._dec_plan, x, skips, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
+
+
+def build(cfg, resolution: int, channels: int) -> DhariwalUNet:
+    """ADM for a ``pdiff.config.NetworkConfig`` (registered as "adm" in pdiff/networks/__init__.py)."""
+    return DhariwalUNet(**unet_settings(cfg, resolution, channels))

@@ -270,7 +270,83 @@ class CoordFeatures(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Checks and conditioning shared by the U-Nets
+# What the U-Nets share: their settings, the decoder, input checks and label dropout
+
+def unet_settings(cfg, resolution: int, channels: int) -> dict:
+    """The constructor arguments both U-Nets take from a ``pdiff.config.NetworkConfig``."""
+    if len(cfg.channel_mult) < 1:
+        raise ValueError("network.channel_mult: a U-Net needs at least one level")
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=cfg.label_dim,
+                model_channels=cfg.model_channels, channel_mult=tuple(cfg.channel_mult),
+                num_blocks=cfg.num_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
+                dropout=cfg.dropout, label_dropout=cfg.label_dropout,
+                coord_freqs=cfg.coord_freqs if cfg.coord_embed == "fourier" else 0)
+
+
+def add_encoder(enc: nn.ModuleDict, width: int, img_resolution: int, model_channels: int, channel_mult,
+                num_blocks: int, attn_resolutions, block: dict, stem_width: int, stem_init: dict,
+                after_down=None) -> tuple[tuple, list[int], int]:
+    """Add EDM's U-Net encoder to ``enc``: level 0 opens with a 3x3 conv to ``stem_width``, every later
+    level with a downsampling block, which ``after_down(res, width)`` may follow with more modules
+    ((name, module, kind) triples: NCSN++'s residual input path); then ``num_blocks`` blocks at width
+    model_channels * mult, attending at ``attn_resolutions``. Returns the plan ((name, kind) in order,
+    kind "conv", "block" or the extra modules' own), the widths of the skips, and the width."""
+    plan, skip_widths = [], []
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"] = Conv2d(width, stem_width, 3, **stem_init)
+            plan.append((f"{res}x{res}_conv", "conv"))
+            width = stem_width
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(width, width, down=True, **block)
+            plan.append((f"{res}x{res}_down", "block"))
+        skip_widths.append(width)
+        if level > 0 and after_down is not None:
+            for name, module, kind in after_down(res, width):
+                enc[name] = module
+                plan.append((name, kind))
+        for idx in range(num_blocks):
+            out = model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = UNetBlock(width, out, attention=res in attn_resolutions, **block)
+            plan.append((f"{res}x{res}_block{idx}", "block"))
+            width = out
+            skip_widths.append(width)
+    return tuple(plan), skip_widths, width
+
+
+def add_decoder(dec: nn.ModuleDict, width: int, skip_widths: list[int], img_resolution: int,
+                model_channels: int, channel_mult, num_blocks: int, attends, block: dict) -> tuple[tuple, int]:
+    """Add EDM's U-Net decoder to ``dec``: the deepest level opens with two blocks (the first always
+    attends), every other level with an upsampling block; then num_blocks + 1 blocks, each taking
+    one encoder skip (``skip_widths`` is consumed from the end). ``attends(res, idx)``: whether block
+    idx at resolution res attends. Returns the plan ((name, takes a skip) in order) and the width."""
+    plan = []
+    for level in reversed(range(len(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = UNetBlock(width, width, attention=True, **block)
+            dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
+            plan += [(f"{res}x{res}_in0", False), (f"{res}x{res}_in1", False)]
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
+            plan.append((f"{res}x{res}_up", False))
+        for idx in range(num_blocks + 1):
+            out = model_channels * channel_mult[level]
+            dec[f"{res}x{res}_block{idx}"] = UNetBlock(width + skip_widths.pop(), out, attention=attends(res, idx),
+                                                       **block)
+            plan.append((f"{res}x{res}_block{idx}", True))
+            width = out
+    return tuple(plan), width
+
+
+def run_decoder(dec: nn.ModuleDict, plan: tuple, x: torch.Tensor, skips: list, emb: torch.Tensor) -> torch.Tensor:
+    for name, takes_skip in plan:
+        if takes_skip:
+            x = torch.cat([x, skips.pop()], dim=1)
+        x = dec[name](x, emb)
+    return x
+
 
 def check_input(x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 img_channels: int, label_dim: int, downsample: int) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d, CoordFeatures, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, \
-    UNetBlock, check_input, drop_labels
+    add_decoder, add_encoder, check_input, drop_labels, run_decoder, unet_settings
 
 
 class SongUNet(nn.Module):
@@ -66,58 +66,27 @@ class SongUNet(nn.Module):
         in_channels = img_channels + 2 + self.coord_features.extra_channels()
 
         # Encoder. ``_enc_plan`` names each module and what it does, so forward needs no name parsing.
-        self.enc = nn.ModuleDict()
-        enc_plan = []
-        skip_widths = []
-        width = in_channels
+        # NCSN++'s residual path: the input, downsampled by a fused conv + filter at every level.
         aux_width = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(width, model_channels, 3, **init)
-                enc_plan.append((f"{res}x{res}_conv", "conv"))
-                width = model_channels
-                skip_widths.append(width)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(width, width, down=True, **block)
-                enc_plan.append((f"{res}x{res}_down", "block"))
-                skip_widths.append(width)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        aux_width, width, 3, down=True, resample_filter=list(resample_filter),
-                        fused_resample=True, **init)
-                    enc_plan.append((f"{res}x{res}_aux_residual", "residual"))
-                    aux_width = width
-            for idx in range(num_blocks):
-                out = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(width, out, attention=res in attn_resolutions,
-                                                                **block)
-                enc_plan.append((f"{res}x{res}_block{idx}", "block"))
-                width = out
-                skip_widths.append(width)
-        self._enc_plan = tuple(enc_plan)
 
-        # Decoder: "block" entries that take an encoder skip are marked "cat".
+        def residual_path(res, width):
+            nonlocal aux_width
+            conv = Conv2d(aux_width, width, 3, down=True, resample_filter=list(resample_filter),
+                          fused_resample=True, **init)
+            aux_width = width
+            return [(f"{res}x{res}_aux_residual", conv, "residual")]
+
+        self.enc = nn.ModuleDict()
+        self._enc_plan, skip_widths, width = add_encoder(
+            self.enc, in_channels, img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions,
+            block, stem_width=model_channels, stem_init=init,
+            after_down=residual_path if encoder_type == "residual" else None)
+
+        # Decoder: EDM's, as in both U-Nets (layers.add_decoder).
         self.dec = nn.ModuleDict()
-        dec_plan = []
-        for level in reversed(range(len(channel_mult))):
-            res = img_resolution >> level
-            mult = channel_mult[level]
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(width, width, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
-                dec_plan += [(f"{res}x{res}_in0", "block"), (f"{res}x{res}_in1", "block")]
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
-                dec_plan.append((f"{res}x{res}_up", "block"))
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(width + skip_widths.pop(), out, attention=attn,
-                                                                **block)
-                dec_plan.append((f"{res}x{res}_block{idx}", "cat"))
-                width = out
-        self._dec_plan = tuple(dec_plan)
+        self._dec_plan, width = add_decoder(self.dec, width, skip_widths, img_resolution, model_channels,
+                                            channel_mult, num_blocks,
+                                            lambda res, idx: idx == num_blocks and res in attn_resolutions, block)
         # Output layers, kept in ``dec`` under EDM's names so state dicts share EDM's keys.
         self._out_names = (f"{img_resolution}x{img_resolution}_aux_norm", f"{img_resolution}x{img_resolution}_aux_conv")
         self.dec[self._out_names[0]] = GroupNorm(width, eps=1e-6)
@@ -152,10 +121,18 @@ class SongUNet(nn.Module):
                 x = aux = (x + module(aux)) / math.sqrt(2)
                 skips[-1] = x
 
-        # Decoder.
-        for name, kind in self._dec_plan:
-            if kind == "cat":
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = self.dec[name](x, emb)
+        x = run_decoder(self.dec, self._dec_plan, x, skips, emb)
         norm, conv = (self.dec[n] for n in self._out_names)
         return conv(F.silu(norm(x)))
+
+
+# EDM's train.py settings that tell DDPM++ and NCSN++ apart (both use the standard decoder); the
+# builders are registered as "ddpmpp" and "ncsnpp" in pdiff/networks/__init__.py.
+def build_ddpmpp(cfg, resolution: int, channels: int) -> SongUNet:
+    return SongUNet(**unet_settings(cfg, resolution, channels), embedding_type="positional",
+                    channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1))
+
+
+def build_ncsnpp(cfg, resolution: int, channels: int) -> SongUNet:
+    return SongUNet(**unet_settings(cfg, resolution, channels), embedding_type="fourier",
+                    channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1))
