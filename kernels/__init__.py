@@ -26,21 +26,20 @@ from ._philox import philox_noise, rng_args, torch_step_noise
 from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
 from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
 
-__all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise",
-           "net_input_ref", "edm_loss_ref", "BACKENDS"]
-
-BACKENDS = ("auto", "triton", "torch")
+__all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise", "net_input_ref", "edm_loss_ref"]
 
 
 def resolve_backend(mode: str, device) -> str:
-    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton' off CUDA needs TRITON_INTERPRET=1."""
-    if mode not in BACKENDS:
-        raise ValueError(f"kernel backend {mode!r} is not one of {BACKENDS} (config key train.kernels)")
-    dev = torch.device(device)
+    """train.kernels -> "triton" | "torch": 'auto' is Triton on CUDA and the torch references elsewhere;
+    'triton' off CUDA needs TRITON_INTERPRET=1. (pdiff.config checks the config's value; this error is
+    for direct callers.)"""
     if mode == "torch":
         return "torch"
+    dev = torch.device(device)
     if mode == "auto":
         return "triton" if dev.type == "cuda" else "torch"
+    if mode != "triton":
+        raise ValueError(f"kernel backend must be one of auto, triton, torch (config key train.kernels), got {mode!r}")
     if dev.type != "cuda" and not interpreting():
         raise RuntimeError(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
                            "to run the kernels in Triton's CPU interpreter (slow, for tests), or use "
@@ -71,9 +70,7 @@ def _check_common(patches, sigma, noise, seed, step, where):
 
 
 def _resolve(backend, device, tensors, where):
-    if backend not in BACKENDS:
-        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
-    backend = resolve_backend(backend, device)          # also refuses Triton on a CPU tensor
+    backend = resolve_backend(backend, device)          # refuses unknown names and Triton on a CPU tensor
     if backend == "triton":
         for name, t in tensors.items():
             if t is not None and t.device != device:
