@@ -4,8 +4,9 @@
     python benchmarks/bench_kernels.py --out benchmarks/results --quick    # < 90 s on an H100
 
 Shapes: 64x64 pixels at each patch size with its batch (batch * R / s patches of uint8 HWC, the
-pipeline's format; bf16 network input and bf16 F, as the trainer uses them on CUDA), 32x32x4
-latents (float32 CHW) at both patch sizes, and a large float32 shape moving over 256 MB.
+kernels' compact input, which the pipelines do not hand over yet: they convert to float32 CHW
+first; bf16 network input and bf16 F, as the trainer uses them on CUDA), 32x32x4 latents (float32
+CHW) at both patch sizes, and a large float32 shape moving over 256 MB.
 Ops: the network input; the loss forward + backward (dL/dF); and, for the Triton providers, the
 fused loss pass alone (loss_kernel, which the bandwidth target is judged on). Providers: the Triton kernels
 with the noise passed in and with in-kernel Philox noise, the torch reference run eagerly, and
@@ -114,7 +115,7 @@ def step_peak_memory(b, c, s, res, uint8, dtype, device, use_kernels):
     backend = "triton" if use_kernels else "torch"
 
     def step():
-        kw = dict(seed=1, step=7)
+        kw = dict(seed=1, images_seen=7)
         net_in = build_net_input(patches, sigma, offsets, res, out_dtype=dtype, backend=backend, **kw)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             F = net(net_in)
@@ -208,25 +209,25 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for name, b, c, s, res, uint8, dtype in shapes(args.batch, args.quick):
         patches, sigma, offsets, noise, F = make_inputs(b, c, s, res, uint8, dtype, device)
-        step_t = torch.tensor(12345, device=device)
+        seen_t = torch.tensor(12345, device=device)
         ni = dict(out_dtype=dtype)
         providers = {
             "net_input": {
                 "triton": lambda: build_net_input(patches, sigma, offsets, res, noise=noise, backend="triton", **ni),
-                "triton_philox": lambda: build_net_input(patches, sigma, offsets, res, seed=3, step=step_t,
+                "triton_philox": lambda: build_net_input(patches, sigma, offsets, res, seed=3, images_seen=seen_t,
                                                          backend="triton", **ni),
                 "eager": lambda: net_input_ref(patches, sigma, offsets, res, noise, out_dtype=dtype),
                 "compile": lambda: compiled_net_input(patches, sigma, offsets, res, noise, out_dtype=dtype),
             },
             "loss_kernel": {
                 "triton": lambda: edm_loss_fused(F, patches, sigma, noise, None, 0, 0, 0.5, True),
-                "triton_philox": lambda: edm_loss_fused(F, patches, sigma, None, step_t.reshape(1), 3, 0, 0.5, True),
+                "triton_philox": lambda: edm_loss_fused(F, patches, sigma, None, seen_t.reshape(1), 3, 0, 0.5, True),
             },
             "loss_fwbw": {
                 "triton": lambda: torch.autograd.grad(
                     edm_patch_loss(F, patches, sigma, noise=noise, backend="triton").mean(), F),
                 "triton_philox": lambda: torch.autograd.grad(
-                    edm_patch_loss(F, patches, sigma, seed=3, step=step_t, backend="triton").mean(), F),
+                    edm_patch_loss(F, patches, sigma, seed=3, images_seen=seen_t, backend="triton").mean(), F),
                 "eager": lambda: torch.autograd.grad(edm_loss_ref(F, patches, sigma, noise).mean(), F),
                 "compile": lambda: torch.autograd.grad(compiled_loss(F, patches, sigma, noise).mean(), F),
             },

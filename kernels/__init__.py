@@ -1,18 +1,21 @@
 """Fused Triton kernels for the two memory-bound ends of a training step, and their dispatcher.
 
     backend = resolve_backend(cfg.train.kernels, device)      # "triton" | "torch"
-    net_in = build_net_input(patches, sigma, offsets, R, seed=seed, step=step, backend=backend)
+    net_in = build_net_input(patches, sigma, offsets, R, seed=seed, images_seen=n, backend=backend)
     F = model.raw(net_in, sigma, labels)
-    loss = edm_patch_loss(F, patches, sigma, seed=seed, step=step, backend=backend).mean()
+    loss = edm_patch_loss(F, patches, sigma, seed=seed, images_seen=n, backend=backend).mean()
 
-Patches come as the pipeline delivers them: float (B, C, s, s) in [-1, 1] or uint8 (B, s, s, C) in
-[0, 255] (mapped by x / 127.5 - 1). Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
-``step``: the Triton kernels then draw Philox noise in-kernel and the loss kernel regenerates the
-identical noise (see kernels/_philox.py; ``philox_noise`` materialises it). The torch backend with a
-seed draws from a torch.Generator seeded by (seed, step): the same in both calls of a step, but a
-different stream from the Philox one. ``step`` may be an int (passed to the kernel as a scalar
-argument: no host-to-device copy) or a one-element device tensor, which is what to pass under
-torch.compile so the changing step count does not trigger recompiles.
+Patches are float (B, C, s, s) in [-1, 1], what the pipelines deliver. The kernels also read uint8
+(B, s, s, C) patches in [0, 255] (mapped by x / 127.5 - 1), for a pipeline that hands over uint8 to
+move a quarter of the bytes to the device; today's pipelines convert to float32 first, so training
+does not take that path yet. Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
+``images_seen``, the training progress that keys a step's noise: the Triton kernels then draw
+Philox noise in-kernel and the loss kernel regenerates the identical noise (see kernels/_philox.py;
+``philox_noise`` materialises it). The torch backend with a seed draws from a torch.Generator seeded
+by (seed, images_seen): the same in both calls of a step, but a different stream from the Philox
+one. ``images_seen`` may be an int (passed to the kernel as a scalar argument: no host-to-device
+copy) or a one-element device tensor, which is what to pass under torch.compile so that its changing
+value does not trigger recompiles.
 
 Both ops are torch.library ops (triton_op), so torch.compile(fullgraph=True) traces them without
 graph breaks; the loss is differentiable with respect to F (a bf16 F from autocast is fine).
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._common import interpreting
-from ._philox import philox_noise, rng_args, torch_step_noise
+from ._philox import philox_noise, rng_args, torch_backend_noise
 from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
 from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
 
@@ -47,7 +50,7 @@ def resolve_backend(mode: str, device) -> str:
     return "triton"
 
 
-def _check_common(patches, sigma, noise, seed, step, where):
+def _check_common(patches, sigma, noise, seed, images_seen, where):
     if patches.ndim != 4:
         raise ValueError(f"{where}: patches must be float (B, C, s, s) or uint8 (B, s, s, C), got shape {tuple(patches.shape)}")
     if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
@@ -59,10 +62,10 @@ def _check_common(patches, sigma, noise, seed, step, where):
     if sigma.numel() != b or not sigma.dtype.is_floating_point:
         raise ValueError(f"{where}: sigma must be a float tensor with one value per sample ({b}), got "
                          f"shape {tuple(sigma.shape)} {sigma.dtype}")
-    if (noise is None) == (seed is None and step is None):
-        raise ValueError(f"{where}: give exactly one of noise= or (seed=, step=)")
-    if noise is None and (seed is None or step is None):
-        raise ValueError(f"{where}: in-kernel noise needs both seed= and step=")
+    if (noise is None) == (seed is None and images_seen is None):
+        raise ValueError(f"{where}: give exactly one of noise= or (seed=, images_seen=)")
+    if noise is None and (seed is None or images_seen is None):
+        raise ValueError(f"{where}: in-kernel noise needs both seed= and images_seen=")
     if noise is not None and (tuple(noise.shape) != tuple(y.shape) or not noise.dtype.is_floating_point):
         raise ValueError(f"{where}: noise must be float with the patches' (B, C, s, s) shape {tuple(y.shape)}, "
                          f"got {tuple(noise.shape)} {noise.dtype}")
@@ -80,11 +83,11 @@ def _resolve(backend, device, tensors, where):
 
 
 def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor, resolution: int,
-                    noise: torch.Tensor | None = None, seed: int | None = None, step=None,
+                    noise: torch.Tensor | None = None, seed: int | None = None, images_seen=None,
                     sigma_data: float = 0.5, out_dtype: torch.dtype = torch.float32,
                     channels_last: bool = False, backend: str = "auto") -> torch.Tensor:
     """Network input (B, C + 2, s, s): [c_in(sigma) (y + sigma n), x-grid, y-grid]."""
-    y, sigma = _check_common(patches, sigma, noise, seed, step, "build_net_input")
+    y, sigma = _check_common(patches, sigma, noise, seed, images_seen, "build_net_input")
     if offsets.shape != (y.shape[0], 2) or offsets.dtype.is_floating_point:
         raise ValueError(f"build_net_input: offsets must be integer (B, 2) = (x0, y0), got "
                          f"{tuple(offsets.shape)} {offsets.dtype}")
@@ -95,32 +98,33 @@ def build_net_input(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.T
     backend = _resolve(backend, patches.device, dict(sigma=sigma, offsets=offsets, noise=noise), "build_net_input")
     if backend == "torch":
         if noise is None:
-            noise = torch_step_noise(seed, step, y.shape, patches.device)
+            noise = torch_backend_noise(seed, images_seen, y.shape, patches.device)
         return net_input_ref(patches, sigma, offsets, resolution, noise, sigma_data, out_dtype, channels_last)
-    step_t, seed, step = rng_args(seed, step, patches.device) if noise is None else (None, 0, 0)
-    args = (patches, sigma, offsets, noise, step_t, seed, step, int(resolution), float(sigma_data), out_dtype,
-            bool(channels_last))
+    images_seen_t, seed, images_seen = rng_args(seed, images_seen, patches.device) if noise is None else (None, 0, 0)
+    args = (patches, sigma, offsets, noise, images_seen_t, seed, images_seen, int(resolution), float(sigma_data),
+            out_dtype, bool(channels_last))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (patches, sigma, noise))
     return NetInput.apply(*args) if needs_grad else net_input_fused(*args)
 
 
 def edm_patch_loss(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor,
-                   noise: torch.Tensor | None = None, seed: int | None = None, step=None,
+                   noise: torch.Tensor | None = None, seed: int | None = None, images_seen=None,
                    sigma_data: float = 0.5, backend: str = "auto") -> torch.Tensor:
     """Per-sample loss (B,) = mean over C s s of lambda(sigma) (D - y)^2, differentiable w.r.t. F.
 
-    With seed/step it must be called with the same (seed, step) as build_net_input for that step."""
-    y, sigma = _check_common(patches, sigma, noise, seed, step, "edm_patch_loss")
+    With seed/images_seen it must be called with the same (seed, images_seen) as build_net_input for that
+    step."""
+    y, sigma = _check_common(patches, sigma, noise, seed, images_seen, "edm_patch_loss")
     if tuple(F.shape) != tuple(y.shape) or not F.dtype.is_floating_point:
         raise ValueError(f"edm_patch_loss: F must be float with the patches' (B, C, s, s) shape "
                          f"{tuple(y.shape)}, got {tuple(F.shape)} {F.dtype}")
     backend = _resolve(backend, patches.device, dict(F=F, sigma=sigma, noise=noise), "edm_patch_loss")
     if backend == "torch":
         if noise is None:
-            noise = torch_step_noise(seed, step, y.shape, patches.device)
+            noise = torch_backend_noise(seed, images_seen, y.shape, patches.device)
         return edm_loss_ref(F, patches, sigma, noise, sigma_data)
-    step_t, seed, step = rng_args(seed, step, patches.device) if noise is None else (None, 0, 0)
+    images_seen_t, seed, images_seen = rng_args(seed, images_seen, patches.device) if noise is None else (None, 0, 0)
     if torch.is_grad_enabled() and F.requires_grad:
-        return EDMLoss.apply(F, patches, sigma, noise, step_t, seed, step, float(sigma_data))
-    return edm_loss_fused(F, patches, sigma, noise, step_t, seed, step, float(sigma_data), False)[0]
+        return EDMLoss.apply(F, patches, sigma, noise, images_seen_t, seed, images_seen, float(sigma_data))
+    return edm_loss_fused(F, patches, sigma, noise, images_seen_t, seed, images_seen, float(sigma_data), False)[0]

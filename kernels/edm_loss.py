@@ -18,21 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
-from pdiff.loss import weighted_loss_ref as _pdiff_weighted_loss_ref
+from pdiff.precond import c_out, c_skip, loss_weight
 
 from ._common import counter_blocks, empty, empty_like, fast_math, launcher
 from ._philox import rng_state
 from .net_input import channel_noise, chw_view, load_patch, patches_to_float, plane_offset, pixels_linear
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
-def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, seed, step,
+@triton.jit(do_not_specialize=["seed", "images_seen"])
+def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, images_seen_ptr, sigma_ptr, part_ptr, g_ptr, seed, images_seen,
                      S, W: tl.constexpr, n_tiles, sigma_data, inv_count,
                      sf_b, sf_c, sf_h, sf_w, sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w,
                      sg_b, sg_c, sg_h, sg_w, s_sig,
                      C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     STEP_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_LINEAR: tl.constexpr, Y_LINEAR: tl.constexpr,
-                     N_LINEAR: tl.constexpr, G_LINEAR: tl.constexpr, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+                     SEEN_IN_TENSOR: tl.constexpr, WRITE_GRAD: tl.constexpr, F_LINEAR: tl.constexpr,
+                     Y_LINEAR: tl.constexpr, N_LINEAR: tl.constexpr, G_LINEAR: tl.constexpr, BLOCK: tl.constexpr,
+                     FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     p = t * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)          # pixels of this program, in every plane
@@ -51,12 +52,12 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
     y_base = y_ptr + b * sy_b
     n_base = n_ptr + b * sn_b
     g_base = g_ptr + b * sg_b
-    seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)   # unused with HAS_NOISE
+    seed, seen_lo, seen_hi = rng_state(seed, images_seen, images_seen_ptr, SEEN_IN_TENSOR)   # unused with HAS_NOISE
     acc = tl.zeros((4 * BLOCK,), dtype=tl.float32)
     for c in tl.static_range(C):
         y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
         n = channel_noise(n_base, c, p, mask, W, sn_c, sn_h, sn_w, N_LINEAR, HAS_NOISE,
-                          seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
+                          seed, t, b.to(tl.int32) * C + c, seen_lo, seen_hi, BLOCK, FAST_MATH)
         f = tl.load(f_base + plane_offset(c, p, W, sf_c, sf_h, sf_w, F_LINEAR), mask=mask, other=0).to(tl.float32)
         r = a * y + bn * n + co * f                         # D - y
         if WRITE_GRAD:
@@ -67,7 +68,7 @@ def _edm_loss_kernel(f_ptr, y_ptr, n_ptr, step_ptr, sigma_ptr, part_ptr, g_ptr, 
     tl.store(part_ptr + b * n_tiles + t, total)
 
 
-def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, write_grad):
+def launch_edm_loss(F, patches, sigma, noise, images_seen_t, seed, images_seen, sigma_data, write_grad):
     y = chw_view(patches)
     b, c, h, w = y.shape
     s_total = h * w
@@ -81,9 +82,9 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
     if kernel is not None:
         sf, sy, sn, sg = F.stride(), y.stride(), n.stride(), g.stride()
         kernel[(b, n_tiles)](
-            F, y, n, step_t if step_t is not None else sigma, sigma, partial, g, seed, step,
+            F, y, n, images_seen_t if images_seen_t is not None else sigma, sigma, partial, g, seed, images_seen,
             s_total, w, n_tiles, sigma_data, 1.0 / (c * s_total), *sf, *sy, *sn, *sg, sigma.stride(0),
-            C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
+            C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, SEEN_IN_TENSOR=images_seen_t is not None,
             WRITE_GRAD=write_grad,
             F_LINEAR=pixels_linear(F, sf), Y_LINEAR=pixels_linear(y, sy), N_LINEAR=pixels_linear(n, sn),
             G_LINEAR=pixels_linear(g, sg), BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
@@ -93,10 +94,10 @@ def launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, wr
 
 @torch.library.triton_op("pdiff::edm_loss", mutates_args=())
 def edm_loss_op(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor],
-                step_t: Optional[torch.Tensor], seed: int, step: int, sigma_data: float,
+                images_seen_t: Optional[torch.Tensor], seed: int, images_seen: int, sigma_data: float,
                 write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample loss (B,), dL_b/dF with F's dtype and layout, or an empty tensor)."""
-    return launch_edm_loss(F, patches, sigma, noise, step_t, seed, step, sigma_data, write_grad)
+    return launch_edm_loss(F, patches, sigma, noise, images_seen_t, seed, images_seen, sigma_data, write_grad)
 
 
 def edm_loss_fused(*args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +109,8 @@ class EDMLoss(torch.autograd.Function):
     """Per-sample loss, differentiable with respect to F only (patches, noise, sigma are data)."""
 
     @staticmethod
-    def forward(ctx, F, patches, sigma, noise, step_t, seed, step, sigma_data):
-        loss, grad = edm_loss_fused(F, patches, sigma, noise, step_t, seed, step, sigma_data, True)
+    def forward(ctx, F, patches, sigma, noise, images_seen_t, seed, images_seen, sigma_data):
+        loss, grad = edm_loss_fused(F, patches, sigma, noise, images_seen_t, seed, images_seen, sigma_data, True)
         ctx.save_for_backward(grad)
         return loss
 
@@ -121,19 +122,21 @@ class EDMLoss(torch.autograd.Function):
         return grad * grad_loss.reshape(-1, 1, 1, 1).to(grad.dtype), None, None, None, None, None, None, None
 
 
+def _edm_loss_torch(F, patches, sigma, noise, sigma_data, dtype):
+    y = patches_to_float(patches, dtype)
+    s = sigma.to(dtype).reshape(-1, 1, 1, 1)
+    d = c_skip(s, sigma_data) * (y + s * noise.to(dtype)) + c_out(s, sigma_data) * F.to(dtype)
+    return (loss_weight(s, sigma_data) * (d - y) ** 2).flatten(1).mean(1)
+
+
 def edm_loss_ref(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
                  sigma_data: float = 0.5) -> torch.Tensor:
-    """Torch reference: pdiff.loss.weighted_loss_ref, extended to uint8 HWC patches."""
-    return _pdiff_weighted_loss_ref(F, patches_to_float(patches), noise, sigma, sigma_data)
+    """The kernel's plain-torch reference, computed in float32 (also the torch backend): the
+    per-sample loss (B,), mean over elements of lambda(sigma) (D - y)^2 with D = c_skip x + c_out F,
+    D - y formed directly as EDM writes it."""
+    return _edm_loss_torch(F, patches, sigma, noise, sigma_data, torch.float32)
 
 
 def edm_loss_ref64(F, patches, sigma, noise, sigma_data=0.5):
-    """The same per-sample loss in float64 throughout (D - y formed directly, as written in EDM)."""
-    y = chw_view(patches).double()
-    if patches.dtype == torch.uint8:
-        y = y / 127.5 - 1
-    s = sigma.double().reshape(-1, 1, 1, 1)
-    x = y + s * noise.double()
-    den = s**2 + sigma_data**2
-    d = sigma_data**2 / den * x + s * sigma_data / den.sqrt() * F.double()
-    return (den / (s * sigma_data) ** 2 * (d - y) ** 2).flatten(1).mean(1)
+    """The same per-sample loss in float64 throughout."""
+    return _edm_loss_torch(F, patches, sigma, noise, sigma_data, torch.float64)

@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from pdiff.coords import coord_grid
-from pdiff.loss import net_input_ref as _pdiff_net_input_ref
-from pdiff.precond import c_in as _c_in
+from pdiff.precond import c_in
 
 from ._common import counter_blocks, empty, fast_math, launcher
 from ._philox import noise_block, philox_noise_op, rng_state
@@ -45,22 +44,23 @@ def load_patch(y_base, c, p, mask, W, s_c, s_h, s_w, LINEAR: tl.constexpr, IS_UI
 
 @triton.jit
 def channel_noise(n_base, c, p, mask, W, s_c, s_h, s_w, LINEAR: tl.constexpr, HAS_NOISE: tl.constexpr,
-                  seed, t, plane, step_lo, step_hi, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
+                  seed, t, plane, seen_lo, seen_hi, BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     """The noise of channel c at pixels p: read from the given tensor, or drawn (Philox) for the
     plane. Both kernels take it from here, so the loss sees exactly what the input kernel used."""
     if HAS_NOISE:
         return tl.load(n_base + plane_offset(c, p, W, s_c, s_h, s_w, LINEAR), mask=mask, other=0).to(tl.float32)
     else:
-        return noise_block(seed, t, plane, step_lo, step_hi, BLOCK, FAST_MATH)
+        return noise_block(seed, t, plane, seen_lo, seen_hi, BLOCK, FAST_MATH)
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
-def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed, step,
+@triton.jit(do_not_specialize=["seed", "images_seen"])
+def _net_input_kernel(y_ptr, n_ptr, images_seen_ptr, sigma_ptr, off_ptr, out_ptr, seed, images_seen,
                       S, W: tl.constexpr, rm1, sigma_data,
                       sy_b, sy_c, sy_h, sy_w, sn_b, sn_c, sn_h, sn_w, so_b, so_c, so_h, so_w,
                       s_sig, s_off_b, s_off_c,
                       C: tl.constexpr, IS_UINT8: tl.constexpr, HAS_NOISE: tl.constexpr,
-                      STEP_IN_TENSOR: tl.constexpr, Y_LINEAR: tl.constexpr, N_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
+                      SEEN_IN_TENSOR: tl.constexpr, Y_LINEAR: tl.constexpr, N_LINEAR: tl.constexpr,
+                      O_LINEAR: tl.constexpr,
                       BLOCK: tl.constexpr, FAST_MATH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
@@ -74,11 +74,11 @@ def _net_input_kernel(y_ptr, n_ptr, step_ptr, sigma_ptr, off_ptr, out_ptr, seed,
     n_base = n_ptr + b * sn_b
     o_base = out_ptr + b * so_b
     out_ty = o_base.dtype.element_ty
-    seed, step_lo, step_hi = rng_state(seed, step, step_ptr, STEP_IN_TENSOR)   # unused with HAS_NOISE
+    seed, seen_lo, seen_hi = rng_state(seed, images_seen, images_seen_ptr, SEEN_IN_TENSOR)   # unused with HAS_NOISE
     for c in tl.static_range(C):
         y = load_patch(y_base, c, p, mask, W, sy_c, sy_h, sy_w, Y_LINEAR, IS_UINT8)
         n = channel_noise(n_base, c, p, mask, W, sn_c, sn_h, sn_w, N_LINEAR, HAS_NOISE,
-                          seed, t, b.to(tl.int32) * C + c, step_lo, step_hi, BLOCK, FAST_MATH)
+                          seed, t, b.to(tl.int32) * C + c, seen_lo, seen_hi, BLOCK, FAST_MATH)
         v = (y + sigma * n) * cin
         tl.store(o_base + plane_offset(c, p, W, so_c, so_h, so_w, O_LINEAR), v.to(out_ty), mask=mask)
     # Coordinates: (k / (R - 1) - 0.5) * 2 written as (2k - (R - 1)) / (R - 1): an exact integer
@@ -108,8 +108,8 @@ def pixels_linear(t: torch.Tensor, strides: tuple | None = None) -> bool:
     return st[2] == t.shape[3] * st[3]
 
 
-def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolution, sigma_data, out_dtype,
-                     channels_last):
+def launch_net_input(patches, sigma, offsets, noise, images_seen_t, seed, images_seen, resolution, sigma_data,
+                     out_dtype, channels_last):
     y = chw_view(patches)
     b, c, h, w = y.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -122,9 +122,9 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
         return out
     sy, sn, so = y.stride(), n.stride(), out.stride()     # one call each: host time counts at small patches
     kernel[(b, n_tiles)](
-        y, n, step_t if step_t is not None else sigma, sigma, offsets, out, seed, step,
+        y, n, images_seen_t if images_seen_t is not None else sigma, sigma, offsets, out, seed, images_seen,
         h * w, w, resolution - 1, sigma_data, *sy, *sn, *so, sigma.stride(0), *offsets.stride(),
-        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, STEP_IN_TENSOR=step_t is not None,
+        C=c, IS_UINT8=patches.dtype == torch.uint8, HAS_NOISE=has_noise, SEEN_IN_TENSOR=images_seen_t is not None,
         Y_LINEAR=pixels_linear(y, sy), N_LINEAR=pixels_linear(n, sn), O_LINEAR=pixels_linear(out, so),
         BLOCK=block, FAST_MATH=fast_math(), num_warps=num_warps)
     return out
@@ -132,10 +132,10 @@ def launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolut
 
 @torch.library.triton_op("pdiff::net_input", mutates_args=())
 def net_input_op(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor,
-                 noise: Optional[torch.Tensor], step_t: Optional[torch.Tensor], seed: int, step: int,
+                 noise: Optional[torch.Tensor], images_seen_t: Optional[torch.Tensor], seed: int, images_seen: int,
                  resolution: int, sigma_data: float, out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    return launch_net_input(patches, sigma, offsets, noise, step_t, seed, step, resolution, sigma_data, out_dtype,
-                            channels_last)
+    return launch_net_input(patches, sigma, offsets, noise, images_seen_t, seed, images_seen, resolution,
+                            sigma_data, out_dtype, channels_last)
 
 
 def net_input_fused(*args) -> torch.Tensor:
@@ -150,22 +150,22 @@ class NetInput(torch.autograd.Function):
     d/dy = c_in, d/dn = c_in sigma, d/dsigma = sum(g * (c_in n - sigma c_in^3 (y + sigma n)))."""
 
     @staticmethod
-    def forward(ctx, patches, sigma, offsets, noise, step_t, seed, step, resolution, sigma_data, out_dtype,
-                channels_last):
-        out = net_input_fused(patches, sigma, offsets, noise, step_t, seed, step, resolution, sigma_data,
-                              out_dtype, channels_last)
-        ctx.save_for_backward(patches, sigma, noise, step_t)
-        ctx.sigma_data, ctx.seed, ctx.step = sigma_data, seed, step
+    def forward(ctx, patches, sigma, offsets, noise, images_seen_t, seed, images_seen, resolution, sigma_data,
+                out_dtype, channels_last):
+        out = net_input_fused(patches, sigma, offsets, noise, images_seen_t, seed, images_seen, resolution,
+                              sigma_data, out_dtype, channels_last)
+        ctx.save_for_backward(patches, sigma, noise, images_seen_t)
+        ctx.sigma_data, ctx.seed, ctx.images_seen = sigma_data, seed, images_seen
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        patches, sigma, noise, step_t = ctx.saved_tensors
+        patches, sigma, noise, images_seen_t = ctx.saved_tensors
         y = chw_view(patches)
         b, c, h, w = y.shape
         g = grad_out[:, :c].to(torch.float32)
         s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        cin = _c_in(s, ctx.sigma_data)
+        cin = c_in(s, ctx.sigma_data)
         grad_y = grad_n = grad_sigma = None
         if ctx.needs_input_grad[0]:
             grad_y = (g * cin).to(patches.dtype)
@@ -173,33 +173,35 @@ class NetInput(torch.autograd.Function):
             grad_n = (g * cin * s).to(noise.dtype)
         if ctx.needs_input_grad[1]:
             n = (noise.to(torch.float32) if noise is not None
-                 else philox_noise_op(step_t, ctx.seed, ctx.step, b, c, h, w, patches.device))
-            yf = y.to(torch.float32) / 127.5 - 1 if patches.dtype == torch.uint8 else y.to(torch.float32)
-            dv = cin * n - s * cin**3 * (yf + s * n)
+                 else philox_noise_op(images_seen_t, ctx.seed, ctx.images_seen, b, c, h, w, patches.device))
+            dv = cin * n - s * cin**3 * (patches_to_float(patches) + s * n)
             grad_sigma = (g * dv).sum((1, 2, 3)).to(sigma.dtype)
         return grad_y, grad_sigma, None, grad_n, None, None, None, None, None, None, None
 
 
-def patches_to_float(patches: torch.Tensor) -> torch.Tensor:
-    """Float (B, C, s, s) in [-1, 1] from either pipeline format (uint8 HWC -> x / 127.5 - 1)."""
+def patches_to_float(patches: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, s, s) in [-1, 1] as ``dtype`` from either input format (uint8 HWC: x / 127.5 - 1)."""
     if patches.dtype == torch.uint8:
-        return chw_view(patches).to(torch.float32) / 127.5 - 1
-    return patches
+        return chw_view(patches).to(dtype) / 127.5 - 1
+    return patches.to(dtype)
+
+
+def _net_input_torch(patches, sigma, offsets, resolution, noise, sigma_data, dtype):
+    y = patches_to_float(patches, dtype)
+    s = sigma.to(dtype).reshape(-1, 1, 1, 1)
+    scaled = (y + s * noise.to(dtype)) * c_in(s, sigma_data)
+    return torch.cat([scaled, coord_grid(offsets, y.shape[-1], resolution, dtype)], dim=1)
 
 
 def net_input_ref(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor, resolution: int,
                   noise: torch.Tensor, sigma_data: float = 0.5, out_dtype: torch.dtype = torch.float32,
                   channels_last: bool = False) -> torch.Tensor:
-    """Torch reference: pdiff.loss.net_input_ref, extended to uint8 HWC patches and channels_last."""
-    out = _pdiff_net_input_ref(patches_to_float(patches), noise, sigma, offsets, resolution, sigma_data, out_dtype)
+    """The kernel's plain-torch reference, computed in float32 (also the torch backend):
+    [c_in(sigma) (y + sigma n), x-grid, y-grid] for patches y (B, C, s, s) at offsets (B, 2)."""
+    out = _net_input_torch(patches, sigma, offsets, resolution, noise, sigma_data, torch.float32).to(out_dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def net_input_ref64(patches, sigma, offsets, resolution, noise, sigma_data=0.5):
     """The same function in float64 throughout (what the tests hold both versions against)."""
-    y = chw_view(patches).double()
-    if patches.dtype == torch.uint8:
-        y = y / 127.5 - 1
-    s = sigma.double().reshape(-1, 1, 1, 1)
-    scaled = (y + s * noise.double()) / (s**2 + sigma_data**2).sqrt()
-    return torch.cat([scaled, coord_grid(offsets, y.shape[-1], resolution, torch.float64)], dim=1)
+    return _net_input_torch(patches, sigma, offsets, resolution, noise, sigma_data, torch.float64)

@@ -76,7 +76,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_images: int = 10_000_000       # linear learning-rate warm-up (EDM: 10 Mimg)
     grad_clip: float = 0.0                # 0 = no clipping
-    nonfinite: Literal["zero", "skip"] = "zero"   # a step whose gradient is not finite: zero it (no host sync) | skip it (one host sync a step)
+    # A step whose gradient is not finite: zero it (no host sync) | skip it (one host sync a step).
+    nonfinite: Literal["zero", "skip"] = "zero"
 
 
 @dataclass

@@ -47,7 +47,7 @@ class PatchLoss(nn.Module):
         """Per-sample loss (B,). ``noise`` is given on the torch path; on the Triton path it is
         None and both kernels regenerate the same Philox noise from (seed, step)."""
         sd = self.model.sigma_data
-        kw = dict(noise=noise) if noise is not None else dict(seed=seed, step=step)
+        kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=step)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
                                  out_dtype=self.net_dtype, channels_last=self.channels_last,
                                  backend=self.backend, **kw)

@@ -26,10 +26,10 @@ if not CUDA:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pdiff.kernels import _common, build_net_input, edm_patch_loss, philox_noise, resolve_backend  # noqa: E402
+from pdiff.kernels import (  # noqa: E402
+    _common, build_net_input, edm_loss_ref, edm_patch_loss, net_input_ref, philox_noise, resolve_backend)
 from pdiff.kernels.edm_loss import edm_loss_ref64  # noqa: E402
 from pdiff.kernels.net_input import net_input_ref64  # noqa: E402
-from pdiff.loss import net_input_ref, weighted_loss_ref  # noqa: E402
 from pdiff.precond import c_in  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -125,7 +125,7 @@ def test_net_input_torch_backend_is_the_core_reference():
     patches, sigma, offsets, noise = make_batch(3, 3, 16, 32, True, gen)
     got = build_net_input(patches, sigma, offsets, 32, noise=noise, backend="torch")
     y = patches.permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert torch.equal(got, net_input_ref(y, noise, sigma, offsets, 32))
+    assert torch.equal(got, net_input_ref(y, sigma, offsets, 32, noise))
     assert_close_to64(got, net_input_ref64(patches, sigma, offsets, 32, noise), torch.float32, "torch backend")
 
 
@@ -139,7 +139,7 @@ def test_net_input_gradients(seeded):
     weights = torch.randn((b, c + 2, s, s), generator=gen).to(DEV)
     leaves = [patches.clone().requires_grad_(), sigma.clone().requires_grad_()]
     if seeded:
-        out = build_net_input(leaves[0], leaves[1], offsets, res, seed=11, step=5, backend="triton")
+        out = build_net_input(leaves[0], leaves[1], offsets, res, seed=11, images_seen=5, backend="triton")
     else:
         leaves.append(noise.clone().requires_grad_())
         out = build_net_input(leaves[0], leaves[1], offsets, res, noise=leaves[2], backend="triton")
@@ -164,14 +164,14 @@ LOSS_CASES = [  # (B, C, s, uint8, F dtype, F channels_last, seeded)
 def test_loss_and_gradient_match_float64(b, c, s, uint8, f_dtype, f_cl, seeded):
     gen = fresh_generator()
     patches, sigma, _, noise = make_batch(b, c, s, 2 * s, uint8, gen)
-    seed, step = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
+    seed, seen = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
     if seeded:
-        noise = philox_noise(seed, step, (b, c, s, s), DEV)
+        noise = philox_noise(seed, seen, (b, c, s, s), DEV)
     F = torch.randn((b, c, s, s), generator=gen).to(DEV, f_dtype)
     if f_cl:
         F = F.contiguous(memory_format=torch.channels_last)
     F.requires_grad_()
-    kw = dict(seed=seed, step=step) if seeded else dict(noise=noise)
+    kw = dict(seed=seed, images_seen=seen) if seeded else dict(noise=noise)
     loss = edm_patch_loss(F, patches, sigma, backend="triton", **kw)
     upstream = torch.rand(b, generator=gen).to(DEV) + 0.5       # a weighted batch loss
     (loss * upstream).sum().backward()
@@ -238,7 +238,7 @@ def test_odd_sizes_and_many_tiles(monkeypatch, s):
     for seeded in (False, True):
         if seeded:
             noise = philox_noise(21, 4, (b, c, s, s), DEV)
-        kw = dict(seed=21, step=4) if seeded else dict(noise=noise)
+        kw = dict(seed=21, images_seen=4) if seeded else dict(noise=noise)
         F = torch.randn((b, c, s, s), generator=gen).to(DEV)
         check_both_float32(patches, sigma, offsets, res, noise, F, kw)
 
@@ -249,7 +249,7 @@ def test_loss_torch_backend_is_the_core_reference():
     F = torch.randn((3, 3, 16, 16), generator=gen).to(DEV)
     got = edm_patch_loss(F, patches, sigma, noise=noise, backend="torch")
     y = patches.permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert torch.equal(got, weighted_loss_ref(F, y, noise, sigma))
+    assert torch.equal(got, edm_loss_ref(F, y, sigma, noise))
 
 
 # --- in-kernel noise -------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_philox_noise_is_standard_normal():
     from scipy import stats
     seed = int(torch.randint(0, 2**62, (1,)))
     print(f"philox seed {seed}")
-    draws = torch.cat([philox_noise(seed, step, (4, 3, 32, 32), DEV).flatten() for step in range(4)]).double().cpu()
+    draws = torch.cat([philox_noise(seed, seen, (4, 3, 32, 32), DEV).flatten() for seen in range(4)]).double().cpu()
     n = draws.numel()                                            # 49152 draws
     assert abs(draws.mean().item()) < 6 / n**0.5
     assert abs(draws.var().item() - 1) < 6 * (2 / n) ** 0.5
@@ -274,15 +274,15 @@ def _corr(a, b):
 
 def test_philox_noise_independent_across_seeds_steps_samples_and_channels():
     seed = int(torch.randint(0, 2**62, (1,)))
-    step = int(torch.randint(0, 2**40, (1,)))
-    print(f"philox seed {seed} step {step}")
+    seen = int(torch.randint(0, 2**40, (1,)))
+    print(f"philox seed {seed} seen {seen}")
     shape = (3, 2, 24, 24)
-    base = philox_noise(seed, step, shape, DEV)
-    assert torch.equal(base, philox_noise(seed, step, shape, DEV)), "same (seed, step) must give the same noise"
+    base = philox_noise(seed, seen, shape, DEV)
+    assert torch.equal(base, philox_noise(seed, seen, shape, DEV)), "same (seed, seen) must give the same noise"
     bound = 6 / base.numel() ** 0.5
-    others = {"seed+1": philox_noise(seed + 1, step, shape, DEV),
-              "step+1": philox_noise(seed, step + 1, shape, DEV),
-              "step+2^32": philox_noise(seed, step + 2**32, shape, DEV)}
+    others = {"seed+1": philox_noise(seed + 1, seen, shape, DEV),
+              "seen+1": philox_noise(seed, seen + 1, shape, DEV),
+              "seen+2^32": philox_noise(seed, seen + 2**32, shape, DEV)}
     for name, other in others.items():
         assert abs(_corr(base, other)) < bound, f"noise correlated with {name}"
     per_plane = base.reshape(6, -1)
@@ -296,7 +296,7 @@ def test_philox_noise_independent_across_seeds_steps_samples_and_channels():
     for k in range(1, 4):
         assert abs(_corr(calls[..., 0], calls[..., k])) < 6 / calls[..., 0].numel() ** 0.5, f"output 0 vs {k}"
     # A sample's noise depends on its index, not on the batch around it.
-    assert torch.equal(philox_noise(seed, step, (5, 2, 24, 24), DEV)[:3], base)
+    assert torch.equal(philox_noise(seed, seen, (5, 2, 24, 24), DEV)[:3], base)
 
 
 @pytest.mark.parametrize("uint8,s", [(True, 16), (False, 24)])
@@ -304,9 +304,9 @@ def test_loss_kernel_regenerates_the_input_kernels_noise(uint8, s):
     gen = fresh_generator()
     b, c, res = 3, 3, 2 * s
     patches, sigma, offsets, _ = make_batch(b, c, s, res, uint8, gen, sigma_extremes=False)
-    seed, step = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
-    noise = philox_noise(seed, step, (b, c, s, s), DEV)
-    seeded = build_net_input(patches, sigma, offsets, res, seed=seed, step=step, backend="triton")
+    seed, seen = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
+    noise = philox_noise(seed, seen, (b, c, s, s), DEV)
+    seeded = build_net_input(patches, sigma, offsets, res, seed=seed, images_seen=seen, backend="triton")
     given = build_net_input(patches, sigma, offsets, res, noise=noise, backend="triton")
     torch.testing.assert_close(seeded, given, rtol=1e-6, atol=1e-6)
     # Recover the noise the input kernel drew from its output.
@@ -314,40 +314,40 @@ def test_loss_kernel_regenerates_the_input_kernels_noise(uint8, s):
     sg = sigma.double().reshape(-1, 1, 1, 1)
     recovered = (seeded[:, :c].double() / c_in(sg) - y) / sg
     torch.testing.assert_close(recovered, noise.double(), rtol=0, atol=1e-4)
-    # The loss kernel, regenerating noise from (seed, step), equals the loss on that explicit noise.
+    # The loss kernel, regenerating noise from (seed, seen), equals the loss on that explicit noise.
     F = torch.randn((b, c, s, s), generator=gen).to(DEV).requires_grad_()
-    l_seed = edm_patch_loss(F, patches, sigma, seed=seed, step=step, backend="triton")
+    l_seed = edm_patch_loss(F, patches, sigma, seed=seed, images_seen=seen, backend="triton")
     g_seed, = torch.autograd.grad(l_seed.sum(), F)
     l_noise = edm_patch_loss(F, patches, sigma, noise=noise, backend="triton")
     g_noise, = torch.autograd.grad(l_noise.sum(), F)
     torch.testing.assert_close(l_seed, l_noise, rtol=1e-6, atol=0)
     torch.testing.assert_close(g_seed, g_noise, rtol=1e-6, atol=1e-7 * g_noise.abs().max().item())
-    l_other = edm_patch_loss(F, patches, sigma, seed=seed, step=step + 1, backend="triton")
-    assert not torch.allclose(l_other, l_seed), "a different step must draw different noise"
+    l_other = edm_patch_loss(F, patches, sigma, seed=seed, images_seen=seen + 1, backend="triton")
+    assert not torch.allclose(l_other, l_seed), "different images seen must draw different noise"
 
 
-def test_step_as_tensor_or_int_and_op_or_launcher_agree():
-    """A device-tensor step (what a compiled loop passes) draws the same noise as the int; the
+def test_images_seen_as_tensor_or_int_and_op_or_launcher_agree():
+    """Images seen as a device tensor (what a compiled loop passes) draw the same noise as the int; the
     registered ops (what torch.compile calls) equal the direct launches eager mode uses."""
     from pdiff.kernels.edm_loss import edm_loss_op
     from pdiff.kernels.net_input import net_input_op
     gen = fresh_generator()
     b, c, s, res = 3, 3, 8, 16
     patches, sigma, offsets, _ = make_batch(b, c, s, res, True, gen)
-    step = 2**33 + int(torch.randint(0, 2**31, (1,), generator=gen))
-    step_t = torch.tensor(step, device=DEV)
-    assert torch.equal(philox_noise(4, step, (b, c, s, s), DEV), philox_noise(4, step_t, (b, c, s, s), DEV))
-    assert torch.equal(philox_noise(4, step, (b, c, s, s), DEV),
-                       philox_noise(np.uint64(4), np.int64(step), (b, c, s, s), DEV))
-    by_int = build_net_input(patches, sigma, offsets, res, seed=4, step=step, backend="triton")
-    by_tensor = build_net_input(patches, sigma, offsets, res, seed=4, step=step_t, backend="triton")
+    seen = 2**33 + int(torch.randint(0, 2**31, (1,), generator=gen))
+    seen_t = torch.tensor(seen, device=DEV)
+    assert torch.equal(philox_noise(4, seen, (b, c, s, s), DEV), philox_noise(4, seen_t, (b, c, s, s), DEV))
+    assert torch.equal(philox_noise(4, seen, (b, c, s, s), DEV),
+                       philox_noise(np.uint64(4), np.int64(seen), (b, c, s, s), DEV))
+    by_int = build_net_input(patches, sigma, offsets, res, seed=4, images_seen=seen, backend="triton")
+    by_tensor = build_net_input(patches, sigma, offsets, res, seed=4, images_seen=seen_t, backend="triton")
     assert torch.equal(by_int, by_tensor)
-    via_op = net_input_op(patches, sigma, offsets, None, None, 4, step, res, 0.5, torch.float32, False)
+    via_op = net_input_op(patches, sigma, offsets, None, None, 4, seen, res, 0.5, torch.float32, False)
     assert torch.equal(via_op, by_int)
     F = torch.randn((b, c, s, s), generator=gen).to(DEV)
-    l_int = edm_patch_loss(F, patches, sigma, seed=4, step=step, backend="triton")
-    l_tensor = edm_patch_loss(F, patches, sigma, seed=4, step=step_t, backend="triton")
-    l_op, grad = edm_loss_op(F, patches, sigma, None, step_t.reshape(1), 4, 0, 0.5, True)
+    l_int = edm_patch_loss(F, patches, sigma, seed=4, images_seen=seen, backend="triton")
+    l_tensor = edm_patch_loss(F, patches, sigma, seed=4, images_seen=seen_t, backend="triton")
+    l_op, grad = edm_loss_op(F, patches, sigma, None, seen_t.reshape(1), 4, 0, 0.5, True)
     assert torch.equal(l_int, l_tensor) and torch.equal(l_op, l_int) and not grad.isnan().any()
 
 
@@ -355,13 +355,13 @@ def test_torch_backend_seeded_noise_is_shared_by_both_ops():
     gen = fresh_generator()
     b, c, s, res = 3, 3, 16, 32
     patches, sigma, offsets, _ = make_batch(b, c, s, res, False, gen, sigma_extremes=False)
-    net_in = build_net_input(patches, sigma, offsets, res, seed=3, step=9, backend="torch")
+    net_in = build_net_input(patches, sigma, offsets, res, seed=3, images_seen=9, backend="torch")
     sg = sigma.double().reshape(-1, 1, 1, 1)
     noise = (net_in[:, :c].double() / c_in(sg) - patches.double()) / sg
     F = torch.randn((b, c, s, s), generator=gen).to(DEV)
-    loss = edm_patch_loss(F, patches, sigma, seed=3, step=9, backend="torch")
+    loss = edm_patch_loss(F, patches, sigma, seed=3, images_seen=9, backend="torch")
     torch.testing.assert_close(loss.double(), edm_loss_ref64(F, patches, sigma, noise), rtol=1e-4, atol=0)
-    other = build_net_input(patches, sigma, offsets, res, seed=3, step=10, backend="torch")
+    other = build_net_input(patches, sigma, offsets, res, seed=3, images_seen=10, backend="torch")
     assert not torch.allclose(other, net_in)
 
 
@@ -369,10 +369,10 @@ def test_bad_inputs_raise_clear_errors():
     gen = torch.Generator().manual_seed(0)
     patches, sigma, offsets, noise = make_batch(3, 3, 8, 16, False, gen)
     with pytest.raises(ValueError, match="exactly one of noise"):
-        build_net_input(patches, sigma, offsets, 16, noise=noise, seed=1, step=2, backend="triton")
+        build_net_input(patches, sigma, offsets, 16, noise=noise, seed=1, images_seen=2, backend="triton")
     with pytest.raises(ValueError, match="exactly one of noise"):
         edm_patch_loss(noise, patches, sigma, backend="triton")
-    with pytest.raises(ValueError, match="both seed= and step="):
+    with pytest.raises(ValueError, match="both seed= and images_seen="):
         build_net_input(patches, sigma, offsets, 16, seed=1, backend="triton")
     with pytest.raises(ValueError, match="offsets must be integer"):
         build_net_input(patches, sigma, offsets.float(), 16, noise=noise, backend="triton")
@@ -381,7 +381,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="one value per sample"):
         edm_patch_loss(noise, patches, sigma[:2], noise=noise, backend="triton")
     with pytest.raises(ValueError, match="seed must be"):
-        build_net_input(patches, sigma, offsets, 16, seed=-1, step=0, backend="triton")
+        build_net_input(patches, sigma, offsets, 16, seed=-1, images_seen=0, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         build_net_input(patches, sigma, offsets, 16, noise=noise, backend="cuda")
     if not CUDA:
@@ -395,9 +395,9 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match="sigma is on cpu"):
             build_net_input(patches, sigma.cpu(), offsets, 16, noise=noise, backend="triton")
     with pytest.raises(TypeError, match="seed must be a Python int"):
-        build_net_input(patches, sigma, offsets, 16, seed=torch.tensor(1), step=0, backend="triton")
-    with pytest.raises(ValueError, match="step tensor must hold one integer"):
-        edm_patch_loss(noise, patches, sigma, seed=1, step=torch.zeros(2, dtype=torch.long), backend="triton")
+        build_net_input(patches, sigma, offsets, 16, seed=torch.tensor(1), images_seen=0, backend="triton")
+    with pytest.raises(ValueError, match="images_seen tensor must hold one integer"):
+        edm_patch_loss(noise, patches, sigma, seed=1, images_seen=torch.zeros(2, dtype=torch.long), backend="triton")
 
 
 # --- a training step -------------------------------------------------------------------------------
@@ -439,8 +439,8 @@ def test_training_step_kernels_match_reference(exact_convs):
 
 
 def test_compiled_step_has_no_graph_break_and_no_recompile(exact_convs):
-    """fullgraph=True turns any graph break into an error; a step tensor keeps one graph across
-    steps. (Without CUDA the compile runs with aot_eager and the kernel ops kept opaque, which is
+    """fullgraph=True turns any graph break into an error; images seen passed as a tensor keep one
+    graph across steps. (Without CUDA the compile runs with aot_eager and the kernel ops kept opaque, which is
     how the interpreted kernels can be traced; on CUDA Inductor lowers the Triton kernels.)"""
     import torch._dynamo
     import torch._functorch.config
@@ -455,13 +455,13 @@ def test_compiled_step_has_no_graph_break_and_no_recompile(exact_convs):
         opaque = contextlib.nullcontext() if CUDA else torch._functorch.config.patch(decompose_custom_triton_ops=False)
         with opaque, torch._dynamo.config.patch(error_on_recompile=True):
             for step in range(3):
-                step_t = torch.tensor(step, device=DEV)
+                seen_t = torch.tensor(step, device=DEV)
                 net.zero_grad()
-                loss = compiled(net, patches, sigma, offsets, res, backend, seed=5, step=step_t)
+                loss = compiled(net, patches, sigma, offsets, res, backend, seed=5, images_seen=seen_t)
                 loss.backward()
                 got = [p.grad.clone() for p in net.parameters()]
                 net.zero_grad()
-                want_loss = train_step(net, patches, sigma, offsets, res, backend, seed=5, step=step_t)
+                want_loss = train_step(net, patches, sigma, offsets, res, backend, seed=5, images_seen=seen_t)
                 want_loss.backward()
                 torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
                 for g, w in zip(got, [p.grad for p in net.parameters()]):

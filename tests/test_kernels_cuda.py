@@ -46,7 +46,7 @@ def test_training_shapes_match_float64(b, c, s, res):
     for uint8, seeded, out_dtype, cl in ((True, True, torch.bfloat16, True), (False, False, torch.float32, False)):
         patches, sigma, offsets = batch(b, c, s, res, uint8, gen)
         noise = philox_noise(9, 123456789, (b, c, s, s), DEV) if seeded else torch.randn((b, c, s, s), generator=gen, device=DEV)
-        kw = dict(seed=9, step=123456789) if seeded else dict(noise=noise)
+        kw = dict(seed=9, images_seen=123456789) if seeded else dict(noise=noise)
         out = build_net_input(patches, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend="triton", **kw)
         ref = net_input_ref64(patches, sigma, offsets, res, noise)
         assert not out.isnan().any()
@@ -87,24 +87,24 @@ def test_inductor_step_matches_eager():
     net = torch.nn.Sequential(torch.nn.Conv2d(c + 2, 32, 3, padding=1), torch.nn.SiLU(),
                               torch.nn.Conv2d(32, c, 3, padding=1)).to(DEV)
 
-    def step(patches, sigma, offsets, step_t):
-        net_in = build_net_input(patches, sigma, offsets, res, seed=1, step=step_t, out_dtype=torch.bfloat16,
+    def step(patches, sigma, offsets, seen_t):
+        net_in = build_net_input(patches, sigma, offsets, res, seed=1, images_seen=seen_t, out_dtype=torch.bfloat16,
                                  backend="triton")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             F = net(net_in)
-        return edm_patch_loss(F, patches, sigma, seed=1, step=step_t, backend="triton").mean()
+        return edm_patch_loss(F, patches, sigma, seed=1, images_seen=seen_t, backend="triton").mean()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i in range(3):
-            step_t = torch.tensor(i, device=DEV)
+            seen_t = torch.tensor(i, device=DEV)
             net.zero_grad()
-            loss = compiled(patches, sigma, offsets, step_t)
+            loss = compiled(patches, sigma, offsets, seen_t)
             loss.backward()
             got = [p.grad.clone() for p in net.parameters()]
             net.zero_grad()
-            want = step(patches, sigma, offsets, step_t)
+            want = step(patches, sigma, offsets, seen_t)
             want.backward()
             torch.testing.assert_close(loss, want, rtol=2e-3, atol=0)
             for g, w in zip(got, [p.grad for p in net.parameters()]):

@@ -38,7 +38,8 @@ NETWORKS: dict[str, Builder] = {
 def register_network(name: str, build: Builder) -> None:
     """Add a network from outside this package (a plugin, a test) to NETWORKS under ``name``."""
     if name in NETWORKS:
-        raise ValueError(f"network {name!r} is already registered (to {NETWORKS[name].__module__}); pick another name")
+        raise ValueError(f"network {name!r} is already registered (to {NETWORKS[name].__module__}); "
+                         "pick another name")
     NETWORKS[name] = build
 
 
@@ -50,8 +51,9 @@ def build_network(cfg, resolution: int, channels: int) -> nn.Module:
         raise ValueError(f"network.arch: {cfg.arch!r} is not a registered network ({', '.join(NETWORKS)})")
     net = NETWORKS[cfg.arch](cfg, resolution, channels)
     if resolution % net.downsample:
-        raise ValueError(f"data.resolution {resolution} is not a multiple of the {cfg.arch} network's downsampling "
-                         f"factor {net.downsample}; for the U-Nets, 2 ** (len(network.channel_mult) - 1): use fewer levels")
+        raise ValueError(f"data.resolution {resolution} is not a multiple of the {cfg.arch} network's "
+                         f"downsampling factor {net.downsample} (the U-Nets': 2 ** (len(network.channel_mult) - 1); "
+                         "use fewer levels)")
     return net
 
 
