@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# benchmarks/kernels_offline.py's reports; results written before it moved out of kernels/ name the old module.
+OFFLINE_TOOLS = ("kernels_offline", "kernels.offline")
 
 
 # ---- machine and date, from whatever the file records
 
 def machine_label(m, payload: dict | None = None) -> str:
-    if payload and payload.get("tool") == "kernels.offline":
+    if payload and payload.get("tool") in OFFLINE_TOOLS:
         version = re.search(r"cuda_(\d+\.\d+)", str(payload.get("ptxas", "")))
         return f"this VM, no GPU (ptxas {version.group(1) if version else '?'})"
     if isinstance(m, str):
@@ -123,7 +125,7 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if large and p.get("copy_bandwidth_gbps"):
             line += f"; large shapes {100 * max(r['gpu_gbps'] for r in large) / p['copy_bandwidth_gbps']:.0f}% of copy bandwidth"
         return "bench_kernels" + (" (quick)" if p.get("quick") else ""), [line]
-    if p.get("tool") == "kernels.offline":
+    if p.get("tool") in OFFLINE_TOOLS:
         v = p.get("variants", [])
         default = [r for r in v if "channels_last" not in r["name"]]
         noise = [r for r in default if r["name"].split()[0] in ("net_input", "edm_loss") and r["name"].endswith("philox")]
@@ -135,7 +137,9 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if large:
             line += (f"; float32 64 px with in-kernel noise: "
                      f"{max(r['sass_instructions'] / r['elements_per_thread'] for r in large):.0f} SASS instructions per element")
-        return "kernels.offline (compile only)", [line]
+        if p.get("targets"):
+            line += f"; budgets met {sum(t['met'] for t in p['targets'])}/{len(p['targets'])}"
+        return "kernels_offline (compile only)", [line]
     if name == "bench_sample":
         rows = p.get("results", [])
         lines = [f"{r['model']} {r['nfe']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s" for r in rows
