@@ -95,7 +95,7 @@ def _net_input_kernel(y_ptr, n_ptr, images_seen_ptr, sigma_ptr, off_ptr, out_ptr
 
 
 def chw_view(patches: torch.Tensor) -> torch.Tensor:
-    """Logical (B, C, H, W) view of the pipeline's patches: uint8 arrive HWC, floats CHW."""
+    """Logical (B, C, H, W) view of the patches: uint8 ones are HWC, floats CHW."""
     if patches.ndim != 4:
         raise ValueError(f"patches must be 4-D (B, C, s, s) float or (B, s, s, C) uint8, got {tuple(patches.shape)}")
     return patches.permute(0, 3, 1, 2) if patches.dtype == torch.uint8 else patches

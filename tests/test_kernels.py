@@ -55,7 +55,7 @@ def fresh_generator() -> torch.Generator:
 
 
 def make_batch(b, c, s, resolution, uint8, gen, sigma_extremes=True):
-    """Patches in the pipeline's format, log-normal sigmas (with the sampler's extremes mixed in),
+    """Patches (uint8 HWC or float CHW), log-normal sigmas (with the sampler's extremes mixed in),
     offsets that touch both canvas edges."""
     if uint8:
         patches = torch.randint(0, 256, (b, s, s, c), generator=gen, dtype=torch.uint8)
