@@ -15,21 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, add_decoder, \
-    add_encoder, check_input, drop_labels, run_decoder, unet_settings
+from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBase, add_decoder, \
+    add_encoder, drop_labels, run_decoder, unet_settings
 
 
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(UNetBase):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0,
                  model_channels: int = 192, channel_mult=(1, 2, 3, 4), channel_mult_emb: int = 4,
                  num_blocks: int = 3, attn_resolutions=(32, 16, 8), dropout: float = 0.10,
                  label_dropout: float = 0.0, coord_freqs: int = 0):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.label_dropout = label_dropout
-        self.downsample = 2 ** (len(channel_mult) - 1)
+        super().__init__(img_resolution, img_channels, label_dim, label_dropout, levels=len(channel_mult))
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
@@ -63,8 +58,7 @@ class DhariwalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        class_labels = check_input(x, noise_labels, class_labels, self.img_channels, self.label_dim,
-                                   self.downsample)
+        class_labels = self.check_input(x, noise_labels, class_labels)
         emb = F.silu(self.map_layer0(self.map_noise(noise_labels)))
         emb = self.map_layer1(emb)
         if self.map_label is not None:

@@ -270,7 +270,7 @@ class CoordFeatures(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# What the U-Nets share: their settings, the decoder, input checks and label dropout
+# What the U-Nets share: their settings, encoder, decoder, input contract and label dropout
 
 def unet_settings(cfg, resolution: int, channels: int) -> dict:
     """The constructor arguments both U-Nets take from a ``pdiff.config.NetworkConfig``."""
@@ -348,28 +348,42 @@ def run_decoder(dec: nn.ModuleDict, plan: tuple, x: torch.Tensor, skips: list, e
     return x
 
 
-def check_input(x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                img_channels: int, label_dim: int, downsample: int) -> torch.Tensor | None:
-    """Validate a forward call (shapes only, so nothing here breaks a compiled graph) and return the
-    class labels to use: all-zero ("unconditional") when the network is conditional and none came."""
-    if x.ndim != 4 or x.shape[1] != img_channels + 2:
-        raise ValueError(f"network input must be (B, {img_channels} + 2, H, W): {img_channels} image "
-                         f"channels then the x and y coordinate channels; got shape {tuple(x.shape)}")
-    for size in (x.shape[2], x.shape[3]):
-        if size % downsample:
-            raise ValueError(f"patch size {size} is not a multiple of the network's downsampling factor "
-                             f"{downsample}")
-    if noise_labels.shape != (x.shape[0],):
-        raise ValueError(f"noise_labels must have shape ({x.shape[0]},), one per sample; "
-                         f"got {tuple(noise_labels.shape)}")
-    if label_dim == 0:
-        return None  # unconditional network: any labels the caller has are not used
-    if class_labels is None:
-        return torch.zeros(x.shape[0], label_dim, device=x.device, dtype=torch.float32)
-    if class_labels.shape != (x.shape[0], label_dim):
-        raise ValueError(f"class_labels must be one-hot of shape ({x.shape[0]}, {label_dim}); "
-                         f"got {tuple(class_labels.shape)}")
-    return class_labels
+class UNetBase(nn.Module):
+    """What both U-Nets keep about their input (C + 2 channels, patch sizes a multiple of
+    ``downsample``) and labels, and the check of a forward call against it."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, label_dropout: float, levels: int):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.downsample = 2 ** (levels - 1)
+
+    def check_input(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                    class_labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Validate a forward call (shapes only, so nothing here breaks a compiled graph) and return
+        the class labels to use: all-zero ("unconditional") when the network is conditional and none
+        came."""
+        c, label_dim = self.img_channels, self.label_dim
+        if x.ndim != 4 or x.shape[1] != c + 2:
+            raise ValueError(f"network input must be (B, {c} + 2, H, W): {c} image channels then the x and y "
+                             f"coordinate channels; got shape {tuple(x.shape)}")
+        for size in (x.shape[2], x.shape[3]):
+            if size % self.downsample:
+                raise ValueError(f"patch size {size} is not a multiple of the network's downsampling factor "
+                                 f"{self.downsample}")
+        if noise_labels.shape != (x.shape[0],):
+            raise ValueError(f"noise_labels must have shape ({x.shape[0]},), one per sample; "
+                             f"got {tuple(noise_labels.shape)}")
+        if label_dim == 0:
+            return None  # unconditional network: any labels the caller has are not used
+        if class_labels is None:
+            return torch.zeros(x.shape[0], label_dim, device=x.device, dtype=torch.float32)
+        if class_labels.shape != (x.shape[0], label_dim):
+            raise ValueError(f"class_labels must be one-hot of shape ({x.shape[0]}, {label_dim}); "
+                             f"got {tuple(class_labels.shape)}")
+        return class_labels
 
 
 def drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d, CoordFeatures, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, \
-    add_decoder, add_encoder, check_input, drop_labels, run_decoder, unet_settings
+    UNetBase, add_decoder, add_encoder, drop_labels, run_decoder, unet_settings
 
 
-class SongUNet(nn.Module):
+class SongUNet(UNetBase):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0,
                  model_channels: int = 128, channel_mult=(1, 2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 4, attn_resolutions=(16,), dropout: float = 0.10,
@@ -37,12 +37,7 @@ class SongUNet(nn.Module):
             raise ValueError(f"SongUNet: embedding_type {embedding_type!r} is not positional or fourier")
         if encoder_type not in ("standard", "residual"):
             raise ValueError(f"SongUNet: encoder_type {encoder_type!r} is not standard or residual")
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.label_dropout = label_dropout
-        self.downsample = 2 ** (len(channel_mult) - 1)
+        super().__init__(img_resolution, img_channels, label_dim, label_dropout, levels=len(channel_mult))
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         # Song et al.'s initialisation as EDM states it: Xavier-uniform everywhere, "zero" layers at 1e-5
@@ -94,8 +89,7 @@ class SongUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        class_labels = check_input(x, noise_labels, class_labels, self.img_channels, self.label_dim,
-                                   self.downsample)
+        class_labels = self.check_input(x, noise_labels, class_labels)
         # Mapping. The reference emits [sin, cos] (it swaps the halves of the embedding it computes).
         cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
         emb = torch.cat([sin, cos], dim=1)
