@@ -47,9 +47,11 @@ def build_network(cfg, resolution: int, channels: int) -> nn.Module:
     """The network ``cfg.arch`` (a ``pdiff.config.NetworkConfig``, checked by pdiff.config) for
     ``resolution`` x ``resolution`` training images with ``channels`` channels; its input has
     ``channels + 2`` channels."""
-    if cfg.arch not in NETWORKS:
-        raise ValueError(f"network.arch: {cfg.arch!r} is not a registered network ({', '.join(NETWORKS)})")
-    net = NETWORKS[cfg.arch](cfg, resolution, channels)
+    try:
+        build = NETWORKS[cfg.arch]
+    except KeyError:
+        raise ValueError(f"network.arch: {cfg.arch!r} is not a registered network ({', '.join(NETWORKS)})") from None
+    net = build(cfg, resolution, channels)
     if resolution % net.downsample:
         raise ValueError(f"data.resolution {resolution} is not a multiple of the {cfg.arch} network's "
                          f"downsampling factor {net.downsample} (the U-Nets': 2 ** (len(network.channel_mult) - 1); "
