@@ -31,7 +31,7 @@ from pdiff.config import load_config
 from pdiff.coords import crop
 from pdiff.schedule import PatchSchedule
 from pdiff.pipelines import build_pipeline, dali_available
-from pdiff.tools._shardlib import write_shards
+from pdiff.pipelines.shards import write_shards
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -129,7 +129,7 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
     ema_images_per_step = cfg.train.batch * sum(p * schedule.multiplier(s) for s, p in zip(schedule.sizes, schedule.probs))
     from pdiff.pipelines import build_pipeline
     pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device)
-    classes = int(pipe.manifest.get("num_classes") or 0)
+    classes = pipe.source.num_classes
     if cfg.network.label_dim and classes > cfg.network.label_dim:
         raise SystemExit(f"{cfg.data.path}: the shards have {classes} classes but network.label_dim is "
                          f"{cfg.network.label_dim}; set network.label_dim={classes}")

@@ -12,18 +12,22 @@ Design. Everything random is decided on the host as a pure function before any p
 (pipelines/order.py): the step's patch size (the schedule, from images seen), which samples (an epoch
 permutation split across ranks), and the crop positions (drawn for the global step from seed and
 images seen; rank r keeps rows r, r+W, ... of both, so W ranks read what one process would). The
-backends only fetch, decode and crop what the plan names:
+backends only fetch, decode and crop what the plan names, from a sample source (pipelines/
+sample_source.py: count, labels, fingerprint, read(i); the shard folders of `pdiff shard` are the
+registered one, pipelines/sources.py):
 
-* dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples (read
-  with the shard indexes), the crop anchors and the crop shape; DALI decodes (JPEG on the GPU with
-  the "mixed" decoder where CUDA exists, PNG/WebP on its CPU threads, raw not at all), slices and
-  normalizes to float32 CHW (on the GPU when the patches go there).
+* dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples, the crop
+  anchors and the crop shape; DALI decodes (JPEG on the GPU with the "mixed" decoder where CUDA
+  exists, PNG/WebP on its CPU threads, raw not at all), slices and normalizes to float32 CHW (on the
+  GPU when the patches go there).
   Batches vary in size per iteration (b = batch_for(s) / W), which DALI accepts when no reader sets a
-  fixed batch size. We do not use ``fn.readers.webdataset``: its fixed batch size, its local shuffle
-  buffer and ``fn.random.uniform``'s rounding of integer positions (DALI-NOTES) would rule out both
-  one-size-per-step batches and an order that tests can recompute.
-* torch: a DataLoader whose workers read samples by index from the tars (with the same indexes; not
-  the webdataset library, whose streaming shuffle is not a function of the epoch), decode with Pillow
+  fixed batch size. We do not use ``fn.readers.webdataset``: a reader returns the pipeline's fixed
+  ``batch_size`` every iteration (one patch size per step changes it), its shuffling draws from a
+  buffer of ``initial_fill`` samples (an order that is not a permutation a test can recompute from the
+  seed and epoch), and ``fn.random.uniform`` draws crop positions from [min, max) and rounds the draw
+  when the output type is an integer (so the two end positions come up half as often as the others).
+* torch: a DataLoader whose workers read samples by index (for shards: with the indexes; not the
+  webdataset library, whose streaming shuffle is not a function of the epoch), decode with Pillow
   and crop; the sampler hands out the plan's steps in chunks, so the order does not depend on the
   number of workers. Needs only torch, numpy and Pillow.
 
@@ -36,9 +40,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from pdiff.pipelines.shards import ShardError, ShardSet
+from pdiff.pipelines.sample_source import SampleSource, SourceError
+from pdiff.pipelines.shards.format import ShardError
+from pdiff.pipelines.sources import SOURCES, open_source
 
-__all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "ShardError", "dali_available"]
+__all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
+           "SourceError", "dali_available", "open_source"]
 
 
 class PipelineStateError(RuntimeError):
@@ -72,19 +79,19 @@ def dali_available() -> bool:
 
 def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
                    device: torch.device | str = "cpu") -> PatchPipeline:
-    """The patch pipeline over the shards in ``cfg.data.path`` (checked against their manifest first)."""
+    """The patch pipeline over the samples at ``cfg.data.path`` (opened through the source registry,
+    pipelines/sources.py; shards are checked against their manifest first)."""
     import torch
     data = cfg.data
     if not data.path:
-        raise ShardError("data.path is empty: point it at a folder written by `pdiff shard`")
-    shards = ShardSet(data.path, checksums=bool(getattr(data, "verify_checksums", False)))
-    m = shards.manifest
-    if m["resolution"] != data.resolution or m["resolution"] != schedule.resolution:
-        raise ShardError(f"{data.path}: shards are {m['resolution']}x{m['resolution']} but data.resolution is "
-                         f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={m['resolution']}")
-    if m["channels"] != data.channels:
-        raise ShardError(f"{data.path}: shards have {m['channels']} channel(s) but data.channels is {data.channels}; "
-                         f"set data.channels={m['channels']}")
+        raise SourceError("data.path is empty: point it at a folder written by `pdiff shard`")
+    source = open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)))
+    if source.resolution != data.resolution or source.resolution != schedule.resolution:
+        raise SourceError(f"{data.path}: samples are {source.resolution}x{source.resolution} but data.resolution is "
+                          f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={source.resolution}")
+    if source.channels != data.channels:
+        raise SourceError(f"{data.path}: samples have {source.channels} channel(s) but data.channels is "
+                          f"{data.channels}; set data.channels={source.channels}")
     backend = data.backend
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"
@@ -93,10 +100,10 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
             raise ImportError("data.backend=dali but NVIDIA DALI is not installed (pip install "
                               "nvidia-dali-cuda130, or set data.backend=torch)")
         from pdiff.pipelines.dali_loader import DaliPatchPipeline
-        return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), shards)
+        return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     if backend == "torch":
         from pdiff.pipelines.torch_loader import TorchPatchPipeline
-        return TorchPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), shards)
+        return TorchPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
 
 

@@ -1,5 +1,5 @@
 """The backend-independent half of a patch pipeline: the plan, the uint8 -> [-1, 1] conversion and
-the resumable state. Latent shards are not normalized: their patches arrive as float32 CHW, values as
+the resumable state. Latent samples are not normalized: their patches arrive as float32 CHW, values as
 stored."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from pdiff.pipelines import Batch, PipelineStateError
 from pdiff.pipelines.order import RankStep, SamplePlan
-from pdiff.pipelines.shards import ShardSet
+from pdiff.pipelines.sample_source import SampleSource
 
 STATE_VERSION = 1
 SCALE = 1 / 127.5      # uint8 v -> (v - 127.5) * SCALE in float32: the same bits in numpy, torch and DALI
@@ -25,12 +25,12 @@ class PatchPipeline:
     on the device."""
     backend = "?"
 
-    def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, shards: ShardSet):
+    def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, source: SampleSource):
         self.cfg, self.schedule, self.rank, self.world_size = cfg, schedule, rank, world_size
         self.device = torch.device(device)
-        self.shards, self.manifest = shards, shards.manifest
+        self.source = source
         self.seed = int(cfg.train.seed)
-        self.plan = SamplePlan(shards.count, shards.labels, schedule, self.seed, rank, world_size,
+        self.plan = SamplePlan(source.count, source.labels, schedule, self.seed, rank, world_size,
                                xflip=bool(cfg.data.xflip))
         self.images_seen = 0
         self._running = False
@@ -60,7 +60,7 @@ class PatchPipeline:
     def _guards(self) -> dict:
         return {"world_size": self.world_size, "batch": self.schedule.batch,
                 "resolution": self.schedule.resolution, "seed": self.seed,
-                "dataset": self.shards.fingerprint(), "count": self.shards.count}
+                "dataset": self.source.fingerprint(), "count": self.source.count}
 
     def state_dict(self) -> dict:
         """The same on every rank (the position is global): rank 0's state can be loaded by all."""
@@ -74,7 +74,7 @@ class PatchPipeline:
             raise PipelineStateError(f"pipeline state version {state.get('version')} is not {STATE_VERSION}; "
                                      f"it was written by another pdiff version")
         what = {"world_size": "world size", "batch": "global batch (train.batch)", "resolution": "resolution",
-                "seed": "seed (train.seed)", "dataset": "dataset (shard checksums)", "count": "dataset size"}
+                "seed": "seed (train.seed)", "dataset": "dataset (its fingerprint)", "count": "dataset size"}
         for key, value in self._guards().items():
             if state.get(key) != value:
                 raise PipelineStateError(

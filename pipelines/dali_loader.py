@@ -1,5 +1,5 @@
 """The DALI backend. An ``external_source`` supplies, per iteration, the encoded bytes of the step's
-samples (read by index from the tars), the crop anchors (y0, x0) and the crop shape (s, s); DALI
+samples (read by index from the sample source), the crop anchors (y0, x0) and the crop shape (s, s); DALI
 decodes, slices and normalizes to
 float32 CHW in [-1, 1] (on the device that receives the patches). The callback is a pure function of the iteration number (iteration k of a
 pipeline started at images seen n is the k-th step after n), so DALI may run it ahead of time.
@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from pdiff.pipelines.base import PatchPipeline
+from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS
 
 
 class DaliPatchPipeline(PatchPipeline):
     backend = "dali"
 
-    def __init__(self, cfg, schedule, rank, world_size, device, shards):
-        super().__init__(cfg, schedule, rank, world_size, device, shards)
+    def __init__(self, cfg, schedule, rank, world_size, device, source):
+        super().__init__(cfg, schedule, rank, world_size, device, source)
         self.cuda = self.device.type == "cuda"
         self._pipe = None
         self._lock = threading.Lock()
@@ -43,25 +44,25 @@ class DaliPatchPipeline(PatchPipeline):
 
     def _feed(self, info):
         step = self._step_for(info.iteration)
-        sh = self.shards
+        src = self.source
         n = len(step.indices)
-        if sh.encoding in ("raw", "latent"):      # one uniform array: DALI takes it as a batch, no per-sample cost
-            data = np.empty((n, sh.resolution, sh.resolution, sh.channels), sh.dtype)
+        if src.encoding in UNIFORM_ENCODINGS:      # one uniform array: DALI takes it as a batch, no per-sample cost
+            data = np.empty((n, src.resolution, src.resolution, src.channels), src.dtype)
             for j, i in enumerate(step.indices):
-                sh.read_into(int(i), data[j])
+                src.read_into(int(i), data[j])
         else:
-            data = [np.frombuffer(sh.image_bytes(int(i)), np.uint8) for i in step.indices]
+            data = [np.frombuffer(src.read(int(i)), np.uint8) for i in step.indices]
         anchors = np.ascontiguousarray(step.read_xy[:, ::-1], dtype=np.int32)     # (y0, x0) for axes (H, W)
         shapes = np.full((n, 2), step.patch_size, np.int32)
         return data, anchors, shapes
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
-        enc = self.shards.encoding
+        enc = self.source.encoding
         cuda = self.cuda
-        uniform = enc in ("raw", "latent")
+        uniform = enc in UNIFORM_ENCODINGS
         data_type = {np.dtype(np.uint8): types.UINT8, np.dtype("<f2"): types.FLOAT16,
-                     np.dtype("<f4"): types.FLOAT}[np.dtype(self.shards.dtype)]
+                     np.dtype("<f4"): types.FLOAT}[np.dtype(self.source.dtype)]
 
         @pipeline_def
         def graph():
@@ -71,14 +72,14 @@ class DaliPatchPipeline(PatchPipeline):
             if uniform:
                 images = data
             else:
-                kind = types.GRAY if self.shards.channels == 1 else types.RGB
+                kind = types.GRAY if self.source.channels == 1 else types.RGB
                 images = fn.decoders.image(data, device="mixed" if cuda and enc == "jpeg" else "cpu", output_type=kind)
             patches = fn.slice(images, anchors, shapes, axes=[0, 1])
             if cuda and patches.device == "cpu":
                 patches = patches.gpu()
             if enc == "latent":          # values as stored
                 return fn.cast(fn.transpose(patches, perm=[2, 0, 1], output_layout="CHW"), dtype=types.FLOAT)
-            c = self.shards.channels
+            c = self.source.channels
             return fn.crop_mirror_normalize(patches, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[127.5] * c, std=[127.5] * c)
 

@@ -1,5 +1,6 @@
-"""The torch fallback: DataLoader workers read samples by index from the tars (the shard indexes
-give the offsets), decode them with Pillow (raw and latent: no decode) and crop. Used where DALI is
+"""The torch fallback: DataLoader workers read samples by index from the source (for shards: one
+pread each, the shard indexes give the offsets), decode them with Pillow (raw and latent: no decode)
+and crop. Used where DALI is
 missing. Latent samples are cropped in their stored float type and handed over as float32 CHW.
 
 The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the
@@ -16,19 +17,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pdiff.pipelines.base import SCALE, PatchPipeline
 from pdiff.pipelines.order import RankStep
-from pdiff.pipelines.shards import ShardSet
+from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
 
 
 _LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE)   # same bits as normalize()
 
 
-def read_patches(shards: ShardSet, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
+def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
     """(n, s, s, C) in the stored type (uint8 images, float16/float32 latents): sample indices[j]
     cropped at read_xy[j] = (x0, y0)."""
     s = patch_size
-    out = np.empty((len(indices), s, s, shards.channels), shards.dtype)
+    out = np.empty((len(indices), s, s, source.channels), source.dtype)
     for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
-        out[j] = shards.decode(int(i))[y:y + s, x:x + s]
+        out[j] = source.decode(int(i))[y:y + s, x:x + s]
     return out
 
 
@@ -36,13 +37,13 @@ class _ChunkReader(Dataset):
     """Decodes and crops a chunk of a step. For a CPU target the workers also normalize (in parallel);
     for a GPU target they hand over uint8 (4x less to copy) and the GPU normalizes."""
 
-    def __init__(self, shards: ShardSet, normalize: bool):
-        self.shards, self.normalize = shards, normalize
+    def __init__(self, source: SampleSource, normalize: bool):
+        self.source, self.normalize = source, normalize
 
     def __getitem__(self, key):
         step_images_seen, chunk, n_chunks, s, indices, read_xy = key
-        patches = read_patches(self.shards, indices, read_xy, s)
-        if self.shards.latent:           # values as stored: HWC -> CHW, float16 -> float32 is exact
+        patches = read_patches(self.source, indices, read_xy, s)
+        if self.source.encoding == "latent":           # values as stored: HWC -> CHW, float16 -> float32 is exact
             patches = patches.transpose(0, 3, 1, 2).astype(np.float32)
         elif self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
             patches = _LUT[patches.transpose(0, 3, 1, 2)]
@@ -70,11 +71,11 @@ class _StepSampler(Sampler):
 class TorchPatchPipeline(PatchPipeline):
     backend = "torch"
 
-    def __init__(self, cfg, schedule, rank, world_size, device, shards):
-        super().__init__(cfg, schedule, rank, world_size, device, shards)
+    def __init__(self, cfg, schedule, rank, world_size, device, source):
+        super().__init__(cfg, schedule, rank, world_size, device, source)
         # Raw and latent samples need no decode: reading and cropping them in this process beats
         # shipping them through worker queues (measured for raw: about 10x on 2 cores).
-        self.workers = 0 if shards.encoding in ("raw", "latent") else max(0, int(cfg.data.workers))
+        self.workers = 0 if source.encoding in UNIFORM_ENCODINGS else max(0, int(cfg.data.workers))
         # Split a step over the workers so that one step is decoded in parallel.
         self.chunk_size = max(16, -(-self.plan.max_per_rank // max(1, 2 * self.workers)))
         self._pending: deque[RankStep] = deque()
@@ -86,7 +87,7 @@ class TorchPatchPipeline(PatchPipeline):
         if self.workers:
             kwargs = dict(num_workers=self.workers, prefetch_factor=max(1, int(self.cfg.data.prefetch)),
                           persistent_workers=False)
-        loader = DataLoader(_ChunkReader(self.shards, normalize=self.device.type != "cuda"), sampler=_StepSampler(self, images_seen), batch_size=None,
+        loader = DataLoader(_ChunkReader(self.source, normalize=self.device.type != "cuda"), sampler=_StepSampler(self, images_seen), batch_size=None,
                             pin_memory=self.device.type == "cuda", **kwargs)
         self._iter = iter(loader)
 

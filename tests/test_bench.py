@@ -37,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pdiff.tools._shardlib import write_shards
+    from pdiff.pipelines.shards import write_shards
     root = tmp_path_factory.mktemp("benchdata")
     rng = np.random.default_rng()
     np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))

@@ -15,8 +15,7 @@ from pdiff.config import load_config
 from pdiff.schedule import PatchSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan
-from pdiff.pipelines.shards import ShardSet
-from pdiff.tools._shardlib import ShardInputError, info, verify, write_shards
+from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
 from pdiff.tools.shard import main as shard_main
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),

@@ -10,8 +10,8 @@ from pdiff.config import load_config
 from pdiff.schedule import PatchSchedule
 from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
-from pdiff.pipelines.shards import ShardError
-from pdiff.tools._shardlib import write_shards
+from pdiff.pipelines.shards import ShardError, write_shards
+from pdiff.pipelines.sample_source import SourceError
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                     reason="NVIDIA DALI is not installed"))]
@@ -54,7 +54,7 @@ def expected_patch(images, index, x0, y0, s, flip=False):
 def test_patches_equal_source_at_offsets(dataset, backend, enc):
     root, images, labels = dataset
     pipe, sch, cfg = make(root, enc, backend, world=2, rank=1)
-    assert pipe.backend == backend and pipe.manifest["count"] == 37
+    assert pipe.backend == backend and pipe.source.count == 37
     plan = SamplePlan(37, labels, sch, cfg.train.seed, 1, 2)
     seen = 0
     sizes = set()
@@ -217,7 +217,7 @@ def test_bad_setups_fail_before_building(dataset, tmp_path):
     root, images, labels = dataset
     with pytest.raises(ValueError, match="cannot share evenly"):
         make(root, "raw", "torch", batch=3, world=2, sizes=(16,), probs=(1.0,))
-    with pytest.raises(ShardError, match="data.resolution"):
+    with pytest.raises(SourceError, match="data.resolution"):
         cfg = load_config(None, [f"data.path={root / 'raw'}", "data.resolution=32"])
         build_pipeline(cfg, PatchSchedule(32, 4), 0, 1)
     # a truncated shard is caught from the manifest, before DALI or a worker touches it

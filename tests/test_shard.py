@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from pdiff.pipelines import dali_available
-from pdiff.pipelines.shards import ShardSet, read_index
-from pdiff.tools import _shardlib
-from pdiff.tools._shardlib import ShardInputError, verify, write_shards
+from pdiff.pipelines.shards import ShardInputError, ShardSet, read_index, verify, write_shards
+from pdiff.pipelines.shards import format, inputs, preprocess, write
 from pdiff.tools.shard import main as shard_main
 
 
@@ -313,7 +312,7 @@ def test_resume_keeps_complete_shards_and_matches_fresh_run(tmp_path, rng):
 def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
     imgs = rand_images(rng, 12)
     np.savez(tmp_path / "d.npz", images=imgs)
-    real = _shardlib._encode
+    real = preprocess._encode
     calls = {"n": 0}
 
     def flaky(*a):
@@ -322,12 +321,12 @@ def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(_shardlib, "_encode", flaky)
+    monkeypatch.setattr(preprocess, "_encode", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert names == ["data-000000.idx", "data-000000.tar", "data.progress.json"]
-    monkeypatch.setattr(_shardlib, "_encode", real)
+    monkeypatch.setattr(preprocess, "_encode", real)
     write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     got, _ = all_samples(tmp_path / "o")
     np.testing.assert_array_equal(got, imgs)
@@ -353,7 +352,7 @@ def test_verify_catches_flipped_byte_truncation_and_bad_sample(tmp_path, rng):
     assert not ok and "data-000001.tar" in msg and "truncated" in msg
     # a damaged image whose manifest entry was (wrongly) updated: the decode names the sample
     tar.write_bytes(bytes(flipped))
-    m["shards"][1]["sha256"] = _shardlib.sha256_file(tar)
+    m["shards"][1]["sha256"] = format.sha256_file(tar)
     (root / "manifest.json").write_text(json.dumps(m))
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "#1" in msg and "decode" in msg
@@ -411,7 +410,7 @@ def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
     thread = threading.Thread(target=release.wait)
     thread.start()
     try:
-        assert _shardlib._pool_context().get_start_method() != "fork"
+        assert write._pool_context().get_start_method() != "fork"
         write_shards(tmp_path / "d.npz", tmp_path / "two", workers=2, max_count=8, progress=False)
     finally:
         release.set()
@@ -421,8 +420,8 @@ def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
 
     previous = signal.signal(signal.SIGTERM, lambda *args: None)
     try:
-        _shardlib._init_worker(_shardlib.Source.__new__(_shardlib.Source), {})
+        preprocess.init_worker(inputs.Inputs.__new__(inputs.Inputs), {})
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _shardlib._WORKER.clear()
+        preprocess._WORKER.clear()

@@ -30,7 +30,7 @@ PY = sys.executable
 def digits_shards(tmp_path_factory):
     from PIL import Image
     from sklearn.datasets import load_digits
-    from pdiff.tools._shardlib import write_shards
+    from pdiff.pipelines.shards import write_shards
     root = tmp_path_factory.mktemp("digits")
     d = load_digits()
     imgs = (d.images[:512] / 16.0 * 255).round().astype(np.uint8)

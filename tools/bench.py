@@ -258,7 +258,7 @@ def synthetic_shards(out_dir: str | Path, count: int, resolution: int, channels:
     written as pdiff shards in ``out_dir``."""
     import numpy as np
     from PIL import Image
-    from pdiff.tools._shardlib import write_shards
+    from pdiff.pipelines.shards import write_shards
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

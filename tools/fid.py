@@ -95,23 +95,24 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
 
 
 def shard_source(root: Path, limit: int | None) -> ImageSource:
-    """A `pdiff shard` folder, every image in index order (decoded by the pipelines' reader)."""
-    from pdiff.pipelines.shards import ShardError, ShardSet
+    """A `pdiff shard` folder (or another registered sample source), every image in index order,
+    decoded by the pipelines' reader."""
+    from pdiff.pipelines.sample_source import SourceError
+    from pdiff.pipelines.sources import open_source
     try:
-        shards = ShardSet(root)
-    except (ShardError, KeyError) as e:
+        source = open_source(root)
+    except (SourceError, KeyError) as e:
         raise SystemExit(f"pdiff fid: {root}: cannot read the shards: {e}") from None
-    if shards.latent:
+    if source.encoding == "latent":
         raise SystemExit(f"pdiff fid: {root} holds latents, not images; decode them with your autoencoder and "
                          f"give the images (a folder or an .npz) as the FID reference")
-    count = min(shards.count, limit) if limit else shards.count
+    count = min(source.count, limit) if limit else source.count
 
     def batches(n: int):
         with ThreadPoolExecutor(4) as pool:
             for i in range(0, count, n):
-                yield np.stack(list(pool.map(shards.decode, range(i, min(i + n, count)))))
-    return ImageSource(f"{root} ({len(shards.tars)} shards, {shards.count} images)", count,
-                       shards.resolution, batches)
+                yield np.stack(list(pool.map(source.decode, range(i, min(i + n, count)))))
+    return ImageSource(f"{root} ({source.count} images)", count, source.resolution, batches)
 
 
 def open_images(path: str, limit: int | None = None) -> ImageSource:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdiff.pipelines.shards import ShardError
-from pdiff.tools._shardlib import ENCODINGS, TRANSFORMS, ShardInputError, info, verify, write_shards
+from pdiff.pipelines.sample_source import ENCODINGS
+from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, ShardError, ShardInputError, info, verify, write_shards
 
 __all__ = ["main", "write_shards", "verify", "info"]
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="1 = grayscale, 3 = RGB, auto = as the first image")
     p.add_argument("--format", dest="encoding", choices=ENCODINGS, default="png",
                    help="png (lossless, default), jpeg, webp, raw uint8 (no decode, larger), or latent (float arrays)")
-    p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc", help="latent: the array's axis order")
+    p.add_argument("--layout", choices=LAYOUTS, default="nhwc", help="latent: the array's axis order")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="latent: stored element type")
     p.add_argument("--latent-scale", type=float, default=1.0,
                    help="latent: the scale factor the values already carry (recorded, not applied)")

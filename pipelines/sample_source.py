@@ -1,0 +1,103 @@
+"""The sample-source protocol: all the patch pipelines (both backends and the plan in order.py) need
+from a dataset, so that a new source (another container format, a streaming store) plugs in without
+touching the loaders. Sources are registered in pipelines/sources.py.
+
+A sample is an R x R x C image or latent, stored in one of ``ENCODINGS``:
+
+* ``png``, ``jpeg``, ``webp``: an encoded image file (uint8 after decoding, 1 or 3 channels). The DALI
+  backend is fed these bytes and decodes them itself (JPEG on the GPU).
+* ``raw``: the R x R x C uint8 bytes, row-major (HWC);
+* ``latent``: the R x R x C little-endian float16 or float32 bytes (HWC), values as stored.
+
+Raw and latent samples have a fixed size (``UNIFORM_ENCODINGS``): the DALI backend gets them as one
+typed batch with ``read_into`` and neither backend decodes them.
+
+This module imports numpy only (Pillow when a PNG/JPEG/WebP is decoded), so the shard writer's worker
+processes stay light.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+ENCODINGS = ("png", "jpeg", "webp", "raw", "latent")
+UNIFORM_ENCODINGS = ("raw", "latent")
+LATENT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+class SourceError(RuntimeError):
+    """A dataset that cannot be read, or does not match what the config says about it."""
+
+
+def decode_sample(data: bytes | memoryview, encoding: str, resolution: int, channels: int,
+                  dtype: np.dtype | str | None = None) -> np.ndarray:
+    """Bytes of one stored image -> (R, R, C) uint8; of one latent -> (R, R, C) in its ``dtype``."""
+    if encoding in UNIFORM_ENCODINGS:
+        dt = np.dtype(dtype or ("<f2" if encoding == "latent" else np.uint8))
+        want = resolution * resolution * channels * dt.itemsize
+        if len(data) != want:
+            raise SourceError(f"{encoding} sample has {len(data)} bytes, expected {want} "
+                              f"({resolution}x{resolution}x{channels} {dt.name})")
+        return np.frombuffer(data, dt).reshape(resolution, resolution, channels)
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        want_mode = "L" if channels == 1 else "RGB"
+        if im.mode != want_mode:
+            im = im.convert(want_mode)
+        arr = np.asarray(im)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape != (resolution, resolution, channels):
+        raise SourceError(f"decoded image has shape {arr.shape}, expected {(resolution, resolution, channels)}")
+    return arr
+
+
+class SampleSource:
+    """Random access to a dataset's samples by index 0..count-1, and the facts the pipeline checks
+    against the config.
+
+    A source sets the facts (in ``__init__``) and implements ``labels``, ``fingerprint`` and
+    ``read``; ``decode`` and ``read_into`` follow from ``read`` (override them where the container
+    offers something faster). It must survive pickling into DataLoader worker processes (open files
+    lazily, per process).
+    """
+    count: int                       # samples
+    resolution: int                  # R: every sample is R x R
+    channels: int                    # C
+    encoding: str                    # one of ENCODINGS: what read(i) returns
+    dtype: np.dtype = np.dtype(np.uint8)    # of a decoded sample: uint8, or the latents' float16/float32
+    num_classes: int = 0             # 0 when the dataset has no labels
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(count,) int64 class labels, -1 where the dataset has none."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the data changes (guards a saved pipeline state)."""
+        raise NotImplementedError
+
+    def read(self, i: int) -> bytes:
+        """The stored bytes of sample ``i``, in ``encoding``."""
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` lives, for error messages."""
+        return f"sample {i}"
+
+    def decode(self, i: int) -> np.ndarray:
+        """Sample ``i`` as an (R, R, C) array of ``dtype``."""
+        data = self.read(i)          # a read error names the place itself
+        try:
+            return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype)
+        except Exception as e:
+            raise SourceError(f"{self.describe(i)} cannot be decoded: {e}") from None
+
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Uniform encodings: sample ``i`` into ``out`` (R x R x C of ``dtype``, contiguous)."""
+        out[...] = self.decode(i)
+
+    def close(self) -> None:
+        """Release open files (the source may be read again afterwards)."""

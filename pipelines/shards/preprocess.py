@@ -1,0 +1,191 @@
+"""One sample on its way into a shard: load it, check it, bring it to R x R (the transforms), encode
+it. Runs in the writer's worker processes (numpy and Pillow only). A bad input raises `BadInput` with
+a short reason (the skip report counts by it) and a detail."""
+from __future__ import annotations
+
+import io
+import signal
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pdiff.pipelines.sample_source import LATENT_DTYPES
+from pdiff.pipelines.shards.inputs import Inputs, ShardInputError, latent_shape
+
+if TYPE_CHECKING:
+    from pdiff.pipelines.shards.write import Options
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+TRANSFORMS = ("none", "center-crop", "center-crop-dhariwal", "resize")
+GRAY_MODES = {"1", "L", "LA", "La"}
+COLOR_MODES = {"P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _to_pil(data, path_suffix: str):
+    from PIL import Image
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data[:, :, 0] if data.ndim == 3 and data.shape[2] == 1 else data)
+    if len(data) == 0:
+        raise BadInput("empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:
+        if path_suffix in IMAGE_SUFFIXES:
+            detail = (f"Pillow cannot identify the data of this {path_suffix} file" if "cannot identify" in str(e)
+                      else str(e))
+            raise BadInput("undecodable", detail) from None
+        raise BadInput("not an image", f"cannot identify the format ({path_suffix or 'no extension'})") from None
+    try:
+        im.verify()                                  # checksums (PNG CRCs) and structure
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception as e:
+        msg = str(e)
+        if "truncat" in msg.lower() or isinstance(e, EOFError):
+            raise BadInput("truncated", msg) from None
+        raise BadInput("undecodable", msg) from None
+    return im
+
+
+def native_channels(im) -> int:
+    return 1 if im.mode in GRAY_MODES else 3
+
+
+def _prepare(data, path: str, resolution: int | None, channels: int | None, transform: str):
+    """-> (R, R, C) uint8 array; raises BadInput."""
+    from PIL import Image
+    im = _to_pil(data, Path(path.split("[")[0]).suffix.lower())
+    if im.mode not in GRAY_MODES | COLOR_MODES:
+        raise BadInput("unsupported mode", f"mode {im.mode} (8-bit gray or color images only)")
+    if channels is None:
+        channels = native_channels(im)
+    im = im.convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    if transform == "none":
+        if w != h:
+            raise BadInput("wrong size", f"{w}x{h} is not square (give --transform center-crop)")
+        if resolution is not None and (w, h) != (resolution, resolution):
+            raise BadInput("wrong size", f"{w}x{h}, expected {resolution}x{resolution} (give --transform to resize)")
+    elif transform == "resize":
+        im = im.resize((resolution, resolution), Image.LANCZOS)
+    elif transform == "center-crop":            # EDM dataset_tool: largest centred square, then resize
+        c = min(w, h)
+        im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
+        im = im.resize((resolution, resolution), Image.LANCZOS)
+    elif transform == "center-crop-dhariwal":   # ADM: box-halve while large, bicubic, centre crop
+        while min(*im.size) >= 2 * resolution:
+            im = im.resize(tuple(x // 2 for x in im.size), Image.BOX)
+        scale = resolution / min(*im.size)
+        im = im.resize(tuple(round(x * scale) for x in im.size), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(im)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _encode(arr: np.ndarray, encoding: str, quality: int) -> bytes:
+    if encoding == "raw":
+        return np.ascontiguousarray(arr).tobytes()
+    from PIL import Image
+    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    if encoding == "png":
+        im.save(buf, format="PNG")
+    elif encoding == "jpeg":
+        # full-resolution chroma at high quality: 4:2:0 smears colour edges of small images
+        im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    else:
+        im.save(buf, format="WEBP", quality=quality, lossless=quality == 100)
+    return buf.getvalue()
+
+
+def _prepare_latent(arr: np.ndarray, st: dict) -> bytes:
+    """One latent sample -> its stored bytes (H x W x C, little-endian ``st['dtype']``); raises BadInput."""
+    a = np.asarray(arr)
+    if st["layout"] == "nchw":
+        a = a.transpose(1, 2, 0)
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad:
+        raise BadInput("non-finite", f"{bad} NaN or infinite value(s) of {a.size}")
+    with np.errstate(over="ignore"):                 # an overflow to inf is reported just below
+        stored = np.ascontiguousarray(a, dtype=LATENT_DTYPES[st["dtype"]])
+    bad = int(np.count_nonzero(~np.isfinite(stored)))
+    if bad:
+        raise BadInput("non-finite", f"{bad} value(s) overflow {st['dtype']} (largest |v| {float(np.abs(a).max()):g}; "
+                                     f"use --dtype float32)")
+    return stored.tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The worker processes: each holds the inputs and the settings, and turns chunks of positions into
+# encoded samples or bad-input reasons.
+
+_WORKER: dict = {}
+
+
+def init_worker(source: Inputs, settings: dict) -> None:
+    source._zip = None        # a forked worker must not share the parent's zip file position
+    # A worker forked from a process with its own SIGTERM handler (a trainer, a test runner) must
+    # still die when the pool terminates it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _WORKER["source"], _WORKER["settings"] = source, settings
+
+
+def process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]]:
+    """-> per item (position, encoded bytes or None, 'reason: detail' or None)."""
+    src, st = _WORKER["source"], _WORKER["settings"]
+    out = []
+    for pos in chunk:
+        item = src.items[pos]
+        try:
+            try:
+                data = src.load(item.ref)
+            except (OSError, KeyError, zipfile.BadZipFile) as e:
+                raise BadInput("unreadable", str(e)) from None
+            if st["encoding"] == "latent":
+                out.append((pos, _prepare_latent(data, st), None))
+            else:
+                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"])
+                out.append((pos, _encode(arr, st["encoding"], st["quality"]), None))
+        except BadInput as e:
+            out.append((pos, None, f"{e.reason}: {e.detail}" if e.detail else e.reason))
+    return out
+
+
+def probe(src: Inputs, opts: Options) -> tuple[int, int]:
+    """Resolution and channel count: given, or from the first image that decodes."""
+    if opts.encoding == "latent":
+        if src.kind != "array":
+            raise ShardInputError(f"{src.root}: --format latent reads a .npy or .npz float array, not image files")
+        h, _, c = latent_shape(src.array.shape, opts.layout)
+        return h, c
+    if src.kind == "array":
+        a = src.array
+        ch = 1 if a.ndim == 3 or a.shape[-1] == 1 else 3
+        if opts.transform == "none" and a.shape[1] != a.shape[2]:
+            raise ShardInputError(f"{src.root}: images are {a.shape[2]}x{a.shape[1]}, not square; give --transform")
+        res = opts.resolution or a.shape[1]
+        return res, ch if opts.channels == "auto" else int(opts.channels)
+    bad_pos = {b[0] for b in src.bad}
+    for pos, item in enumerate(src.items):
+        if pos in bad_pos:
+            continue
+        try:
+            im = _to_pil(src.load(item.ref), Path(item.path).suffix.lower())
+        except (BadInput, OSError):
+            continue
+        if im.mode not in GRAY_MODES | COLOR_MODES or (opts.transform == "none" and im.size[0] != im.size[1]):
+            continue
+        ch = native_channels(im) if opts.channels == "auto" else int(opts.channels)
+        return opts.resolution or im.size[0], ch
+    raise ShardInputError(f"{src.root}: no image in the source could be decoded "
+                          f"({len(src.items)} files; the bad-input report follows)")
