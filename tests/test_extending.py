@@ -1,19 +1,28 @@
 """Extending pdiff: a new component is one new file plus one registration line, and the real
 training path picks it up by the name the config gives (docs/ARCHITECTURE.md says where each is
 registered). Each test defines its component here, as the newcomer's file would, registers it in
-the one place, and runs it through load_config, a short CPU training run on digits and sampling.
+the one place, and runs it through load_config, a short CPU training run on digits and sampling (a
+data source: through load_config and both pipeline backends).
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from pdiff.config import load_config
+from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available
+from pdiff.pipelines.order import SamplePlan
+from pdiff.schedule import PatchSchedule
 from test_train import digits_shards, final_state, log_rows, write_config  # noqa: F401  (digits_shards: a fixture)
 
 
@@ -83,3 +92,77 @@ def test_add_a_network(tmp_path, digits_shards, toy_network):  # noqa: F811  (di
                          SampleOptions(sampler=cfg.sample))
     assert images.shape == (3, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     assert torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# A data source. The newcomer's file: a folder holding images.npy (N, R, R, C) uint8, labels.npy and a
+# manifest.json naming the format and the encoding read(i) hands out (png is made on the fly here,
+# as a store that keeps encoded images would hand them out).
+
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                    reason="NVIDIA DALI is not installed"))]
+
+
+class NpyFolder(SampleSource):
+    def __init__(self, root: Path, verify_checksums: bool = False):
+        meta = json.loads((root / "manifest.json").read_text())
+        self.images = np.load(root / "images.npy", mmap_mode="r")
+        self._labels = np.load(root / "labels.npy").astype(np.int64)
+        self.count, self.resolution, _, self.channels = self.images.shape
+        self.encoding = meta["encoding"]
+        self.num_classes = int(self._labels.max()) + 1
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()[:16]
+
+    def read(self, i: int) -> bytes:
+        image = np.ascontiguousarray(self.images[i])
+        if self.encoding == "raw":
+            return image.tobytes()
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_add_a_data_source(tmp_path, monkeypatch, backend, encoding):
+    rng = np.random.default_rng()
+    r, n, seed = 16, int(rng.integers(9, 20)), int(rng.integers(1 << 30))
+    images = rng.integers(0, 256, (n, r, r, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, n)
+    root = tmp_path / "toy"
+    root.mkdir()
+    np.save(root / "images.npy", images)
+    np.save(root / "labels.npy", labels)
+    (root / "manifest.json").write_text(json.dumps({"format": "toy-npy", "encoding": encoding}))
+    cfg = load_config(None, [f"data.path={root}", f"data.resolution={r}", "data.channels=3",
+                             f"data.backend={backend}", f"data.workers={1 if encoding == 'png' else 0}",
+                             "train.batch=4", f"train.seed={seed}"])
+    schedule = PatchSchedule(r, 4, sizes=[4, 8, 16], probs=[0.4, 0.3, 0.3], seed=seed)
+    with pytest.raises(SourceError, match="toy-npy.*pipelines/sources.py"):      # not registered yet
+        build_pipeline(cfg, schedule)
+
+    monkeypatch.setitem(SOURCES, "toy-npy", NpyFolder)                          # the one registration
+    pipe = build_pipeline(cfg, schedule)
+    assert pipe.backend == backend and isinstance(pipe.source, NpyFolder)
+    plan = SamplePlan(n, labels, schedule, seed, 0, 1)
+    sizes = set()
+    for _ in range(6):
+        batch = next(pipe)
+        step = plan.step(batch.images_seen)
+        s = batch.patch_size
+        sizes.add(s)
+        assert batch.patches.shape == (schedule.batch_for(s), 3, s, s)
+        np.testing.assert_array_equal(batch.labels.numpy(), labels[step.indices])
+        for j, (x0, y0) in enumerate(batch.offsets.tolist()):
+            region = images[step.indices[j], y0:y0 + s, x0:x0 + s]
+            want = (torch.from_numpy(region).permute(2, 0, 1).float() - 127.5) * np.float32(1 / 127.5)
+            assert torch.equal(batch.patches[j], want)
+    assert len(sizes) >= 2
+    assert pipe.state_dict()["dataset"] == pipe.source.fingerprint()
+    pipe.close()
