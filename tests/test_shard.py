@@ -15,7 +15,8 @@ from PIL import Image
 
 from pdiff.pipelines import dali_available
 from pdiff.pipelines.shards import ShardInputError, ShardSet, read_index, verify, write_shards
-from pdiff.pipelines.shards import format, inputs, preprocess, write
+from pdiff.pipelines.shards import inputs, preprocess, write
+from pdiff.pipelines.shards.format import sha256_file
 from pdiff.tools.shard import main as shard_main
 
 
@@ -352,7 +353,7 @@ def test_verify_catches_flipped_byte_truncation_and_bad_sample(tmp_path, rng):
     assert not ok and "data-000001.tar" in msg and "truncated" in msg
     # a damaged image whose manifest entry was (wrongly) updated: the decode names the sample
     tar.write_bytes(bytes(flipped))
-    m["shards"][1]["sha256"] = format.sha256_file(tar)
+    m["shards"][1]["sha256"] = sha256_file(tar)
     (root / "manifest.json").write_text(json.dumps(m))
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "#1" in msg and "decode" in msg

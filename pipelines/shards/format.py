@@ -94,19 +94,19 @@ def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
 
 
 def sample_offsets(root: Path, rec: dict, encoding: str) -> np.ndarray:
-    """(count, 3) int64: offset and size of each sample's data member and the offset of its label, in
-    the shard's tar, from its index (checked against the manifest record ``rec``)."""
+    """(count, 4) int64: offset and size of each sample's data member and of its label member in the
+    shard's tar, from its index (checked against the manifest record ``rec``)."""
     path, ext = root / rec["index"], IMAGE_EXTS[encoding]
     entries = read_index(path)
     if len(entries) != rec["count"]:
         raise ShardError(f"{path}: {len(entries)} samples, the manifest says {rec['count']}")
-    out = np.empty((len(entries), 3), np.int64)
+    out = np.empty((len(entries), 4), np.int64)
     for k, e in enumerate(entries):
         if ext not in e or LABEL_EXT not in e:
             raise ShardError(f"{path}: sample #{k} lacks .{ext} or .{LABEL_EXT}")
         if e[LABEL_EXT][1] != LABEL_DTYPE.itemsize:
             raise ShardError(f"{path}: sample #{k} has a {e[LABEL_EXT][1]}-byte label, expected {LABEL_DTYPE.itemsize}")
-        out[k] = e[ext][0], e[ext][1], e[LABEL_EXT][0]
+        out[k] = *e[ext], *e[LABEL_EXT]
     return out
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from pdiff.pipelines.sample_source import SampleSource
-from pdiff.pipelines.shards.format import (IMAGE_EXTS, LABEL_DTYPE, ShardError, check_files, decode_label,
-                                           load_manifest, sample_dtype, sample_offsets)
+from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, load_manifest,
+                                           sample_dtype, sample_offsets)
 
 
 class ShardSet(SampleSource):
@@ -33,7 +33,7 @@ class ShardSet(SampleSource):
         self.first = np.cumsum([0] + [len(t) for t in tables])[:-1]      # global index of each shard's sample #0
         if len(self.shard) != self.count:
             raise ShardError(f"{self.root}: indexes list {len(self.shard)} samples, the manifest says {self.count}")
-        self.img_off, self.img_size, self.lbl_off = np.concatenate(tables).T.copy()
+        self.img_off, self.img_size, self.lbl_off, self.lbl_size = np.concatenate(tables).T.copy()
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
         self._labels: np.ndarray | None = None
@@ -76,10 +76,9 @@ class ShardSet(SampleSource):
 
     @property
     def labels(self) -> np.ndarray:
-        """All labels as int64 (read once: 4 bytes per sample)."""
+        """All labels as int64 (read once: one small member per sample)."""
         if self._labels is None:
-            size = LABEL_DTYPE.itemsize
-            self._labels = np.array([decode_label(self._read(i, int(self.lbl_off[i]), size, "label"))
+            self._labels = np.array([decode_label(self._read(i, int(self.lbl_off[i]), int(self.lbl_size[i]), "label"))
                                      for i in range(self.count)], np.int64)
         return self._labels
 
