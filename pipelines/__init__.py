@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import ShardError
-from pdiff.pipelines.sources import SOURCES, open_source
+from pdiff.pipelines.sources import SOURCES, open_source, register_source
 
 __all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
-           "SourceError", "dali_available", "open_source"]
+           "SourceError", "dali_available", "open_source", "register_source"]
 
 
 class PipelineStateError(RuntimeError):

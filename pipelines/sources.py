@@ -4,7 +4,8 @@
 The kind of a path is the ``format`` field of its ``manifest.json`` when it is a folder with one
 (``pdiff shard`` writes ``"pdiff-webdataset"``), else its suffix (``".npy"``). A source for a new kind
 is a `SampleSource` subclass in its own module (see pipelines/sample_source.py) whose constructor takes
-``(path, verify_checksums)``; add it to ``SOURCES`` below.
+``(path, verify_checksums)``; add one line for it to ``SOURCES`` below. Code outside the package
+registers with ``register_source``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ from pdiff.pipelines.shards.reader import ShardSet
 SOURCES: dict[str, Callable[[Path, bool], SampleSource]] = {
     FORMAT: ShardSet,           # a folder written by `pdiff shard`
 }
+
+
+def register_source(kind: str, opener: Callable[[Path, bool], SampleSource]) -> None:
+    """Add a source from outside this package (a plugin, a test) to SOURCES under ``kind``."""
+    if kind in SOURCES:
+        raise ValueError(f"a sample source for {kind!r} is already registered (to {SOURCES[kind].__module__}); "
+                         "pick another kind")
+    SOURCES[kind] = opener
 
 
 def source_kind(path: Path) -> str:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from pdiff.config import load_config
-from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available
+from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available, register_source
 from pdiff.pipelines.order import SamplePlan
 from pdiff.schedule import PatchSchedule
 from test_train import digits_shards, final_state, log_rows, write_config  # noqa: F401  (digits_shards: a fixture)
@@ -128,9 +128,15 @@ class NpyFolder(SampleSource):
         return buf.getvalue()
 
 
+@pytest.fixture
+def forget_toy_source():
+    yield
+    SOURCES.pop("toy-npy", None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("encoding", ["raw", "png"])
-def test_add_a_data_source(tmp_path, monkeypatch, backend, encoding):
+def test_add_a_data_source(tmp_path, forget_toy_source, backend, encoding):
     rng = np.random.default_rng()
     r, n, seed = 16, int(rng.integers(9, 20)), int(rng.integers(1 << 30))
     images = rng.integers(0, 256, (n, r, r, 3), dtype=np.uint8)
@@ -147,7 +153,11 @@ def test_add_a_data_source(tmp_path, monkeypatch, backend, encoding):
     with pytest.raises(SourceError, match="toy-npy.*pipelines/sources.py"):      # not registered yet
         build_pipeline(cfg, schedule)
 
-    monkeypatch.setitem(SOURCES, "toy-npy", NpyFolder)                          # the one registration
+    # The registration line: in the package it is `"toy-npy": NpyFolder,` in SOURCES
+    # (pipelines/sources.py); from outside the package, register_source.
+    register_source("toy-npy", NpyFolder)
+    with pytest.raises(ValueError, match="'toy-npy' is already registered"):
+        register_source("toy-npy", NpyFolder)
     pipe = build_pipeline(cfg, schedule)
     assert pipe.backend == backend and isinstance(pipe.source, NpyFolder)
     plan = SamplePlan(n, labels, schedule, seed, 0, 1)
