@@ -25,9 +25,13 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert top == {"pdiff"}
-    for sub in ("kernels/__init__.py", "kernels/net_input.py", "pipelines/__init__.py", "pipelines/order.py",
-                "tools/__init__.py", "tools/shard.py", "presets/tiny.yaml", "networks/songunet.py"):
-        assert f"pdiff/{sub}" in names, sub
+    # Every module of the four source folders is in the wheel under pdiff/ (the package list in
+    # pyproject.toml is explicit: a new subpackage must be added there).
+    expected = {f"pdiff/{p.relative_to(REPO / 'pdiff').as_posix()}" for p in (REPO / "pdiff").rglob("*.py")}
+    for folder in ("kernels", "pipelines", "tools"):
+        expected |= {f"pdiff/{folder}/{p.relative_to(REPO / folder).as_posix()}" for p in (REPO / folder).rglob("*.py")}
+    expected |= {f"pdiff/presets/{p.name}" for p in (REPO / "pdiff" / "presets").glob("*.yaml")}
+    assert expected - set(names) == set()
     (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["pdiff"]
 
