@@ -469,7 +469,7 @@ class FIDEvaluator:
 
         ev = FIDEvaluator.maybe(ref="refs/celeba64.npz", inception="weights/pt_inception.pth",
                                 num_images=5000)
-        if ev: ev.log(writer, ema_model, cfg, images_seen)   # every N images
+        if ev: fid = ev.compute(ema_model, cfg)   # every N images
 
     The same seeds are used at every evaluation so the curve shows the model, not the noise.
     Under torchrun every rank must call it; each samples its share of the seeds."""
@@ -514,13 +514,6 @@ class FIDEvaluator:
         finally:
             model.train(was_training)
         return stats.fid_against(self.ref)
-
-    def log(self, writer, model, cfg, images_seen: int, tag: str | None = None) -> float:
-        fid = self.compute(model, cfg)
-        if writer is not None:
-            n = self.num_images
-            writer.add_scalar(tag or (f"fid/{n // 1000}k" if n % 1000 == 0 else f"fid/{n}"), fid, images_seen)
-        return fid
 
 
 def frechet_distance_lowrank(features, mu2, sigma2) -> float:

@@ -117,10 +117,6 @@ class Monitor:
         if self.enabled:
             self.tb.add_image(tag, grid, images_seen, dataformats="HWC")
 
-    def text(self, tag: str, text: str) -> None:
-        if self.enabled:
-            self.tb.add_text(tag, text)
-
     def flush(self) -> None:
         if self.enabled:
             self.tb.flush()

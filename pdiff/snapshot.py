@@ -24,16 +24,13 @@ class SnapshotError(ValueError):
     pass
 
 
-def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int,
-                  ema_halflife: float | None = None) -> Path:
+def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int) -> Path:
     """Write atomically: a temp file in the same folder, fsync, then os.replace."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "images_seen": str(int(images_seen))}
-    if ema_halflife is not None:
-        meta["ema_halflife"] = str(ema_halflife)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
