@@ -6,18 +6,22 @@ For each network (DDPM++ at 64x64 as in the CelebA preset, ADM on 32x32x4 latent
 and each patch size s, a step carries batch * R / s patches (the trainer's rule). Providers: torch
 eager and torch.compile (inductor, one static graph per patch size), both under bf16 autocast on CUDA.
 Also checked: compiled output matches eager (relative L2 error) and no recompilation happens once
-every patch size has been seen. Prints a table and writes JSON naming the machine.
+every patch size has been seen. Prints a table and writes JSON naming the machine. The network
+alone, as F runs inside the training step; `bench_step.py` measures the whole step as the trainer
+builds it (pdiff.step.build_step).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import time
 import types
 
 import torch
 
+from pdiff.bench import device_sync, timed
 from pdiff.networks import build_network
 
 NETS = {
@@ -53,22 +57,6 @@ def step(model, x, noise, labels, device):
     loss = out.float().square().mean()
     loss.backward()
     return out
-
-
-def timed(fn, iters, device):
-    for _ in range(2):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> int:
@@ -128,7 +116,7 @@ def main() -> int:
                 def fn():
                     net.zero_grad(set_to_none=True)
                     step(model, x, noise, labels, device)
-                sec = timed(fn, args.iters, device)
+                sec = statistics.median(timed(fn, args.iters, warmup=2, sync=device_sync(device)))
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
                 row = dict(net=name, params=params, provider=prov, size=size, patches=b, step_ms=sec * 1e3,
                            patches_per_s=b / sec, full_images_equiv_per_s=b * (size / spec["resolution"]) ** 2 / sec,

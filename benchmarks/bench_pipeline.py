@@ -29,7 +29,7 @@ import torch
 
 from pdiff.config import load_config
 from pdiff.coords import crop
-from pdiff.schedule import PatchSchedule
+from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.shards import write_shards
 
@@ -127,7 +127,7 @@ def bench_pipeline(shard_dir, backend, res, sizes, probs, batch, seconds, device
     cfg = load_config(None, [f"data.path={shard_dir}", f"data.resolution={res}", "data.channels=3",
                              f"data.backend={backend}", f"data.workers={workers}", f"train.batch={batch}",
                              f"train.seed={seed}", "data.prefetch=4"])
-    sch = PatchSchedule(res, batch, sizes=sizes, probs=probs, seed=seed)
+    sch = StochasticSchedule(res, batch, sizes=sizes, probs=probs, seed=seed)
     pipe = build_pipeline(cfg, sch, 0, 1, device)
 
     def step():
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
             shard_dirs[fmt] = tmp / fmt
             print(f"sharded {fmt}: {m['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s")
         configs = [(f"s={s}", [s], [1.0]) for s in sizes]
-        default = PatchSchedule(res, a.batch)        # {R/4, R/2, R} with the paper's probabilities
+        default = StochasticSchedule(res, a.batch)        # {R/4, R/2, R} with the paper's probabilities
         configs.append(("schedule", default.sizes, default.probs))
         for label, sz, pr in configs:
             if "baseline" in backends and label != "schedule":

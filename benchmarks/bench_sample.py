@@ -25,7 +25,7 @@ NFE_STEPS = {35: 18, 79: 40}   # Heun: 2N - 1 evaluations
 
 
 def machine(device: torch.device) -> dict:
-    from pdiff.tools.bench import machine as describe_machine
+    from pdiff.bench import machine as describe_machine
     return {**describe_machine(), "device": str(device)}
 
 

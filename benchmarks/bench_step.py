@@ -4,7 +4,7 @@ For each config: ms per training step (PatchLoss forward, backward, Adam on synt
 images/s at each patch size with its batch multiplier (B full images -> B * R/s patches), then the
 measured cost per image of the config's schedule (p = 0.5 in the presets) relative to full images
 (p = 1), from the same run, next to the FLOP model's (about 0.37 for {R/4, R/2, R} with
-(0.2, 0.3, 0.5)). The measuring code is tools/bench.py's (`pdiff bench step` runs the same).
+(0.2, 0.3, 0.5)). The measuring code is pdiff.bench's (`pdiff bench step` runs the same).
 
     python benchmarks/bench_step.py                              # DDPM++ 32x32 and 64x64, this CPU
     python benchmarks/bench_step.py --device cuda --compile --batch 64 --configs celeba64
@@ -25,7 +25,7 @@ import torch
 
 from pdiff.config import load_config
 from pdiff.step import resolve_precision
-from pdiff.tools.bench import bench_step, machine, machine_name, print_step, save_json
+from pdiff.bench import bench_step, machine, machine_name, print_step, save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

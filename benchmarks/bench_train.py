@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from pdiff.config import load_config, to_dict
-from pdiff.tools.bench import (PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, compare_train,
-                         default_interval_images, machine, machine_name, print_train, resolve_device, save_json,
-                         synthetic_shards, variant)
+from pdiff.bench import (PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, compare_train, default_interval_images,
+                         machine, machine_name, print_train, resolve_device, save_json, synthetic_shards, variant)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SPEEDUP = 2.5          # schedule cheaper per image than full images, at least

@@ -299,15 +299,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     """The checks that span fields or need a registry; each field's type and closed set of choices
     were checked while loading."""
     from .networks import NETWORKS
-    from .schedule import MODES
+    from .schedule import SCHEDULES
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
     if cfg.network.arch not in NETWORKS:
         bad("network.arch", f"{cfg.network.arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
                             "a new one is added in pdiff/networks/__init__.py)")
-    if cfg.patch.mode not in MODES:
-        bad("patch.mode", f"{cfg.patch.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.patch.mode not in SCHEDULES:
+        bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
+                          f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
     if cfg.data.resolution < 2:
         bad("data.resolution", "must be at least 2")
     if cfg.train.batch < 1:

@@ -1,9 +1,11 @@
-"""torchrun integration: the process group, rank facts, and small collective helpers."""
+"""torchrun integration, the one place that joins the process group: rank facts, small collective
+helpers, the ranks' agreement on stopping, and leaving the group together."""
 from __future__ import annotations
 
 import datetime
 import gc
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -22,32 +24,52 @@ class DistInfo:
         return self.rank == 0
 
 
-def init(device_preference: str = "auto") -> DistInfo:
+def init(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK), or run alone.
 
-    NCCL with one GPU per process on CUDA; gloo on the CPU. Multi-node rendezvous is torchrun's
-    (``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT``)."""
+    ``device``: "auto" (cuda:LOCAL_RANK where CUDA exists, else the CPU), "cpu", "cuda"
+    (cuda:LOCAL_RANK) or "cuda:N". NCCL with one GPU per process on CUDA; gloo on the CPU.
+    Multi-node rendezvous is torchrun's (``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_preference != "cpu"
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
-    return DistInfo(rank, world, local, device)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local, dev)
 
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     if active():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -59,6 +81,43 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+class StopSignal:
+    """While training, SIGTERM / SIGUSR1 ask for a clean stop: finish the step, checkpoint, exit 0.
+
+    A context manager: on leaving, the previous handlers come back, so a process that goes on after
+    training (the demo samples, tests, notebooks) can be terminated again, and processes it forks
+    later (a multiprocessing pool's workers) do not inherit a handler that ignores terminate()."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    CHECK_EVERY = 16    # steps between the ranks' agreement on a stop (a host sync), world > 1
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, over_budget: bool, steps: int, device: torch.device) -> bool:
+        """Whether every rank stops after this step (``steps``: steps taken in this run). One
+        process stops at once; several must agree, which costs a host sync, so they compare
+        notes every CHECK_EVERY steps only."""
+        stopping = self.requested or over_budget
+        if active():
+            stopping = steps % self.CHECK_EVERY == 0 and any_rank(stopping, device)
+        return stopping
 
 
 @torch.no_grad()

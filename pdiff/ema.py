@@ -14,7 +14,9 @@ class EMA:
     EMA (the paper's code does this), so ``images_per_step`` is that average, not the step's own."""
 
     def __init__(self, model: torch.nn.Module, halflife_images: float, rampup_ratio: float = 0.05):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # The plain memory layout whatever training uses (train.channels_last): in-training samples
+        # and FID run the weights as `pdiff sample` loads them.
+        self.model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
         self.halflife_images = float(halflife_images)
         self.rampup_ratio = float(rampup_ratio)
 

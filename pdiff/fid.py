@@ -327,12 +327,12 @@ class FeatureStats:
             self.features = self.features + [f.cpu()] if self.count <= self.keep else None
 
     def all_reduce(self) -> None:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        from . import distributed
+        if not distributed.active():
             return
         count = torch.tensor([self.count], dtype=torch.float64, device=self.total.device)
         for t in (count, self.total, self.outer):
-            dist.all_reduce(t)
+            distributed.all_reduce_(t)
         self.count = int(count.item())
         self.features = None  # only this rank's share: no longer the whole set
 
@@ -497,15 +497,15 @@ class FIDEvaluator:
             return None
 
     def compute(self, model, cfg) -> float:
-        import torch.distributed as dist
+        from . import distributed
         from .generate import SampleOptions
         options = self.options or SampleOptions(sampler=cfg.sample, canvas=cfg.sample.canvas)
         resolution = cfg.data.resolution
         check_resolution(self.ref, options.canvas or resolution, self.allow_mismatch)
         device = self.device or next(model.parameters()).device
         self.inception.to(device)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        seeds = list(range(self.first_seed, self.first_seed + self.num_images))[rank::world]
+        seeds = range(self.first_seed, self.first_seed + self.num_images)
+        seeds = list(seeds)[distributed.rank()::distributed.world_size()]     # this rank's share
         was_training = model.training
         model.eval()
         try:

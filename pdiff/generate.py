@@ -6,7 +6,6 @@ label (when the model is conditional and no class is fixed) and its churn noise 
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -101,48 +100,11 @@ def iter_uint8(model, seeds: Sequence[int], batch: int, resolution: int, channel
         yield chunk, images if raw else to_uint8(images), labels
 
 
-# --------------------------------------------------------------------------------------------
-# torchrun
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.initialized_here:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    out = Dist(rank, world, local, dev)
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                    device_id=dev if dev.type == "cuda" else None)
-            out.initialized_here = True
-    return out
+@torch.no_grad()
+def sample_grid(model, cfg, device, count: int = 36):
+    """A grid (HWC uint8) of seeds 0..count-1 exactly as `pdiff sample --seeds 0-(count-1)` draws
+    them (the first three channels of latents)."""
+    from .monitor import image_grid
+    x, _ = generate(model, list(range(count)), cfg.data.resolution, cfg.data.channels,
+                    cfg.network.label_dim, SampleOptions(sampler=cfg.sample), device)
+    return image_grid(x[:, :3] if cfg.data.channels > 3 else x)

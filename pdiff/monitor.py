@@ -47,7 +47,7 @@ class StepStats:
 
     def reduce(self) -> dict:
         """Sum over ranks and turn into plain numbers (this is the one host sync)."""
-        from .distributed import all_reduce_
+        from .distributed import all_reduce_, world_size
         packed = torch.cat([self.loss_by_size, self.count_by_size, self.loss_by_bin,
                             self.count_by_bin, self.grad_norm_sum, self.steps, self.nonfinite])
         all_reduce_(packed)
@@ -56,9 +56,7 @@ class StepStats:
         ls, cs = v[:n], v[n:2 * n]
         lb, cb = v[2 * n:2 * n + nb], v[2 * n + nb:2 * n + 2 * nb]
         gsum, steps, nonfinite = v[-3], v[-2], v[-1]
-        from .distributed import active
-        import torch.distributed as dist
-        world = dist.get_world_size() if active() else 1
+        world = world_size()
         out = {"loss": float(ls.sum() / max(cs.sum(), 1)),
                "grad_norm": float(gsum / max(steps - nonfinite, 1)),
                "nonfinite_steps": int(round(nonfinite / world))}

@@ -2,14 +2,13 @@
 
 A snapshot is one ``.safetensors`` file: the EDMPrecond state_dict (contiguous CPU tensors) and
 metadata {"format": "pdiff-snapshot-1", "config": <to_dict(cfg) as JSON>, "images_seen": "..."}.
-``load_model`` also reads the trainer's checkpoints (``RUN/checkpoints/ckpt-<images:012d>/state.pt``
-with a ``COMPLETE`` marker), taking their EMA weights.
+``load_model`` also reads the trainer's checkpoints (pdiff.checkpoint's layout), taking their EMA
+weights.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ import torch
 from .config import Config, ConfigError, from_dict, to_dict
 
 FORMAT = "pdiff-snapshot-1"
-CKPT_PATTERN = re.compile(r"ckpt-(\d+)$")
 
 
 class SnapshotError(ValueError):
@@ -96,41 +94,38 @@ def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Modul
     return _build(cfg, state, str(path), device), cfg, meta
 
 
-def is_complete(ckpt: Path) -> bool:
-    return (ckpt / "COMPLETE").exists() and (ckpt / "state.pt").exists()
-
-
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder itself, or a run folder -> its newest COMPLETE checkpoint."""
+    from .checkpoint import MARKER, STATE_FILE, complete_checkpoints
     path = Path(path)
-    if path.name == "state.pt" and path.is_file():
+    if path.name == STATE_FILE and path.is_file():
         path = path.parent
     if not path.exists():
         raise SnapshotError(f"checkpoint {path} does not exist")
-    if (path / "state.pt").exists():
-        if not (path / "COMPLETE").exists():
-            raise SnapshotError(f"checkpoint {path} has no COMPLETE marker: it was not finished writing")
+    if (path / STATE_FILE).exists():
+        if not (path / MARKER).exists():
+            raise SnapshotError(f"checkpoint {path} has no {MARKER} marker: it was not finished writing")
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted((int(m.group(1)), d) for d in root.iterdir()
-                   if d.is_dir() and (m := CKPT_PATTERN.match(d.name)) and is_complete(d))
+    found = complete_checkpoints(root)
     if not found:
-        raise SnapshotError(f"{path}: no complete checkpoint (ckpt-*/ with state.pt and COMPLETE) found "
+        raise SnapshotError(f"{path}: no complete checkpoint (ckpt-*/ with {STATE_FILE} and {MARKER}) found "
                             f"in {root}")
-    return found[-1][1]
+    return found[-1]
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
                     ) -> tuple[torch.nn.Module, Config, dict]:
     """The model of a training checkpoint (EMA weights by default) from a checkpoint or run folder."""
+    from .checkpoint import STATE_FILE, read_state
     ckpt = find_checkpoint(path)
     try:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        state = read_state(ckpt)
     except Exception as e:
-        raise SnapshotError(f"{ckpt / 'state.pt'}: cannot be read ({e})") from None
+        raise SnapshotError(f"{ckpt / STATE_FILE}: cannot be read ({e})") from None
     for key in (weights, "config"):
         if key not in state:
-            raise SnapshotError(f"{ckpt / 'state.pt'}: no {key!r} entry (keys: {sorted(state)})")
+            raise SnapshotError(f"{ckpt / STATE_FILE}: no {key!r} entry (keys: {sorted(state)})")
     cfg = _config_from(state["config"], str(ckpt))
     meta = {"format": "pdiff-checkpoint", "images_seen": str(state.get("images_seen", "")),
             "source": str(ckpt), "weights": weights}

@@ -1,8 +1,13 @@
 """The differentiable part of a training step, as one module that DDP wraps and torch.compile
-compiles: patches -> fused network input -> F -> fused weighted loss (per sample)."""
+compiles: patches -> fused network input -> F -> fused weighted loss (per sample).
+
+``build_step(cfg, device)`` assembles it the one way the trainer and every benchmark use:
+model -> kernels backend -> precision -> PatchLoss -> channels_last -> torch.compile, and
+``TrainingStep.warm_up`` compiles every shape a run will see before its first step."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,6 +16,7 @@ from torch import nn
 from pdiff.kernels import build_net_input, edm_patch_loss
 
 from .precond import EDMPrecond, c_noise
+from .schedule import PatchSchedule
 
 
 def derive_seed(*parts: int) -> int:
@@ -56,3 +62,77 @@ class PatchLoss(nn.Module):
         with autocast:
             F = self.net_fn(net_in, c_noise(sigma), class_labels)
         return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+
+
+def micro_batches(b: int, accum: int) -> list[slice]:
+    """Slices (views, no copies) splitting a batch of b into at most ``accum`` micro-batches."""
+    size = -(-b // max(1, accum))
+    return [slice(i, min(i + size, b)) for i in range(0, b, size)]
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class TrainingStep:
+    """What one training step runs, as the config builds it."""
+    model: EDMPrecond               # the weights that train: unwrapped, uncompiled (what checkpoints save)
+    loss: PatchLoss                 # what DDP wraps: per-sample loss of a batch of patches
+    optimizer: torch.optim.Optimizer
+    schedule: PatchSchedule
+    precision: str                  # "bf16" | "fp32"
+    channels: int                   # image channels and classes: the shapes warm_up builds
+    label_dim: int
+    grad_accum: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def warm_up(self, world: int = 1) -> int:
+        """Run every shape the run will see (one per patch size and micro-batch size of this rank)
+        once before the first real step, so no step stalls on a compile or a kernel's first launch;
+        returns the graph count afterwards, against which the log reports recompiles (there should
+        be none)."""
+        device = self.device
+        for size in self.schedule.sizes:
+            b = self.schedule.batch_for(size) // world
+            for n in sorted({sl.stop - sl.start for sl in micro_batches(b, self.grad_accum)}):
+                patches = torch.zeros(n, self.channels, size, size, device=device)
+                offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
+                sigma = torch.ones(n, device=device)
+                noise = torch.zeros_like(patches) if self.loss.backend == "torch" else None
+                labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
+                self.loss(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
+        self.model.zero_grad(set_to_none=True)
+        return compiled_graphs()
+
+
+def build_step(cfg, device) -> TrainingStep:
+    """The training step ``cfg`` describes on ``device``: the model (initial weights from
+    train.seed), the kernels backend (train.kernels), the precision (train.precision), PatchLoss,
+    channels_last weights (train.channels_last), torch.compile of the network (train.compile) and
+    Adam (fused on CUDA)."""
+    from pdiff.kernels import resolve_backend
+    from .model import build_model
+    device = torch.device(device)
+    schedule = PatchSchedule.from_config(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    backend = resolve_backend(cfg.train.kernels, device)
+    precision = resolve_precision(cfg.train.precision, device)
+    loss = PatchLoss(model, cfg.data.resolution, backend, net_dtype(precision), cfg.train.channels_last)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # One graph per (patch size, micro-batch size): allow them all without evictions.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(schedule.sizes))
+        loss.use_network(torch.compile(model.net, dynamic=False))
+    o = cfg.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay,
+                                 fused=device.type == "cuda")   # one kernel for the whole update on CUDA
+    return TrainingStep(model, loss, optimizer, schedule, precision, cfg.data.channels,
+                        cfg.network.label_dim, cfg.train.grad_accum)

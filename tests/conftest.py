@@ -1,7 +1,30 @@
-"""Without CUDA, Triton kernels run under the interpreter: set it before anything imports triton."""
+"""Without CUDA, Triton kernels run under the interpreter: set it before anything imports triton.
+Fixtures several test modules share."""
 import os
 
+import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (in-process runs on a shared 2-core machine), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_shards(tmp_path_factory):
+    """40 random 16x16 RGB images as pdiff shards of at most 16 images each."""
+    from pdiff.pipelines.shards import write_shards
+    root = tmp_path_factory.mktemp("random_shards")
+    rng = np.random.default_rng()
+    np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    write_shards(root / "img.npz", root / "shards", workers=1, max_count=16, progress=False)
+    return root / "shards"

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from pdiff import bench
 from pdiff.config import load_config
-from pdiff.schedule import PatchSchedule
-from pdiff.train import crossed, make_schedule
-from pdiff.tools import bench
+from pdiff.schedule import FullImageSchedule, PatchSchedule, StochasticSchedule
+from pdiff.tools import bench as bench_cli
+from pdiff.train import crossed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
@@ -27,22 +28,7 @@ TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_b
         "data.workers=0", "sample.steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pdiff.pipelines.shards import write_shards
-    root = tmp_path_factory.mktemp("benchdata")
-    rng = np.random.default_rng()
-    np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
-    write_shards(root / "img.npz", root / "shards", workers=1, max_count=16, progress=False)
-    return root / "shards"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +46,7 @@ def test_step_costs_and_schedule_ratio_with_fake_clock():
     rng = np.random.default_rng()
     r, batch = 32, int(rng.integers(2, 9))
     probs = rng.dirichlet([1, 1, 1])
-    sched = PatchSchedule(r, batch, sizes=[8, 16, 32], probs=list(probs))
+    sched = StochasticSchedule(r, batch, sizes=[8, 16, 32], probs=list(probs))
     per_patch = {s: float(rng.uniform(1e-4, 1e-2)) for s in (8, 16, 32)}   # seconds per patch
     clock = FakeClock()
     calls = {s: 0 for s in per_patch}
@@ -100,7 +86,7 @@ def fake_training(per_patch: dict[int, float], wait: float):
     runs = []
 
     def runner(cfg, device):
-        sched, t = make_schedule(cfg), cfg.train
+        sched, t = PatchSchedule.from_config(cfg), cfg.train
         rows, images, secs, waited, n = [], 0, 0.0, 0.0, 0
         while images < t.duration_images:
             st = sched.step_at(images)
@@ -132,7 +118,7 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
     assert runs[0].train.run_dir != runs[1].train.run_dir
 
     def expected(run_cfg):            # the measured intervals: everything after the first log row
-        sched = make_schedule(run_cfg)
+        sched = PatchSchedule.from_config(run_cfg)
         steps = list(sched.steps(0, until=run_cfg.train.duration_images))
         first = next(i for i, st in enumerate(steps) if crossed(st.images_seen, st.images_seen + st.batch, 48))
         rest = steps[first + 1:]
@@ -155,7 +141,7 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
 
     # The fit recovers each size's step cost (exactly linear here), so the expected-mix ratio is
     # the schedule's formula, whatever mix this short run drew.
-    sched = make_schedule(runs[1])
+    sched = PatchSchedule.from_config(runs[1])
     rows, current = [], {s: 0 for s in sched.sizes}       # the trainer's intervals, step counts per size
     for st in sched.steps(0, until=240):
         current[st.patch_size] += 1
@@ -176,7 +162,7 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
 
 
 def test_summarize_log_needs_measured_intervals():
-    sched = PatchSchedule(16, 4, mode="full")
+    sched = FullImageSchedule(16, 4)
     with pytest.raises(bench.BenchError, match="nothing left to measure"):
         bench.summarize_log([{"images_seen": 16, "images_per_s": 100.0, "data_wait_share": 0.0}], sched)
 
@@ -199,7 +185,7 @@ MACHINE_FIELDS = {"cpu", "cores", "gpu", "gpu_memory_gb", "versions", "date", "h
 
 
 @pytest.fixture(scope="module")
-def quick_results(shards, tmp_path_factory):
+def quick_results(random_shards, tmp_path_factory):
     from pdiff.cli import main as cli           # through the `pdiff` dispatch table
     out = tmp_path_factory.mktemp("benchout")
     before = torch.get_num_threads()
@@ -208,7 +194,7 @@ def quick_results(shards, tmp_path_factory):
     try:
         for kind, extra in [("data", []), ("step", []), ("train", ["--compare"]), ("sample", [])]:
             path = out / f"{kind}.json"
-            rc = cli(["bench", kind, "--config", "tiny", *TINY, f"data.path={shards}", "--quick", "--device", "cpu",
+            rc = cli(["bench", kind, "--config", "tiny", *TINY, f"data.path={random_shards}", "--quick", "--device", "cpu",
                       "--out", str(path), *extra])
             assert rc == 0, kind
             paths[kind] = path
@@ -236,7 +222,7 @@ def test_quick_runs_write_every_field(quick_results):
         assert v["patches"] == 4 * 16 // int(s) and v["images_per_s"] > 0
     sc = step["schedule"]
     ms = {int(s): v["ms_per_image"] for s, v in step["per_patch_size"].items()}
-    sched = PatchSchedule(16, 4)
+    sched = StochasticSchedule(16, 4)
     assert sc["cost_per_image_vs_full"] == pytest.approx(sched.expected_cost_ratio(ms))
     assert sc["images_per_s"] == pytest.approx(1e3 / (sc["cost_per_image_vs_full"] * ms[16]))
     assert 0 < step["flop_model"]["cost_per_image_vs_full"] < 1
@@ -255,7 +241,7 @@ def test_quick_runs_write_every_field(quick_results):
 
 
 def test_cli_reports_missing_data(capsys):
-    assert bench.main(["train", "--config", "tiny", *TINY, "--quick", "--device", "cpu"]) == 2
+    assert bench_cli.main(["train", "--config", "tiny", *TINY, "--quick", "--device", "cpu"]) == 2
     assert "data.path is empty" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from pdiff.coords import canvas_grid, coord_grid, crop, random_offsets
 from pdiff.kernels import edm_loss_ref, net_input_ref
 from pdiff.loss import sample_sigma
 from pdiff.precond import EDMPrecond, c_in, c_noise, c_out, c_skip, loss_weight
-from pdiff.schedule import PatchSchedule
+from pdiff.schedule import FullImageSchedule, ProgressiveSchedule, StochasticSchedule
 
 
 # ---------------------------------------------------------------- preconditioning and loss
@@ -134,7 +134,7 @@ def test_random_offsets_cover_both_ends_uniformly():
 
 def test_stochastic_schedule_frequencies_chi_square():
     seed = int(torch.randint(0, 2**31, ()))
-    sch = PatchSchedule(64, batch=8, real_p=0.5, seed=seed)
+    sch = StochasticSchedule(64, batch=8, real_p=0.5, seed=seed)
     assert sch.sizes == [16, 32, 64]
     draws = [sch.size_at(i) for i in range(20000)]
     counts = np.array([draws.count(s) for s in sch.sizes])
@@ -143,31 +143,31 @@ def test_stochastic_schedule_frequencies_chi_square():
 
 
 def test_schedule_is_a_function_of_seed_and_images_seen():
-    a, b = PatchSchedule(64, 8, seed=3), PatchSchedule(64, 8, seed=3)
+    a, b = StochasticSchedule(64, 8, seed=3), StochasticSchedule(64, 8, seed=3)
     assert [a.size_at(i) for i in range(0, 5000, 7)] == [b.size_at(i) for i in range(0, 5000, 7)]
-    c = PatchSchedule(64, 8, seed=4)
+    c = StochasticSchedule(64, 8, seed=4)
     assert [a.size_at(i) for i in range(500)] != [c.size_at(i) for i in range(500)]
 
 
 def test_custom_sizes_full_and_progressive():
-    lat = PatchSchedule(32, 8, sizes=[16, 32], probs=[0.5, 0.5])
+    lat = StochasticSchedule(32, 8, sizes=[16, 32], probs=[0.5, 0.5])
     assert lat.sizes == [16, 32]
-    full = PatchSchedule(64, 8, mode="full")
+    full = FullImageSchedule(64, 8)
     assert {full.size_at(i) for i in range(100)} == {64}
     p = 0.5
-    prog = PatchSchedule(64, 8, mode="progressive", real_p=p, duration_images=1000)
+    prog = ProgressiveSchedule(64, 8, real_p=p, duration_images=1000)
     b1, b2 = 0.4 * (1 - p) * 1000, 1000 * (1 - p)
     assert prog.size_at(0) == 16 and prog.size_at(int(b1) - 1) == 16
     assert prog.size_at(int(b1)) == 32 and prog.size_at(int(b2) - 1) == 32
     assert prog.size_at(int(b2)) == 64 and prog.size_at(999) == 64
     with pytest.raises(ValueError, match="divide"):
-        PatchSchedule(64, 8, sizes=[24, 64], probs=[0.5, 0.5])
+        StochasticSchedule(64, 8, sizes=[24, 64], probs=[0.5, 0.5])
     with pytest.raises(ValueError, match="sum to 1"):
-        PatchSchedule(64, 8, sizes=[32, 64], probs=[0.5, 0.6])
+        StochasticSchedule(64, 8, sizes=[32, 64], probs=[0.5, 0.6])
 
 
 def test_images_seen_accounting_uses_batch_multiplier():
-    sch = PatchSchedule(64, batch=8, seed=0)
+    sch = StochasticSchedule(64, batch=8, seed=0)
     seen = 0
     for step in sch.steps(0, until=5000):
         assert step.images_seen == seen

@@ -22,7 +22,7 @@ from torch import nn
 from pdiff.config import load_config
 from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available, register_source
 from pdiff.pipelines.order import SamplePlan
-from pdiff.schedule import PatchSchedule
+from pdiff.schedule import StochasticSchedule
 from test_train import digits_shards, final_state, log_rows, write_config  # noqa: F401  (digits_shards: a fixture)
 
 
@@ -149,7 +149,7 @@ def test_add_a_data_source(tmp_path, forget_toy_source, backend, encoding):
     cfg = load_config(None, [f"data.path={root}", f"data.resolution={r}", "data.channels=3",
                              f"data.backend={backend}", f"data.workers={1 if encoding == 'png' else 0}",
                              "train.batch=4", f"train.seed={seed}"])
-    schedule = PatchSchedule(r, 4, sizes=[4, 8, 16], probs=[0.4, 0.3, 0.3], seed=seed)
+    schedule = StochasticSchedule(r, 4, sizes=[4, 8, 16], probs=[0.4, 0.3, 0.3], seed=seed)
     with pytest.raises(SourceError, match="toy-npy.*pipelines/sources.py"):      # not registered yet
         build_pipeline(cfg, schedule)
 

@@ -2,7 +2,8 @@
 import math
 
 from pdiff.config import load_config
-from pdiff.tools.info import describe, main
+from pdiff.bench.flops import describe
+from pdiff.tools.info import main
 
 
 def test_info_celeba64_counts_and_cost(capsys):

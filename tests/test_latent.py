@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pdiff.config import load_config
-from pdiff.schedule import PatchSchedule
+from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
@@ -173,7 +173,7 @@ def make(root, dtype, backend, batch=4, seed=None, xflip=False, sizes=(4, 8, 16)
     cfg = load_config(None, [f"data.path={root / dtype}", f"data.resolution={R}", f"data.channels={C}",
                              f"data.backend={backend}", "data.workers=0", f"train.batch={batch}",
                              f"train.seed={seed}", f"data.xflip={str(xflip).lower()}"])
-    sch = PatchSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
+    sch = StochasticSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
     return build_pipeline(cfg, sch, rank, world, torch.device("cpu")), sch, cfg
 
 
@@ -250,7 +250,7 @@ def test_channel_mismatch_names_the_setting(latent_set):
     root, _, _ = latent_set
     cfg = load_config(None, [f"data.path={root / 'float16'}", f"data.resolution={R}", "data.channels=3"])
     with pytest.raises(Exception, match="data.channels=4"):
-        build_pipeline(cfg, PatchSchedule(R, 4), 0, 1)
+        build_pipeline(cfg, StochasticSchedule(R, 4), 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

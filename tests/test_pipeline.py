@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pdiff.config import load_config
-from pdiff.schedule import PatchSchedule
+from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
 from pdiff.pipelines.shards import ShardError, write_shards
@@ -37,7 +37,7 @@ def make(root, enc, backend, batch=4, world=1, rank=0, seed=None, workers=0, xfl
     cfg = load_config(None, [f"data.path={root / enc}", f"data.resolution={R}", "data.channels=3",
                              f"data.backend={backend}", f"data.workers={workers}", f"train.batch={batch}",
                              f"train.seed={seed}", f"data.xflip={str(xflip).lower()}"])
-    sch = PatchSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
+    sch = StochasticSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
     return build_pipeline(cfg, sch, rank=rank, world_size=world, device=torch.device("cpu")), sch, cfg
 
 
@@ -219,7 +219,7 @@ def test_bad_setups_fail_before_building(dataset, tmp_path):
         make(root, "raw", "torch", batch=3, world=2, sizes=(16,), probs=(1.0,))
     with pytest.raises(SourceError, match="data.resolution"):
         cfg = load_config(None, [f"data.path={root / 'raw'}", "data.resolution=32"])
-        build_pipeline(cfg, PatchSchedule(32, 4), 0, 1)
+        build_pipeline(cfg, StochasticSchedule(32, 4), 0, 1)
     # a truncated shard is caught from the manifest, before DALI or a worker touches it
     import shutil
     copy = tmp_path / "copy"
@@ -228,7 +228,7 @@ def test_bad_setups_fail_before_building(dataset, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-512])
     cfg = load_config(None, [f"data.path={copy}", f"data.resolution={R}"])
     with pytest.raises(ShardError, match=tar.name):
-        build_pipeline(cfg, PatchSchedule(R, 4), 0, 1)
+        build_pipeline(cfg, StochasticSchedule(R, 4), 0, 1)
 
 
 @pytest.mark.cuda
@@ -275,7 +275,7 @@ def test_grayscale_dataset(tmp_path, backend):
     write_shards(tmp_path / "g.npz", tmp_path / "png", workers=1, progress=False)
     cfg = load_config(None, [f"data.path={tmp_path / 'png'}", "data.resolution=8", "data.channels=1",
                              f"data.backend={backend}", "data.workers=0", "train.batch=2", "train.seed=5"])
-    sch = PatchSchedule(8, 2, sizes=[4, 8], probs=[0.5, 0.5], seed=5)
+    sch = StochasticSchedule(8, 2, sizes=[4, 8], probs=[0.5, 0.5], seed=5)
     pipe = build_pipeline(cfg, sch, 0, 1)
     plan = SamplePlan(9, np.full(9, -1), sch, 5, 0, 1)
     for _ in range(4):

@@ -199,29 +199,29 @@ def cmd_calc(args) -> int:
 
 def cmd_gen(args) -> int:
     from pdiff.fid import check_resolution, load_inception, load_stats, sample_stats, seed_sets, summarize
-    from pdiff.generate import init_distributed
+    from pdiff import distributed
     from pdiff.snapshot import load_model
     from pdiff.tools.sample import progress_bar, sample_options
     ref = load_stats(args.ref)
-    dist = init_distributed(args.device)
+    info = distributed.init(args.device)
     try:
-        net = load_inception(args.inception, dist.device)
-        model, cfg, meta = load_model(args.snapshot, args.checkpoint, dist.device)
+        net = load_inception(args.inception, info.device)
+        model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
         check_resolution(ref, options.canvas or cfg.data.resolution, args.allow_resolution_mismatch)
         fids = []
         for k, seeds in enumerate(seed_sets(args.first_seed, args.num, args.sets)):
-            bar = progress_bar(len(seeds[dist.rank::dist.world]), dist.main and not args.no_progress,
+            bar = progress_bar(len(seeds[info.rank::info.world_size]), info.is_main and not args.no_progress,
                                f"set {k + 1}/{args.sets}")
             try:
-                stats = sample_stats(model, seeds[dist.rank::dist.world], args.batch, cfg.data.resolution,
-                                     cfg.data.channels, cfg.network.label_dim, options, net, dist.device, bar)
+                stats = sample_stats(model, seeds[info.rank::info.world_size], args.batch, cfg.data.resolution,
+                                     cfg.data.channels, cfg.network.label_dim, options, net, info.device, bar)
             finally:
                 bar.close()
             fids.append(stats.fid_against(ref))
-            if dist.main:
+            if info.is_main:
                 print(f"pdiff fid gen: set {k + 1} (seeds {seeds[0]}-{seeds[-1]}): FID {fids[-1]:.4f}", flush=True)
-        if dist.main:
+        if info.is_main:
             result = summarize(fids) | {"num": args.num, "sets": args.sets, "ref": args.ref,
                                         "model": args.snapshot or meta.get("source"),
                                         "images_seen": meta.get("images_seen"),
@@ -233,7 +233,7 @@ def cmd_gen(args) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     finally:
-        dist.close()
+        distributed.shutdown()
     return 0
 
 

@@ -5,45 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
+from pdiff.bench.flops import describe
 from pdiff.config import load_config
-from pdiff.model import build_model, count_parameters
-from pdiff.schedule import PatchSchedule
-
-
-def forward_flops(model, channels: int, patch_size: int, label_dim: int) -> int:
-    """FLOPs of one forward pass of F on one patch (counted on the meta device: nothing is run)."""
-    x = torch.zeros(1, channels + 2, patch_size, patch_size, device="meta")
-    noise = torch.zeros(1, device="meta")
-    labels = torch.zeros(1, label_dim, device="meta") if label_dim else None
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.net(x, noise, labels)
-    return int(counter.get_total_flops())
-
-
-def describe(cfg) -> dict:
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.eval()
-    r, c = cfg.data.resolution, cfg.data.channels
-    p = cfg.patch
-    sch = PatchSchedule(r, cfg.train.batch, p.mode, p.real_p, p.sizes or None, p.probs or None,
-                        duration_images=cfg.train.duration_images)
-    sizes = sorted(set(sch.sizes) | {r})
-    flops = {s: forward_flops(model, c, s, cfg.network.label_dim) for s in sizes}
-    return {
-        "config": cfg.name, "arch": cfg.network.arch, "resolution": r, "channels": c,
-        "parameters": count_parameters(model),
-        "forward_gflops_per_image": {s: flops[s] / 1e9 for s in sizes},
-        # Training is forward + backward, about 3x the forward FLOPs.
-        "train_gflops_per_image": {s: 3 * flops[s] / 1e9 for s in sizes},
-        "schedule": {"mode": sch.mode, "sizes": sch.sizes, "probs": sch.probs,
-                     "batch_multiplier": {s: sch.multiplier(s) for s in sch.sizes}},
-        "cost_per_image_vs_full": sch.expected_cost_ratio(flops),
-    }
 
 
 def main(argv: list[str]) -> int:

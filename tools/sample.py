@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from pdiff import distributed
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -106,16 +107,16 @@ def main(argv: list[str]) -> int:
     if not (args.outdir or args.npz or args.grid):
         p.error("nothing to write: give --outdir, --npz and/or --grid")
 
-    from pdiff.generate import init_distributed, iter_uint8, parse_seeds
+    from pdiff.generate import iter_uint8, parse_seeds
     from pdiff.snapshot import SnapshotError, load_model
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
         p.error(str(e))
-    dist = init_distributed(args.device)
+    info = distributed.init(args.device)
     try:
         try:
-            model, cfg, meta = load_model(args.snapshot, args.checkpoint, dist.device)
+            model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         except SnapshotError as e:
             print(f"pdiff sample: {e}", file=sys.stderr)
             return 2
@@ -126,17 +127,17 @@ def main(argv: list[str]) -> int:
                   f"decoding them is not part of pdiff sample: write them (float32) with --npz only",
                   file=sys.stderr)
             return 2
-        mine = seeds[dist.rank::dist.world]
+        mine = seeds[info.rank::info.world_size]
         grid_seeds = set(seeds[:args.grid_count]) if args.grid else set()
         keep_all = bool(args.npz)
         kept: dict[int, tuple[np.ndarray, int]] = {}
         outdir = Path(args.outdir) if args.outdir else None
         start = time.perf_counter()
-        bar = progress_bar(len(seeds), dist.main and not args.no_progress, "sample")
+        bar = progress_bar(len(seeds), info.is_main and not args.no_progress, "sample")
         try:
             for chunk, images, labels in iter_uint8(model, mine, args.batch, cfg.data.resolution,
                                                     cfg.data.channels, cfg.network.label_dim,
-                                                    options, dist.device, raw=latent):
+                                                    options, info.device, raw=latent):
                 nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
                 labs = labels.cpu().numpy() if labels is not None else np.full(len(chunk), -1)
                 for seed, img, lab in zip(chunk, nhwc, labs):
@@ -144,12 +145,12 @@ def main(argv: list[str]) -> int:
                         save_png(img, png_path(outdir, seed, args.subdirs))
                     if keep_all or seed in grid_seeds:
                         kept[seed] = (img, int(lab))
-                bar.update(min(len(chunk) * dist.world, bar.total - bar.n))  # ranks advance alike
+                bar.update(min(len(chunk) * info.world_size, bar.total - bar.n))  # ranks advance alike
         finally:
             bar.close()
         if args.npz or args.grid:
-            kept = gather_kept(kept, dist, Path(args.npz or args.grid))
-        if dist.main:
+            kept = gather_kept(kept, info, Path(args.npz or args.grid))
+        if info.is_main:
             order = [s for s in seeds if s in kept]
             if args.npz:
                 Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
@@ -163,33 +164,33 @@ def main(argv: list[str]) -> int:
             elapsed = time.perf_counter() - start
             where = ", ".join(x for x in (args.outdir, args.npz, args.grid) if x)
             print(f"pdiff sample: {len(seeds)} images from {meta.get('source') or args.snapshot} "
-                  f"(images_seen {meta.get('images_seen')}) in {elapsed:.1f}s on {dist.world} "
+                  f"(images_seen {meta.get('images_seen')}) in {elapsed:.1f}s on {info.world_size} "
                   f"process(es) -> {where}")
     finally:
-        dist.close()
+        distributed.shutdown()
     return 0
 
 
-def gather_kept(kept: dict, dist, near: Path) -> dict:
+def gather_kept(kept: dict, info, near: Path) -> dict:
     """Bring every rank's kept images to rank 0 through files beside the output (the output
     folder is shared by all ranks anyway), which keeps 50k images out of collective buffers."""
-    if dist.world == 1:
+    if info.world_size == 1:
         return kept
     near.parent.mkdir(parents=True, exist_ok=True)
-    part = near.parent / f".{near.name}.rank{dist.rank}.npz"
+    part = near.parent / f".{near.name}.rank{info.rank}.npz"
     seeds = np.asarray(list(kept), np.int64)
     imgs = np.stack([kept[s][0] for s in seeds]) if len(seeds) else np.zeros((0, 1, 1, 1), np.uint8)
     np.savez(part, seeds=seeds, images=imgs, labels=np.asarray([kept[s][1] for s in seeds], np.int64))
-    dist.barrier()
+    distributed.barrier()
     merged = {}
-    if dist.main:
-        for r in range(dist.world):
+    if info.is_main:
+        for r in range(info.world_size):
             f = near.parent / f".{near.name}.rank{r}.npz"
             with np.load(f) as z:
                 for s, img, lab in zip(z["seeds"], z["images"], z["labels"]):
                     merged[int(s)] = (img, int(lab))
             f.unlink()
-    dist.barrier()
+    distributed.barrier()
     return merged
 
 

@@ -1,0 +1,28 @@
+"""The measuring library behind `pdiff bench` (pdiff/tools/bench.py) and benchmarks/*.py.
+
+    machine.py   what the figures were measured on (CPU, GPU, versions), the device, JSON output
+    timing.py    timing and the arithmetic: per-size step costs, the schedule's cost per image,
+                 figures of a training run from its log rows (pure functions: tested with a fake clock)
+    runs.py      the runs: the data pipeline, the training step (pdiff.step.build_step, as the trainer
+                 builds it), the real training loop (full images against the patch schedule), the sampler
+    flops.py     the FLOP model: parameters, FLOPs per patch size, the schedule's cost per image
+    report.py    the printed tables
+
+Warm-up (pipeline start, compilation) is excluded and figures are medians over repeats.
+"""
+from __future__ import annotations
+
+from .machine import device_sync, machine, machine_name, resolve_device, save_json
+from .report import print_data, print_sample, print_step, print_train
+from .runs import (FULL_OVERRIDES, NEVER, PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, bench_data, bench_sample,
+                   bench_step, bench_train, compare_train, default_interval_images, measuring_overrides,
+                   prewarm_kernels, run_training, synthetic_shards, variant)
+from .timing import (BenchError, compare_figures, expected_mix, per_size_figures, schedule_figures,
+                     summarize_log, time_sizes, timed)
+
+__all__ = ["FULL_OVERRIDES", "NEVER", "PAPER_SCHEDULE_OVERRIDES", "BenchError", "BenchInterrupted", "bench_data",
+           "bench_sample", "bench_step", "bench_train", "compare_figures", "compare_train",
+           "default_interval_images", "device_sync", "expected_mix", "machine", "machine_name",
+           "measuring_overrides", "per_size_figures", "prewarm_kernels", "print_data", "print_sample",
+           "print_step", "print_train", "resolve_device", "run_training", "save_json", "schedule_figures",
+           "summarize_log", "synthetic_shards", "time_sizes", "timed", "variant"]

@@ -1,0 +1,50 @@
+"""The tables the benchmark commands print."""
+from __future__ import annotations
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def print_data(res: dict) -> None:
+    print(f"pipeline ({res['backend']}, {res['workers']} workers), batch {res['batch']} full images")
+    print(f"{'plan':>9} {'patches/step':>12} {'patches/s':>11} {'images/s':>10} {'ms/step':>9}")
+    for label, v in res["results"].items():
+        pps = "-" if v["patches_per_step"] is None else v["patches_per_step"]
+        print(f"{label:>9} {pps!s:>12} {v['patches_per_s']:>11.0f} {v['images_per_s']:>10.0f} {v['ms_per_step']:>9.2f}")
+
+
+def print_step(res: dict) -> None:
+    print(f"{res['config']} ({res['parameters']:,} params), {res['precision']}, compile={res['compile']}, "
+          f"kernels {res['kernels']}, batch {res['batch_full_images']} full images")
+    print(f"{'patch':>6} {'patches':>8} {'ms/step':>10} {'images/s':>10} {'ms/image':>9}")
+    for s, v in res["per_patch_size"].items():
+        print(f"{s:>6} {v['patches']:>8} {v['ms_per_step']:>10.2f} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f}")
+    sc = res["schedule"]
+    print(f"{'sched':>6} {'':>8} {sc['ms_per_step']:>10.2f} {sc['images_per_s']:>10.1f} {sc['ms_per_image']:>9.3f}")
+    print(f"schedule ({sc['mode']}) cost per image vs full images: measured {sc['cost_per_image_vs_full']:.3f} "
+          f"(speed-up {sc['speedup_per_image_vs_full']:.2f}x), FLOP model {res['flop_model']['cost_per_image_vs_full']:.3f}")
+
+
+def print_train(res: dict) -> None:
+    runs = {k: v for k, v in res.items() if k in ("full", "patch", "run")}
+    print(f"{'run':>6} {'images/s':>10} {'ms/image':>9} {'ms/step':>9} {'data wait':>10} {'peak GB':>8} {'intervals':>9}")
+    for name, v in runs.items():
+        peak = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
+        print(f"{name:>6} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f} {v['ms_per_step']:>9.2f} "
+              f"{_pct(v['data_wait_share']):>10} {peak:>8} {v['intervals']:>9}")
+    if "comparison" in res:
+        c = res["comparison"]
+        print(f"patch schedule vs full-image EDM, measured end to end: cost per image {c['cost_per_image_vs_full']:.3f} "
+              f"of full images (speed-up {c['speedup_per_image_vs_full']:.2f}x)")
+        if c.get("cost_per_image_vs_full_expected_mix"):
+            steps = res["patch"]["steps_by_patch_size"]
+            print(f"  with the schedule's probabilities in place of the sizes drawn ({steps}): "
+                  f"{c['cost_per_image_vs_full_expected_mix']:.3f} of full images")
+
+
+def print_sample(res: dict) -> None:
+    print(f"{res['config']} ({res['parameters']:,} params), {res['canvas']}x{res['canvas']}, {res['steps']} steps "
+          f"({res['network_evaluations']} network evaluations), batch {res['batch']}: "
+          f"{res['images_per_s']:.2f} images/s ({res['seconds_per_batch']:.2f} s per batch)")
+

@@ -1,0 +1,293 @@
+"""The benchmark runs: the data pipeline, the training step per patch size, the real training loop
+(full images against the patch schedule) and the sampler, each on the config's own settings."""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdiff.schedule import PatchSchedule, StochasticSchedule
+
+from .machine import device_sync
+from .timing import BenchError, compare_figures, schedule_figures, summarize_log, time_sizes, timed
+
+# Overrides that turn a config into its full-image EDM twin (p = 1) and into the paper's default
+# patch schedule (p = 0.5 over {R/4, R/2, R}).
+FULL_OVERRIDES = ["patch.mode=full"]
+PAPER_SCHEDULE_OVERRIDES = ["patch.mode=stochastic", "patch.real_p=0.5", "patch.sizes=[]", "patch.probs=[]"]
+NEVER = 10 ** 15      # an image interval that a benchmark run never reaches
+
+
+class BenchInterrupted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived during a training run: stop the remaining runs."""
+
+
+def variant(cfg, overrides: list[str]):
+    """A copy of ``cfg`` with dotted overrides applied (checked like the command line's)."""
+    from pdiff.config import apply_overrides, from_dict, to_dict, validate
+    out = from_dict(apply_overrides(to_dict(cfg), list(overrides)), "<bench>")
+    validate(out, "<bench>")
+    return out
+
+
+def synthetic_shards(out_dir: str | Path, count: int, resolution: int, channels: int = 3,
+                     encoding: str = "png", seed: int = 0, min_shards: int = 4, workers: int = 1) -> Path:
+    """``count`` random images (smooth colour fields plus noise, so PNG/JPEG sizes are natural)
+    written as pdiff shards in ``out_dir``."""
+    import numpy as np
+    from PIL import Image
+    from pdiff.pipelines.shards import write_shards
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, resolution, resolution, channels), np.uint8)
+    for i in range(count):
+        low = rng.integers(0, 256, (6, 6, channels), dtype=np.uint8)
+        im = Image.fromarray(low[..., 0] if channels == 1 else low).resize((resolution, resolution), Image.BICUBIC)
+        smooth = np.asarray(im, np.int16).reshape(resolution, resolution, channels)
+        images[i] = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    np.savez(out_dir / "images.npz", images=images[..., 0] if channels == 1 else images)
+    write_shards(out_dir / "images.npz", out_dir / "shards", encoding=encoding, progress=False,
+                 min_shards=min_shards, workers=workers, quality=90)
+    return out_dir / "shards"
+
+
+# ------------------------------------------------------------------------------------------
+# bench data: the patch pipeline over the config's shards
+
+def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, warmup_steps: int = 3,
+               clock=time.perf_counter) -> dict:
+    """Patches/s and images/s of the pipeline (pipelines.build_pipeline on cfg.data.path) for each
+    patch size alone and for the config's schedule: ``warmup_steps`` steps first, then ``repeats``
+    runs of ``steps`` steps each; medians. Every patch is cut from its own image (decoded whole)
+    and counts as one image seen, so images/s (images seen, as the trainer counts them) equals
+    patches/s on one process; both are reported under their own names."""
+    from pdiff.pipelines import build_pipeline
+    sched = PatchSchedule.from_config(cfg)
+    r, batch = cfg.data.resolution, cfg.train.batch
+    sync = device_sync(device)
+    plans = [(f"s={s}", s, StochasticSchedule(r, batch, sizes=[s], probs=[1.0], seed=cfg.train.seed))
+             for s in sorted(set(sched.sizes) | {r})]
+    plans.append(("schedule", None, sched))
+    results, backend = {}, None
+    for label, size, schedule in plans:
+        pipe = build_pipeline(cfg, schedule, 0, 1, device)
+        backend = pipe.backend
+        runs = []
+        try:
+            for _ in range(warmup_steps):
+                next(pipe)
+            if sync:
+                sync()
+            for _ in range(repeats):
+                t0, n, counted = clock(), 0, 0
+                for _ in range(steps):
+                    b = next(pipe)
+                    n += b.patches.shape[0]
+                    counted += schedule.batch_for(b.patch_size)
+                if sync:
+                    sync()
+                dt = clock() - t0
+                runs.append((n / dt, counted / dt, steps / dt, 1e3 * dt / steps))
+        finally:
+            pipe.close()
+        med = [statistics.median(x) for x in zip(*runs)]
+        results[label] = {"patch_size": size, "patches_per_step": None if size is None else schedule.batch_for(size),
+                          "patches_per_s": med[0], "images_per_s": med[1], "steps_per_s": med[2],
+                          "ms_per_step": med[3], "steps": steps, "repeats": repeats}
+    return {"backend": backend, "workers": cfg.data.workers, "batch": batch, "resolution": r,
+            "schedule": sched.summary(), "results": results}
+
+
+# ------------------------------------------------------------------------------------------
+# bench step: forward + backward + Adam per patch size on synthetic patches
+
+def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str | None = None,
+               kernels: str = "auto", repeats: int = 3, warmup: int | None = None, clock=time.perf_counter) -> dict:
+    """Training-step cost at each patch size of the config's schedule (and R) with its batch
+    multiplier (B full images -> B R/s patches), PatchLoss forward + backward + Adam, and the
+    schedule's cost per image against full images, measured and from the FLOP model."""
+    from pdiff.coords import random_offsets
+    from pdiff.loss import sample_sigma
+    from pdiff.model import count_parameters
+    from pdiff.step import build_step
+    from .flops import describe
+    overrides = [f"train.compile={str(compile_).lower()}", f"train.kernels={kernels}"]
+    if precision:
+        overrides.append(f"train.precision={precision}")
+    step = build_step(variant(cfg, overrides), device)     # as the trainer builds it
+    model, opt, sched, backend = step.model, step.optimizer, step.schedule, step.loss.backend
+    r, c, label_dim = cfg.data.resolution, cfg.data.channels, cfg.network.label_dim
+
+    def make_step(s: int):
+        n = sched.batch_for(s)
+        y = torch.rand(n, c, s, s, device=device) * 2 - 1
+        off = random_offsets(n, s, r, device=device)
+        sigma = sample_sigma(n, device=device)
+        noise = torch.randn_like(y) if backend == "torch" else None
+        labels = None
+        if label_dim:
+            labels = torch.nn.functional.one_hot(torch.randint(0, label_dim, (n,), device=device), label_dim).float()
+
+        def train_step():
+            step.loss(y, off, sigma, noise, labels, 1, 2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return train_step, n
+
+    per_size = time_sizes(make_step, set(sched.sizes) | {r}, repeats, warmup if warmup is not None else
+                          (2 if compile_ else 1), device_sync(device), clock)
+    figures = schedule_figures(sched, per_size)
+    flops = describe(cfg)
+    return {"config": cfg.name, "arch": cfg.network.arch, "resolution": r, "channels": c,
+            "parameters": count_parameters(model), "batch_full_images": cfg.train.batch, "compile": compile_,
+            "precision": step.precision, "kernels": backend, "device": str(device),
+            "per_patch_size": per_size, "schedule": figures,
+            "flop_model": {"cost_per_image_vs_full": flops["cost_per_image_vs_full"],
+                           "train_gflops_per_image": flops["train_gflops_per_image"]},
+            # the names bench_step.py has always written
+            "schedule_cost_per_image_vs_full": {"measured": figures["cost_per_image_vs_full"],
+                                                "flop_model": flops["cost_per_image_vs_full"]},
+            "speedup_per_image_vs_full": figures["speedup_per_image_vs_full"]}
+
+
+# ------------------------------------------------------------------------------------------
+# bench train: the real training loop (pdiff.train.train) with the real pipeline
+
+def measuring_overrides(run_dir: str | Path, interval_images: int, intervals: int, warmup_intervals: int = 1,
+                        wall_budget_s: float = 0.0) -> list[str]:
+    """Overrides that make a training run a measurement: a fresh run folder, a log row every
+    ``interval_images``, warm-up plus measured intervals, and no checkpoints, snapshots or sample
+    grids on the way (the run's end still writes one of each, after its last log row)."""
+    return [f"train.run_dir={run_dir}", f"train.duration_images={(intervals + warmup_intervals) * interval_images}",
+            f"train.log_every_images={interval_images}", f"train.ckpt_every_images={NEVER}",
+            f"train.snapshot_every_images={NEVER}", f"train.sample_every_images={NEVER}",
+            "train.keep_checkpoints=1", f"train.wall_budget_s={wall_budget_s}", "sample.steps=2"]
+
+
+def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
+    """Eager runs on CUDA: one forward + backward of the training step at every patch size and batch
+    of the schedule (on a throwaway copy of the network), so that Triton's JIT and the cuBLAS/cuDNN
+    set-up for each shape happen before the run instead of inside a measured interval. (Compiled
+    runs get this from the trainer's own warm-up.) Returns the seconds it took."""
+    if not force and (device.type != "cuda" or cfg.train.compile):
+        return 0.0
+    from pdiff.step import build_step
+    t = time.perf_counter()
+    step = build_step(variant(cfg, ["train.compile=false"]), device)
+    step.warm_up()
+    del step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t
+
+
+def run_training(cfg, device: torch.device) -> list[dict]:
+    """One run of pdiff.train.train in this process; its log rows. A SIGTERM/SIGUSR1 during the run
+    stops the run cleanly (the trainer's handler) and then raises BenchInterrupted here."""
+    from pdiff.distributed import StopSignal
+    from pdiff.train import train
+    try:
+        prewarm_kernels(cfg, device)
+    except Exception as e:            # only a warm-up: the run itself says what is wrong, if anything
+        print(f"pdiff bench: kernel warm-up skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stop = StopSignal()                # the trainer installs it for the run and restores the old handlers
+    try:
+        rc = train(cfg, "cpu" if device.type == "cpu" else "auto", stop=stop)
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rc != 0:
+        raise BenchError(f"pdiff train returned {rc} for {cfg.train.run_dir}")
+    log = Path(cfg.train.run_dir) / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if stop.requested:
+        raise BenchInterrupted(f"stop signal during the run in {cfg.train.run_dir}")
+    return rows
+
+
+def default_interval_images(cfg, steps: int = 3) -> int:
+    """Images per log interval: ``steps`` steps of the schedule's smallest patch size (its steps
+    carry the most images), so that every interval holds several steps whatever sizes are drawn:
+    4 * steps full-image steps for {R/4, R/2, R}."""
+    sched = PatchSchedule.from_config(cfg)
+    return cfg.train.batch * max(sched.multiplier(s) for s in sched.sizes) * steps
+
+
+def bench_train(cfg, device: torch.device, work_dir: str | Path, intervals: int = 10, interval_images: int | None = None,
+                wall_budget_s: float = 0.0, label: str = "run", runner=run_training) -> dict:
+    """End-to-end figures of ``cfg`` (its schedule) with the real pipeline: images/s, ms per image
+    and per step, data-wait share, peak memory, recompiles, from the log intervals after the first."""
+    if not cfg.data.path:
+        raise BenchError("data.path is empty: point it at shards from `pdiff shard`, or pass --synthetic N")
+    interval_images = interval_images or default_interval_images(cfg)
+    run_cfg = variant(cfg, measuring_overrides(Path(work_dir) / label, interval_images, intervals,
+                                               wall_budget_s=wall_budget_s))
+    t = time.perf_counter()
+    rows = runner(run_cfg, device)
+    sched = PatchSchedule.from_config(run_cfg)
+    out = summarize_log(rows, sched)
+    out.update(wall_seconds=time.perf_counter() - t, interval_images=interval_images, compile=run_cfg.train.compile,
+               schedule=sched.summary())
+    return out
+
+
+def compare_train(cfg, device: torch.device, work_dir: str | Path, intervals: int = 10,
+                  interval_images: int | None = None, wall_budget_s: float = 0.0,
+                  patch_overrides: list[str] = (), runner=run_training, on_result=None) -> dict:
+    """Full-image EDM (p = 1) and the patch schedule (``cfg`` with ``patch_overrides``) on the same
+    network, global batch and data, one after the other in this process, and the cost ratio per
+    image from the two measured runs. ``on_result(name, figures)`` is called after each run."""
+    interval_images = interval_images or default_interval_images(variant(cfg, list(patch_overrides)))
+    runs = {}
+    for name, extra in (("full", FULL_OVERRIDES), ("patch", list(patch_overrides))):
+        runs[name] = bench_train(variant(cfg, extra), device, work_dir, intervals, interval_images,
+                                 wall_budget_s, label=name, runner=runner)
+        if on_result:
+            on_result(name, runs[name])
+    return {"full": runs["full"], "patch": runs["patch"], "comparison": compare_figures(runs["full"], runs["patch"])}
+
+
+# ------------------------------------------------------------------------------------------
+# bench sample
+
+@torch.no_grad()
+def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, clock=time.perf_counter) -> dict:
+    """Images/s of the sampler (pdiff.sampler.sample_images, Heun at cfg.sample.steps, fp32) on the
+    config's network with random weights (throughput does not depend on them); one warm-up batch
+    of 2 steps first."""
+    from pdiff.model import build_model, count_parameters, one_hot_labels
+    from pdiff.sampler import SeedNoise, sample_images
+    r, c, s = cfg.data.resolution, cfg.data.channels, cfg.sample
+    canvas = s.canvas or r
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device).eval().requires_grad_(False)
+    seeds = list(range(batch))
+    rng = SeedNoise(seeds, device)
+    noise = rng.randn((batch, c, canvas, canvas))
+    labels = None
+    if cfg.network.label_dim:
+        labels = one_hot_labels(torch.tensor(seeds, device=device) % cfg.network.label_dim, cfg.network.label_dim)
+
+    def run(steps):
+        return lambda: sample_images(model, noise, r, labels, steps, s.sigma_min, s.sigma_max, s.rho, s.guidance,
+                                     s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like)
+    run(2)()
+    times = timed(run(s.steps), repeats, warmup=0, sync=device_sync(device), clock=clock)
+    t = statistics.median(times)
+    evals = (2 * s.steps - 1) * (2 if (labels is not None and s.guidance != 1) else 1)
+    return {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
+            "steps": s.steps, "network_evaluations": evals, "batch": batch, "repeats": repeats,
+            "seconds_per_batch": t, "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,
+            "precision": "fp32", "device": str(device)}
+

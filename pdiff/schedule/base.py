@@ -1,0 +1,123 @@
+"""What every patch schedule shares: its sizes and probabilities, the batch multiplier, the walk over
+steps, and the cost and EMA figures that follow from which sizes its steps use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def default_patch_sizes(resolution: int, real_p: float) -> tuple[list[int], list[float]]:
+    """{R/4, R/2, R} with probabilities (2/5 (1-p), 3/5 (1-p), p), the paper's pixel-space default."""
+    return ([resolution // 4, resolution // 2, resolution],
+            [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p])
+
+
+@dataclass(frozen=True)
+class Step:
+    patch_size: int
+    batch: int          # patches in this step (global, all ranks together)
+    images_seen: int    # images seen before this step
+
+
+class PatchSchedule:
+    """Patch sizes with probabilities, and a rule for the size of the step that starts after
+    ``images_seen`` images (``size_at``), which subclasses give. Every step of size s carries
+    batch * R/s patches and counts that many images.
+
+    A subclass sets ``mode`` (the patch.mode that selects it), implements ``size_at`` as a pure
+    function of (seed, images seen) so that every rank and a resumed run draw the same sizes, and may
+    override ``sizes_and_probs`` (its sizes when patch.sizes is empty) and ``step_shares`` (when its
+    probabilities are not the share of steps of each size)."""
+
+    mode = ""
+
+    def __init__(self, resolution: int, batch: int, real_p: float = 0.5, sizes: Sequence[int] = (),
+                 probs: Sequence[float] = (), seed: int = 0, duration_images: int | None = None):
+        sizes, probs = self.sizes_and_probs(resolution, real_p, list(sizes), list(probs))
+        if len(sizes) != len(probs):
+            raise ValueError(f"patch.sizes {list(sizes)} and patch.probs {list(probs)} differ in length")
+        for s in sizes:
+            if s <= 0 or s > resolution or resolution % s:
+                raise ValueError(f"patch size {s} must divide the resolution {resolution}")
+        if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+            raise ValueError(f"patch.probs {list(probs)} must be non-negative and sum to 1")
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+        # Sizes with probability 0 are never drawn; keep them out so nothing (compile warm-up,
+        # the data pipeline) prepares for them.
+        self.sizes = [int(sizes[i]) for i in order if probs[i] > 0]
+        self.probs = [float(probs[i]) for i in order if probs[i] > 0]
+        self.resolution, self.batch = resolution, batch
+        self.seed, self.duration_images = seed, duration_images
+        self._cum = np.cumsum(self.probs)
+
+    @staticmethod
+    def from_config(cfg) -> "PatchSchedule":
+        """The schedule cfg.patch.mode names (``pdiff.schedule.SCHEDULES``), for the run cfg describes."""
+        from pdiff.schedule import SCHEDULES
+        p = cfg.patch
+        return SCHEDULES[p.mode](cfg.data.resolution, cfg.train.batch, p.real_p, p.sizes, p.probs,
+                                 cfg.train.seed, cfg.train.duration_images)
+
+    def sizes_and_probs(self, resolution: int, real_p: float, sizes: list[int], probs: list[float]
+                        ) -> tuple[list[int], list[float]]:
+        """The sizes and probabilities to use: patch.sizes / patch.probs as given, or the paper's
+        default when both are empty."""
+        if not sizes:
+            if probs:
+                raise ValueError("patch.probs given without patch.sizes")
+            return default_patch_sizes(resolution, real_p)
+        if not probs:
+            raise ValueError("patch.sizes given without patch.probs")
+        return sizes, probs
+
+    def size_at(self, images_seen: int) -> int:
+        """The patch size of the step that starts after ``images_seen`` images."""
+        raise NotImplementedError
+
+    def size_for(self, u: float) -> int:
+        """The size whose interval of the cumulative probabilities holds u in [0, 1)."""
+        i = int(np.searchsorted(self._cum, u, side="right"))
+        return self.sizes[min(i, len(self.sizes) - 1)]
+
+    def multiplier(self, patch_size: int) -> int:
+        return self.resolution // patch_size
+
+    def batch_for(self, patch_size: int) -> int:
+        return self.batch * self.multiplier(patch_size)
+
+    def step_at(self, images_seen: int) -> Step:
+        s = self.size_at(images_seen)
+        return Step(s, self.batch_for(s), images_seen)
+
+    def steps(self, images_seen: int = 0, until: int | None = None) -> Iterator[Step]:
+        """The steps from ``images_seen`` on (until ``until`` images, if given)."""
+        while until is None or images_seen < until:
+            step = self.step_at(images_seen)
+            yield step
+            images_seen += step.batch
+
+    # -- what follows from the mix of sizes: the cost model and the EMA's count
+
+    def step_shares(self) -> list[float]:
+        """The expected share of steps of each size (in ``sizes`` order): ``probs``, when they are
+        the probabilities of a step's size."""
+        return list(self.probs)
+
+    def expected_cost_ratio(self, cost_per_patch: dict[int, float]) -> float:
+        """Expected compute per image seen, relative to full images, given the cost of one patch of
+        each size: a step of size s, with share q(s) of the steps, costs B (R/s) cost(s) and counts
+        B (R/s) images, so the ratio is sum q m cost / sum q m over cost(R), m = R/s."""
+        full = cost_per_patch[self.resolution]
+        q, m = self.step_shares(), [self.multiplier(s) for s in self.sizes]
+        num = sum(p * k * cost_per_patch[s] for s, p, k in zip(self.sizes, q, m))
+        return float(num / sum(p * k for p, k in zip(q, m)) / full)
+
+    def ema_images_per_step(self) -> float:
+        """The images one step counts for the EMA: the paper's rule, batch * the average batch
+        multiplier under ``probs``, the same for every step."""
+        return self.batch * sum(p * self.multiplier(s) for s, p in zip(self.sizes, self.probs))
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "sizes": list(self.sizes), "probs": list(self.probs)}
