@@ -2,7 +2,8 @@
 training path picks it up by the name the config gives (docs/ARCHITECTURE.md says where each is
 registered). Each test defines its component here, as the newcomer's file would, registers it in
 the one place, and runs it through load_config, a short CPU training run on digits and sampling (a
-data source: through load_config and both pipeline backends).
+data source: through load_config and both pipeline backends; a patch schedule: through
+load_config, the pipeline and a short training run).
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pdiff.config import load_config
+from pdiff.config import ConfigError, load_config
 from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available, register_source
 from pdiff.pipelines.order import SamplePlan
-from pdiff.schedule import StochasticSchedule
+from pdiff.schedule import SCHEDULES, PatchSchedule, StochasticSchedule, register_schedule
 from test_train import digits_shards, final_state, log_rows, write_config  # noqa: F401  (digits_shards: a fixture)
 
 
@@ -175,3 +176,66 @@ def test_add_a_data_source(tmp_path, forget_toy_source, backend, encoding):
             assert torch.equal(batch.patches[j], want)
     assert pipe.state_dict()["dataset"] == pipe.source.fingerprint()
     pipe.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A patch schedule: what a newcomer's pdiff/schedule/alternating.py would hold.
+
+TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
+        "network.attn_resolutions=[8]", "data.resolution=16", "train.batch=4", "data.backend=torch",
+        "data.workers=0", "sample.steps=2", "train.compile=false"]
+
+
+class AlternatingSchedule(PatchSchedule):
+    """Half-size patches and full images in turn: a step of R/2 (2 * batch patches), then one of R
+    (batch images), and again. A pure function of images seen: they repeat every 3 * batch."""
+    mode = "alternate"
+
+    def sizes_and_probs(self, resolution, real_p, sizes, probs):
+        return [resolution // 2, resolution], [0.5, 0.5]      # half the steps each
+
+    def size_at(self, images_seen: int) -> int:
+        half = self.resolution // 2
+        return half if images_seen % (3 * self.batch) < self.batch_for(half) else self.resolution
+
+
+@pytest.fixture
+def forget_toy_schedule():
+    yield
+    SCHEDULES.pop(AlternatingSchedule.mode, None)
+
+
+def test_add_a_patch_schedule(random_shards, tmp_path, one_thread, forget_toy_schedule):
+    with pytest.raises(ConfigError, match="patch.mode.*pdiff/schedule/__init__.py"):
+        load_config("tiny", TINY + ["patch.mode=alternate"])          # not registered yet
+    # The registration line: in the package, AlternatingSchedule in the tuple SCHEDULES is built
+    # from (pdiff/schedule/__init__.py); from outside the package, register_schedule.
+    register_schedule(AlternatingSchedule)
+    with pytest.raises(ValueError, match="'alternate' is already registered"):
+        register_schedule(AlternatingSchedule)
+    cfg = load_config("tiny", TINY + [f"data.path={random_shards}", "patch.mode=alternate",
+                                      f"train.run_dir={tmp_path / 'run'}", "train.duration_images=48",
+                                      "train.log_every_images=12", "train.ckpt_every_images=48"])
+    schedule = PatchSchedule.from_config(cfg)
+    assert isinstance(schedule, AlternatingSchedule) and schedule.sizes == [8, 16]
+    # The EMA counts a step as the average step: (2 * 4 + 4) / 2 images.
+    assert schedule.ema_images_per_step() == 6.0
+
+    # The data pipeline follows it: sizes in turn, each step's patch count and images seen.
+    pipe = build_pipeline(cfg, schedule, 0, 1)
+    try:
+        got = [next(pipe) for _ in range(4)]
+    finally:
+        pipe.close()
+    assert [b.patch_size for b in got] == [8, 16, 8, 16]
+    assert [b.images_seen for b in got] == [0, 8, 12, 20]
+    assert [tuple(b.patches.shape) for b in got] == [(8, 3, 8, 8), (4, 3, 16, 16)] * 2
+
+    # The trainer runs it end to end: both sizes trained, every image counted, a checkpoint at the end.
+    from pdiff.train import train
+    assert train(cfg, "cpu") == 0
+    rows = log_rows(tmp_path / "run")
+    assert [r["images_seen"] for r in rows] == [12, 24, 36, 48]
+    assert all(np.isfinite(r["loss_patch/8"]) and np.isfinite(r["loss_patch/16"]) for r in rows)
+    state = final_state(tmp_path / "run")
+    assert state["images_seen"] == 48 and state["config"]["patch"]["mode"] == "alternate"

@@ -7,8 +7,10 @@ draws the same size for the same step and a resumed run draws the same sizes aga
     schedule = PatchSchedule.from_config(cfg)      # the class SCHEDULES[cfg.patch.mode]
     schedule.size_at(images_seen), schedule.batch_for(size), schedule.expected_cost_ratio(costs)
 
-A new schedule is one module in this folder with a PatchSchedule subclass (see base.py) and one
-entry in SCHEDULES below; patch.mode then selects it by its ``mode``.
+Adding a schedule: write pdiff/schedule/<file>.py with a PatchSchedule subclass (see base.py) whose
+``mode`` is its name, and add it to the tuple SCHEDULES is built from below; ``patch.mode=<mode>`` then
+selects it (pdiff/config.py checks names against SCHEDULES). Code outside the package registers with
+``register_schedule``.
 """
 from __future__ import annotations
 
@@ -21,5 +23,16 @@ from .stochastic import StochasticSchedule
 SCHEDULES: dict[str, type[PatchSchedule]] = {
     s.mode: s for s in (StochasticSchedule, ProgressiveSchedule, FullImageSchedule)}
 
+
+def register_schedule(schedule: type[PatchSchedule]) -> None:
+    """Add a schedule from outside this package (a plugin, a test) to SCHEDULES under its ``mode``."""
+    if not schedule.mode:
+        raise ValueError(f"{schedule.__name__} has no mode: set the name patch.mode selects it by")
+    if schedule.mode in SCHEDULES:
+        raise ValueError(f"patch schedule {schedule.mode!r} is already registered (to "
+                         f"{SCHEDULES[schedule.mode].__module__}); pick another mode")
+    SCHEDULES[schedule.mode] = schedule
+
+
 __all__ = ["SCHEDULES", "FullImageSchedule", "PatchSchedule", "ProgressiveSchedule", "Step",
-           "StochasticSchedule", "default_patch_sizes"]
+           "StochasticSchedule", "default_patch_sizes", "register_schedule"]
