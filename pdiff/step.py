@@ -49,11 +49,11 @@ class PatchLoss(nn.Module):
         compiled wrapper's parameters are not registered twice."""
         self.__dict__["net_fn"] = fn
 
-    def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, step: int):
+    def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, images_seen: int):
         """Per-sample loss (B,). ``noise`` is given on the torch path; on the Triton path it is
-        None and both kernels regenerate the same Philox noise from (seed, step)."""
+        None and both kernels regenerate the same Philox noise from (seed, images_seen)."""
         sd = self.model.sigma_data
-        kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=step)
+        kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=images_seen)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
                                  out_dtype=self.net_dtype, channels_last=self.channels_last,
                                  backend=self.backend, **kw)
