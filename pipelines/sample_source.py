@@ -30,6 +30,18 @@ class SourceError(RuntimeError):
     """A dataset that cannot be read, or does not match what the config says about it."""
 
 
+class CorruptSample(SourceError):
+    """One sample whose stored bytes fail their checksum, or cannot be read or decoded; the message
+    names where it lives. The pipelines apply ``data.on_corrupt`` to it (pipelines/corrupt.py)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):
+        return type(self), (self.index, str(self))
+
+
 def decode_sample(data: bytes | memoryview, encoding: str, resolution: int, channels: int,
                   dtype: np.dtype | str | None = None) -> np.ndarray:
     """Bytes of one stored image -> (R, R, C) uint8; of one latent -> (R, R, C) in its ``dtype``."""
@@ -69,6 +81,7 @@ class SampleSource:
     encoding: str                    # one of ENCODINGS: what read(i) returns
     dtype: np.dtype = np.dtype(np.uint8)    # of a decoded sample: uint8, or the latents' float16/float32
     num_classes: int = 0             # 0 when the dataset has no labels
+    checksummed: bool = False        # read() checks a per-sample checksum (damage is caught before decoding)
 
     @property
     def labels(self) -> np.ndarray:
@@ -80,7 +93,8 @@ class SampleSource:
         raise NotImplementedError
 
     def read(self, i: int) -> bytes:
-        """The stored bytes of sample ``i``, in ``encoding``."""
+        """The stored bytes of sample ``i``, in ``encoding``. A source that keeps checksums checks them
+        here and raises `CorruptSample` for a damaged sample, so no decoder ever sees its bytes."""
         raise NotImplementedError
 
     def describe(self, i: int) -> str:
@@ -93,7 +107,7 @@ class SampleSource:
         try:
             return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype)
         except Exception as e:
-            raise SourceError(f"{self.describe(i)} cannot be decoded: {e}") from None
+            raise CorruptSample(i, f"{self.describe(i)} cannot be decoded: {e}") from None
 
     def read_into(self, i: int, out: np.ndarray) -> None:
         """Uniform encodings: sample ``i`` into ``out`` (R x R x C of ``dtype``, contiguous)."""

@@ -16,6 +16,8 @@ from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
+from pdiff.pipelines.shards.format import FORMAT_VERSION
+from pdiff.pipelines.shards.write import write_order
 from pdiff.tools.shard import main as shard_main
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
@@ -56,6 +58,7 @@ def test_roundtrip_exact_in_the_stored_dtype(tmp_path, rng, dtype, layout):
     assert on_disk["dtype"] == dtype and on_disk["scale"] == scale
     got, got_labels = stored(tmp_path / "out")
     assert got.dtype == np.dtype(dtype)
+    lat, labels = lat[write_order(11, 0)], labels[write_order(11, 0)]     # written in a seeded random order
     np.testing.assert_array_equal(got, lat.astype(dtype))          # bit-exact within the stored dtype
     np.testing.assert_array_equal(got_labels, labels)
     if dtype == "float32":
@@ -76,7 +79,7 @@ def test_cli_npy_with_labels_file_and_more_channels(tmp_path, rng, capsys):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["dtype"] == "float16" and m["channels"] == 6 and m["scale"] == 0.18215 and m["input_layout"] == "nchw"
     got, _ = stored(tmp_path / "out")
-    np.testing.assert_array_equal(got, lat)
+    np.testing.assert_array_equal(got, lat[write_order(6, 0)])
     assert shard_main(["verify", str(tmp_path / "out")]) == 0
     assert shard_main(["info", str(tmp_path / "out")]) == 0
     assert "scale 0.18215" in capsys.readouterr().out
@@ -95,7 +98,8 @@ def test_non_finite_sample_is_reported_with_its_index(tmp_path, rng, bad_value):
     assert m["count"] == 8 and m["skipped"]["count"] == 1 and m["skipped"]["by_reason"] == {"non-finite": 1}
     assert m["skipped"]["items"][0]["path"].endswith(f"lat.npy[{k}]")
     got, _ = stored(tmp_path / "skip")
-    np.testing.assert_array_equal(got, np.delete(lat, k, axis=0).astype(np.float16))
+    kept = [p for p in write_order(9, 0) if p != k]
+    np.testing.assert_array_equal(got, lat[kept].astype(np.float16))
 
 
 def test_float16_overflow_is_non_finite(tmp_path, rng):
@@ -164,7 +168,8 @@ def latent_set(tmp_path_factory):
     np.savez(root / "l.npz", images=lat, labels=labels)
     for dt in ("float16", "float32"):
         write_shards(root / "l.npz", root / dt, encoding="latent", dtype=dt, max_count=8, workers=1, progress=False)
-    return root, lat, labels
+    order = write_order(29, 0)                  # sample k of the shards is input order[k]
+    return root, lat[order], labels[order]
 
 
 def make(root, dtype, backend, batch=4, seed=None, xflip=False, sizes=(4, 8, 16), probs=(0.4, 0.3, 0.3), world=1,
@@ -282,10 +287,10 @@ def test_rerun_keeps_latent_shards_and_other_options_are_refused(tmp_path, rng):
     np.save(tmp_path / "lat.npy", rand_latents(rng, 7))
     kw = dict(encoding="latent", workers=1, progress=False)
     m = write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw)
-    assert m["version"] == 2
+    assert m["version"] == FORMAT_VERSION
     assert write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw)["created"] == m["created"]   # already complete
     for other in (dict(dtype="float32"), dict(latent_scale=0.5)):
         with pytest.raises(ShardInputError, match="other options"):
             write_shards(tmp_path / "lat.npy", tmp_path / "out", **kw, **other)
     np.save(tmp_path / "img.npy", rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
-    assert write_shards(tmp_path / "img.npy", tmp_path / "img", workers=1, progress=False)["version"] == 1
+    assert write_shards(tmp_path / "img.npy", tmp_path / "img", workers=1, progress=False)["version"] == FORMAT_VERSION

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ import pytest
 from PIL import Image
 
 from pdiff.pipelines import dali_available
-from pdiff.pipelines.shards import ShardInputError, ShardSet, read_index, verify, write_shards
+from pdiff.pipelines.shards import ShardError, ShardInputError, ShardSet, read_index, verify, write_shards
 from pdiff.pipelines.shards import inputs, preprocess, write
 from pdiff.pipelines.shards.format import sha256_file
+from pdiff.pipelines.shards.write import write_order
 from pdiff.tools.shard import main as shard_main
 
 
@@ -40,6 +42,11 @@ def as_hwc(a):
     return a[..., None] if a.ndim == 3 else a
 
 
+def written(n, seed=0):
+    """Source positions of the samples as written (the default order: seeded random)."""
+    return write_order(n, seed)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng()
@@ -54,7 +61,7 @@ def test_class_folders_roundtrip_png(tmp_path, rng):
         c = i % 3
         (src / classes[c]).mkdir(parents=True, exist_ok=True)
         (src / classes[c] / f"img{i:03d}.png").write_bytes(png_bytes(a))
-    order = sorted(range(12), key=lambda i: (classes[i % 3], i))
+    order = np.array(sorted(range(12), key=lambda i: (classes[i % 3], i)))[written(12)]
     m = write_shards(src, tmp_path / "out", workers=1, max_count=5)
     assert m["count"] == 12 and m["labeled"] and m["classes"] == classes and m["num_classes"] == 3
     assert [r["count"] for r in m["shards"]] == [5, 5, 2]
@@ -76,7 +83,7 @@ def test_plain_folder_unlabeled_and_zip_same(tmp_path, rng):
         m = write_shards(source, tmp_path / out, workers=1)
         assert not m["labeled"] and m["count"] == 7
         got, labels = all_samples(tmp_path / out)
-        np.testing.assert_array_equal(got, imgs)
+        np.testing.assert_array_equal(got, imgs[written(7)])
         assert (labels == -1).all()
 
 
@@ -87,15 +94,15 @@ def test_npz_gray_with_labels_and_npy(tmp_path, rng):
     m = write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, resolution=16, min_shards=4)
     assert m["channels"] == 1 and m["count"] == 21 and len(m["shards"]) >= 4
     got, lab = all_samples(tmp_path / "o")
-    np.testing.assert_array_equal(got, imgs[..., None])
-    np.testing.assert_array_equal(lab, labels)
+    np.testing.assert_array_equal(got, imgs[written(21)][..., None])
+    np.testing.assert_array_equal(lab, labels[written(21)])
     assert m["num_classes"] == labels.max() + 1
     np.save(tmp_path / "d.npy", imgs)
     np.save(tmp_path / "l.npy", labels)
     m2 = write_shards(tmp_path / "d.npy", tmp_path / "o2", workers=1, labels_file=str(tmp_path / "l.npy"),
-                      encoding="raw")
+                      encoding="raw", shuffle_seed=None)
     got2, lab2 = all_samples(tmp_path / "o2")
-    np.testing.assert_array_equal(got2, imgs[..., None])
+    np.testing.assert_array_equal(got2, imgs[..., None])          # shuffle_seed=None: the source order
     np.testing.assert_array_equal(lab2, labels)
     assert m2["encoding"] == "raw"
 
@@ -112,8 +119,8 @@ def test_edm_zip_with_dataset_json(tmp_path, rng):
         zf.writestr("dataset.json", json.dumps({"labels": names}))
     m = write_shards(tmp_path / "edm.zip", tmp_path / "o", workers=1)
     got, lab = all_samples(tmp_path / "o")
-    np.testing.assert_array_equal(got, imgs)
-    np.testing.assert_array_equal(lab, labels)
+    np.testing.assert_array_equal(got, imgs[written(6)])
+    np.testing.assert_array_equal(lab, labels[written(6)])
     assert m["labeled"] and m["num_classes"] == labels.max() + 1
 
 
@@ -125,6 +132,7 @@ def test_encodings(tmp_path, rng, encoding, quality):
     np.savez(tmp_path / "d.npz", images=imgs)
     m = write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, encoding=encoding, quality=quality)
     got, _ = all_samples(tmp_path / "o")
+    imgs = imgs[written(5)]
     if encoding == "jpeg":
         assert np.abs(got.astype(int) - imgs).mean() < 4
     else:
@@ -150,9 +158,13 @@ def test_transforms(tmp_path, rng):
     mixed.mkdir()
     (mixed / "a.png").write_bytes(png_bytes(wide[:, 4:-4]))
     (mixed / "b.png").write_bytes(png_bytes(rand_images(rng, 1, size=40)[0]))
+    with pytest.raises(ShardInputError, match=r"different sizes and no clear majority \(16x16: 1 \(e.g. .*a.png\); "
+                                              r"40x40: 1 \(e.g. .*b.png\)\); pass --resolution"):
+        write_shards(mixed, tmp_path / "o00", workers=1)
+    (mixed / "c.png").write_bytes(png_bytes(rand_images(rng, 1, size=16)[0]))
     with pytest.raises(ShardInputError, match="b.png: wrong size: 40x40, expected 16x16"):
         write_shards(mixed, tmp_path / "o00", workers=1)
-    write_shards(src, tmp_path / "o1", workers=1, resolution=16, transform="center-crop")
+    write_shards(src, tmp_path / "o1", workers=1, resolution=16, transform="center-crop", shuffle_seed=None)
     got, _ = all_samples(tmp_path / "o1")
     np.testing.assert_array_equal(got[0], wide[:, 4:-4])      # centre square, already 16: no resampling
     assert got.shape == (2, 16, 16, 3)
@@ -171,8 +183,11 @@ def test_limits_keys_labels_and_dali_index(tmp_path, rng):
         with tarfile.open(tmp_path / "o" / r["tar"]) as t:
             names = t.getnames()
         assert all(n.count(".") == 1 for n in names)     # keys without dots
-        for e in read_index(tmp_path / "o" / r["index"]):
-            assert e["lbl"][1] == 4                      # fixed-size labels
+        with tarfile.open(tmp_path / "o" / r["tar"]) as t:
+            for e in read_index(tmp_path / "o" / r["index"]):
+                offset, size = e["cls"]                  # the label: decimal text, what the index says
+                t.fileobj.seek(offset)
+                assert 0 <= int(t.fileobj.read(size).decode("ascii")) < 7
     m2 = write_shards(tmp_path / "d.npz", tmp_path / "o2", workers=1, min_shards=8)
     assert len(m2["shards"]) >= 8
     assert (tmp_path / "o" / "manifest.json").exists()
@@ -192,15 +207,15 @@ def test_dali_reader_accepts_indexes(tmp_path, rng):
     def p():
         img, lab = fn.readers.webdataset(paths=[str(root / r["tar"]) for r in m["shards"]],
                                          index_paths=[str(root / r["index"]) for r in m["shards"]],
-                                         ext=["png", "lbl"], missing_component_behavior="error")
+                                         ext=["png", "cls"], missing_component_behavior="error")
         return fn.decoders.image(img, device="cpu", output_type=types.RGB), lab
 
     pipe = p()
     pipe.build()
     out, lab = pipe.run()
-    np.testing.assert_array_equal(np.array(out.as_tensor()), imgs)
-    got = np.array(lab.as_tensor()).reshape(10, 4).copy().view("<i4")[:, 0]
-    np.testing.assert_array_equal(got, labels)
+    np.testing.assert_array_equal(np.array(out.as_tensor()), imgs[written(10)])
+    got = [int(bytes(np.array(lab[k])).decode("ascii")) for k in range(10)]
+    np.testing.assert_array_equal(got, labels[written(10)])
 
 
 def make_bad_folder(root: Path, rng):
@@ -214,7 +229,6 @@ def make_bad_folder(root: Path, rng):
         "empty.png": (b"", "empty file"),
         "cut.png": (full[: len(full) // 2], "truncated"),
         "deep.png": (png_bytes(rng.integers(0, 65535, (16, 16), dtype=np.uint16).astype(np.uint16)), "unsupported mode"),
-        "notes.txt": (b"hello", "not an image"),
         "small.png": (png_bytes(rand_images(rng, 1, size=8)[0]), "wrong size"),
         "good0.tiff": (png_bytes(good[0], "TIFF"), "duplicate key"),
     }
@@ -228,7 +242,9 @@ def test_bad_inputs_skip_reports_each(tmp_path, rng, capsys):
     m = write_shards(tmp_path / "src", tmp_path / "o", workers=1, on_error="skip", resolution=16)
     assert m["count"] == 4
     got, _ = all_samples(tmp_path / "o")
-    np.testing.assert_array_equal(got, good)
+    names = sorted(p.name for p in (tmp_path / "src").iterdir())
+    kept = [int(n[4]) for n in np.array(names)[written(len(names))] if n.startswith("good") and n.endswith(".png")]
+    np.testing.assert_array_equal(got, good[kept])
     reported = {Path(s["path"]).name: s["reason"] for s in m["skipped"]["items"]}
     assert set(reported) == set(bad)
     for name, reason in bad.items():
@@ -240,7 +256,7 @@ def test_bad_inputs_skip_reports_each(tmp_path, rng, capsys):
         assert name in err
 
 
-@pytest.mark.parametrize("which", ["junk.png", "empty.png", "cut.png", "deep.png", "notes.txt", "small.png", "good0.tiff"])
+@pytest.mark.parametrize("which", ["junk.png", "empty.png", "cut.png", "deep.png", "small.png", "good0.tiff"])
 def test_bad_inputs_stop_names_path(tmp_path, rng, which):
     good, bad = make_bad_folder(tmp_path / "src", rng)
     for name in bad:
@@ -286,8 +302,9 @@ def test_resume_keeps_complete_shards_and_matches_fresh_run(tmp_path, rng):
     src.mkdir()
     for i, a in enumerate(imgs):
         (src / f"{i:02d}.png").write_bytes(png_bytes(a))
-    (src / "13.png").write_bytes(b"")                     # bad input in the 4th shard
-    with pytest.raises(ShardInputError, match="13.png"):
+    bad = f"{written(20)[13]:02d}.png"                     # written 14th: a bad input in the 4th shard
+    (src / bad).write_bytes(b"")
+    with pytest.raises(ShardInputError, match=bad):
         write_shards(src, tmp_path / "o", workers=1, max_count=4)
     out = tmp_path / "o"
     assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar", "data-000002.tar"]
@@ -330,7 +347,7 @@ def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(preprocess, "_encode", real)
     write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     got, _ = all_samples(tmp_path / "o")
-    np.testing.assert_array_equal(got, imgs)
+    np.testing.assert_array_equal(got, imgs[written(12)])
 
 
 def test_verify_catches_flipped_byte_truncation_and_bad_sample(tmp_path, rng):
@@ -348,12 +365,17 @@ def test_verify_catches_flipped_byte_truncation_and_bad_sample(tmp_path, rng):
     tar.write_bytes(bytes(flipped))
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "sha256" in msg
+    assert f"sample 000000004 (#1 of the shard; its .png member at byte {off}" in msg and "fails its CRC-32" in msg
     tar.write_bytes(original[:-1024])
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "truncated" in msg
-    # a damaged image whose manifest entry was (wrongly) updated: the decode names the sample
+    # a damaged image whose manifest entry was (wrongly) updated, CRC-32 too: the decode names the sample
     tar.write_bytes(bytes(flipped))
     m["shards"][1]["sha256"] = sha256_file(tar)
+    crcs = bytearray.fromhex(m["shards"][1]["crc32"])
+    label = str(int(sh.labels[4])).encode()
+    crcs[4:8] = zlib.crc32(label, zlib.crc32(bytes(flipped[off:off + int(sh.img_size[4])]))).to_bytes(4, "big")
+    m["shards"][1]["crc32"] = crcs.hex()
     (root / "manifest.json").write_text(json.dumps(m))
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "#1" in msg and "decode" in msg
@@ -390,13 +412,12 @@ def test_shards_read_with_the_webdataset_library(tmp_path, rng):
     m = write_shards(tmp_path / "d.npz", tmp_path / "out", max_count=4, workers=1, progress=False)
     urls = [str(tmp_path / "out" / s["tar"]) for s in m["shards"]]
     seen = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        img = np.asarray(Image.open(io.BytesIO(sample[m["image_ext"]])))
-        label = int(np.frombuffer(sample[m["label_ext"]], dtype=m["label_dtype"])[0])
-        seen.append((img, label))
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8"):
+        seen.append((sample[m["image_ext"]], sample["cls"]))     # .cls decodes to an int out of the box
     assert len(seen) == 10
+    order = written(10)
     for i, (img, label) in enumerate(seen):
-        assert np.array_equal(img, imgs[i]) and label == labels[i]
+        assert np.array_equal(img, imgs[order[i]]) and label == labels[order[i]] and isinstance(label, int)
 
 
 def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
@@ -411,7 +432,7 @@ def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
     thread = threading.Thread(target=release.wait)
     thread.start()
     try:
-        assert write._pool_context().get_start_method() != "fork"
+        assert write.pool_context().get_start_method() != "fork"
         write_shards(tmp_path / "d.npz", tmp_path / "two", workers=2, max_count=8, progress=False)
     finally:
         release.set()
@@ -426,3 +447,340 @@ def test_pool_workers_fork_only_from_a_single_thread(tmp_path, rng):
     finally:
         signal.signal(signal.SIGTERM, previous)
         preprocess._WORKER.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI as a user runs it (stderr is a pipe here, not a terminal, as under SLURM or nohup)
+
+def run_cli(*args, seconds="0"):
+    """`pdiff ...` in a fresh process; progress lines every ``seconds``."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PDIFF_PROGRESS_SECONDS=seconds)
+    r = subprocess.run([sys.executable, "-m", "pdiff.cli", *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def test_cli_ignores_files_that_are_not_images_and_names_them(tmp_path, rng):
+    """#11.7: stray files (.DS_Store, Thumbs.db, LICENSE.txt, README.md, hidden files and folders, macOS
+    '._' copies) are skipped by extension, counted and named; an image that fails to decode still
+    follows --on-error."""
+    src = tmp_path / "src"
+    imgs = rand_images(rng, 3)
+    for i, (c, name) in enumerate((("cats", "a.png"), ("cats", "b.jpg"), ("dogs", "c.PNG"))):
+        (src / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(imgs[i]).save(src / c / name, format="JPEG" if name.endswith("jpg") else "PNG")
+    stray = {".DS_Store": b"\x00\x00\x00\x01Bud1", "cats/Thumbs.db": os.urandom(64), "LICENSE.txt": b"MIT",
+             "dogs/README.md": b"# dogs", "dogs/._c.PNG": os.urandom(32), ".cache/x.png": png_bytes(imgs[0])}
+    for name, data in stray.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    r = run_cli("shard", src, tmp_path / "out", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["count"] == 3 and m["classes"] == ["cats", "dogs"] and m["skipped"]["count"] == 0
+    shown = {".DS_Store", "cats/Thumbs.db", "LICENSE.txt", "dogs/README.md", "dogs/._c.PNG", ".cache/"}
+    assert set(m["ignored"]["files"]) == shown and m["ignored"]["count"] == len(shown)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("ignored"))
+    assert line.startswith(f"ignored {len(shown)} file(s) that are not images:") and all(n in line for n in shown)
+
+    (src / "dogs" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(50))     # an image that does not decode
+    r = run_cli("shard", src, tmp_path / "stop", "--workers", "1")
+    assert r.returncode == 1 and "dogs/d.png: undecodable" in r.stderr and "--on-error skip" in r.stderr
+    r = run_cli("shard", src, tmp_path / "skip", "--workers", "1", "--on-error", "skip")
+    assert r.returncode == 0 and "skipped 1 inputs: undecodable 1" in r.stderr
+
+
+def test_cli_progress_lines_without_a_terminal(tmp_path, rng):
+    """#11.8: with stderr not a terminal, `pdiff shard` and `pdiff shard verify` print progress lines
+    (every PDIFF_PROGRESS_SECONDS; 0 here: one per update) that end at the total."""
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 40))
+    r = run_cli("shard", tmp_path / "d.npz", tmp_path / "out", "--workers", "1", "--max-count", "10")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("shard: ")]
+    assert r.returncode == 0 and len(lines) >= 3
+    assert lines[0].startswith("shard: 0/40 img (0.0%)") and lines[-1].startswith("shard: 40/40 img (100.0%)")
+    assert "img/s" in lines[-1] and "elapsed" in lines[-1]
+    r = run_cli("shard", "verify", tmp_path / "out", "--workers", "2")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("verify: ")]
+    assert r.returncode == 0 and "OK, 40 samples in 4 shards" in r.stdout
+    assert len(lines) == 1 + 4 + 1 and lines[-1].startswith("verify: 40/40 samples (100.0%)")   # start, 4 shards, end
+    r = run_cli("shard", "verify", tmp_path / "out", "--quiet")
+    assert r.returncode == 0 and "verify:" not in r.stderr
+    r = run_cli("shard", "verify", "--help")
+    assert r.returncode == 0 and "--workers" in r.stdout
+
+
+def test_verify_lists_every_damaged_sample_in_parallel_and_streams(tmp_path, rng):
+    """#11.8: verify runs over shards in worker processes and names every damaged sample (not only the
+    first), reading each shard a little at a time (never the whole shard)."""
+    import importlib
+    import tracemalloc
+    verify_module = importlib.import_module("pdiff.pipelines.shards.verify")
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 48, size=128))
+    root = tmp_path / "out"
+    m = write_shards(tmp_path / "d.npz", root, workers=1, max_count=12, encoding="raw", progress=False)
+    sh = ShardSet(root)
+    damaged = sorted(rng.choice(48, 3, replace=False).tolist())
+    for i in damaged:
+        tar = Path(sh.tars[sh.shard[i]])
+        blob = bytearray(tar.read_bytes())
+        blob[int(sh.img_off[i]) + int(rng.integers(sh.img_size[i]))] ^= 1 << int(rng.integers(8))
+        tar.write_bytes(bytes(blob))
+    ok, msg = verify(root, workers=2)
+    assert not ok and msg.startswith(f"{root}: 3 damaged sample(s)")
+    for i in damaged:
+        assert f"{sh.tars[sh.shard[i]]}: sample {i:09d} (#{i - sh.first[sh.shard[i]]} of the shard; its .raw member " \
+               f"at byte {sh.img_off[i]}" in msg
+    assert msg.count("fails its CRC-32 check") == 3 and "data.on_corrupt=skip" in msg
+
+    shard_bytes = m["shards"][0]["bytes"]
+    assert shard_bytes > 2 * verify_module._CHUNK
+    tracemalloc.start()
+    verify(root, workers=1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < shard_bytes / 2, (peak, shard_bytes)
+
+
+def test_labels_are_webdataset_cls_and_samples_are_mixed(tmp_path, rng):
+    """#11.9: class folders written in a seeded random order: the first shard holds several classes; the
+    order is `write_order`'s, --seed changes it and --source-order keeps the source's; labels are .cls
+    text members."""
+    src = tmp_path / "src"
+    imgs = rand_images(rng, 30)
+    for i, a in enumerate(imgs):
+        (src / f"class{i // 10}").mkdir(parents=True, exist_ok=True)
+        (src / f"class{i // 10}" / f"{i:02d}.png").write_bytes(png_bytes(a))
+    seed = int(rng.integers(1 << 20))
+    assert run_cli("shard", src, tmp_path / "mixed", "--max-count", "10", "--seed", seed, "--workers", "1").returncode == 0
+    got, labels = all_samples(tmp_path / "mixed")
+    order = write_order(30, seed)
+    np.testing.assert_array_equal(got, imgs[order])
+    np.testing.assert_array_equal(labels, order // 10)
+    assert len(set(labels[:10].tolist())) > 1                   # shard 0: not class 0 alone
+    with tarfile.open(tmp_path / "mixed" / "data-000000.tar") as t:
+        names = t.getnames()
+        assert names[:2] == ["000000000.png", "000000000.cls"]
+        assert t.extractfile(names[1]).read() == str(order[0] // 10).encode()
+    assert run_cli("shard", src, tmp_path / "plain", "--max-count", "10", "--source-order", "--workers", "1").returncode == 0
+    got, labels = all_samples(tmp_path / "plain")
+    np.testing.assert_array_equal(got, imgs)
+    np.testing.assert_array_equal(labels, np.arange(30) // 10)
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["shuffle_seed"] is None
+
+
+def legacy_shards(root: Path, images: np.ndarray, labels: np.ndarray, per_shard: int = 5) -> None:
+    """A shard folder as pdiff wrote it before format version 3: 4-byte .lbl labels, no CRC-32s."""
+    from pdiff.pipelines.shards.format import index_text
+    root.mkdir()
+    shards = []
+    for s in range(0, len(images), per_shard):
+        tar, entries = root / f"data-{s // per_shard:06d}.tar", []
+        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as t:
+            for k in range(s, min(s + per_shard, len(images))):
+                comps = []
+                for ext, data in (("png", png_bytes(images[k])), ("lbl", np.int32(labels[k]).tobytes())):
+                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
+                    info.size = len(data)
+                    comps.append((ext, t.offset + 512, len(data), info.name))
+                    t.addfile(info, io.BytesIO(data))
+                entries.append(comps)
+        idx = tar.with_suffix(".idx")
+        idx.write_text(index_text(entries))
+        shards.append({"tar": tar.name, "index": idx.name, "count": len(entries), "bytes": tar.stat().st_size,
+                       "sha256": sha256_file(tar), "index_bytes": idx.stat().st_size, "index_sha256": sha256_file(idx)})
+    n = int(labels.max()) + 1
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "pdiff-webdataset", "version": 1, "tool": "pdiff shard", "tool_version": "1", "command": ["x"],
+        "created": "2026-01-01T00:00:00Z", "source": "x", "resolution": images.shape[1], "channels": 3,
+        "encoding": "png", "image_ext": "png", "label_ext": "lbl", "label_dtype": "<i4", "quality": None,
+        "transform": "none", "count": len(images), "labeled": True, "num_classes": n, "classes": [str(c) for c in range(n)],
+        "shards": shards, "bytes": sum(r["bytes"] for r in shards), "skipped": {"count": 0, "by_reason": {}, "items": []}}))
+
+
+def test_shards_of_format_version_1_still_read(tmp_path, rng):
+    """#11.9: old shards (.lbl labels, no CRC-32s) read, verify and describe themselves as before."""
+    imgs, labels = rand_images(rng, 12), rng.integers(0, 4, 12)
+    legacy_shards(tmp_path / "old", imgs, labels)
+    got, got_labels = all_samples(tmp_path / "old")
+    np.testing.assert_array_equal(got, imgs)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert not ShardSet(tmp_path / "old").checksummed
+    ok, msg = verify(tmp_path / "old")
+    assert ok and "format version 1 keeps no per-sample CRC-32s" in msg, msg
+    r = run_cli("shard", "info", tmp_path / "old")
+    assert r.returncode == 0 and "version 1, labels .lbl, no per-sample CRC-32s" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer against odd inputs and odd folders (#16.7)
+
+def test_cli_non_utf8_file_names(tmp_path, rng):
+    """A file name that is not UTF-8 is an input like any other: no UnicodeEncodeError, shown with
+    its odd byte escaped; a bad image under such a name follows --on-error."""
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    for i, a in enumerate(rand_images(rng, 3)):
+        (src / "c" / f"{i}.png").write_bytes(png_bytes(a))
+    good = rand_images(rng, 1)[0]
+    os.makedirs(os.fsencode(src) + b"/d\xff", exist_ok=True)
+    with open(os.fsencode(src) + b"/d\xff/caf\xe9.png", "wb") as f:
+        f.write(png_bytes(good))
+    r = run_cli("shard", src, tmp_path / "ok", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert m["count"] == 4 and m["classes"] == ["c", "d\\xff"]
+    got, labels = all_samples(tmp_path / "ok")
+    assert any(np.array_equal(g, good) and lab == 1 for g, lab in zip(got, labels))
+    with open(os.fsencode(src) + b"/d\xff/bad\xe9.png", "wb") as f:
+        f.write(b"not a png")
+    r = run_cli("shard", src, tmp_path / "stop", "--workers", "1")
+    assert r.returncode == 1 and "d\\xff/bad\\xe9.png: undecodable" in r.stderr and "--on-error skip" in r.stderr
+    r = run_cli("shard", src, tmp_path / "skip", "--workers", "2", "--on-error", "skip")
+    assert r.returncode == 0 and "skipped" in r.stderr and "bad\\xe9.png" in r.stderr
+    assert json.loads((tmp_path / "skip" / "manifest.json").read_text())["count"] == 4
+
+
+def test_cli_odd_image_sorting_first_is_the_one_named(tmp_path, rng):
+    """Channel count and size come from most images, not the first: a grayscale image first in an
+    RGB set joins it as RGB; a color image in a grayscale set, or a small image first, is named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    (src / "0_gray.png").write_bytes(png_bytes(gray))
+    colour = rand_images(rng, 5)
+    for i, a in enumerate(colour):
+        (src / f"{i + 1}.png").write_bytes(png_bytes(a))
+    r = run_cli("shard", src, tmp_path / "rgb", "--workers", "1", "--source-order")
+    assert r.returncode == 0, r.stderr
+    got, _ = all_samples(tmp_path / "rgb")
+    assert got.shape == (6, 16, 16, 3)
+    np.testing.assert_array_equal(got[0], np.repeat(gray[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(got[1:], colour)
+
+    grays = tmp_path / "grays"
+    grays.mkdir()
+    (grays / "0_colour.png").write_bytes(png_bytes(colour[0]))
+    for i in range(4):
+        (grays / f"{i + 1}.png").write_bytes(png_bytes(rng.integers(0, 256, (16, 16), dtype=np.uint8)))
+    r = run_cli("shard", grays, tmp_path / "g", "--workers", "1")
+    assert r.returncode == 1 and "0_colour.png: color image: in a grayscale set" in r.stderr
+    assert "--channels 3" in r.stderr
+
+    sizes = tmp_path / "sizes"
+    sizes.mkdir()
+    (sizes / "0_small.png").write_bytes(png_bytes(rand_images(rng, 1, size=8)[0]))
+    for i, a in enumerate(rand_images(rng, 4)):
+        (sizes / f"{i + 1}.png").write_bytes(png_bytes(a))
+    r = run_cli("shard", sizes, tmp_path / "s", "--workers", "1")
+    assert r.returncode == 1 and "0_small.png: wrong size: 8x8, expected 16x16" in r.stderr
+    assert sum("wrong size" in x for x in r.stderr.splitlines()) == 1
+
+
+def test_resume_deletes_only_what_its_journal_names(tmp_path, rng, monkeypatch):
+    """Files of the user's in OUT that look like shards are never deleted on resume or --overwrite;
+    one in the way of a shard about to be written stops the run by name and stays as it was."""
+    imgs = rand_images(rng, 12)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"data-000777.tar": os.urandom(600), "data-notes.idx": b"my notes", "data-000001.tar.bak": b"x"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    real, calls = preprocess._encode, {"n": 0}
+
+    def interrupted(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(preprocess, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path / "d.npz", out, workers=1, max_count=4, progress=False)
+    monkeypatch.setattr(preprocess, "_encode", real)
+    (out / "data-000001.tar.tmp").write_bytes(b"half")            # as a kill -9 would leave it: ours
+    m = write_shards(tmp_path / "d.npz", out, workers=1, max_count=4, progress=False)
+    assert m["count"] == 12 and not (out / "data-000001.tar.tmp").exists()
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data
+    m = write_shards(tmp_path / "d.npz", out, workers=1, max_count=3, progress=False, overwrite=True)
+    assert len(m["shards"]) == 4
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data-000001.idx").write_bytes(b"the user's")
+    r = run_cli("shard", tmp_path / "d.npz", other, "--max-count", "4", "--workers", "1")
+    assert r.returncode == 1 and f"{other / 'data-000001.idx'} is in the way" in r.stderr
+    assert "move it away, or choose another --name" in r.stderr
+    assert (other / "data-000001.idx").read_bytes() == b"the user's"
+
+
+def test_cli_damaged_manifest_and_arrays_are_named(tmp_path, rng):
+    """A corrupt manifest.json (writer, reader, info, verify) and a garbage .npz/.npy: messages with
+    the path, exit 1, no traceback."""
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 6))
+    out = tmp_path / "out"
+    write_shards(tmp_path / "d.npz", out, workers=1, progress=False)
+    manifest = out / "manifest.json"
+    text = manifest.read_text()
+    for damage in (text[: len(text) // 2], "[1, 2]", text.replace('"shards"', '"shardz"')):
+        manifest.write_text(damage)
+        for args in (("shard", "info", out), ("shard", "verify", out)):
+            r = run_cli(*args)
+            assert r.returncode == 1 and str(manifest) in r.stderr, r.stderr
+        with pytest.raises(ShardError, match=str(manifest)):
+            ShardSet(out)
+    manifest.write_text(text[:100])
+    r = run_cli("shard", tmp_path / "d.npz", out, "--workers", "1")
+    assert r.returncode == 1 and f"{manifest}: the shard manifest is not valid JSON" in r.stderr
+    assert "--overwrite" in r.stderr
+    (out / "data-000003.tar").write_bytes(b"the user's")      # looks like a shard by name only: stays
+    assert run_cli("shard", tmp_path / "d.npz", out, "--workers", "1", "--overwrite").returncode == 0
+    assert (out / "data-000003.tar").read_bytes() == b"the user's" and verify(out)[0]
+
+    for name, data in (("junk.npz", os.urandom(300)), ("zip.npz", b"PK\x03\x04" + os.urandom(300)),
+                       ("junk.npy", os.urandom(300)), ("cut.npy", (tmp_path / "d.npz").read_bytes()[:0] + b"\x93NUMPY")):
+        (tmp_path / name).write_bytes(data)
+        r = run_cli("shard", tmp_path / name, tmp_path / f"o-{name}")
+        assert r.returncode == 1 and f"{tmp_path / name}: " in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["shard", "index", "manifest"])
+def test_cli_disk_full_names_the_file(tmp_path, rng, monkeypatch, capsys, where):
+    """A write that fails (disk full) names the file and says how to go on; re-running resumes."""
+    import errno
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 12))
+    out = tmp_path / "out"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "shard":
+        calls = {"n": 0}
+        real_addfile = tarfile.TarFile.addfile
+
+        def addfile(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 13:              # 2 members a sample, 4 samples a shard: inside the second shard
+                raise full
+            return real_addfile(self, *a, **k)
+        monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+        victim = out / "data-000001.tar.tmp"
+    else:
+        real_write = Path.write_text
+        victim = out / ("data-000000.idx.tmp" if where == "index" else "manifest.json.tmp")
+
+        def write_text(self, *a, **k):
+            if self == victim:
+                raise full
+            return real_write(self, *a, **k)
+        monkeypatch.setattr(Path, "write_text", write_text)
+    rc = shard_main([str(tmp_path / "d.npz"), str(out), "--max-count", "4", "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{victim}: cannot write: No space left on device" in err and "re-run the same command" in err
+    assert not victim.exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    assert shard_main([str(tmp_path / "d.npz"), str(out), "--max-count", "4", "--workers", "1", "--quiet"]) == 0
+    assert verify(out)[0]

@@ -3,11 +3,18 @@
     pdiff shard SRC OUT [--resolution R] [--transform none|center-crop|center-crop-dhariwal|resize]
                         [--channels auto|1|3] [--format png|jpeg|webp|raw|latent] [--quality Q]
                         [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip] ...
-    pdiff shard verify DIR     sizes, checksums and a decode of every sample
-    pdiff shard info DIR       what the manifest holds
+    pdiff shard verify DIR [--workers N]   sizes, checksums, a decode of every sample; lists the damaged ones
+    pdiff shard info DIR                   what the manifest holds
 
 SRC: a folder of images (class sub-folders become labels), a .zip of images (EDM dataset.json
-labels honoured), or a .npz/.npy uint8 array (N, H, W[, C]) with optional labels.
+labels honoured), or a .npz/.npy uint8 array (N, H, W[, C]) with optional labels. In a folder or a
+zip, files that are not images (.DS_Store, Thumbs.db, LICENSE.txt, ...) and hidden files are
+ignored and named in the summary; images that fail to decode follow --on-error.
+
+Samples are written in a random order drawn from --seed (so that a reader streaming the shards sees
+mixed classes), each with a CRC-32 in the manifest that training checks before decoding it. Labels
+are WebDataset .cls members (decimal text). Progress: a bar on a terminal, else a line every 30 s
+(PDIFF_PROGRESS_SECONDS).
 
 Latents: --format latent takes a .npy/.npz float array (N, H, W, C), or (N, C, H, W) with --layout
 nchw, any number of channels, and stores each sample as float16 (default) or float32 (--dtype) bytes,
@@ -57,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                    help="bad inputs: stop at the first, or skip and count them (each is reported)")
     p.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores")
+    p.add_argument("--seed", dest="shuffle_seed", type=int, default=0, help="the random order samples are written in")
+    p.add_argument("--source-order", action="store_true", help="write samples in the source's order instead")
     p.add_argument("--images-key", help=".npz: array holding the images")
     p.add_argument("--labels-key", help=".npz: array holding the labels")
     p.add_argument("--labels", dest="labels_file", help=".npy source: a .npy of integer labels")
@@ -65,14 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdiff shard verify", description="Check a shard folder against its manifest: "
+                                "sizes, sha256s, each sample's CRC-32, a decode of every sample and its label. "
+                                "Every damaged sample is listed (shard, key, byte offset). Exit status 1 if any.")
+    p.add_argument("folder", help="a folder written by `pdiff shard`")
+    p.add_argument("--workers", type=int, default=0, help="processes, one shard each at a time; 0 = all cores")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    return p
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
     try:
         if argv and argv[0] == "verify":
-            if len(argv) != 2:
-                print("usage: pdiff shard verify DIR", file=sys.stderr)
-                return 2
-            ok, msg = verify(argv[1])
+            args = _verify_parser().parse_args(argv[1:])
+            ok, msg = verify(args.folder, workers=max(0, args.workers), progress=not args.quiet)
             print(msg, file=sys.stdout if ok else sys.stderr)
             return 0 if ok else 1
         if argv and argv[0] == "info":
@@ -85,6 +102,8 @@ def main(argv: list[str]) -> int:
         opts = vars(args)
         quiet = opts.pop("quiet")
         src, out = opts.pop("source"), opts.pop("out")
+        if opts.pop("source_order"):
+            opts["shuffle_seed"] = None
         opts["channels"] = "auto" if opts["channels"] == "auto" else int(opts["channels"])
         write_shards(src, out, progress=False if quiet else None,
                      command=["pdiff", "shard"] + argv, **opts)

@@ -9,14 +9,24 @@ last. Sample k (a global index, zero-padded to 9 digits, no dots) has the member
 * ``KKKKKKKKK.<ext>``, ext = ``IMAGE_EXTS[encoding]``: the sample in its encoding (see
   pipelines/sample_source.py): png, jpg, webp, raw (R x R x C uint8) or lat (R x R x C little-endian
   float16/float32; dtype and scale in the manifest);
-* ``KKKKKKKKK.lbl``: the label, a 4-byte little-endian int32, -1 when the dataset has none.
+* ``KKKKKKKKK.cls``: the label as decimal text (WebDataset's convention: the `webdataset` library
+  decodes it to an int), ``-1`` when the dataset has none.
 
-The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byte sizes, sha256s).
+The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byte sizes, sha256s, and
+``crc32``: one CRC-32 per sample, over its members' bytes in the order written, as 8 hex digits each).
+The reader checks a sample's CRC before its bytes reach a decoder, so a damaged sample is named (shard,
+key, byte offset) instead of crashing a decoder or training on garbage.
+
+Versions: 1 (images, 4-byte little-endian ``.lbl`` labels), 2 (adds the "latent" encoding), 3 (``.cls``
+labels, per-sample CRC-32s, samples in a seeded random order). This pdiff writes 3 and reads all three:
+shards of versions 1 and 2 train as before, without the per-sample check.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +35,29 @@ from pdiff.pipelines.sample_source import LATENT_DTYPES, SourceError
 
 MANIFEST = "manifest.json"
 FORMAT = "pdiff-webdataset"
-FORMAT_VERSION = 2      # 2 added the "latent" encoding; image shards are still written as version 1
+FORMAT_VERSION = 3
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}   # encoding -> member extension
-LABEL_EXT = "lbl"
-LABEL_DTYPE = np.dtype("<i4")
+LABEL_EXT = "cls"
+LEGACY_LABEL_EXT = "lbl"                 # versions 1 and 2: a 4-byte little-endian int32
+_LEGACY_LABEL_DTYPE = np.dtype("<i4")
+_MAX_LABEL_BYTES = 20                    # "-1" .. the largest int64 in decimal
 KEY_DIGITS = 9
-# One shard's entry in manifest["shards"]: its tar and index, and their sizes and sha256s.
-SHARD_FIELDS = ("tar", "index", "count", "bytes", "sha256", "index_bytes", "index_sha256")
+# One shard's entry in manifest["shards"]: its tar and index, their sizes and sha256s, and the samples'
+# CRC-32s (version 3 on).
+SHARD_FIELDS = ("tar", "index", "count", "bytes", "sha256", "index_bytes", "index_sha256", "crc32")
+_SHARD_TYPES = {"tar": str, "index": str, "count": int, "bytes": int, "sha256": str, "index_bytes": int,
+                "index_sha256": str, "crc32": str}
+_MANIFEST_TYPES = {"format": str, "encoding": str, "resolution": int, "channels": int, "count": int, "shards": list}
 
 
 class ShardError(SourceError):
     """A shard folder that does not match its manifest, or a sample that cannot be read."""
+
+
+def verify_hint(root: str | Path) -> str:
+    """What to run when a shard folder looks damaged."""
+    return f"run `pdiff shard verify {root}` to check every sample, and re-create the shards if it finds damage"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,13 +67,56 @@ def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
 
 
+def encode_label(label: int) -> bytes:
+    return str(int(label)).encode("ascii")
+
+
+def decode_label(ext: str, data: bytes) -> int:
+    """A label member's value; ValueError (saying what is wrong) for bytes no writer of the format makes."""
+    if ext == LEGACY_LABEL_EXT:
+        if len(data) != _LEGACY_LABEL_DTYPE.itemsize:
+            raise ValueError(f"a {len(data)}-byte .{ext} label, expected {_LEGACY_LABEL_DTYPE.itemsize}")
+        return int(np.frombuffer(data, _LEGACY_LABEL_DTYPE)[0])
+    if not re.fullmatch(rb"-1|0|[1-9][0-9]*", data):
+        raise ValueError(f".{ext} label {bytes(data[:_MAX_LABEL_BYTES])!r} is not a decimal class number")
+    return int(data)
+
+
 def sample_members(encoding: str, data: bytes, label: int) -> list[tuple[str, bytes]]:
     """The tar members of one sample, as (extension, bytes), in the order they are written."""
-    return [(IMAGE_EXTS[encoding], data), (LABEL_EXT, np.asarray([label], LABEL_DTYPE).tobytes())]
+    return [(IMAGE_EXTS[encoding], data), (LABEL_EXT, encode_label(label))]
 
 
-def decode_label(data: bytes) -> int:
-    return int(np.frombuffer(data, LABEL_DTYPE)[0])
+def sample_crc(*member_bytes) -> int:
+    """The CRC-32 stored for a sample: over its members' bytes, in the order written."""
+    crc = 0
+    for data in member_bytes:
+        crc = zlib.crc32(data, crc)
+    return crc
+
+
+def crc_text(crcs: list[int]) -> str:
+    return "".join(f"{c:08x}" for c in crcs)
+
+
+def parse_crcs(rec: dict, where: str | Path) -> np.ndarray | None:
+    """The (count,) uint32 CRC-32s of a shard's samples from its manifest record; None before version 3."""
+    text = rec.get("crc32")
+    if text is None:
+        return None
+    try:
+        if len(text) != 8 * rec["count"]:
+            raise ValueError(f"{len(text) // 8} values for {rec['count']} samples")
+        return np.frombuffer(bytes.fromhex(text), ">u4").astype(np.uint32)
+    except ValueError as e:
+        raise ShardError(f"{where}: the crc32 entry of {rec['tar']} is damaged ({e}); restore {MANIFEST} "
+                         f"or re-create the shards") from None
+
+
+def sample_place(tar: str | Path, index: int, number_in_shard: int, ext: str, offset: int, size: int) -> str:
+    """How a sample is named in every message: shard, key, place in the archive."""
+    return (f"{tar}: sample {sample_key(index)} (#{number_in_shard} of the shard; its .{ext} member at byte "
+            f"{offset}, {size} bytes)")
 
 
 def sample_dtype(manifest: dict) -> np.dtype:
@@ -65,27 +129,43 @@ def sample_dtype(manifest: dict) -> np.dtype:
     return LATENT_DTYPES[name]
 
 
+def label_ext(manifest: dict) -> str:
+    """The label member's extension: .cls from version 3 on, .lbl before."""
+    return manifest.get("label_ext") or (LABEL_EXT if manifest.get("version", 1) >= 3 else LEGACY_LABEL_EXT)
+
+
 # ---------------------------------------------------------------------------------------------
 # Indexes
 
 def write_index(path: str | Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
     """One ``(ext, offset, size, member name)`` per member of each sample."""
+    Path(path).write_text(index_text(samples))
+
+
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in comps) for comps in samples]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
     """Parse an index into one ``{ext: (offset, size)}`` per sample."""
-    text = Path(path).read_text().split("\n")
+    return parse_index(Path(path).read_bytes(), path)
+
+
+def parse_index(data: bytes, path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    try:
+        text = data.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise ShardError(f"{path}: not a DALI webdataset index (not ASCII text)") from None
     head = text[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION:
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ShardError(f"{path}: not a DALI webdataset index {INDEX_VERSION} (first line {text[0]!r})")
     n = int(head[1])
     out = []
     for lineno, line in enumerate(text[1:1 + n], start=2):
         tok = line.split()
-        if not tok or len(tok) % 4:
+        if not tok or len(tok) % 4 or not all(t.isdigit() for k in range(0, len(tok), 4) for t in tok[k + 1:k + 3]):
             raise ShardError(f"{path}:{lineno}: malformed index line {line!r}")
         out.append({tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)})
     if len(out) != n:
@@ -93,20 +173,26 @@ def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
     return out
 
 
-def sample_offsets(root: Path, rec: dict, encoding: str) -> np.ndarray:
-    """(count, 4) int64: offset and size of each sample's data member and of its label member in the
-    shard's tar, from its index (checked against the manifest record ``rec``)."""
+def sample_offsets(root: Path, rec: dict, encoding: str, label: str) -> np.ndarray:
+    """(count, 4) int64: offset and size of each sample's data member and of its label member (extension
+    ``label``) in the shard's tar, from its index. The index is checked against the manifest's sha256
+    first (it is small next to its tar): a damaged offset would hand a decoder the wrong bytes."""
     path, ext = root / rec["index"], IMAGE_EXTS[encoding]
-    entries = read_index(path)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != rec["index_sha256"]:
+        raise ShardError(f"{path}: sha256 differs from {root / MANIFEST} (the index is damaged, so no offset in it "
+                         f"can be trusted); {verify_hint(root)}")
+    entries = parse_index(data, path)
     if len(entries) != rec["count"]:
         raise ShardError(f"{path}: {len(entries)} samples, the manifest says {rec['count']}")
     out = np.empty((len(entries), 4), np.int64)
     for k, e in enumerate(entries):
-        if ext not in e or LABEL_EXT not in e:
-            raise ShardError(f"{path}: sample #{k} lacks .{ext} or .{LABEL_EXT}")
-        if e[LABEL_EXT][1] != LABEL_DTYPE.itemsize:
-            raise ShardError(f"{path}: sample #{k} has a {e[LABEL_EXT][1]}-byte label, expected {LABEL_DTYPE.itemsize}")
-        out[k] = *e[ext], *e[LABEL_EXT]
+        if ext not in e or label not in e:
+            raise ShardError(f"{path}: sample #{k} lacks .{ext} or .{label}")
+        size = e[label][1]
+        if size != _LEGACY_LABEL_DTYPE.itemsize if label == LEGACY_LABEL_EXT else not 1 <= size <= _MAX_LABEL_BYTES:
+            raise ShardError(f"{path}: sample #{k} has a {size}-byte .{label} label")
+        out[k] = *e[ext], *e[label]
     return out
 
 
@@ -123,12 +209,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
             h.update(block)
 
 
-def shard_record(tar: Path, index: Path, count: int, tar_name: str, index_name: str) -> dict:
+def shard_record(tar: Path, index: Path, crcs: list[int], tar_name: str, index_name: str) -> dict:
     """The manifest entry of a shard whose files are ``tar`` and ``index`` (temporary names as written;
-    ``tar_name`` and ``index_name`` are their final names)."""
-    return {"tar": tar_name, "index": index_name, "count": count,
+    ``tar_name`` and ``index_name`` are their final names) and whose samples have the CRC-32s ``crcs``."""
+    return {"tar": tar_name, "index": index_name, "count": len(crcs),
             "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
-            "index_bytes": index.stat().st_size, "index_sha256": sha256_file(index)}
+            "index_bytes": index.stat().st_size, "index_sha256": sha256_file(index), "crc32": crc_text(crcs)}
 
 
 def check_shard(root: Path, rec: dict, checksums: bool = False) -> None:
@@ -151,6 +237,17 @@ def check_files(root: str | Path, manifest: dict, checksums: bool = False) -> No
         check_shard(Path(root), rec, checksums)
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object this tool wrote at ``path``; a clear error naming the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: the {what} is not valid JSON ({e}); it is damaged") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"{path}: the {what} is not a JSON object; it is damaged")
+    return data
+
+
 def read_manifest(root: str | Path) -> dict:
     """The JSON of ``root/manifest.json``, whatever its format."""
     path = Path(root) / MANIFEST
@@ -158,9 +255,28 @@ def read_manifest(root: str | Path) -> dict:
         raise ShardError(f"{root}: no {MANIFEST} (not written by `pdiff shard`, or the run did not "
                          f"finish; re-run the same `pdiff shard` command to complete it)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON: {e}") from None
+        return read_json(path, "shard manifest")
+    except ShardError as e:
+        raise ShardError(f"{e}: restore it, or re-create the shards with `pdiff shard ... --overwrite`") from None
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    """Every field the reader uses is there with its type (a hand-edited or damaged manifest is named,
+    not a KeyError)."""
+    def need(record: dict, key: str, tp: type, where: str) -> None:
+        value = record.get(key)
+        if not isinstance(value, tp) or isinstance(value, bool):
+            raise ShardError(f"{path}: {where}{key!r} is {'missing' if value is None else repr(value)[:40]}, expected "
+                             f"a{'n' if tp is int else ''} {tp.__name__} (the manifest is damaged; restore it or "
+                             f"re-create the shards)")
+    for key, tp in _MANIFEST_TYPES.items():
+        need(manifest, key, tp, "")
+    for k, rec in enumerate(manifest["shards"]):
+        if not isinstance(rec, dict):
+            raise ShardError(f"{path}: shards[{k}] is not an object (the manifest is damaged)")
+        for key, tp in _SHARD_TYPES.items():
+            if key != "crc32" or manifest.get("version", 1) >= 3:
+                need(rec, key, tp, f"shards[{k}].")
 
 
 def load_manifest(root: str | Path) -> dict:
@@ -169,10 +285,14 @@ def load_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise ShardError(f"{path}: shard format version {manifest['version']} is newer than this "
+    version = manifest.get("version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format version {version!r} is newer than this "
                          f"pdiff reads ({FORMAT_VERSION}); update pdiff")
     if manifest.get("encoding") not in IMAGE_EXTS:
         raise ShardError(f"{path}: unknown encoding {manifest.get('encoding')!r} (expected one of "
                          f"{', '.join(IMAGE_EXTS)}); update pdiff or re-create the shards")
+    _check_fields(manifest, path)
+    if label_ext(manifest) not in (LABEL_EXT, LEGACY_LABEL_EXT):
+        raise ShardError(f"{path}: label member .{label_ext(manifest)} is neither .{LABEL_EXT} nor .{LEGACY_LABEL_EXT}")
     return manifest

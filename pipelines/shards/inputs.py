@@ -1,6 +1,11 @@
 """What `pdiff shard` reads: a folder or a zip of images, or a numpy array (images or latents), listed
 as items (key, path for reports, reference, label) before any pixel is decoded.
 
+A folder or zip is read as its image files, by extension (``IMAGE_SUFFIXES``, as EDM's dataset tool
+keeps the files Pillow has an extension for): anything else (.DS_Store, Thumbs.db, LICENSE.txt,
+README.md) and hidden files and folders are ignored, and counted and named in the summary. A file
+name that is not UTF-8 is read like any other and shown with its odd bytes escaped.
+
 Labels: class sub-folders become labels 0..K-1 in sorted order, unless an EDM-style ``dataset.json``
 with ``{"labels": [[name, label], ...]}`` gives them; an ``.npz`` may hold a labels array and an
 ``.npy`` may come with a separate ``.npy`` of labels. Latents are float arrays (N, H, W, C), or
@@ -25,6 +30,24 @@ class ShardInputError(ValueError):
     """A bad input under the 'stop' policy, or a source that cannot be sharded at all."""
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                            ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
+
+
+def is_image_name(rel: str) -> bool:
+    """``rel`` (a '/'-separated path inside the source) names an image file that is not hidden."""
+    parts = rel.split("/")
+    if parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts):   # macOS zips carry ._ copies
+        return False
+    return os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES
+
+
+def shown(name: str) -> str:
+    """A file name as reports show it: bytes that are not UTF-8 (kept by Python as lone surrogates,
+    which cannot be printed or written as UTF-8) appear as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class Item:
     key: str      # source key (path without extension): duplicates are bad inputs
@@ -42,6 +65,7 @@ class Inputs:
     classes: list[str] = field(default_factory=list)
     labeled: bool = False
     bad: list[tuple[int, str, str]] = field(default_factory=list)   # (position, path, reason) found while listing
+    ignored: list[str] = field(default_factory=list)                # files that are not images (shown names)
     array: np.ndarray | None = None
     _zip: zipfile.ZipFile | None = None
 
@@ -59,6 +83,13 @@ class Inputs:
         state["_zip"] = None
         return state
 
+    def reorder(self, order: np.ndarray) -> None:
+        """Put the items in ``order`` (positions into the current list); the bad-input positions follow."""
+        new_position = np.empty(len(order), np.int64)
+        new_position[order] = np.arange(len(order))
+        self.items = [self.items[p] for p in order]
+        self.bad = sorted((int(new_position[pos]), path, reason) for pos, path, reason in self.bad)
+
 
 def _labels_from_names(names: list[str], where: str) -> tuple[list[int], list[str], list[tuple[int, str]]]:
     """Class folders: the first path component. A layout with sub-folders labels every image by its
@@ -66,12 +97,12 @@ def _labels_from_names(names: list[str], where: str) -> tuple[list[int], list[st
     nested = any("/" in n for n in names)
     if not nested:
         return [-1] * len(names), [], []
-    classes = sorted({n.split("/", 1)[0] for n in names if "/" in n})
+    classes = sorted({shown(n.split("/", 1)[0]) for n in names if "/" in n})
     index = {c: i for i, c in enumerate(classes)}
     labels, bad = [], []
     for pos, n in enumerate(names):
         if "/" in n:
-            labels.append(index[n.split("/", 1)[0]])
+            labels.append(index[shown(n.split("/", 1)[0])])
         else:
             labels.append(-1)
             bad.append((pos, f"outside the class folders of {where} (move it into one or remove it)"))
@@ -95,7 +126,7 @@ def _edm_labels(meta: dict, names: list[str], where: str):
     return labels, [str(i) for i in range(k)], bad, True
 
 
-def _items_from_names(kind, root, names, refs, meta_text) -> Inputs:
+def _items_from_names(kind, root, names, refs, meta_text, ignored) -> Inputs:
     if meta_text is not None:
         try:
             meta = json.loads(meta_text)
@@ -105,9 +136,9 @@ def _items_from_names(kind, root, names, refs, meta_text) -> Inputs:
     else:
         labels, classes, bad = _labels_from_names(names, root)
         labeled = bool(classes)
-    items = [Item(n.rsplit(".", 1)[0] if "." in n.rsplit("/", 1)[-1] else n, f"{root}/{n}" if kind == "zip" else r,
+    items = [Item(n.rsplit(".", 1)[0] if "." in n.rsplit("/", 1)[-1] else n, shown(f"{root}/{n}" if kind == "zip" else r),
                   r, lab) for n, r, lab in zip(names, refs, labels)]
-    src = Inputs(kind, root, items, classes, labeled)
+    src = Inputs(kind, root, items, classes, labeled, ignored=[shown(n) for n in ignored])
     src.bad = [(pos, items[pos].path, reason) for pos, reason in bad]
     return src
 
@@ -117,15 +148,17 @@ def open_inputs(path: str | Path, opts: Options) -> Inputs:
     if not p.exists():
         raise ShardInputError(f"{p}: no such file or folder")
     if p.is_dir():
-        names = []
+        names, ignored = [], []
         for dirpath, dirnames, filenames in os.walk(p):
-            dirnames.sort()
+            hidden = sorted(d for d in dirnames if d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))     # never walk .git and the like
+            ignored += [os.path.relpath(os.path.join(dirpath, d), p).replace(os.sep, "/") + "/" for d in hidden]
             for f in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, f), p).replace(os.sep, "/")
                 if rel != "dataset.json":
-                    names.append(rel)
+                    (names if is_image_name(rel) else ignored).append(rel)
         meta = (p / "dataset.json").read_text() if (p / "dataset.json").exists() else None
-        return _items_from_names("dir", str(p), names, [str(p / n) for n in names], meta)
+        return _items_from_names("dir", str(p), names, [str(p / n) for n in names], meta, ignored)
     if p.suffix.lower() == ".zip":
         try:
             zf = zipfile.ZipFile(p)
@@ -134,14 +167,26 @@ def open_inputs(path: str | Path, opts: Options) -> Inputs:
         with zf:
             names = [i.filename for i in zf.infolist() if not i.is_dir() and i.filename != "dataset.json"]
             meta = zf.read("dataset.json").decode() if "dataset.json" in zf.namelist() else None
-        return _items_from_names("zip", str(p), names, names, meta)
+        ignored = [n for n in names if not is_image_name(n)]
+        names = [n for n in names if is_image_name(n)]
+        return _items_from_names("zip", str(p), names, names, meta, ignored)
     if p.suffix.lower() in (".npz", ".npy"):
         return _array_inputs(p, opts)
     raise ShardInputError(f"{p}: unknown source kind (expected a folder, .zip, .npz or .npy)")
 
 
+_NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+
+
 def _array_inputs(p: Path, opts: Options) -> Inputs:
     labels = None
+    with open(p, "rb") as f:
+        head = f.read(6)
+    magic = _NUMPY_MAGIC[p.suffix.lower()]
+    if not head.startswith(magic):
+        what = "numpy.save" if p.suffix.lower() == ".npy" else "numpy.savez"
+        raise ShardInputError(f"{p}: not a {p.suffix.lower()} file (it does not begin with {magic!r}); write it "
+                              f"with {what}, or check that the path names the right file")
     try:
         if p.suffix.lower() == ".npy":
             images = np.load(p, mmap_mode="r")
@@ -165,10 +210,11 @@ def _array_inputs(p: Path, opts: Options) -> Inputs:
                     if lkey not in keys:
                         raise ShardInputError(f"{p}: no array {lkey!r} (arrays: {', '.join(keys)})")
                     labels = z[lkey]
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, ShardInputError):
             raise
-        raise ShardInputError(f"{p}: cannot read the array: {e}") from None
+        raise ShardInputError(f"{p}: cannot read the array ({type(e).__name__}: {e}); the file is damaged or "
+                              f"not written by numpy") from None
     if opts.encoding == "latent":
         _check_latent_array(p, images, opts)
     elif images.dtype != np.uint8:

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pdiff.pipelines.sample_source import LATENT_DTYPES
-from pdiff.pipelines.shards.inputs import Inputs, ShardInputError, latent_shape
+from pdiff.pipelines.shards.inputs import IMAGE_SUFFIXES, Inputs, ShardInputError, latent_shape
 
 if TYPE_CHECKING:
     from pdiff.pipelines.shards.write import Options
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TRANSFORMS = ("none", "center-crop", "center-crop-dhariwal", "resize")
 GRAY_MODES = {"1", "L", "LA", "La"}
 COLOR_MODES = {"P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -59,14 +58,17 @@ def native_channels(im) -> int:
     return 1 if im.mode in GRAY_MODES else 3
 
 
-def _prepare(data, path: str, resolution: int | None, channels: int | None, transform: str):
-    """-> (R, R, C) uint8 array; raises BadInput."""
+def _prepare(data, path: str, resolution: int | None, channels: int, transform: str, auto_channels: bool = False):
+    """-> (R, R, C) uint8 array; raises BadInput. With ``auto_channels`` (the count was taken from most
+    images) a grayscale image joins a color set as RGB (nothing is lost), but a color image in a
+    grayscale set is a bad input: turning it gray would lose its color without a word."""
     from PIL import Image
     im = _to_pil(data, Path(path.split("[")[0]).suffix.lower())
     if im.mode not in GRAY_MODES | COLOR_MODES:
         raise BadInput("unsupported mode", f"mode {im.mode} (8-bit gray or color images only)")
-    if channels is None:
-        channels = native_channels(im)
+    if auto_channels and channels == 1 and native_channels(im) == 3:
+        raise BadInput("color image", "in a grayscale set (most images are grayscale); pass --channels 1 to "
+                                      "convert it to gray, or --channels 3 to keep the colors of all")
     im = im.convert("L" if channels == 1 else "RGB")
     w, h = im.size
     if transform == "none":
@@ -154,15 +156,20 @@ def process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]
             if st["encoding"] == "latent":
                 out.append((pos, _prepare_latent(data, st), None))
             else:
-                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"])
+                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"], st["auto_channels"])
                 out.append((pos, _encode(arr, st["encoding"], st["quality"]), None))
         except BadInput as e:
             out.append((pos, None, f"{e.reason}: {e.detail}" if e.detail else e.reason))
     return out
 
 
+PROBE_IMAGES = 64       # images looked at (spread over the source) to find its size and channel count
+
+
 def probe(src: Inputs, opts: Options) -> tuple[int, int]:
-    """Resolution and channel count: given, or from the first image that decodes."""
+    """Resolution and channel count: given, or what most of up to PROBE_IMAGES images spread over the
+    source have (their headers only), so that one odd image that sorts first is named as the odd one
+    instead of making every other image wrong."""
     if opts.encoding == "latent":
         if src.kind != "array":
             raise ShardInputError(f"{src.root}: --format latent reads a .npy or .npz float array, not image files")
@@ -175,17 +182,46 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
             raise ShardInputError(f"{src.root}: images are {a.shape[2]}x{a.shape[1]}, not square; give --transform")
         res = opts.resolution or a.shape[1]
         return res, ch if opts.channels == "auto" else int(opts.channels)
+    need_size = opts.resolution is None
+    sizes: dict[int, list[str]] = {}
+    channels: dict[int, list[str]] = {}
     bad_pos = {b[0] for b in src.bad}
-    for pos, item in enumerate(src.items):
-        if pos in bad_pos:
-            continue
+    candidates = [pos for pos in range(len(src.items)) if pos not in bad_pos]
+    picks = [candidates[int(k)] for k in np.unique(np.linspace(0, len(candidates) - 1, PROBE_IMAGES).round())] \
+        if candidates else []
+    for pos in picks:
+        item = src.items[pos]
         try:
-            im = _to_pil(src.load(item.ref), Path(item.path).suffix.lower())
-        except (BadInput, OSError):
+            size, mode = _header(src.load(item.ref))
+        except Exception:                   # reported with its reason when it is written
             continue
-        if im.mode not in GRAY_MODES | COLOR_MODES or (opts.transform == "none" and im.size[0] != im.size[1]):
+        if mode not in GRAY_MODES | COLOR_MODES:
             continue
-        ch = native_channels(im) if opts.channels == "auto" else int(opts.channels)
-        return opts.resolution or im.size[0], ch
-    raise ShardInputError(f"{src.root}: no image in the source could be decoded "
-                          f"({len(src.items)} files; the bad-input report follows)")
+        channels.setdefault(1 if mode in GRAY_MODES else 3, []).append(item.path)
+        if need_size and size[0] == size[1]:
+            sizes.setdefault(size[0], []).append(item.path)
+    if not channels or (need_size and not sizes):
+        raise ShardInputError(f"{src.root}: none of the {len(picks)} images looked at could be read as a square "
+                              f"8-bit image ({len(src.items)} files; pass --resolution and --channels, or check "
+                              f"the files)")
+    res = opts.resolution or _majority(sizes, src.root, "sizes", lambda r: f"{r}x{r}", "--resolution")
+    ch = _majority(channels, src.root, "channel counts", str, "--channels") if opts.channels == "auto" else int(opts.channels)
+    return res, ch
+
+
+def _header(data) -> tuple[tuple[int, int], str]:
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size, im.mode
+
+
+def _majority(votes: dict[int, list[str]], root: str, what: str, show, flag: str) -> int:
+    """The value most images have; a tie is refused, naming an image of each value."""
+    ranked = sorted(votes, key=lambda v: -len(votes[v]))
+    if len(ranked) > 1 and len(votes[ranked[0]]) == len(votes[ranked[1]]):
+        if what == "channel counts":
+            return 3            # gray images become RGB without a loss; the reverse would lose color
+        examples = "; ".join(f"{show(v)}: {len(votes[v])} (e.g. {votes[v][0]})" for v in ranked)
+        raise ShardInputError(f"{root}: the images looked at have different {what} and no clear majority "
+                              f"({examples}); pass {flag}")
+    return ranked[0]

@@ -1,5 +1,8 @@
 """Random access to the samples of a shard folder by global index: the pipelines' first sample source.
-The indexes give each sample's offset in its tar, so a sample is one ``pread`` (no tar parsing)."""
+The indexes give each sample's offset in its tar, so a sample is one ``pread`` (no tar parsing). Shards
+of format version 3 carry a CRC-32 per sample (over its data and label members): every read checks it,
+so a damaged sample raises `CorruptSample` naming its shard, key and byte offset before any decoder
+sees its bytes."""
 from __future__ import annotations
 
 import hashlib
@@ -8,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pdiff.pipelines.sample_source import SampleSource
-from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, load_manifest,
-                                           sample_dtype, sample_offsets)
+from pdiff.pipelines.sample_source import CorruptSample, SampleSource
+from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, label_ext,
+                                           load_manifest, parse_crcs, sample_crc, sample_dtype, sample_offsets,
+                                           sample_place, verify_hint)
 
 
 class ShardSet(SampleSource):
     """The samples of a folder written by `pdiff shard`, checked against its manifest on opening
-    (sizes always, sha256s if ``checksums``). Opens file descriptors lazily and per process (safe to
-    pickle into DataLoader workers)."""
+    (sizes and index sha256s always, tar sha256s if ``checksums``). Opens file descriptors lazily and
+    per process (safe to pickle into DataLoader workers)."""
 
     def __init__(self, root: str | Path, checksums: bool = False):
         self.root = Path(root)
@@ -26,14 +30,20 @@ class ShardSet(SampleSource):
         self.encoding, self.count = m["encoding"], int(m["count"])
         self.dtype = sample_dtype(m)
         self.num_classes = int(m.get("num_classes") or 0)
-        self.image_ext = IMAGE_EXTS[self.encoding]
+        self.image_ext, self.label_ext = IMAGE_EXTS[self.encoding], label_ext(m)
         self.tars = [str(self.root / rec["tar"]) for rec in m["shards"]]
-        tables = [sample_offsets(self.root, rec, self.encoding) for rec in m["shards"]]
+        tables = [sample_offsets(self.root, rec, self.encoding, self.label_ext) for rec in m["shards"]]
         self.shard = np.concatenate([np.full(len(t), s, np.int32) for s, t in enumerate(tables)])
         self.first = np.cumsum([0] + [len(t) for t in tables])[:-1]      # global index of each shard's sample #0
         if len(self.shard) != self.count:
             raise ShardError(f"{self.root}: indexes list {len(self.shard)} samples, the manifest says {self.count}")
         self.img_off, self.img_size, self.lbl_off, self.lbl_size = np.concatenate(tables).T.copy()
+        crcs = [parse_crcs(rec, self.root / "manifest.json") for rec in m["shards"]]
+        self.checksummed = all(c is not None for c in crcs)
+        self.crc = np.concatenate(crcs) if self.checksummed else None
+        # One read covers a sample's data and its label member (written right after it) when the index
+        # says so: the CRC spans both.
+        self._gap = self.lbl_off - (self.img_off + self.img_size)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
         self._labels: np.ndarray | None = None
@@ -53,33 +63,67 @@ class ShardSet(SampleSource):
 
     def describe(self, i: int) -> str:
         s = int(self.shard[i])
-        return f"{self.tars[s]}: sample #{i - int(self.first[s])} (global {i})"
+        return sample_place(self.tars[s], i, i - int(self.first[s]), self.image_ext, int(self.img_off[i]),
+                            int(self.img_size[i]))
 
-    def _read(self, i: int, offset: int, size: int, what: str) -> bytes:
+    def _pread(self, i: int, offset: int, size: int, what: str) -> bytes:
         data = os.pread(self._fd(int(self.shard[i])), size, offset)
         if len(data) != size:
-            raise ShardError(f"{self.describe(i)}: {what} cut short ({len(data)} of {size} bytes; the index "
-                             f"points outside the archive)")
+            raise CorruptSample(i, f"{self.describe(i)}: {what} cut short ({len(data)} of {size} bytes; the index "
+                                   f"points outside the archive); {verify_hint(self.root)}")
         return data
 
+    def _check(self, i: int, crc: int) -> None:
+        if crc != int(self.crc[i]):
+            raise CorruptSample(i, f"{self.describe(i)}: fails its CRC-32 check (stored {int(self.crc[i]):08x}, read "
+                                   f"{crc:08x}): the shard is damaged here; {verify_hint(self.root)}")
+
+    def _label_bytes(self, i: int) -> bytes:
+        return self._pread(i, int(self.lbl_off[i]), int(self.lbl_size[i]), "label")
+
     def read(self, i: int) -> bytes:
-        return self._read(i, int(self.img_off[i]), int(self.img_size[i]), "data")
+        off, size = int(self.img_off[i]), int(self.img_size[i])
+        if self.crc is None:
+            return self._pread(i, off, size, "data")
+        gap = int(self._gap[i])
+        if gap < 0:                      # not the order this writer uses: two reads
+            data, label = self._pread(i, off, size, "data"), self._label_bytes(i)
+        else:
+            span = self._pread(i, off, size + gap + int(self.lbl_size[i]), "data")
+            data, label = span[:size], span[size + gap:]
+        self._check(i, sample_crc(data, label))
+        return data
 
     def read_into(self, i: int, out: np.ndarray) -> None:
         """One ``preadv`` straight into ``out``: no copy (raw and latent encodings)."""
-        size = int(self.img_size[i])
+        size, gap = int(self.img_size[i]), int(self._gap[i])
         if out.nbytes != size:
             raise ShardError(f"{self.describe(i)}: {size} bytes, expected {out.nbytes}")
-        got = os.preadv(self._fd(int(self.shard[i])), [memoryview(out).cast("B")], int(self.img_off[i]))
-        if got != size:
-            raise ShardError(f"{self.describe(i)}: data cut short ({got} of {size} bytes)")
+        view = memoryview(out).cast("B")
+        tail = bytearray(gap + int(self.lbl_size[i]) if self.crc is not None and gap >= 0 else 0)
+        want = size + len(tail)
+        got = os.preadv(self._fd(int(self.shard[i])), [view, tail] if tail else [view], int(self.img_off[i]))
+        if got != want:
+            raise CorruptSample(i, f"{self.describe(i)}: data cut short ({min(got, size)} of {size} bytes; the index "
+                                   f"points outside the archive); {verify_hint(self.root)}")
+        if self.crc is not None:
+            label = bytes(tail[gap:]) if tail else self._label_bytes(i)
+            self._check(i, sample_crc(view, label))
 
     @property
     def labels(self) -> np.ndarray:
-        """All labels as int64 (read once: one small member per sample)."""
+        """All labels as int64 (read once: one small member per sample). With checksums, a label that
+        does not parse stands as -1 here: its sample fails the CRC check when read."""
         if self._labels is None:
-            self._labels = np.array([decode_label(self._read(i, int(self.lbl_off[i]), int(self.lbl_size[i]), "label"))
-                                     for i in range(self.count)], np.int64)
+            labels = np.empty(self.count, np.int64)
+            for i in range(self.count):
+                try:
+                    labels[i] = decode_label(self.label_ext, self._label_bytes(i))
+                except (ValueError, CorruptSample) as e:
+                    if self.crc is None:
+                        raise ShardError(f"{self.describe(i)}: {e}; {verify_hint(self.root)}") from None
+                    labels[i] = -1
+            self._labels = labels
         return self._labels
 
     def fingerprint(self) -> str:

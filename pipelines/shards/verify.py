@@ -1,31 +1,152 @@
 """`pdiff shard verify` and `pdiff shard info`: check a shard folder against its manifest, and say
-what it holds."""
+what it holds.
+
+Verify reads every shard once, front to back, a sample (or 256 KiB) at a time (a shard is 1 GiB by
+default and is never held whole), in parallel over shards: the sha256 of the tar, each sample's CRC-32
+(format version 3), a decode of each sample and its label. It lists every damaged sample it finds
+(shard, key, byte offset), not just the first.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
-from pdiff.pipelines.sample_source import SourceError
-from pdiff.pipelines.shards.format import load_manifest
-from pdiff.pipelines.shards.reader import ShardSet
+from pdiff.pipelines.sample_source import SourceError, decode_sample
+from pdiff.pipelines.shards.format import (IMAGE_EXTS, MANIFEST, check_shard, decode_label, label_ext, load_manifest,
+                                           parse_crcs, sample_crc, sample_dtype, sample_offsets, sample_place)
+from pdiff.progress import Progress
+
+SHOW_PROBLEMS = 50          # damaged samples listed in the message (all are counted)
+_CHUNK = 1 << 18            # bytes read at a time between samples (a shard is never held whole)
 
 
-def verify(root: str | Path) -> tuple[bool, str]:
-    """Sizes and checksums against the manifest, the indexes, then a decode of every sample. Returns
-    (ok, message) where the message names the first bad shard and sample."""
+def verify(root: str | Path, workers: int = 0, progress: bool = False) -> tuple[bool, str]:
+    """Sizes, sha256s and (version 3) CRC-32s against the manifest, the indexes, then a decode of every
+    sample and a check of its label; ``workers`` processes (0: one per core, at most one per shard).
+    Returns (ok, message); the message names every damaged shard and sample (the first SHOW_PROBLEMS)."""
+    root = Path(root)
     try:
-        shards = ShardSet(root, checksums=True)
-        labels = shards.labels
-        for i in range(shards.count):
-            sample = shards.decode(i)
-            if shards.encoding == "latent" and not np.isfinite(sample).all():
-                return False, f"{shards.describe(i)}: {int(np.count_nonzero(~np.isfinite(sample)))} non-finite value(s)"
-            if shards.num_classes and not 0 <= labels[i] < shards.num_classes:
-                return False, f"{shards.describe(i)}: label {labels[i]} outside 0..{shards.num_classes - 1}"
+        manifest = load_manifest(root)
+        for rec in manifest["shards"]:
+            check_shard(root, rec)            # sizes first: a truncated shard is named without reading it
     except SourceError as e:
         return False, str(e)
-    return True, f"{root}: OK, {shards.count} samples in {len(shards.tars)} shards decode and match the manifest"
+    facts = {"encoding": manifest["encoding"], "resolution": int(manifest["resolution"]),
+             "channels": int(manifest["channels"]), "dtype": sample_dtype(manifest).str,
+             "label_ext": label_ext(manifest), "num_classes": int(manifest.get("num_classes") or 0)}
+    first = np.cumsum([0] + [rec["count"] for rec in manifest["shards"]])
+    jobs = [(str(root), rec, facts, int(first[k])) for k, rec in enumerate(manifest["shards"])]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    problems: list[str] = []
+    bad_samples = bad_shards = 0
+    total = int(manifest["count"])
+    with Progress(total, "verify", "samples", enabled=progress) as bar:
+        pool = None
+        try:
+            if workers > 1:
+                from pdiff.pipelines.shards.write import pool_context
+                pool = pool_context().Pool(workers)
+                results = pool.imap_unordered(_verify_job, jobs)
+            else:
+                results = map(_verify_job, jobs)
+            for count, shard_problems, damaged in results:
+                bar.update(count)
+                problems += shard_problems
+                bad_samples += damaged
+                bad_shards += bool(shard_problems)
+        finally:
+            if pool is not None:
+                pool.terminate()
+    shards = len(jobs)
+    checks = "sizes, sha256s, CRC-32s, decoding and labels" if "crc32" in manifest["shards"][0] else \
+        f"sizes, sha256s, decoding and labels (format version {manifest.get('version', 1)} keeps no per-sample CRC-32s)"
+    if not problems:
+        return True, f"{root}: OK, {total} samples in {shards} shards: {checks} check out"
+    shown = "\n".join(f"  {p}" for p in sorted(problems)[:SHOW_PROBLEMS])
+    more = f"\n  ... and {len(problems) - SHOW_PROBLEMS} more" if len(problems) > SHOW_PROBLEMS else ""
+    return False, (f"{root}: {bad_samples} damaged sample(s), {bad_shards} of {shards} shard(s) with problems:\n"
+                   f"{shown}{more}\nRe-create the shards (the command is in {root / MANIFEST}), or train with "
+                   f"data.on_corrupt=skip to replace each damaged sample with another")
+
+
+def _verify_job(job) -> tuple[int, list[str], int]:
+    root, rec, facts, first = job
+    try:
+        return _verify_shard(Path(root), rec, facts, first)
+    except SourceError as e:
+        return rec["count"], [str(e)], 0
+    except OSError as e:
+        return rec["count"], [f"{Path(root) / rec['tar']}: cannot read: {e.strerror or e}"], 0
+
+
+def _verify_shard(root: Path, rec: dict, facts: dict, first: int) -> tuple[int, list[str], int]:
+    """-> (samples, problems, damaged samples) of one shard, read front to back once."""
+    tar = root / rec["tar"]
+    encoding, ext, lab_ext = facts["encoding"], IMAGE_EXTS[facts["encoding"]], facts["label_ext"]
+    table = sample_offsets(root, rec, encoding, lab_ext)     # the index, against its sha256
+    crcs = parse_crcs(rec, root / MANIFEST)
+    # Every member in the order it lies in the tar: (offset, size, sample number, 0 = data / 1 = label).
+    members = sorted([(int(o), int(s), k, 0) for k, (o, s, _, _) in enumerate(table)]
+                     + [(int(o), int(s), k, 1) for k, (_, _, o, s) in enumerate(table)])
+    h = hashlib.sha256()
+    problems: list[str] = []
+    damaged: set[int] = set()
+    parts: dict[int, list] = {}
+    pos = 0
+    with open(tar, "rb") as f:
+        def take(n: int) -> bytes:
+            nonlocal pos
+            data = f.read(n)
+            h.update(data)
+            pos += len(data)
+            return data
+
+        for offset, size, k, which in members:
+            if offset < pos:
+                problems.append(f"{tar}: the index places sample #{k}'s members overlapping earlier ones")
+                damaged.add(k)
+                continue
+            while pos < offset:
+                take(min(_CHUNK, offset - pos))
+            data = take(size)
+            parts.setdefault(k, [None, None])[which] = data
+            if None not in parts[k]:
+                problem = _check_sample(parts.pop(k), crcs, k, first, tar, table, facts, ext, lab_ext)
+                if problem:
+                    problems.append(problem)
+                    damaged.add(k)
+        while take(_CHUNK):
+            pass
+    if pos != rec["bytes"] or h.hexdigest() != rec["sha256"]:
+        where = "" if damaged else " outside the samples (tar headers or padding; the samples themselves check out)"
+        problems.append(f"{tar}: sha256 differs from the manifest{where}")
+    return rec["count"], problems, len(damaged)
+
+
+def _check_sample(members, crcs, k, first, tar, table, facts, ext, lab_ext) -> str | None:
+    data, label = members
+    where = sample_place(tar, first + k, k, ext, int(table[k, 0]), int(table[k, 1]))
+    if len(data) != table[k, 1] or len(label) != table[k, 3]:
+        return f"{where}: cut short (the tar ends inside it)"
+    if crcs is not None and sample_crc(data, label) != int(crcs[k]):
+        return f"{where}: fails its CRC-32 check (stored {int(crcs[k]):08x}, read {sample_crc(data, label):08x})"
+    try:
+        sample = decode_sample(data, facts["encoding"], facts["resolution"], facts["channels"], facts["dtype"])
+    except Exception as e:
+        return f"{where}: cannot be decoded: {e}"
+    if facts["encoding"] == "latent" and not np.isfinite(sample).all():
+        return f"{where}: {int(np.count_nonzero(~np.isfinite(sample)))} non-finite value(s)"
+    try:
+        value = decode_label(lab_ext, label)
+    except ValueError as e:
+        return f"{where}: {e}"
+    n = facts["num_classes"]
+    if not (0 <= value < n if n else value == -1):
+        return f"{where}: label {value} outside " + (f"0..{n - 1}" if n else "the unlabeled -1")
+    return None
 
 
 def info(root: str | Path) -> str:
@@ -50,6 +171,9 @@ def info(root: str | Path) -> str:
         f"{min(counts)}..{max(counts)} samples, {min(sizes) / 1e6:.2f}..{max(sizes) / 1e6:.2f} MB, total {m['bytes'] / 1e6:.1f} MB",
         f"skipped     {m['skipped']['count']}" + ("" if not m["skipped"]["count"] else " ("
                                                   + ", ".join(f"{r} {n}" for r, n in m["skipped"]["by_reason"].items()) + ")"),
+        f"format      version {m.get('version', 1)}, labels .{label_ext(m)}"
+        + (", a CRC-32 per sample" if m.get("version", 1) >= 3 else ", no per-sample CRC-32s")
+        + (f", written in a random order (seed {m['shuffle_seed']})" if m.get("shuffle_seed") is not None else ""),
         f"source      {m['source']}",
         f"written     {m['created']} by {m['tool']} {m['tool_version']}",
         f"command     {' '.join(m['command'])}",

@@ -10,19 +10,28 @@ array's dtype, so that float images in 0..1 are never mistaken for latents. ``la
 recorded in the manifest (the factor the latents already carry); nothing applies it. A sample with
 a NaN or an infinity (also after a cast to float16 overflows) is a bad input like any other.
 
+Order: the inputs are written in a seeded random order (``shuffle_seed``, `write_order`; None keeps
+the source order), so that a reader streaming the shards in order sees mixed classes, not shard 0
+holding class 0 only. Each sample's CRC-32 goes into its shard's manifest entry (format.py).
+
 Resumable: after each complete shard, ``NAME.progress.json`` records the shard (size, sha256, the
-input range it covers and a hash of the keys in it). A re-run with the same options keeps the shards
-that still match and goes on from the first one that does not. Shards are written as ``*.tmp`` and
-renamed, so a final name never holds a half-written file.
+input range it covers and a hash of the keys in it), and before a shard is begun, its name. A re-run
+with the same options keeps the shards that still match and goes on from the first one that does
+not. Shards are written as ``*.tmp`` and renamed, so a final name never holds a half-written file.
+Only files this journal (or, with ``overwrite``, the old manifest) names are ever deleted: a file of
+the user's in OUT that merely looks like a shard is left alone, and one in the way of a shard about
+to be written stops the run with its name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -31,15 +40,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pdiff.pipelines.sample_source import ENCODINGS, LATENT_DTYPES
-from pdiff.pipelines.shards.format import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, LABEL_DTYPE, LABEL_EXT, MANIFEST,
-                                           SHARD_FIELDS, ShardError, check_files, check_shard, sample_key,
+from pdiff.pipelines.shards.format import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, KEY_DIGITS, LABEL_EXT, MANIFEST, SHARD_FIELDS,
+                                           ShardError, check_files, check_shard, read_json, sample_crc, sample_key,
                                            sample_members, shard_record, write_index)
 from pdiff.pipelines.shards.inputs import Item, ShardInputError, duplicate_keys, open_inputs
 from pdiff.pipelines.shards.preprocess import TRANSFORMS, init_worker, probe, process_chunk
+from pdiff.progress import Progress
 
-TOOL_VERSION = "1"
+TOOL_VERSION = "2"        # 2: format version 3 (.cls labels, per-sample CRC-32s, seeded order)
 LAYOUTS = ("nhwc", "nchw")
+_ORDER_TAG = 0x0D3E
+_SHARD_FILE = re.compile(r"[^/\\]+-[0-9]{6}\.(tar|idx)")       # NAME-000123.tar / .idx, no folder
+SHOW_IGNORED = 10         # ignored files named in the summary (the manifest keeps up to MAX_IGNORED)
+MAX_IGNORED = 1000
+
+
+def write_order(count: int, shuffle_seed: int | None) -> np.ndarray:
+    """Positions of the source's inputs in the order they are written: a permutation drawn from
+    ``shuffle_seed``, or the source order for None."""
+    if shuffle_seed is None:
+        return np.arange(count)
+    return np.random.default_rng([int(shuffle_seed), _ORDER_TAG]).permutation(count)
 
 
 @dataclass
@@ -58,11 +82,12 @@ class Options:
     name: str = "data"
     on_error: str = "stop"                # stop | skip
     workers: int = 0                      # 0: all cores
+    shuffle_seed: int | None = 0          # inputs are written in this seeded random order; None: source order
     images_key: str | None = None         # .npz: the array of images (default: 'images', 'x' or the only 3/4-d array)
     labels_key: str | None = None         # .npz: the labels (default: 'labels' or 'y' if present)
     labels_file: str | None = None        # .npy source: labels in a separate .npy
     overwrite: bool = False
-    progress: bool | None = None          # None: when stderr is a terminal
+    progress: bool | None = None          # False: none; else a bar on a terminal, periodic lines elsewhere
     command: list[str] | None = None
 
     def check(self) -> None:
@@ -93,6 +118,9 @@ class Options:
             raise ShardInputError(f"quality must lie in 1..100, got {self.quality}")
         if self.max_count < 1 or self.max_bytes < 1 or self.min_shards < 1:
             raise ShardInputError("max-count, max-bytes and min-shards must be positive")
+        if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)
+                                              or self.shuffle_seed < 0):
+            raise ShardInputError(f"seed must be a non-negative integer, got {self.shuffle_seed!r}")
         if not self.name or any(c in self.name for c in "./\\ "):
             raise ShardInputError(f"shard name {self.name!r} must be non-empty without dots, slashes or spaces")
 
@@ -103,26 +131,36 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     opts.check()
     log = _Log(opts)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     src = open_inputs(source, opts)
     items = src.items
     if not items:
-        raise ShardInputError(f"{source}: the source is empty (no files or no array rows)")
+        raise ShardInputError(f"{source}: the source is empty (no image files or no array rows)"
+                              + (f"; {_ignored_text(src.ignored)}" if src.ignored else ""))
     resolution, channels = probe(src, opts)
+    src.reorder(write_order(len(items), opts.shuffle_seed))
+    items = src.items
     per_shard = min(opts.max_count, max(1, math.ceil(len(items) / opts.min_shards)))
     settings = {"resolution": resolution, "channels": channels, "transform": opts.transform,
-                "encoding": opts.encoding, "quality": opts.quality if opts.encoding in ("jpeg", "webp") else None}
+                "encoding": opts.encoding, "quality": opts.quality if opts.encoding in ("jpeg", "webp") else None,
+                "auto_channels": opts.channels == "auto" and src.kind != "array"}
     if opts.encoding == "latent":
         settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
     fingerprint = dict(settings, source=str(Path(source).resolve()), kind=src.kind, per_shard=per_shard,
-                       max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), tool_version=TOOL_VERSION)
+                       max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), shuffle_seed=opts.shuffle_seed,
+                       tool_version=TOOL_VERSION)
     journal = _Journal(out / f"{opts.name}.progress.json", fingerprint)
     manifest_path = out / MANIFEST
 
     if opts.overwrite:
         _remove_outputs(out, opts.name)
     elif manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = read_json(manifest_path, "shard manifest")
+        except ShardError as e:
+            raise ShardInputError(f"{e}; pass --overwrite to replace the shards in {out}, or choose another "
+                                  f"folder") from None
         if old.get("fingerprint") == fingerprint:
             check_files(out, old, checksums=True)
             log.info(f"{out}: already complete ({old['count']} samples in {len(old['shards'])} shards)")
@@ -131,7 +169,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
                               f"pass --overwrite to replace them, or choose another folder")
 
     t0 = time.time()
-    done = journal.resume(out, opts.name, items, log)
+    done = journal.resume(out, items, log)
     _write_samples(src, settings, opts, out, per_shard, journal, done, log)
     skipped = [s for rec in done for s in rec["skipped"]]
     manifest = _manifest(source, out_dir, opts, src, settings, done, skipped, fingerprint)
@@ -159,18 +197,18 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
     workers = opts.workers or os.cpu_count() or 1
     shard: _TarShard | None = None
     shard_start, shard_skipped = start, []
-    bar = log.bar(len(items), start)
+    progress = log.progress(len(items), start)
     pool = None
     try:
         if workers > 1 and len(chunks) > 1:
-            pool = _pool_context().Pool(workers, initializer=init_worker, initargs=(src, settings))
+            pool = pool_context().Pool(workers, initializer=init_worker, initargs=(src, settings))
             results = pool.imap(process_chunk, chunks)
         else:
             init_worker(src, settings)
             results = map(process_chunk, chunks)
         for chunk_result in results:
             for pos, data, reason in chunk_result:
-                bar.update(1)
+                progress.update(1)
                 item = items[pos]
                 if pos in listing_bad:
                     reason = listing_bad[pos][1]
@@ -189,7 +227,7 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
                     done.append(journal.close_shard(shard, out, items, shard_start, pos, shard_skipped, done))
                     shard, shard_start, shard_skipped = None, pos, []
                 if shard is None:
-                    shard = _TarShard(out / f"{opts.name}-{len(done):06d}.tar")
+                    shard = journal.open_shard(out, opts.name, len(done), done)
                 shard.add(sample_key(written), members)
                 written += 1
         if shard is not None:
@@ -200,7 +238,7 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
             done[-1]["input_end"] = len(items)
             journal.save(done)
     finally:
-        bar.close()
+        progress.close()
         if pool is not None:
             pool.terminate()
         if shard is not None:
@@ -213,18 +251,19 @@ def _manifest(source, out_dir, opts: Options, src, settings: dict, done: list[di
               fingerprint: dict) -> dict:
     latent = opts.encoding == "latent"
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION if latent else 1, "tool": "pdiff shard", "tool_version": TOOL_VERSION,
+        "format": FORMAT, "version": FORMAT_VERSION, "tool": "pdiff shard", "tool_version": TOOL_VERSION,
         "command": opts.command or ["write_shards", str(source), str(out_dir)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": str(source), "resolution": settings["resolution"], "channels": settings["channels"],
         "encoding": opts.encoding, "image_ext": IMAGE_EXTS[opts.encoding], "label_ext": LABEL_EXT,
-        "label_dtype": LABEL_DTYPE.str, "quality": settings["quality"], "transform": opts.transform,
+        "quality": settings["quality"], "transform": opts.transform, "shuffle_seed": opts.shuffle_seed,
         "count": sum(r["count"] for r in done), "labeled": src.labeled, "num_classes": len(src.classes),
         "classes": src.classes,
         "shards": [{k: r[k] for k in SHARD_FIELDS} for r in done],
         "bytes": sum(r["bytes"] for r in done),
         "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
                     "items": skipped},
+        "ignored": {"count": len(src.ignored), "files": src.ignored[:MAX_IGNORED]},
         "fingerprint": fingerprint,
     }
     if latent:      # samples are H x W x C (the input's layout was converted); values as given
@@ -237,15 +276,28 @@ def _manifest(source, out_dir, opts: Options, src, settings: dict, done: list[di
 # --------------------------------------------------------------------------------------------
 # Shards, the journal, resuming
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, no permission, read-only folder) names the file and what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise ShardError(f"{path}: cannot write: {e.strerror or e}; free some space or fix the folder (or choose "
+                         f"another OUT), then re-run the same command: it resumes after the last complete "
+                         f"shard") from None
+
+
 class _TarShard:
-    """One shard being written: a ``.tar.tmp`` and the index entries of its samples."""
+    """One shard being written: a ``.tar.tmp``, the index entries and the CRC-32s of its samples."""
 
     def __init__(self, final: Path):
         self.final = final
         self.tmp = final.with_name(final.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        with _writing(self.tmp):
+            self.file = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.entries: list[list[tuple[str, int, int, str]]] = []
+        self.crcs: list[int] = []
 
     @staticmethod
     def cost(sizes) -> int:
@@ -257,25 +309,30 @@ class _TarShard:
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         comps = []
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            offset = self.tar.offset + tarfile.BLOCKSIZE      # ustar header = one block for short names
-            self.tar.addfile(info, io.BytesIO(data))
-            comps.append((ext, offset, len(data), info.name))
+        with _writing(self.tmp):
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                offset = self.tar.offset + tarfile.BLOCKSIZE      # ustar header = one block for short names
+                self.tar.addfile(info, io.BytesIO(data))
+                comps.append((ext, offset, len(data), info.name))
         self.entries.append(comps)
+        self.crcs.append(sample_crc(*(data for _, data in members)))
 
     def finish(self, index_path: Path) -> dict:
         """Close the tar, write the index, rename both to their final names; -> the shard's record."""
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with _writing(self.tmp):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         idx_tmp = index_path.with_name(index_path.name + ".tmp")
-        write_index(idx_tmp, self.entries)
-        rec = shard_record(self.tmp, idx_tmp, len(self.entries), self.final.name, index_path.name)
-        os.replace(idx_tmp, index_path)
-        os.replace(self.tmp, self.final)
+        with _writing(idx_tmp):
+            write_index(idx_tmp, self.entries)
+        rec = shard_record(self.tmp, idx_tmp, self.crcs, self.final.name, index_path.name)
+        with _writing(index_path):
+            os.replace(idx_tmp, index_path)
+            os.replace(self.tmp, self.final)
         return rec
 
     def abandon(self) -> None:
@@ -283,32 +340,66 @@ class _TarShard:
             self.tar.close()
         except Exception:
             pass
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:             # the disk that was full stays full: the temporary goes anyway
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
 def _keys_hash(items: list[Item], start: int, end: int) -> str:
     h = hashlib.sha256()
-    for it in items[start:end]:
-        h.update(f"{it.key}\0{it.label}\n".encode())
+    for it in items[start:end]:        # surrogateescape: a file name that is not UTF-8 hashes by its bytes
+        h.update(f"{it.key}\0{it.label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
 def _atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with _writing(tmp):
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+
+def _shard_files(out: Path, tar_name) -> list[Path]:
+    """A shard's files, temporaries included, when ``tar_name`` is a shard's file name (a name read from
+    a JSON file on disk is checked: nothing outside OUT is ever touched)."""
+    if not isinstance(tar_name, str) or not _SHARD_FILE.fullmatch(tar_name):
+        return []
+    tar = out / tar_name
+    idx = tar.with_suffix(".idx")
+    return [tar, idx, tar.with_name(tar.name + ".tmp"), idx.with_name(idx.name + ".tmp")]
+
+
+def _listed_files(out: Path, data: dict) -> list[Path]:
+    """The shard files a manifest or a journal names (finished shards and the one being written)."""
+    records = data.get("shards") if isinstance(data.get("shards"), list) else []
+    names = [rec.get("tar") for rec in records if isinstance(rec, dict)] + [data.get("writing")]
+    return [p for name in names for p in _shard_files(out, name)]
 
 
 class _Journal:
-    """``NAME.progress.json``: the fingerprint of the run and the record of every finished shard (its
-    manifest entry plus the input range it covers, a hash of those keys and the inputs skipped)."""
+    """``NAME.progress.json``: the fingerprint of the run, the record of every finished shard (its
+    manifest entry plus the input range it covers, a hash of those keys and the inputs skipped) and
+    the name of the shard being written."""
 
     def __init__(self, path: Path, fingerprint: dict):
         self.path, self.fingerprint = path, fingerprint
 
-    def save(self, shards: list[dict]) -> None:
-        _atomic_json(self.path, {"fingerprint": self.fingerprint, "shards": shards})
+    def save(self, shards: list[dict], writing: str | None = None) -> None:
+        _atomic_json(self.path, {"fingerprint": self.fingerprint, "shards": shards, "writing": writing})
+
+    def open_shard(self, out: Path, name: str, number: int, done: list[dict]) -> _TarShard:
+        """Begin shard ``number``: its name goes into the journal first, so that a run killed while
+        writing it knows the temporary files are its own."""
+        final = out / f"{name}-{number:06d}.tar"
+        for p in _shard_files(out, final.name):
+            if p.exists():
+                raise ShardInputError(f"{p} is in the way: it was not written by this `pdiff shard` run (its "
+                                      f"journal {self.path.name} does not list it), so it is left alone; move it "
+                                      f"away, or choose another --name or output folder")
+        self.save(done, writing=final.name)
+        return _TarShard(final)
 
     def close_shard(self, shard: _TarShard, out: Path, items: list[Item], start: int, end: int,
                     skipped: list[dict], done: list[dict]) -> dict:
@@ -317,21 +408,25 @@ class _Journal:
         self.save(done + [rec])
         return rec
 
-    def resume(self, out: Path, name: str, items: list[Item], log) -> list[dict]:
-        """Keep the journal's shards that still match (in order); remove every other shard file."""
+    def resume(self, out: Path, items: list[Item], log) -> list[dict]:
+        """Keep the journal's shards that still match (in order); remove the other files it names."""
         done: list[dict] = []
+        remove: list[Path] = []
         if self.path.exists():
-            journal = json.loads(self.path.read_text())
-            if journal.get("fingerprint") != self.fingerprint and not journal.get("shards"):
-                journal = {"shards": []}              # nothing was finished: nothing to protect
-            elif journal.get("fingerprint") != self.fingerprint:
+            try:
+                journal = read_json(self.path, "progress journal of an unfinished run")
+            except ShardError as e:
+                raise ShardInputError(f"{e}; pass --overwrite to start again (only the shard files it named "
+                                      f"would be kept safe, so check {out} afterwards)") from None
+            remove = _listed_files(out, journal)
+            if journal.get("fingerprint") != self.fingerprint and journal.get("shards"):
                 raise ShardInputError(f"{out} holds an unfinished run with other options or another source; "
                                       f"pass --overwrite to start again, or re-run the original command")
-            for rec in journal["shards"]:
+            for rec in journal.get("shards") or []:
                 try:
                     check_shard(out, rec, checksums=True)
                     ok = rec["keys"] == _keys_hash(items, rec["input_start"], rec["input_end"])
-                except ShardError:
+                except (ShardError, KeyError, TypeError):
                     ok = False
                 if not ok:
                     log.warn(f"{out / rec['tar']}: does not match the progress record; writing it again from there")
@@ -340,23 +435,43 @@ class _Journal:
             if done:
                 log.info(f"{out}: resuming after {len(done)} complete shards")
         keep = {out / r["tar"] for r in done} | {out / r["index"] for r in done}
-        for p in _shard_files(out, name):
+        for p in remove:
             if p not in keep:
-                p.unlink()
+                p.unlink(missing_ok=True)
         self.save(done)
         return done
 
 
-def _shard_files(out: Path, name: str) -> list[Path]:
-    return [p for p in out.glob(f"{name}-*") if p.name.endswith((".tar", ".idx", ".tmp"))]
-
-
 def _remove_outputs(out: Path, name: str) -> None:
-    for p in _shard_files(out, name) + [out / MANIFEST, out / f"{name}.progress.json"]:
+    """--overwrite: the shards the old manifest and journal name, and those two files. Where one is
+    damaged (it names nothing), the ``NAME-NNNNNN`` files whose first bytes are a shard's or an
+    index's go too; anything else left in the way stops the run by name."""
+    remove = []
+    for path, what in ((out / MANIFEST, "shard manifest"), (out / f"{name}.progress.json", "progress journal")):
+        if path.exists():
+            try:
+                remove += _listed_files(out, read_json(path, what))
+            except ShardError:
+                remove += [p for p in out.glob(f"{name}-*") if _looks_written_here(out, p)]
+            remove.append(path)
+    for p in remove:
         p.unlink(missing_ok=True)
 
 
-def _pool_context():
+def _looks_written_here(out: Path, path: Path) -> bool:
+    """A shard file name whose content begins as this writer's do: a tar whose first member is a sample
+    (``KKKKKKKKK.ext``), or a DALI index."""
+    base = path.name[:-4] if path.name.endswith(".tmp") else path.name
+    if not _shard_files(out, base):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if base.endswith(".idx"):
+        return head.startswith(b"v1.2 ")
+    return re.fullmatch(rb"[0-9]{%d}\.[a-z]+" % KEY_DIGITS, head[:100].rstrip(b"\0")) is not None
+
+
+def pool_context():
     """fork while this process runs a single thread (the CLI): fast, and the workers share the item
     list. A process with other threads (a trainer's writers, DALI, a test runner) gets forkserver:
     a thread holding a lock at fork time would leave that lock held forever in the child."""
@@ -375,7 +490,6 @@ def _pool_context():
 
 class _Log:
     def __init__(self, opts: Options):
-        self.show = sys.stderr.isatty() if opts.progress is None else opts.progress
         self.quiet = opts.progress is False
 
     def info(self, msg: str) -> None:
@@ -385,9 +499,14 @@ class _Log:
     def warn(self, msg: str) -> None:
         print(msg, file=sys.stderr)
 
-    def bar(self, total: int, initial: int):
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, disable=not self.show, unit="img", desc="shard")
+    def progress(self, total: int, initial: int) -> Progress:
+        return Progress(total, "shard", "img", initial=initial, enabled=not self.quiet)
+
+
+def _ignored_text(files: list[str], count: int | None = None) -> str:
+    count = len(files) if count is None else count
+    names = ", ".join(files[:SHOW_IGNORED]) + (f" and {count - SHOW_IGNORED} more" if count > SHOW_IGNORED else "")
+    return f"ignored {count} file(s) that are not images: {names}"
 
 
 def summary(manifest: dict, seconds: float | None = None) -> str:
@@ -399,4 +518,7 @@ def summary(manifest: dict, seconds: float | None = None) -> str:
         lines.append(f"skipped {sk['count']} inputs: " + ", ".join(f"{r} {n}" for r, n in sorted(sk["by_reason"].items())))
     else:
         lines.append("skipped 0 inputs")
+    ignored = m.get("ignored") or {"count": 0}
+    if ignored["count"]:
+        lines.append(_ignored_text(ignored["files"], ignored["count"]))
     return "\n".join(lines)
