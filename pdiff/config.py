@@ -51,6 +51,10 @@ class DataConfig:
     prefetch: int = 4                     # batches decoded ahead
     verify_checksums: bool = False        # sha256 of every shard against the manifest at start (sizes are always checked)
     xflip: bool = False                   # random horizontal flips (off: flips move coordinates)
+    # A damaged sample (fails its CRC-32 or its decode): stop, naming it | skip: read the next good sample
+    # in its place, count it, and stop past max_corrupt damaged samples (per process).
+    on_corrupt: Literal["stop", "skip"] = "stop"
+    max_corrupt: int = 100
 
 
 @dataclass
@@ -319,6 +323,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("network.label_dropout", "must lie in [0, 1)")
     if cfg.network.label_dim < 0:
         bad("network.label_dim", f"must be >= 0 (0 = unconditional), got {cfg.network.label_dim}")
+    if cfg.data.max_corrupt < 0:
+        bad("data.max_corrupt", f"must be >= 0 (damaged samples tolerated with data.on_corrupt=skip), got "
+                                f"{cfg.data.max_corrupt}")
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
         bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
 

@@ -14,7 +14,8 @@ permutation split across ranks), and the crop positions (drawn for the global st
 images seen; rank r keeps rows r, r+W, ... of both, so W ranks read what one process would). The
 backends only fetch, decode and crop what the plan names, from a sample source (pipelines/
 sample_source.py: count, labels, fingerprint, read(i); the shard folders of `pdiff shard` are the
-registered one, pipelines/sources.py):
+registered one, pipelines/sources.py). A damaged sample (checksum or decode) stops the run naming it,
+or with ``data.on_corrupt=skip`` is replaced by the next good one (pipelines/corrupt.py):
 
 * dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples, the crop
   anchors and the crop shape; DALI decodes (JPEG on the GPU with the "mixed" decoder where CUDA
@@ -38,6 +39,7 @@ and both backends give the same samples and crops (bit-identical patches for PNG
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 from pdiff.pipelines.sample_source import SampleSource, SourceError
@@ -86,6 +88,10 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
     if not data.path:
         raise SourceError("data.path is empty: point it at a folder written by `pdiff shard`")
     source = open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)))
+    if not source.checksummed and rank == 0:
+        print(f"pdiff: WARNING {data.path}: the samples carry no checksums, so a damaged one is caught only if it "
+              f"fails to decode (and may crash DALI's decoder); shards written by `pdiff shard` before format "
+              f"version 3 are like this: re-create them to have every sample checked", file=sys.stderr)
     if source.resolution != data.resolution or source.resolution != schedule.resolution:
         raise SourceError(f"{data.path}: samples are {source.resolution}x{source.resolution} but data.resolution is "
                           f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={source.resolution}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pdiff.pipelines import Batch, PipelineStateError
+from pdiff.pipelines.corrupt import CorruptPolicy, Replaced
 from pdiff.pipelines.order import RankStep, SamplePlan
 from pdiff.pipelines.sample_source import SampleSource
 
@@ -19,10 +20,11 @@ def normalize(patches: torch.Tensor) -> torch.Tensor:
 
 
 class PatchPipeline:
-    """Shared part: the plan, the uint8 -> [-1, 1] conversion, the state. Backends implement
-    ``_start(images_seen)``, ``_next_step() -> (RankStep, patches)`` and ``_stop()``; the patches are
-    float32 (b, C, s, s) already in [-1, 1] (latents: as stored) or uint8 (b, s, s, C), converted here
-    on the device."""
+    """Shared part: the plan, the uint8 -> [-1, 1] conversion, the damaged-sample policy, the state.
+    Backends implement ``_start(images_seen)``, ``_next_step() -> (RankStep, patches, replaced)`` and
+    ``_stop()``; the patches are float32 (b, C, s, s) already in [-1, 1] (latents: as stored) or uint8
+    (b, s, s, C), converted here on the device; ``replaced`` lists the rows read from another sample
+    than planned because the planned one was damaged (pipelines/corrupt.py)."""
     backend = "?"
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, source: SampleSource):
@@ -32,6 +34,7 @@ class PatchPipeline:
         self.seed = int(cfg.train.seed)
         self.plan = SamplePlan(source.count, source.labels, schedule, self.seed, rank, world_size,
                                xflip=bool(cfg.data.xflip))
+        self.corrupt = CorruptPolicy(cfg.data.on_corrupt, cfg.data.max_corrupt)
         self.images_seen = 0
         self._running = False
 
@@ -43,9 +46,11 @@ class PatchPipeline:
         if not self._running:
             self._start(self.images_seen)
             self._running = True
-        step, raw = self._next_step()
+        step, raw, replaced = self._next_step()
         if step.images_seen != self.images_seen:
             raise RuntimeError(f"pipeline out of step: got images_seen {step.images_seen}, expected {self.images_seen}")
+        if replaced:
+            self.corrupt.apply(step.indices, step.labels, self.plan.labels, replaced)
         patches = raw.to(self.device, non_blocking=True)
         if patches.dtype == torch.uint8:
             patches = normalize(patches)
@@ -65,7 +70,7 @@ class PatchPipeline:
     def state_dict(self) -> dict:
         """The same on every rank (the position is global): rank 0's state can be loaded by all."""
         return {"kind": "pdiff-patch-pipeline", "version": STATE_VERSION, "images_seen": int(self.images_seen),
-                "backend": self.backend, **self._guards()}
+                "backend": self.backend, "corrupt": self.corrupt.state_dict(), **self._guards()}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != "pdiff-patch-pipeline":
@@ -85,6 +90,7 @@ class PatchPipeline:
             raise PipelineStateError(f"images_seen {n} in the state is not a multiple of the world size")
         self.close()
         self.images_seen = n
+        self.corrupt.load_state_dict(state.get("corrupt"))     # absent in states saved before the policy
 
     def close(self) -> None:
         if self._running:
@@ -101,7 +107,7 @@ class PatchPipeline:
     def _start(self, images_seen: int) -> None:
         raise NotImplementedError
 
-    def _next_step(self) -> tuple[RankStep, torch.Tensor]:
+    def _next_step(self) -> tuple[RankStep, torch.Tensor, list[Replaced]]:
         raise NotImplementedError
 
     def _stop(self) -> None:

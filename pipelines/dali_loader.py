@@ -10,16 +10,26 @@ images, go to the GPU; raw is sliced without a decode. CPU-only (device_id=None)
 
 Latents are fed like raw, as one typed (b, R, R, C) float16/float32 batch; they are sliced, moved to
 the GPU where the patches go there, transposed to CHW and cast to float32 without normalization.
+
+Damaged samples: the callback reads each sample through its checksum (pipelines/corrupt.py), so a
+damaged one is replaced (and reported with the step) before DALI sees a byte of it; a decoder fed
+damaged bytes may crash the process. Shards without checksums can still hand DALI bytes it cannot
+decode: its error names no sample and leaves the pipeline unusable, so the samples fed are decoded
+again on the host to find the culprit, which is then treated as damaged, and the pipeline is rebuilt
+at the same step.
 """
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
 import torch
 
 from pdiff.pipelines.base import PatchPipeline
-from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS
+from pdiff.pipelines.corrupt import Replaced, read_checked
+from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, CorruptSample, SourceError
+from pdiff.pipelines.shards.format import ShardError
 
 
 class DaliPatchPipeline(PatchPipeline):
@@ -33,6 +43,9 @@ class DaliPatchPipeline(PatchPipeline):
         self._planned: dict[int, object] = {}
         self._steps = None
         self._consumed = 0
+        self._replaced: dict[int, list[Replaced]] = {}     # iteration -> rows read from another sample
+        self._fed: dict[int, np.ndarray] = {}              # iteration -> the samples fed (after replacements)
+        self._undecodable: dict[int, str] = {}             # sample -> why: DALI failed on it
 
     # The callback runs ahead of the consumer (prefetch): keep the planned steps until consumed.
     def _step_for(self, iteration: int):
@@ -42,16 +55,30 @@ class DaliPatchPipeline(PatchPipeline):
                 self._generated += 1
             return self._planned[iteration]
 
+    def _checked(self, fetch):
+        def fetch_decodable(i: int):
+            if i in self._undecodable:
+                raise CorruptSample(i, self._undecodable[i])
+            return fetch(i)
+        return fetch_decodable
+
     def _feed(self, info):
         step = self._step_for(info.iteration)
         src = self.source
         n = len(step.indices)
+        replaced: list[Replaced] = []
         if src.encoding in UNIFORM_ENCODINGS:      # one uniform array: DALI takes it as a batch, no per-sample cost
             data = np.empty((n, src.resolution, src.resolution, src.channels), src.dtype)
             for j, i in enumerate(step.indices):
-                src.read_into(int(i), data[j])
+                read_checked(src, int(i), j, self._checked(lambda k, out=data[j]: src.read_into(k, out)), replaced)
         else:
-            data = [np.frombuffer(src.read(int(i)), np.uint8) for i in step.indices]
+            data = [np.frombuffer(read_checked(src, int(i), j, self._checked(src.read), replaced), np.uint8)
+                    for j, i in enumerate(step.indices)]
+        fed = step.indices.copy()
+        for r in replaced:
+            fed[r.row] = r.used
+        with self._lock:
+            self._replaced[info.iteration], self._fed[info.iteration] = replaced, fed
         anchors = np.ascontiguousarray(step.read_xy[:, ::-1], dtype=np.int32)     # (y0, x0) for axes (H, W)
         shapes = np.full((n, 2), step.patch_size, np.int32)
         return data, anchors, shapes
@@ -96,21 +123,62 @@ class DaliPatchPipeline(PatchPipeline):
         self._pipe = self._build()
 
     def _next_step(self):
-        (out,) = self._pipe.run()
+        try:
+            (out,) = self._pipe.run()
+        except RuntimeError as e:
+            if isinstance(e, SourceError):      # raised by the feeding callback, already clear
+                raise
+            self._find_undecodable(e)
+            self._stop()
+            self._start(self.images_seen)       # the same step again, the culprit replaced this time
+            return self._next_step()
         step = self._step_for(self._consumed)
         with self._lock:
             del self._planned[self._consumed]
+            replaced = self._replaced.pop(self._consumed, [])
+            self._fed.pop(self._consumed, None)
         self._consumed += 1
         tensor = out.as_tensor()
         if self.cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
             dst = torch.empty(tuple(tensor.shape()), dtype=torch.float32, device=self.device)
             feed_ndarray(tensor, dst, cuda_stream=torch.cuda.current_stream(self.device))
-            return step, dst
-        return step, torch.from_numpy(np.array(tensor))
+            return step, dst, replaced
+        return step, torch.from_numpy(np.array(tensor)), replaced
+
+    def _find_undecodable(self, error: Exception) -> None:
+        """After DALI failed: the samples fed and not yet delivered that the host cannot decode either
+        (or the one DALI's message numbers) join ``_undecodable``; none is an error saying so."""
+        with self._lock:
+            fed = [self._fed[k] for k in sorted(self._fed) if k >= self._consumed]
+        found = False
+        for indices in fed:
+            for i in map(int, indices):
+                if i in self._undecodable:
+                    continue
+                try:
+                    self.source.decode(i)
+                except CorruptSample as e:
+                    self._undecodable[i] = f"{e} (DALI's decoder failed on it too)"
+                    found = True
+            if found:
+                return
+        lines = [line.strip() for line in str(error).splitlines()
+                 if line.strip() and "no longer valid" not in line and "Critical error" not in line]
+        gist = lines[-1] if lines else type(error).__name__
+        number = re.search(r"sample #(\d+)", str(error))
+        if fed and number and int(number.group(1)) < len(fed[0]):
+            i = int(fed[0][int(number.group(1))])
+            if i not in self._undecodable:
+                self._undecodable[i] = f"{self.source.describe(i)}: DALI cannot decode it ({gist})"
+                return
+        raise ShardError(f"DALI failed on the step at {self.images_seen:,} images ({gist}), but each of its samples "
+                         f"decodes on the host (Pillow), so the culprit is unknown; run `pdiff shard verify "
+                         f"{self.cfg.data.path}`, or train with data.backend=torch, which decodes with Pillow")
 
     def _stop(self) -> None:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             del pipe
         self._planned, self._steps = {}, None
+        self._replaced, self._fed = {}, {}

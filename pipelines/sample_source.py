@@ -101,13 +101,18 @@ class SampleSource:
         """Where sample ``i`` lives, for error messages."""
         return f"sample {i}"
 
+    def damage_hint(self) -> str:
+        """What to do about a damaged sample, for error messages ("" if nothing to say)."""
+        return ""
+
     def decode(self, i: int) -> np.ndarray:
         """Sample ``i`` as an (R, R, C) array of ``dtype``."""
         data = self.read(i)          # a read error names the place itself
         try:
             return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype)
         except Exception as e:
-            raise CorruptSample(i, f"{self.describe(i)} cannot be decoded: {e}") from None
+            hint = self.damage_hint()
+            raise CorruptSample(i, f"{self.describe(i)} cannot be decoded: {e}" + (f"; {hint}" if hint else "")) from None
 
     def read_into(self, i: int, out: np.ndarray) -> None:
         """Uniform encodings: sample ``i`` into ``out`` (R x R x C of ``dtype``, contiguous)."""

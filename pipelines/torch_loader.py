@@ -6,6 +6,10 @@ missing. Latent samples are cropped in their stored float type and handed over a
 The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the
 main process joins the chunks of a step in order. No shuffling happens inside the DataLoader, so the
 output does not depend on the number of workers and resuming needs only the images seen.
+
+A damaged sample (its checksum fails when read, or Pillow cannot decode it) is replaced in the worker
+by the next good one and reported with the chunk; the pipeline applies ``data.on_corrupt`` when the
+step is delivered (pipelines/corrupt.py).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pdiff.pipelines.base import SCALE, PatchPipeline
+from pdiff.pipelines.corrupt import Replaced, read_checked
 from pdiff.pipelines.order import RankStep
 from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
 
@@ -23,14 +28,16 @@ from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
 _LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE)   # same bits as normalize()
 
 
-def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray, patch_size: int) -> np.ndarray:
+def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
+                 patch_size: int) -> tuple[np.ndarray, list[Replaced]]:
     """(n, s, s, C) in the stored type (uint8 images, float16/float32 latents): sample indices[j]
-    cropped at read_xy[j] = (x0, y0)."""
+    cropped at read_xy[j] = (x0, y0), or the sample that replaced a damaged one (listed)."""
     s = patch_size
     out = np.empty((len(indices), s, s, source.channels), source.dtype)
+    replaced: list[Replaced] = []
     for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
-        out[j] = source.decode(int(i))[y:y + s, x:x + s]
-    return out
+        out[j] = read_checked(source, int(i), j, source.decode, replaced)[y:y + s, x:x + s]
+    return out, replaced
 
 
 class _ChunkReader(Dataset):
@@ -42,12 +49,12 @@ class _ChunkReader(Dataset):
 
     def __getitem__(self, key):
         step_images_seen, chunk, n_chunks, s, indices, read_xy = key
-        patches = read_patches(self.source, indices, read_xy, s)
+        patches, replaced = read_patches(self.source, indices, read_xy, s)
         if self.source.encoding == "latent":           # values as stored: HWC -> CHW, float16 -> float32 is exact
             patches = patches.transpose(0, 3, 1, 2).astype(np.float32)
         elif self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
             patches = _LUT[patches.transpose(0, 3, 1, 2)]
-        return step_images_seen, chunk, n_chunks, torch.from_numpy(patches)
+        return step_images_seen, chunk, n_chunks, torch.from_numpy(patches), replaced
 
     def __len__(self):
         raise TypeError("endless dataset")
@@ -92,16 +99,19 @@ class TorchPatchPipeline(PatchPipeline):
         self._iter = iter(loader)
 
     def _next_step(self):
-        parts = []
+        parts, replaced = [], []
         while True:
-            step_images_seen, chunk, n_chunks, patches = next(self._iter)
+            step_images_seen, chunk, n_chunks, patches, chunk_replaced = next(self._iter)
             parts.append(patches)
+            for r in chunk_replaced:            # rows of the chunk -> rows of the step
+                r.row += chunk * self.chunk_size
+            replaced += chunk_replaced
             if chunk == n_chunks - 1:
                 break
         step = self._pending.popleft()
         if step.images_seen != step_images_seen:
             raise RuntimeError("torch pipeline: chunks arrived out of order")
-        return step, parts[0] if len(parts) == 1 else torch.cat(parts)
+        return step, parts[0] if len(parts) == 1 else torch.cat(parts), replaced
 
     def _stop(self) -> None:
         it, self._iter = self._iter, None

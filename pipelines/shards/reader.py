@@ -66,17 +66,20 @@ class ShardSet(SampleSource):
         return sample_place(self.tars[s], i, i - int(self.first[s]), self.image_ext, int(self.img_off[i]),
                             int(self.img_size[i]))
 
+    def damage_hint(self) -> str:
+        return verify_hint(self.root)
+
     def _pread(self, i: int, offset: int, size: int, what: str) -> bytes:
         data = os.pread(self._fd(int(self.shard[i])), size, offset)
         if len(data) != size:
             raise CorruptSample(i, f"{self.describe(i)}: {what} cut short ({len(data)} of {size} bytes; the index "
-                                   f"points outside the archive); {verify_hint(self.root)}")
+                                   f"points outside the archive); {self.damage_hint()}")
         return data
 
     def _check(self, i: int, crc: int) -> None:
         if crc != int(self.crc[i]):
             raise CorruptSample(i, f"{self.describe(i)}: fails its CRC-32 check (stored {int(self.crc[i]):08x}, read "
-                                   f"{crc:08x}): the shard is damaged here; {verify_hint(self.root)}")
+                                   f"{crc:08x}): the shard is damaged here; {self.damage_hint()}")
 
     def _label_bytes(self, i: int) -> bytes:
         return self._pread(i, int(self.lbl_off[i]), int(self.lbl_size[i]), "label")
@@ -105,7 +108,7 @@ class ShardSet(SampleSource):
         got = os.preadv(self._fd(int(self.shard[i])), [view, tail] if tail else [view], int(self.img_off[i]))
         if got != want:
             raise CorruptSample(i, f"{self.describe(i)}: data cut short ({min(got, size)} of {size} bytes; the index "
-                                   f"points outside the archive); {verify_hint(self.root)}")
+                                   f"points outside the archive); {self.damage_hint()}")
         if self.crc is not None:
             label = bytes(tail[gap:]) if tail else self._label_bytes(i)
             self._check(i, sample_crc(view, label))
@@ -121,7 +124,7 @@ class ShardSet(SampleSource):
                     labels[i] = decode_label(self.label_ext, self._label_bytes(i))
                 except (ValueError, CorruptSample) as e:
                     if self.crc is None:
-                        raise ShardError(f"{self.describe(i)}: {e}; {verify_hint(self.root)}") from None
+                        raise ShardError(f"{self.describe(i)}: {e}; {self.damage_hint()}") from None
                     labels[i] = -1
             self._labels = labels
         return self._labels
