@@ -32,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     from .config import ConfigError
+    from .pipelines.sample_source import SourceError
     try:
         return int(module.main(rest) or 0)
     except ConfigError as e:  # a config mistake is the user's to fix: the message, not a traceback
         print(f"pdiff {name}: config error: {e}", file=sys.stderr)
         return 2
+    except SourceError as e:  # so is damaged or mismatched data (the message names the file and sample)
+        print(f"pdiff {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
                            images_seen_this_run=images_seen - images_at_start)
             if compiles_after_warmup is not None:
                 figures["recompiles_after_warmup"] = compiled_graphs() - compiles_after_warmup
+            # Damaged samples met so far (replaced under data.on_corrupt=skip), counted once over all ranks.
+            figures["data/corrupt_samples"] = len(set().union(*distributed.all_gather_object(pipe.corrupt.found)))
             monitor.scalars(images_seen, figures)
             t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done):

@@ -93,7 +93,7 @@ def child(backend: str, root: str, victims: dict) -> dict:
     from pdiff.pipelines.order import SamplePlan
     from pdiff.pipelines.sample_source import SourceError
     from pdiff.pipelines.shards import ShardSet
-    from pdiff.schedule import PatchSchedule
+    from pdiff.schedule import StochasticSchedule
 
     root, steps, seed = Path(root), 8, 1234
 
@@ -101,7 +101,7 @@ def child(backend: str, root: str, victims: dict) -> dict:
         cfg = load_config(None, [f"data.path={root / case}", f"data.resolution={R}", "data.channels=3",
                                  f"data.backend={backend}", f"data.workers={workers}", "train.batch=4",
                                  f"train.seed={seed}", *overrides])
-        return build_pipeline(cfg, PatchSchedule(R, 4, sizes=[8, 16], probs=[0.5, 0.5], seed=seed), 0, 1, "cpu")
+        return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=[8, 16], probs=[0.5, 0.5], seed=seed), 0, 1, "cpu")
 
     out = {}
     for case, i in victims.items():
@@ -214,3 +214,18 @@ def test_checksummed_shards_catch_what_decoders_miss(damaged):
     with pytest.raises(CorruptSample, match=f"sample {i:09d}"):
         sh.read(i)
     assert not ShardSet(root / "v1").checksummed and sh.checksummed
+
+
+def test_train_stops_with_the_message_or_trains_on_and_logs_the_count(tmp_path, damaged):
+    """`pdiff train` as a user runs it: stop exits 1 with the message and no traceback; skip trains to
+    the end and logs the damaged samples found."""
+    from test_train import log_rows, run_train, write_config
+    root, victims, _ = damaged
+    data = {"path": str(root / "png-flipped-byte"), "channels": 3}
+    config = write_config(tmp_path, root, data=data, train={"duration_images": 96, "ckpt_every_images": 96})
+    p = run_train(config, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"sample {victims['png-flipped-byte']:09d}" in p.stderr and "data.on_corrupt=skip" in p.stderr
+    p = run_train(config, "data.on_corrupt=skip", "train.run_dir=" + str(tmp_path / "skip"))
+    rows = log_rows(tmp_path / "skip")
+    assert rows[-1]["images_seen"] >= 96 and rows[-1]["data/corrupt_samples"] == 1
