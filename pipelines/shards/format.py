@@ -190,7 +190,8 @@ def sample_offsets(root: Path, rec: dict, encoding: str, label: str) -> np.ndarr
         if ext not in e or label not in e:
             raise ShardError(f"{path}: sample #{k} lacks .{ext} or .{label}")
         size = e[label][1]
-        if size != _LEGACY_LABEL_DTYPE.itemsize if label == LEGACY_LABEL_EXT else not 1 <= size <= _MAX_LABEL_BYTES:
+        fits = size == _LEGACY_LABEL_DTYPE.itemsize if label == LEGACY_LABEL_EXT else 1 <= size <= _MAX_LABEL_BYTES
+        if not fits:
             raise ShardError(f"{path}: sample #{k} has a {size}-byte .{label} label")
         out[k] = *e[ext], *e[label]
     return out

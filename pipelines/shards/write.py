@@ -46,7 +46,7 @@ from pdiff.pipelines.sample_source import ENCODINGS, LATENT_DTYPES
 from pdiff.pipelines.shards.format import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, KEY_DIGITS, LABEL_EXT, MANIFEST, SHARD_FIELDS,
                                            ShardError, check_files, check_shard, read_json, sample_crc, sample_key,
                                            sample_members, shard_record, write_index)
-from pdiff.pipelines.shards.inputs import Item, ShardInputError, duplicate_keys, open_inputs
+from pdiff.pipelines.shards.inputs import Inputs, Item, ShardInputError, duplicate_keys, open_inputs
 from pdiff.pipelines.shards.preprocess import TRANSFORMS, init_worker, probe, process_chunk
 from pdiff.progress import Progress
 
@@ -133,13 +133,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     out = Path(out_dir)
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    src = open_inputs(source, opts)
-    items = src.items
-    if not items:
-        raise ShardInputError(f"{source}: the source is empty (no image files or no array rows)"
-                              + (f"; {_ignored_text(src.ignored)}" if src.ignored else ""))
-    resolution, channels = probe(src, opts)
-    src.reorder(write_order(len(items), opts.shuffle_seed))
+    src, resolution, channels = _inputs_in_write_order(source, opts)
     items = src.items
     per_shard = min(opts.max_count, max(1, math.ceil(len(items) / opts.min_shards)))
     settings = {"resolution": resolution, "channels": channels, "transform": opts.transform,
@@ -181,6 +175,22 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     return manifest
 
 
+def _inputs_in_write_order(source: str | Path, opts: Options) -> tuple[Inputs, int, int]:
+    """The inputs, their resolution and channel count, in the order they are written; the bad inputs
+    known before decoding (duplicate keys: the later one in the source's order) marked."""
+    src = open_inputs(source, opts)
+    items = src.items
+    if not items:
+        raise ShardInputError(f"{source}: the source is empty (no image files or no array rows)"
+                              + (f"; {_ignored_text(src.ignored)}" if src.ignored else ""))
+    resolution, channels = probe(src, opts)
+    listed_bad = {pos for pos, _, _ in src.bad}
+    src.bad += [(pos, items[pos].path, f"duplicate key: {items[pos].key!r} also names {items[first].path}")
+                for pos, first in duplicate_keys(items).items() if pos not in listed_bad]
+    src.reorder(write_order(len(items), opts.shuffle_seed))
+    return src, resolution, channels
+
+
 def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int, journal: _Journal,
                    done: list[dict], log) -> None:
     """Preprocess the items after the resumed shards (in a pool of workers) and write them in input
@@ -188,7 +198,6 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
     items = src.items
     start = done[-1]["input_end"] if done else 0
     listing_bad = {pos: (path, reason) for pos, path, reason in src.bad}
-    dup = duplicate_keys(items)
     written = sum(r["count"] for r in done)
 
     todo = list(range(start, len(items)))
@@ -212,8 +221,6 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
                 item = items[pos]
                 if pos in listing_bad:
                     reason = listing_bad[pos][1]
-                elif pos in dup:
-                    reason = f"duplicate key: {item.key!r} also names {items[dup[pos]].path}"
                 if reason is not None:
                     if opts.on_error == "stop":
                         raise ShardInputError(f"{item.path}: {reason} (fix or remove it, or pass --on-error skip "
