@@ -20,11 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot run: the message names the key, the file and the value."""
+    exit_code = 2
 
 
 @dataclass

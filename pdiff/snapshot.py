@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, from_dict, to_dict
+from .errors import UserError
 
 FORMAT = "pdiff-snapshot-1"
 
 
-class SnapshotError(ValueError):
-    pass
+class SnapshotError(UserError, ValueError):
+    exit_code = 2
 
 
 def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int) -> Path:

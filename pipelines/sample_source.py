@@ -21,12 +21,14 @@ import io
 
 import numpy as np
 
+from pdiff.errors import UserError
+
 ENCODINGS = ("png", "jpeg", "webp", "raw", "latent")
 UNIFORM_ENCODINGS = ("raw", "latent")
 LATENT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A dataset that cannot be read, or does not match what the config says about it."""
 
 

@@ -399,7 +399,9 @@ def test_cli_npz_info_verify(tmp_path, rng, capsys):
     (out / m["shards"][0]["tar"]).write_bytes(b"x")
     assert shard_main(["verify", str(out)]) == 1
     assert "data-000000.tar" in capsys.readouterr().err
-    assert shard_main([str(tmp_path / "missing.npz"), str(tmp_path / "o2")]) == 1
+    assert pdiff_main(["shard", str(tmp_path / "missing.npz"), str(tmp_path / "o2")]) == 1   # no traceback
+    err = capsys.readouterr().err
+    assert "missing.npz" in err and "Traceback" not in err
 
 
 def test_shards_read_with_the_webdataset_library(tmp_path, rng):

@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print("pdiff bench: data.path is empty: give the shards (data.path=DIR) or --synthetic N", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        try:
-            res = run(args.kind, cfg, args, device, tmp / "runs")
-        except BenchError as e:
-            print(f"pdiff bench {args.kind}: {e}", file=sys.stderr)
-            return 1
+        res = run(args.kind, cfg, args, device, tmp / "runs")
     payload = {"benchmark": f"pdiff bench {args.kind}", "kind": args.kind, "machine": info, "config": cfg.name,
                "config_file": str(args.config), "overrides": args.overrides, "quick": args.quick,
                "synthetic_images": args.synthetic or None, "device": str(device),
@@ -122,4 +118,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pdiff.cli import main as cli
+    sys.exit(cli(["bench", *sys.argv[1:]]))
