@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from pdiff.checkpoint import CheckpointManager
+from pdiff.checkpoint import CheckpointError, CheckpointManager
+from pdiff.checksum import save_verified
 from pdiff.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     half.mkdir()
     (half / "state.pt").write_bytes(b"truncated")
     assert mgr.latest().name == "ckpt-000000000010"
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         CheckpointManager.load(half)
     mgr.save({"model": {"w": torch.randn(3)}}, 30)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -219,7 +220,8 @@ def test_sigkill_during_checkpoint_writes_never_corrupts(tmp_path):
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from pdiff.checkpoint import CheckpointManager
+from pdiff.checkpoint import CheckpointError, CheckpointManager
+from pdiff.checksum import save_verified
 m = CheckpointManager({str(tmp_path)!r}, keep=2)
 i = 0
 while True:
@@ -287,7 +289,7 @@ def test_resume_guards(tmp_path, digits_shards):
     latest = CheckpointManager(tmp_path / "run").latest()
     state = torch.load(latest / "state.pt", weights_only=True)
     state["world_size"] = 2
-    torch.save(state, latest / "state.pt")
+    save_verified(latest / "state.pt", lambda f: torch.save(state, f))     # with its checksum, as a run writes it
     p = run_train(cfg, "train.duration_images=128", check=False)
     assert p.returncode != 0 and "written by 2 processes and this run has 1" in p.stderr
 
