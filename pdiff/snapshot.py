@@ -117,9 +117,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
                     ) -> tuple[torch.nn.Module, Config, dict]:
     """The model of a training checkpoint (EMA weights by default) from a checkpoint or run folder."""
-    from .checkpoint import STATE_FILE, load_state
+    from .checkpoint import STATE_FILE, CheckpointError, load_state
     ckpt = find_checkpoint(path)
-    state, _ = load_state(ckpt)
+    try:
+        state, _ = load_state(ckpt)
+    except CheckpointError as e:
+        raise SnapshotError(f"{e}. Give an older checkpoint folder (--checkpoint RUN/checkpoints/ckpt-N) "
+                            f"or a snapshot instead") from None
     for key in (weights, "config"):
         if key not in state:
             raise SnapshotError(f"{ckpt / STATE_FILE}: no {key!r} entry (keys: {sorted(state)})")

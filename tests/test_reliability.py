@@ -375,3 +375,11 @@ def test_a_checkpoint_refused_by_weights_only_is_reported_without_a_traceback(tm
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0 and str(ck / "state.pt") in p.stderr and "weights_only" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_data_error_in_train_is_reported_without_a_traceback(tmp_path):
+    p = subprocess.run([PY, "-m", "pdiff.cli", "train", "--config", "tiny", "--device", "cpu",
+                        f"data.path={tmp_path / 'no-such-shards'}", f"train.run_dir={tmp_path / 'run'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and "no-such-shards" in p.stderr and "Traceback" not in p.stderr
