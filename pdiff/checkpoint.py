@@ -95,18 +95,18 @@ def read_state(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def load_state(path: str | Path, map_location="cpu") -> tuple[dict, bool]:
-    """(state, verified) of the checkpoint folder ``path``: refused while it is incomplete or when
-    state.pt does not match its checksum; ``verified`` is False for a checkpoint without one."""
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    """The state of the checkpoint folder ``path``: refused while it is incomplete or when state.pt
+    does not match its checksum (one without a checksum, from an older pdiff, loads unverified)."""
     path = Path(path)
     if not (path / MARKER).exists():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was being "
                               f"written when the run stopped; use an older one")
     try:
-        verified = checksum.verify(path / STATE_FILE)
+        checksum.verify(path / STATE_FILE)
     except (checksum.ChecksumError, OSError) as e:
         raise CheckpointError(str(e)) from None
-    return read_state(path, map_location), verified
+    return read_state(path, map_location)
 
 
 def nonfinite_entries(state: dict, parts=FINITE_PARTS, limit: int = 3) -> list[str]:
@@ -193,7 +193,7 @@ class CheckpointManager:
         incomplete, when it does not match its checksum or cannot be read, or when another format
         version wrote it."""
         path = Path(path)
-        state, _ = load_state(path, map_location)
+        state = load_state(path, map_location)
         if state.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path / STATE_FILE}: format version {state.get('format_version')} "
                                   f"is not {FORMAT_VERSION}, which this pdiff reads")

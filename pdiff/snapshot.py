@@ -120,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
     from .checkpoint import STATE_FILE, CheckpointError, load_state
     ckpt = find_checkpoint(path)
     try:
-        state, _ = load_state(ckpt)
+        state = load_state(ckpt)
     except CheckpointError as e:
         raise SnapshotError(f"{e}. Give an older checkpoint folder (--checkpoint RUN/checkpoints/ckpt-N) "
                             f"or a snapshot instead") from None
