@@ -377,6 +377,7 @@ def test_a_checkpoint_refused_by_weights_only_is_reported_without_a_traceback(tm
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_a_data_error_in_train_is_reported_without_a_traceback(tmp_path):
     p = subprocess.run([PY, "-m", "pdiff.cli", "train", "--config", "tiny", "--device", "cpu",
                         f"data.path={tmp_path / 'no-such-shards'}", f"train.run_dir={tmp_path / 'run'}"],

@@ -434,6 +434,7 @@ def test_signal_handlers_are_restored_after_training(digits_shards, tmp_path):
 # Nothing lost (issue #16): damaged checkpoints, two trainers, the order at a boundary, SIGTERM
 # during the compile warm-up, a non-finite loss after a resume.
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run(tmp_path, digits_shards):
     """A flipped byte in the newest checkpoint's state.pt (COMPLETE kept): the re-run resumes from
     the one before, naming the bad one, and ends bit for bit where an uninterrupted run ends; with
@@ -461,6 +462,7 @@ def test_damaged_newest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run(t
     assert p.stderr.count("ckpt-000000000") >= 3
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_is_refused_naming_the_first(tmp_path, digits_shards):
     cfg = write_config(tmp_path, digits_shards, train={"duration_images": 10**7, "ckpt_every_images": 10**7})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -483,6 +485,7 @@ def test_a_second_trainer_on_the_same_run_is_refused_naming_the_first(tmp_path, 
     assert CheckpointManager.load(CheckpointManager(tmp_path / "run").latest())["images_seen"] > 0
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path):
     """Rank 0 asks for the lock and every rank learns the answer: the whole job stops, none hangs."""
     from pdiff.runlock import RunLock
@@ -538,6 +541,7 @@ def test_sigterm_during_the_compile_warm_up_stops_before_the_next_graph(tmp_path
     assert CheckpointManager(tmp_path / "run").latest() is None
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_right_after_a_resume_is_reported(tmp_path, digits_shards):
     """A checkpoint that verifies and holds finite values, but values no step survives (here: the
     weights scaled by 1e30): the first step after the resume names the checkpoint."""
