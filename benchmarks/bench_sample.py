@@ -1,5 +1,7 @@
 """Sampler throughput: images/s of `pdiff sample`'s path (seed-addressed noise, deterministic Heun,
-fp32 as in EDM) at 35 and 79 network evaluations (18 and 40 steps).
+fp32 as in EDM) at 35 and 79 network evaluations (18 and 40 steps), with the TFLOP/s that rate
+means (forward FLOPs of the network on the full canvas x evaluations) and its MFU against the card's
+dense TF32 peak (pdiff.bench.flops; "n/a" on a CPU).
 
     python benchmarks/bench_sample.py --out benchmarks/results [--quick] [--device cpu|cuda]
 
@@ -53,8 +55,11 @@ def bench_one(model, cfg, nfe: int, batch: int, batches: int, device) -> dict:
     sync()
     seconds = time.perf_counter() - start
     n = batch * batches
+    from pdiff.bench.flops import device_card, forward_flops_by_size, mfu
+    tflop_per_s = forward_flops_by_size(cfg, [res])[res] * nfe * n / seconds / 1e12
     return {"nfe": nfe, "steps": NFE_STEPS[nfe], "batch": batch, "images": n, "seconds": round(seconds, 4),
-            "images_per_s": round(n / seconds, 3)}
+            "images_per_s": round(n / seconds, 3), "tflop_per_s": tflop_per_s,
+            "mfu": mfu(tflop_per_s, device_card(device), "fp32")}
 
 
 def main(argv=None) -> int:
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     batches = 1 if args.quick else (3 if gpu else 1)
     results, skipped = [], []
     print(f"bench_sample on {info.get('gpu', info['cpu'])} (torch {torch.__version__}, {device})")
-    print(f"{'model':<10} {'params':>11} {'NFE':>4} {'batch':>6} {'images/s':>10}")
+    print(f"{'model':<10} {'params':>11} {'NFE':>4} {'batch':>6} {'images/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for name, preset, batch in plan:
         if name == "ddpmpp64" and not gpu and args.quick:
             skipped.append({"model": name, "why": "CPU with --quick: minutes per batch"})
@@ -88,7 +93,9 @@ def main(argv=None) -> int:
             r = bench_one(model, cfg, nfe, batch, batches, device)
             r |= {"model": name, "preset": preset, "params": params, "resolution": cfg.data.resolution}
             results.append(r)
-            print(f"{name:<10} {params:>11,} {nfe:>4} {batch:>6} {r['images_per_s']:>10.2f}", flush=True)
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            print(f"{name:<10} {params:>11,} {nfe:>4} {batch:>6} {r['images_per_s']:>10.2f} {r['tflop_per_s']:>8.3g} "
+                  f"{mfu:>6}", flush=True)
         del model
         if gpu:
             torch.cuda.empty_cache()

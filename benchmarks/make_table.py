@@ -78,15 +78,25 @@ def _rate(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _flops(fig: dict) -> str:
+    """", 12.3 TFLOP/s (MFU 4.5%)" where the result has them (results from before #14 do not)."""
+    if fig.get("tflop_per_s") is None:
+        return ""
+    mfu = fig.get("mfu")
+    return f", {fig['tflop_per_s']:.3g} TFLOP/s (MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'})"
+
+
 def step_headline(res: dict) -> str:
     c = res["schedule_cost_per_image_vs_full"]
     mode = "compiled" if res.get("compile") else "eager"
     per = res.get("per_patch_size", {})
     full = per.get(str(res.get("resolution"))) or per.get(res.get("resolution"))
     rate = f", full {_rate(full['images_per_s'])} img/s" if full else ""
+    sched = res.get("schedule", {})
+    sched_rate = f"; schedule {_rate(sched['images_per_s'])} img/s{_flops(sched)}" if "images_per_s" in sched else ""
     return (f"{res.get('config', '?')} {mode} {res.get('precision', '')} batch {res.get('batch_full_images', '?')}: "
             f"schedule cost/img {c['measured']:.2f} of full (speed-up {_x(1 / c['measured'])}; "
-            f"FLOP model {c['flop_model']:.2f}){rate}")
+            f"FLOP model {c['flop_model']:.2f}){rate}{sched_rate}")
 
 
 def train_headline(mode: str, res: dict) -> str | None:
@@ -98,10 +108,10 @@ def train_headline(mode: str, res: dict) -> str | None:
                 f"{_rate(c['full_images_per_s'])} img/s"
                 + (f"; {c['cost_per_image_vs_full_expected_mix']:.2f} at the schedule's own mix"
                    if c.get("cost_per_image_vs_full_expected_mix") else "") + "), "
-                f"data wait <= {100 * max(waits):.1f}%")
+                f"data wait <= {100 * max(waits):.1f}%" + _flops(res["patch"]).replace(", ", "; schedule ", 1))
     run = res.get("run") or res.get("patch") or res.get("full")
     if run:
-        return f"{mode}: {_rate(run['images_per_s'])} img/s, data wait {100 * run['data_wait_share']:.1f}%"
+        return f"{mode}: {_rate(run['images_per_s'])} img/s{_flops(run)}, data wait {100 * run['data_wait_share']:.1f}%"
     return None
 
 
@@ -142,8 +152,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         return "kernels_offline (compile only)", [line]
     if name == "bench_sample":
         rows = p.get("results", [])
-        lines = [f"{r['model']} {r['nfe']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s" for r in rows
-                 if r.get("nfe") == 35]
+        lines = [f"{r['model']} {r['nfe']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s{_flops(r)}"
+                 for r in rows if r.get("nfe") == 35]
         return "bench_sample" + (" (quick)" if p.get("quick") else ""), lines or ["no results"]
     if name == "bench_step" or (isinstance(p.get("results"), list) and p["results"]
                                 and "schedule_cost_per_image_vs_full" in p["results"][0]):
@@ -164,7 +174,7 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if kind in ("train", "compare"):
             return tag, [train_headline("compile" if p.get("resolved_config", {}).get("train", {}).get("compile") else "eager", res) or "no results"]
         if kind == "sample":
-            return tag, [f"{res['steps']} steps batch {res['batch']}: {_rate(res['images_per_s'])} img/s"]
+            return tag, [f"{res['steps']} steps batch {res['batch']}: {_rate(res['images_per_s'])} img/s{_flops(res)}"]
         return None
     if isinstance(p.get("rows"), list) and any("step_ms" in r for r in p["rows"]):   # bench_networks
         lines = []

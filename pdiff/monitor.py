@@ -106,8 +106,11 @@ class Monitor:
             eta = max(self.total - images_seen, 0) / rate if rate > 0 else float("inf")
             pct = 100.0 * images_seen / max(self.total, 1)
             eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--"
+            mfu = values.get("mfu")
             print(f"[{pct:5.1f}%] {images_seen:>12,d} img  loss {values.get('loss', float('nan')):.4f}  "
-                  f"{values.get('images_per_s', 0):8.1f} img/s  data wait {100 * values.get('data_wait_share', 0):4.1f}%  "
+                  f"{values.get('images_per_s', 0):8.1f} img/s  {values.get('tflop_per_s', 0):.3g} TFLOP/s  "
+                  f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}  "
+                  f"data wait {100 * values.get('data_wait_share', 0):4.1f}%  "
                   f"lr {values.get('lr', 0):.2e}  ETA {eta_s}", file=sys.stderr, flush=True)
 
     def image(self, tag: str, images_seen: int, grid: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from .loss import sample_sigma
 from .model import check_label_range, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, save_png
 from .runlock import hold_run
+from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, micro_batches
 
@@ -94,6 +95,8 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
         fid = FIDEvaluator.maybe(cfg.eval.fid_ref, cfg.eval.inception, num_images=cfg.eval.fid_images,
                                  batch=cfg.eval.fid_batch, device=device)
     stats = StepStats(schedule.sizes, device)
+    # Training FLOPs per patch of each size, counted once: TFLOP/s and MFU in the log cost no sync.
+    flops = FlopCounter(train_flops_by_size(cfg), device_card(device), step.precision, world)
     monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
     params = [p for p in model.parameters() if p.requires_grad]
     t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
@@ -154,6 +157,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
         stats.add(size, torch.cat(per_sample), sigma, grad_norm, finite)
         if latest is not None and steps_this_run == 0:
             report_nonfinite_after_resume(torch.cat(per_sample), latest, cfg.optim.nonfinite, device, info.is_main)
+        flops.add(size, global_b)
         before, images_seen = images_seen, images_seen + global_b
         interval_images += global_b
 
@@ -171,7 +175,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
             figures = stats.reduce()
             figures.update(lr=lr, images_per_s=interval_images / elapsed, ms_per_image=1e3 * elapsed / interval_images,
                            data_wait_share=data_wait / elapsed, peak_memory_gb=peak_memory_bytes(device) / 2**30,
-                           images_seen_this_run=images_seen - images_at_start)
+                           images_seen_this_run=images_seen - images_at_start, **flops.figures(elapsed))
             if compiles_after_warmup is not None:
                 figures["recompiles_after_warmup"] = compiled_graphs() - compiles_after_warmup
             # Damaged samples met so far (replaced under data.on_corrupt=skip), counted once over all ranks.

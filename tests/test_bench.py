@@ -77,6 +77,13 @@ def test_step_costs_and_schedule_ratio_with_fake_clock():
     ips = sum(p[s] * batch * m[s] for s in p) / sum(p[s] * batch * m[s] * per_patch[s] for s in p)
     assert fig["images_per_s"] == pytest.approx(ips)
     assert fig["ms_per_step"] == pytest.approx(1e3 * sum(p[s] * batch * m[s] * per_patch[s] for s in p))
+    # FLOPs per patch that make every size run at the same FLOP rate: the schedule runs at it too.
+    rate, peak = float(rng.uniform(1e9, 1e14)), float(rng.uniform(100, 1000))
+    bench.add_flop_figures(per_size, fig, sched, {s: rate * per_patch[s] for s in per_patch}, peak)
+    for v in [*per_size.values(), fig]:
+        assert v["tflop_per_s"] == pytest.approx(rate / 1e12) and v["mfu"] == pytest.approx(rate / 1e12 / peak)
+    bench.add_flop_figures(per_size, None, sched, {s: 1.0 for s in per_patch}, None)
+    assert all(v["mfu"] is None and v["tflop_per_s"] == pytest.approx(v["images_per_s"] / 1e12) for v in per_size.values())
 
 
 def fake_training(per_patch: dict[int, float], wait: float):
@@ -87,17 +94,19 @@ def fake_training(per_patch: dict[int, float], wait: float):
 
     def runner(cfg, device):
         sched, t = PatchSchedule.from_config(cfg), cfg.train
-        rows, images, secs, waited, n = [], 0, 0.0, 0.0, 0
+        rows, images, secs, waited, n, flops = [], 0, 0.0, 0.0, 0, 0
         while images < t.duration_images:
             st = sched.step_at(images)
             secs += st.batch * per_patch[st.patch_size] + wait
             waited += wait
             before, images = images, images + st.batch
             n += st.batch
+            flops += st.batch * st.patch_size ** 2        # FLOPs of a patch: its area (any known rule does)
             if crossed(before, images, t.log_every_images) or images >= t.duration_images:
                 rows.append({"images_seen": images, "images_per_s": n / secs, "ms_per_image": 1e3 * secs / n,
-                             "data_wait_share": waited / secs, "loss": 1.0, "peak_memory_gb": 0.5})
-                secs, waited, n = 0.0, 0.0, 0
+                             "data_wait_share": waited / secs, "loss": 1.0, "peak_memory_gb": 0.5,
+                             "tflop_per_s": flops / secs / 1e12, "mfu": flops / secs / 1e12 / 100.0})
+                secs, waited, n, flops = 0.0, 0.0, 0, 0
         runs.append(cfg)
         return rows
     return runner, runs
@@ -123,17 +132,18 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
         first = next(i for i, st in enumerate(steps) if crossed(st.images_seen, st.images_seen + st.batch, 48))
         rest = steps[first + 1:]
         secs = sum(st.batch * per_patch[st.patch_size] + wait for st in rest)
-        return secs, sum(st.batch for st in rest), len(rest)
+        return secs, sum(st.batch for st in rest), len(rest), sum(st.batch * st.patch_size ** 2 for st in rest)
 
     for name, run_cfg in zip(("full", "patch"), runs):
-        secs, images, steps = expected(run_cfg)
+        secs, images, steps, flops = expected(run_cfg)
         got = res[name]
         assert got["images"] == images and got["steps"] == steps
+        assert got["tflop_per_s"] == pytest.approx(flops / secs / 1e12) and got["mfu"] == pytest.approx(got["tflop_per_s"] / 100)
         assert got["ms_per_image"] == pytest.approx(1e3 * secs / images)
         assert got["ms_per_step"] == pytest.approx(1e3 * secs / steps)
         assert got["data_wait_share"] == pytest.approx(wait * steps / secs)
-    full_secs, full_images, _ = expected(runs[0])
-    patch_secs, patch_images, _ = expected(runs[1])
+    full_secs, full_images, _, _ = expected(runs[0])
+    patch_secs, patch_images, _, _ = expected(runs[1])
     ratio = (patch_secs / patch_images) / (full_secs / full_images)
     assert res["comparison"]["cost_per_image_vs_full"] == pytest.approx(ratio)
     assert res["comparison"]["speedup_per_image_vs_full"] == pytest.approx(1 / ratio)
@@ -226,18 +236,28 @@ def test_quick_runs_write_every_field(quick_results):
     assert sc["cost_per_image_vs_full"] == pytest.approx(sched.expected_cost_ratio(ms))
     assert sc["images_per_s"] == pytest.approx(1e3 / (sc["cost_per_image_vs_full"] * ms[16]))
     assert 0 < step["flop_model"]["cost_per_image_vs_full"] < 1
+    for s, v in step["per_patch_size"].items():          # TFLOP/s from the FLOP model; MFU n/a on a CPU
+        gflops = step["flop_model"]["train_gflops_per_image"][s]
+        assert v["tflop_per_s"] == pytest.approx(gflops * v["images_per_s"] / 1e3) and v["mfu"] is None
+    assert sc["tflop_per_s"] > 0 and sc["mfu"] is None and step["card"] is None
 
     train = res["train"]["results"]
     for run in ("full", "patch"):
         v = train[run]
         assert v["images_per_s"] > 0 and 0 <= v["data_wait_share"] < 1 and v["intervals"] >= 1
         assert v["ms_per_image"] == pytest.approx(1e3 / v["images_per_s"])
+        assert v["tflop_per_s"] > 0 and v["mfu"] is None          # from the trainer's log rows
     assert set(train["full"]["steps_by_patch_size"]) == {"16"}
+    full_gflops = step["flop_model"]["train_gflops_per_image"]["16"]
+    assert train["full"]["tflop_per_s"] == pytest.approx(full_gflops * train["full"]["images_per_s"] / 1e3)
     c = train["comparison"]
     assert c["cost_per_image_vs_full"] == pytest.approx(train["patch"]["ms_per_image"] / train["full"]["ms_per_image"])
 
     sample = res["sample"]["results"]
     assert sample["images_per_s"] > 0 and sample["steps"] == 2 and sample["network_evaluations"] == 3
+    forward_gflops = step["flop_model"]["train_gflops_per_image"]["16"] / 3
+    assert sample["tflop_per_s"] == pytest.approx(forward_gflops * 3 * sample["images_per_s"] / 1e3)
+    assert sample["mfu"] is None
 
 
 def test_cli_reports_missing_data(capsys):

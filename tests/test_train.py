@@ -312,6 +312,19 @@ def test_tensorboard_has_scalars_and_samples(tmp_path, digits_shards):
     assert acc.Tags()["images"] == ["samples/ema"]
     rows = log_rows(tmp_path / "run")
     assert rows[-1]["images_seen"] >= 96 and "loss" in rows[-1]
+    assert "tflop_per_s" in scalars and "mfu" not in scalars      # MFU is n/a on a CPU (null in the log)
+    # TFLOP/s per images/s is the interval's training FLOPs per image: its steps (the schedule's, a
+    # pure function of images seen) times their patches' FLOPs, counted by the FLOP model.
+    from pdiff.bench.flops import train_flops_by_size
+    from pdiff.schedule import PatchSchedule
+    run_cfg = load_config(cfg)
+    flops, sched, before = train_flops_by_size(run_cfg), PatchSchedule.from_config(run_cfg), 0
+    for row in (r for r in rows if "images_per_s" in r):
+        steps = list(sched.steps(before, until=row["images_seen"]))
+        per_image = sum(st.batch * flops[st.patch_size] for st in steps) / sum(st.batch for st in steps)
+        assert row["tflop_per_s"] * 1e12 / row["images_per_s"] == pytest.approx(per_image, rel=1e-9)
+        assert row["mfu"] is None
+        before = row["images_seen"]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert list((tmp_path / "run" / "samples").glob("*.png"))
 

@@ -1,11 +1,13 @@
-"""`pdiff info CONFIG [key=value ...]`: parameters, FLOPs per image at each patch size, and the
-expected training cost per image of the patch schedule relative to full images."""
+"""`pdiff info CONFIG [key=value ...] [--card H100] [--mfu 0.4]`: parameters, FLOPs per image and per
+step at each patch size, the expected training cost per image of the patch schedule relative to full
+images, and the images/s a card would train at a given model FLOP utilisation (bf16)."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from pdiff.bench.flops import describe
+from pdiff.bench.flops import CARDS, describe, device_card, find_card
 from pdiff.config import load_config
 
 
@@ -13,19 +15,37 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pdiff info", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML file or preset name")
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--card", default=None,
+                    help=f"GPU for the images/s at --mfu: {', '.join(c.name for c in CARDS)} "
+                         f"(default: this machine's GPU, else H100 SXM)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for the images/s figure (default 0.4)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    d = describe(load_config(args.config, args.overrides))
+    if not 0 < args.mfu <= 1:
+        ap.error(f"--mfu {args.mfu}: give a share of the peak in (0, 1], e.g. 0.4")
+    card = find_card(args.card) if args.card else (device_card("cuda") or find_card("H100 SXM"))
+    if card is None:
+        print(f"pdiff info: --card {args.card}: not a card in the table; known cards: "
+              f"{', '.join(c.name for c in CARDS)}", file=sys.stderr)
+        return 2
+    d = describe(load_config(args.config, args.overrides), card, args.mfu)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(f"{d['config']}: {d['arch']} at {d['resolution']}x{d['resolution']}x{d['channels']}, "
-          f"{d['parameters']:,} parameters")
-    print(f"{'patch':>6} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'share':>6} {'x batch':>8}")
+          f"{d['parameters']:,} parameters; a step carries train.batch={d['batch_full_images']} x R/s patches")
+    print(f"{'patch':>6} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'train GFLOP/step':>17} {'share':>6} {'x batch':>8}")
     sch = d["schedule"]
+    shares = dict(zip(sch["sizes"], sch["probs"]))
     for s, f in d["forward_gflops_per_image"].items():
-        share = dict(zip(sch["sizes"], sch["probs"])).get(s, 0.0)
-        mult = sch["batch_multiplier"].get(s, "-")
-        print(f"{s:>6} {f:>14.3f} {3 * f:>16.3f} {share:>6.2f} {mult!s:>8}")
-    print(f"schedule ({sch['mode']}): expected cost per image = {d['cost_per_image_vs_full']:.3f} x full images")
+        step = d["train_gflops_per_step"].get(s)
+        step_s = "-" if step is None else f"{step:,.0f}"
+        print(f"{s:>6} {f:>14.3f} {d['train_gflops_per_image'][s]:>16.3f} {step_s:>17} {shares.get(s, 0.0):>6.2f} "
+              f"{sch['batch_multiplier'].get(s, '-')!s:>8}")
+    print(f"schedule ({sch['mode']}): expected cost per image = {d['cost_per_image_vs_full']:.3f} x full images, "
+          f"{d['schedule_train_gflops_per_image']:.1f} train GFLOP per image, "
+          f"{d['schedule_train_gflops_per_step']:,.0f} GFLOP per step")
+    a = d["at_mfu"]
+    print(f"at {a['mfu']:.0%} MFU on one {a['card']} ({a['peak_tflops']:g} TFLOP/s dense bf16): "
+          f"{a['schedule_images_per_s']:,.0f} images/s with the schedule, {a['full_images_per_s']:,.0f} full images/s")
     return 0

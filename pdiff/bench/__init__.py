@@ -5,7 +5,8 @@
                  figures of a training run from its log rows (pure functions: tested with a fake clock)
     runs.py      the runs: the data pipeline, the training step (pdiff.step.build_step, as the trainer
                  builds it), the real training loop (full images against the patch schedule), the sampler
-    flops.py     the FLOP model: parameters, FLOPs per patch size, the schedule's cost per image
+    flops.py     the FLOP model: parameters, FLOPs per patch size, the schedule's cost per image, the
+                 cards' dense peaks (MFU) and the trainer's host-side FLOP count
     report.py    the printed tables
 
 Warm-up (pipeline start, compilation) is excluded and figures are medians over repeats.
@@ -17,10 +18,10 @@ from .report import print_data, print_sample, print_step, print_train
 from .runs import (FULL_OVERRIDES, NEVER, PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, bench_data, bench_sample,
                    bench_step, bench_train, compare_train, default_interval_images, measuring_overrides,
                    prewarm_kernels, run_training, synthetic_shards, variant)
-from .timing import (BenchError, compare_figures, expected_mix, per_size_figures, schedule_figures,
+from .timing import (BenchError, add_flop_figures, compare_figures, expected_mix, per_size_figures, schedule_figures,
                      summarize_log, time_sizes, timed)
 
-__all__ = ["FULL_OVERRIDES", "NEVER", "PAPER_SCHEDULE_OVERRIDES", "BenchError", "BenchInterrupted", "bench_data",
+__all__ = ["FULL_OVERRIDES", "NEVER", "PAPER_SCHEDULE_OVERRIDES", "BenchError", "add_flop_figures", "BenchInterrupted", "bench_data",
            "bench_sample", "bench_step", "bench_train", "compare_figures", "compare_train",
            "default_interval_images", "device_sync", "expected_mix", "machine", "machine_name",
            "measuring_overrides", "per_size_figures", "prewarm_kernels", "print_data", "print_sample",

@@ -6,6 +6,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _mfu(x: float | None) -> str:
+    return "n/a" if x is None else _pct(x)
+
+
+def _tflops(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def print_data(res: dict) -> None:
     print(f"pipeline ({res['backend']}, {res['workers']} workers), batch {res['batch']} full images")
     print(f"{'plan':>9} {'patches/step':>12} {'patches/s':>11} {'images/s':>10} {'ms/step':>9}")
@@ -17,21 +25,27 @@ def print_data(res: dict) -> None:
 def print_step(res: dict) -> None:
     print(f"{res['config']} ({res['parameters']:,} params), {res['precision']}, compile={res['compile']}, "
           f"kernels {res['kernels']}, batch {res['batch_full_images']} full images")
-    print(f"{'patch':>6} {'patches':>8} {'ms/step':>10} {'images/s':>10} {'ms/image':>9}")
+    print(f"{'patch':>6} {'patches':>8} {'ms/step':>10} {'images/s':>10} {'ms/image':>9} {'TFLOP/s':>8} {'MFU':>6}")
     for s, v in res["per_patch_size"].items():
-        print(f"{s:>6} {v['patches']:>8} {v['ms_per_step']:>10.2f} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f}")
+        print(f"{s:>6} {v['patches']:>8} {v['ms_per_step']:>10.2f} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f} "
+              f"{_tflops(v.get('tflop_per_s')):>8} {_mfu(v.get('mfu')):>6}")
     sc = res["schedule"]
-    print(f"{'sched':>6} {'':>8} {sc['ms_per_step']:>10.2f} {sc['images_per_s']:>10.1f} {sc['ms_per_image']:>9.3f}")
+    print(f"{'sched':>6} {'':>8} {sc['ms_per_step']:>10.2f} {sc['images_per_s']:>10.1f} {sc['ms_per_image']:>9.3f} "
+          f"{_tflops(sc.get('tflop_per_s')):>8} {_mfu(sc.get('mfu')):>6}")
+    if res.get("card"):
+        print(f"MFU against one {res['card']} ({res['peak_tflops']:g} TFLOP/s dense {res['precision']})")
     print(f"schedule ({sc['mode']}) cost per image vs full images: measured {sc['cost_per_image_vs_full']:.3f} "
           f"(speed-up {sc['speedup_per_image_vs_full']:.2f}x), FLOP model {res['flop_model']['cost_per_image_vs_full']:.3f}")
 
 
 def print_train(res: dict) -> None:
     runs = {k: v for k, v in res.items() if k in ("full", "patch", "run")}
-    print(f"{'run':>6} {'images/s':>10} {'ms/image':>9} {'ms/step':>9} {'data wait':>10} {'peak GB':>8} {'intervals':>9}")
+    print(f"{'run':>6} {'images/s':>10} {'ms/image':>9} {'ms/step':>9} {'TFLOP/s':>8} {'MFU':>6} {'data wait':>10} "
+          f"{'peak GB':>8} {'intervals':>9}")
     for name, v in runs.items():
         peak = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
         print(f"{name:>6} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f} {v['ms_per_step']:>9.2f} "
+              f"{_tflops(v.get('tflop_per_s')):>8} {_mfu(v.get('mfu')):>6} "
               f"{_pct(v['data_wait_share']):>10} {peak:>8} {v['intervals']:>9}")
     if "comparison" in res:
         c = res["comparison"]
@@ -46,5 +60,6 @@ def print_train(res: dict) -> None:
 def print_sample(res: dict) -> None:
     print(f"{res['config']} ({res['parameters']:,} params), {res['canvas']}x{res['canvas']}, {res['steps']} steps "
           f"({res['network_evaluations']} network evaluations), batch {res['batch']}: "
-          f"{res['images_per_s']:.2f} images/s ({res['seconds_per_batch']:.2f} s per batch)")
+          f"{res['images_per_s']:.2f} images/s ({res['seconds_per_batch']:.2f} s per batch), "
+          f"{_tflops(res.get('tflop_per_s'))} TFLOP/s, MFU {_mfu(res.get('mfu'))}")
 

@@ -14,7 +14,8 @@ import torch
 from pdiff.schedule import PatchSchedule, StochasticSchedule
 
 from .machine import device_sync
-from .timing import BenchError, compare_figures, schedule_figures, summarize_log, time_sizes, timed
+from .timing import (BenchError, add_flop_figures, compare_figures, schedule_figures, summarize_log, time_sizes,
+                     timed)
 
 # Overrides that turn a config into its full-image EDM twin (p = 1) and into the paper's default
 # patch schedule (p = 0.5 over {R/4, R/2, R}).
@@ -116,7 +117,7 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     from pdiff.loss import sample_sigma
     from pdiff.model import count_parameters
     from pdiff.step import build_step
-    from .flops import describe
+    from .flops import describe, device_card
     overrides = [f"train.compile={str(compile_).lower()}", f"train.kernels={kernels}"]
     if precision:
         overrides.append(f"train.precision={precision}")
@@ -144,9 +145,13 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
                           (2 if compile_ else 1), device_sync(device), clock)
     figures = schedule_figures(sched, per_size)
     flops = describe(cfg)
+    card = device_card(device)
+    peak = card.peak_tflops(step.precision) if card else None
+    add_flop_figures(per_size, figures, sched, {s: g * 1e9 for s, g in flops["train_gflops_per_image"].items()}, peak)
     return {"config": cfg.name, "arch": cfg.network.arch, "resolution": r, "channels": c,
             "parameters": count_parameters(model), "batch_full_images": cfg.train.batch, "compile": compile_,
             "precision": step.precision, "kernels": backend, "device": str(device),
+            "card": card.name if card else None, "peak_tflops": peak,
             "per_patch_size": per_size, "schedule": figures,
             "flop_model": {"cost_per_image_vs_full": flops["cost_per_image_vs_full"],
                            "train_gflops_per_image": flops["train_gflops_per_image"]},
@@ -286,8 +291,12 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     times = timed(run(s.steps), repeats, warmup=0, sync=device_sync(device), clock=clock)
     t = statistics.median(times)
     evals = (2 * s.steps - 1) * (2 if (labels is not None and s.guidance != 1) else 1)
+    from .flops import device_card, forward_flops_by_size, mfu
+    tflop_per_s = forward_flops_by_size(cfg, [canvas])[canvas] * evals * batch / t / 1e12
+    card = device_card(device)
     return {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
             "steps": s.steps, "network_evaluations": evals, "batch": batch, "repeats": repeats,
             "seconds_per_batch": t, "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,
-            "precision": "fp32", "device": str(device)}
+            "precision": "fp32", "device": str(device), "card": card.name if card else None,
+            "tflop_per_s": tflop_per_s, "mfu": mfu(tflop_per_s, card, "fp32")}
 

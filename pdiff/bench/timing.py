@@ -54,6 +54,21 @@ def schedule_figures(schedule, per_size: dict[int, dict]) -> dict:
             "full_images_per_s": per_size[r]["images_per_s"]}
 
 
+def add_flop_figures(per_size: dict[int, dict], schedule_fig: dict | None, schedule, train_flops: dict[int, float],
+                     peak_tflops: float | None) -> None:
+    """Achieved training TFLOP/s and MFU (None without a peak) into each patch size's figures and the
+    schedule's: a step of size s does batch_for(s) * train_flops[s] FLOPs; the schedule's rate is
+    its expected FLOPs per step over its expected ms per step."""
+    def rate(tflop_per_s):
+        return {"tflop_per_s": tflop_per_s, "mfu": None if not peak_tflops else tflop_per_s / peak_tflops}
+    for s, v in per_size.items():
+        v.update(rate(train_flops[s] * v["images_per_s"] / 1e12))
+    if schedule_fig is not None:
+        q = schedule.step_shares()
+        flops_per_step = sum(p * schedule.batch_for(s) * train_flops[s] for s, p in zip(schedule.sizes, q))
+        schedule_fig.update(rate(flops_per_step / (schedule_fig["ms_per_step"] / 1e3) / 1e12))
+
+
 def time_sizes(make_step: Callable[[int], tuple[Callable[[], object], int]], sizes: Iterable[int],
                repeats: int, warmup: int = 1, sync=None, clock=time.perf_counter) -> dict[int, dict]:
     """``make_step(size) -> (step, patches)``; each step timed ``repeats`` times after ``warmup``."""
@@ -121,7 +136,8 @@ def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int =
         intervals.append({"images": b - a, "seconds": seconds, "steps": sum(sizes.values()), "sizes": sizes,
                           "images_per_s": row["images_per_s"], "data_wait_share": row.get("data_wait_share", 0.0),
                           "peak_memory_gb": row.get("peak_memory_gb"),
-                          "recompiles_after_warmup": row.get("recompiles_after_warmup"), "loss": row.get("loss")})
+                          "recompiles_after_warmup": row.get("recompiles_after_warmup"), "loss": row.get("loss"),
+                          "tflop_per_s": row.get("tflop_per_s"), "mfu": row.get("mfu")})
     measured = intervals[skip:]
     if not measured:
         raise BenchError(f"the run logged {len(intervals)} interval(s) and the first {skip} are warm-up: "
@@ -135,8 +151,13 @@ def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int =
             by_size[s] = by_size.get(s, 0) + n
     peaks = [i["peak_memory_gb"] for i in intervals if i["peak_memory_gb"] is not None]
     recompiles = [i["recompiles_after_warmup"] for i in intervals if i["recompiles_after_warmup"] is not None]
+    def time_weighted(key):         # the run's rate: each interval's, weighted by its length
+        if any(i[key] is None for i in measured):
+            return None
+        return sum(i[key] * i["seconds"] for i in measured) / seconds
     return {
         "images_per_s": images / seconds, "ms_per_image": 1e3 * seconds / images,
+        "tflop_per_s": time_weighted("tflop_per_s"), "mfu": time_weighted("mfu"),
         "images_per_s_median": statistics.median(i["images_per_s"] for i in measured),
         "ms_per_step": 1e3 * seconds / max(steps, 1),
         "data_wait_share": sum(i["data_wait_share"] * i["seconds"] for i in measured) / seconds,
