@@ -5,10 +5,10 @@
     F = model.raw(net_in, sigma, labels)
     loss = edm_patch_loss(F, patches, sigma, seed=seed, images_seen=n, backend=backend).mean()
 
-Patches are float (B, C, s, s) in [-1, 1], what the pipelines deliver. The kernels also read uint8
-(B, s, s, C) patches in [0, 255] (mapped by x / 127.5 - 1), for a pipeline that hands over uint8 to
-move a quarter of the bytes to the device; today's pipelines convert to float32 first, so training
-does not take that path yet. Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
+Patches are uint8 (B, s, s, C) HWC in [0, 255], what the pipelines deliver for images (a quarter of
+the bytes of float32 cross to the device, and no normalized copy is written there): the kernels
+normalize as they read, v -> (v - 127.5) * float32(1 / 127.5), the bits a float conversion before
+them would give. Float (B, C, s, s) patches in [-1, 1] (latents, tests) are read as they are. Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
 ``images_seen``, the training progress that keys a step's noise: the Triton kernels then draw
 Philox noise in-kernel and the loss kernel regenerates the identical noise (see kernels/_philox.py;
 ``philox_noise`` materialises it). The torch backend with a seed draws from a torch.Generator seeded

@@ -59,6 +59,9 @@ class DataConfig:
     # in its place, count it, and stop past max_corrupt damaged samples (per process).
     on_corrupt: Literal["stop", "skip"] = "stop"
     max_corrupt: int = 100
+    # In-memory mode: decode the whole dataset once into host memory (pinned) or onto the training
+    # device and crop each step with one gather; refused, with the sizes, where it does not fit.
+    cache: Literal["none", "host", "device"] = "none"
 
 
 @dataclass

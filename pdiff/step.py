@@ -50,8 +50,9 @@ class PatchLoss(nn.Module):
         self.__dict__["net_fn"] = fn
 
     def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, images_seen: int):
-        """Per-sample loss (B,). ``noise`` is given on the torch path; on the Triton path it is
-        None and both kernels regenerate the same Philox noise from (seed, images_seen)."""
+        """Per-sample loss (B,) of uint8 (B, s, s, C) image patches or float (B, C, s, s) ones (the
+        kernels read either). ``noise`` is given on the torch path; on the Triton path it is None and
+        both kernels regenerate the same Philox noise from (seed, images_seen)."""
         sd = self.model.sigma_data
         kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=images_seen)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
@@ -62,6 +63,14 @@ class PatchLoss(nn.Module):
         with autocast:
             F = self.net_fn(net_in, c_noise(sigma), class_labels)
         return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+
+
+def synthetic_patches(n: int, channels: int, size: int, dtype: torch.dtype, device, generator=None) -> torch.Tensor:
+    """Random patches in the layout the pipelines deliver: uint8 (n, s, s, C) images, or float
+    (n, C, s, s) values in [-1, 1] (latents)."""
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n, size, size, channels), dtype=torch.uint8, device=device, generator=generator)
+    return torch.rand(n, channels, size, size, device=device, generator=generator, dtype=dtype) * 2 - 1
 
 
 def micro_batches(b: int, accum: int) -> list[slice]:
@@ -91,12 +100,13 @@ class TrainingStep:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def warm_up(self, world: int = 1, stop=None) -> int:
+    def warm_up(self, world: int = 1, stop=None, patch_dtype: torch.dtype = torch.uint8) -> int:
         """Run every shape the run will see (one per patch size and micro-batch size of this rank)
         once before the first real step, so no step stalls on a compile or a kernel's first launch;
         returns the graph count afterwards, against which the log reports recompiles (there should
         be none). ``stop`` (a StopSignal): once it is requested no further graph is compiled, so a
-        scheduler's SIGTERM is acted on within one graph's compile, not all of them."""
+        scheduler's SIGTERM is acted on within one graph's compile, not all of them. ``patch_dtype``:
+        what the pipeline delivers (uint8 HWC images, float32 CHW latents)."""
         device = self.device
         shapes = [(size, n) for size in self.schedule.sizes
                   for n in sorted({sl.stop - sl.start
@@ -104,10 +114,10 @@ class TrainingStep:
         for size, n in shapes:
             if stop is not None and stop.requested:
                 break
-            patches = torch.zeros(n, self.channels, size, size, device=device)
+            patches = synthetic_patches(n, self.channels, size, patch_dtype, device)
             offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
             sigma = torch.ones(n, device=device)
-            noise = torch.zeros_like(patches) if self.loss.backend == "torch" else None
+            noise = torch.zeros(n, self.channels, size, size, device=device) if self.loss.backend == "torch" else None
             labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
             self.loss(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
         self.model.zero_grad(set_to_none=True)

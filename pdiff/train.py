@@ -82,7 +82,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
         return 0
 
     ddp = torch.nn.parallel.DistributedDataParallel(step.loss) if world > 1 else step.loss
-    compiles_after_warmup = step.warm_up(world, stop) if cfg.train.compile else None
+    compiles_after_warmup = step.warm_up(world, stop, pipe.patch_dtype) if cfg.train.compile else None
     if distributed.any_rank(stop.requested, device):    # a signal during the warm-up: nothing to save
         if info.is_main:
             print(f"pdiff train: stop signal during the compile warm-up: stopped before the first step; "
@@ -121,7 +121,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
         sigma = sample_sigma(global_b, cfg.loss.p_mean, cfg.loss.p_std, gen, device)[rank::world]
         noise = None
         if step.loss.backend == "torch":
-            shape = (global_b, *batch.patches.shape[1:])
+            shape = (global_b, step.channels, size, size)
             noise = torch.randn(shape, generator=gen, device=device)[rank::world]
         labels = one_hot_labels(batch.labels.to(device), cfg.network.label_dim)
 

@@ -1,7 +1,11 @@
 """Patch batches for training: one patch size per step, B * R/s patches, each from its own image.
 
     pipe = build_pipeline(cfg, schedule, rank, world_size, device)
-    batch = next(pipe)   # .patches (b, C, s, s) in [-1, 1], .offsets (b, 2) = (x0, y0), .labels, ...
+    batch = next(pipe)   # .patches uint8 (b, s, s, C), .offsets (b, 2) = (x0, y0), .labels, ...
+
+Image patches are uint8 HWC, as decoded, on the target device: a quarter of float32's bytes cross to
+the GPU, and the training step's kernels map v to (v - 127.5) / 127.5 as they read
+(``Batch.float_patches()`` gives that float32 CHW tensor, for code that wants one).
 
 Latent shards (encoding "latent": float16/float32 H x W x C samples, any C) give float32 patches with
 the values as stored (no [-1, 1] normalization; the user's scale, e.g. 0.18215, is already in them),
@@ -19,14 +23,16 @@ or with ``data.on_corrupt=skip`` is replaced by the next good one (pipelines/cor
 
 * dali: an ``external_source`` feeds each iteration the encoded bytes of the step's samples, the crop
   anchors and the crop shape; DALI decodes (JPEG on the GPU with the "mixed" decoder where CUDA
-  exists, PNG/WebP on its CPU threads, raw not at all), slices and normalizes to float32 CHW (on the
-  GPU when the patches go there).
+  exists, PNG/WebP on its CPU threads, raw not at all) and slices (on the GPU when the patches go
+  there).
   Batches vary in size per iteration (b = batch_for(s) / W), which DALI accepts when no reader sets a
   fixed batch size. We do not use ``fn.readers.webdataset``: a reader returns the pipeline's fixed
   ``batch_size`` every iteration (one patch size per step changes it), its shuffling draws from a
   buffer of ``initial_fill`` samples (an order that is not a permutation a test can recompute from the
   seed and epoch), and ``fn.random.uniform`` draws crop positions from [min, max) and rounds the draw
   when the output type is an integer (so the two end positions come up half as often as the others).
+* memory (``data.cache = host | device``, pipelines/memory.py): the whole dataset decoded once into
+  host or device memory; each step is one gather of the plan's crops.
 * torch: a DataLoader whose workers read samples by index (for shards: with the indexes; not the
   webdataset library, whose streaming shuffle is not a function of the epoch), decode with Pillow
   and crop; the sampler hands out the plan's steps in chunks, so the order does not depend on the
@@ -57,11 +63,16 @@ class PipelineStateError(UserError, RuntimeError):
 
 @dataclass
 class Batch:
-    patches: torch.Tensor     # float32 (b, C, s, s) in [-1, 1] (latents: the stored values)
+    patches: torch.Tensor     # images: uint8 (b, s, s, C) in [0, 255]; latents: float32 (b, C, s, s) as stored
     offsets: torch.Tensor     # int64 (b, 2) = (x0, y0)
     labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
     patch_size: int
     images_seen: int          # global images seen before this step
+
+    def float_patches(self) -> torch.Tensor:
+        """float32 (b, C, s, s): images in [-1, 1] with the bits the training step's kernels use."""
+        from pdiff.kernels.net_input import patches_to_float
+        return patches_to_float(self.patches)
 
 
 _DALI: list[bool] = []
@@ -99,6 +110,9 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
     if source.channels != data.channels:
         raise SourceError(f"{data.path}: samples have {source.channels} channel(s) but data.channels is "
                           f"{data.channels}; set data.channels={source.channels}")
+    if data.cache != "none":             # the in-memory mode decodes with the source itself, whatever the backend
+        from pdiff.pipelines.memory import MemoryPatchPipeline
+        return MemoryPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source, data.cache)
     backend = data.backend
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"

@@ -1,6 +1,6 @@
-"""The backend-independent half of a patch pipeline: the plan, the uint8 -> [-1, 1] conversion and
-the resumable state. Latent samples are not normalized: their patches arrive as float32 CHW, values as
-stored."""
+"""The backend-independent half of a patch pipeline: the plan, the move to the device, the flips and
+the resumable state. Image patches stay uint8 HWC all the way to the device (the training step's
+kernels normalize them as they read); latent patches arrive as float32 CHW, values as stored."""
 from __future__ import annotations
 
 import torch
@@ -11,20 +11,14 @@ from pdiff.pipelines.order import RankStep, SamplePlan
 from pdiff.pipelines.sample_source import SampleSource
 
 STATE_VERSION = 1
-SCALE = 1 / 127.5      # uint8 v -> (v - 127.5) * SCALE in float32: the same bits in numpy, torch and DALI
-
-
-def normalize(patches: torch.Tensor) -> torch.Tensor:
-    """uint8 (b, s, s, C) -> float32 (b, C, s, s) in [-1, 1]."""
-    return (patches.permute(0, 3, 1, 2).float() - 127.5).mul_(SCALE).contiguous()
 
 
 class PatchPipeline:
-    """Shared part: the plan, the uint8 -> [-1, 1] conversion, the damaged-sample policy, the state.
+    """Shared part: the plan, the damaged-sample policy, the state, the transfer and the flips.
     Backends implement ``_start(images_seen)``, ``_next_step() -> (RankStep, patches, replaced)`` and
-    ``_stop()``; the patches are float32 (b, C, s, s) already in [-1, 1] (latents: as stored) or uint8
-    (b, s, s, C), converted here on the device; ``replaced`` lists the rows read from another sample
-    than planned because the planned one was damaged (pipelines/corrupt.py)."""
+    ``_stop()``; the patches are uint8 (b, s, s, C) for images and float32 (b, C, s, s) for latents
+    (``patch_dtype``), on the host or already on the device; ``replaced`` lists the rows read from
+    another sample than planned because the planned one was damaged (pipelines/corrupt.py)."""
     backend = "?"
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, source: SampleSource):
@@ -37,6 +31,8 @@ class PatchPipeline:
         self.corrupt = CorruptPolicy(cfg.data.on_corrupt, cfg.data.max_corrupt)
         self.images_seen = 0
         self._running = False
+        # what Batch.patches holds: uint8 HWC pixels, or the latents' float32 CHW values
+        self.patch_dtype = torch.float32 if source.encoding == "latent" else torch.uint8
 
     # -- iteration
     def __iter__(self):
@@ -52,11 +48,9 @@ class PatchPipeline:
         if replaced:
             self.corrupt.apply(step.indices, step.labels, self.plan.labels, replaced)
         patches = raw.to(self.device, non_blocking=True)
-        if patches.dtype == torch.uint8:
-            patches = normalize(patches)
-        if step.flips.any():
+        if step.flips.any():             # mirror the width axis: 2 in uint8 (b, s, s, C), 3 in float (b, C, s, s)
             rows = torch.from_numpy(step.flips.nonzero()[0]).to(self.device)
-            patches[rows] = patches[rows].flip(-1)
+            patches[rows] = patches[rows].flip(2 if patches.dtype == torch.uint8 else 3)
         self.images_seen += self.schedule.batch_for(step.patch_size)
         return Batch(patches, torch.from_numpy(step.offsets).to(self.device),
                      torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen)

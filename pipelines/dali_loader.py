@@ -1,8 +1,9 @@
 """The DALI backend. An ``external_source`` supplies, per iteration, the encoded bytes of the step's
-samples (read by index from the sample source), the crop anchors (y0, x0) and the crop shape (s, s); DALI
-decodes, slices and normalizes to
-float32 CHW in [-1, 1] (on the device that receives the patches). The callback is a pure function of the iteration number (iteration k of a
-pipeline started at images seen n is the k-th step after n), so DALI may run it ahead of time.
+samples (read by index from the sample source), the crop anchors (y0, x0) and the crop shape (s, s);
+DALI decodes and slices, and hands over uint8 HWC patches on the device that receives them (the
+training step's kernels normalize). The callback is a pure function of the iteration number
+(iteration k of a pipeline started at images seen n is the k-th step after n), so DALI may run it
+ahead of time.
 
 Decoding: JPEG with the "mixed" decoder (nvJPEG on the GPU) where the target device is CUDA; PNG and
 WebP on DALI's CPU threads (nvImageCodec decodes them on the CPU anyway), then the patches, not the
@@ -106,9 +107,7 @@ class DaliPatchPipeline(PatchPipeline):
                 patches = patches.gpu()
             if enc == "latent":          # values as stored
                 return fn.cast(fn.transpose(patches, perm=[2, 0, 1], output_layout="CHW"), dtype=types.FLOAT)
-            c = self.source.channels
-            return fn.crop_mirror_normalize(patches, dtype=types.FLOAT, output_layout="CHW",
-                                            mean=[127.5] * c, std=[127.5] * c)
+            return patches               # uint8 HWC
 
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         pipe = graph(batch_size=self.plan.max_per_rank, num_threads=max(1, int(self.cfg.data.workers)),
@@ -141,7 +140,7 @@ class DaliPatchPipeline(PatchPipeline):
         tensor = out.as_tensor()
         if self.cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
-            dst = torch.empty(tuple(tensor.shape()), dtype=torch.float32, device=self.device)
+            dst = torch.empty(tuple(tensor.shape()), dtype=self.patch_dtype, device=self.device)
             feed_ndarray(tensor, dst, cuda_stream=torch.cuda.current_stream(self.device))
             return step, dst, replaced
         return step, torch.from_numpy(np.array(tensor)), replaced

@@ -19,13 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pdiff.pipelines.base import SCALE, PatchPipeline
+from pdiff.pipelines.base import PatchPipeline
 from pdiff.pipelines.corrupt import Replaced, read_checked
 from pdiff.pipelines.order import RankStep
 from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
-
-
-_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(SCALE)   # same bits as normalize()
 
 
 def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
@@ -41,19 +38,17 @@ def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
 
 
 class _ChunkReader(Dataset):
-    """Decodes and crops a chunk of a step. For a CPU target the workers also normalize (in parallel);
-    for a GPU target they hand over uint8 (4x less to copy) and the GPU normalizes."""
+    """Decodes and crops a chunk of a step: uint8 HWC image patches as decoded (the training step
+    normalizes them on the device), float32 CHW latent patches."""
 
-    def __init__(self, source: SampleSource, normalize: bool):
-        self.source, self.normalize = source, normalize
+    def __init__(self, source: SampleSource):
+        self.source = source
 
     def __getitem__(self, key):
         step_images_seen, chunk, n_chunks, s, indices, read_xy = key
         patches, replaced = read_patches(self.source, indices, read_xy, s)
         if self.source.encoding == "latent":           # values as stored: HWC -> CHW, float16 -> float32 is exact
             patches = patches.transpose(0, 3, 1, 2).astype(np.float32)
-        elif self.normalize:               # one gather: HWC -> CHW and uint8 -> float in a single pass
-            patches = _LUT[patches.transpose(0, 3, 1, 2)]
         return step_images_seen, chunk, n_chunks, torch.from_numpy(patches), replaced
 
     def __len__(self):
@@ -94,7 +89,7 @@ class TorchPatchPipeline(PatchPipeline):
         if self.workers:
             kwargs = dict(num_workers=self.workers, prefetch_factor=max(1, int(self.cfg.data.prefetch)),
                           persistent_workers=False)
-        loader = DataLoader(_ChunkReader(self.source, normalize=self.device.type != "cuda"), sampler=_StepSampler(self, images_seen), batch_size=None,
+        loader = DataLoader(_ChunkReader(self.source), sampler=_StepSampler(self, images_seen), batch_size=None,
                             pin_memory=self.device.type == "cuda", **kwargs)
         self._iter = iter(loader)
 

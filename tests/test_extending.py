@@ -168,12 +168,10 @@ def test_add_a_data_source(tmp_path, forget_toy_source, backend, encoding):
         step = plan.step(batch.images_seen)
         s = batch.patch_size
         sizes.add(s)
-        assert batch.patches.shape == (schedule.batch_for(s), 3, s, s)
+        assert batch.patches.shape == (schedule.batch_for(s), s, s, 3)        # uint8 HWC, as decoded
         np.testing.assert_array_equal(batch.labels.numpy(), labels[step.indices])
         for j, (x0, y0) in enumerate(batch.offsets.tolist()):
-            region = images[step.indices[j], y0:y0 + s, x0:x0 + s]
-            want = (torch.from_numpy(region).permute(2, 0, 1).float() - 127.5) * np.float32(1 / 127.5)
-            assert torch.equal(batch.patches[j], want)
+            assert torch.equal(batch.patches[j], torch.from_numpy(images[step.indices[j], y0:y0 + s, x0:x0 + s]))
     assert pipe.state_dict()["dataset"] == pipe.source.fingerprint()
     pipe.close()
 
@@ -229,7 +227,7 @@ def test_add_a_patch_schedule(random_shards, tmp_path, one_thread, forget_toy_sc
         pipe.close()
     assert [b.patch_size for b in got] == [8, 16, 8, 16]
     assert [b.images_seen for b in got] == [0, 8, 12, 20]
-    assert [tuple(b.patches.shape) for b in got] == [(8, 3, 8, 8), (4, 3, 16, 16)] * 2
+    assert [tuple(b.patches.shape) for b in got] == [(8, 8, 8, 3), (4, 16, 16, 3)] * 2
 
     # The trainer runs it end to end: both sizes trained, every image counted, a checkpoint at the end.
     from pdiff.train import train

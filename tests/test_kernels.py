@@ -120,12 +120,18 @@ def test_net_input_matches_float64(b, c, s, res, uint8):
     assert out[-1, c, -1, -1].item() == 1 and out[-1, c + 1, -1, -1].item() == 1
 
 
+def float_as_before(patches_u8):
+    """The float32 CHW patches the pipelines delivered before they handed over uint8: a lookup table
+    of (v - 127.5) * float32(1 / 127.5) (the same bits in numpy, torch and DALI)."""
+    lut = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
+    return torch.from_numpy(lut[patches_u8.cpu().numpy().transpose(0, 3, 1, 2)]).to(patches_u8.device)
+
+
 def test_net_input_torch_backend_is_the_core_reference():
     gen = fresh_generator()
     patches, sigma, offsets, noise = make_batch(3, 3, 16, 32, True, gen)
     got = build_net_input(patches, sigma, offsets, 32, noise=noise, backend="torch")
-    y = patches.permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert torch.equal(got, net_input_ref(y, sigma, offsets, 32, noise))
+    assert torch.equal(got, net_input_ref(float_as_before(patches), sigma, offsets, 32, noise))
     assert_close_to64(got, net_input_ref64(patches, sigma, offsets, 32, noise), torch.float32, "torch backend")
 
 
@@ -248,8 +254,36 @@ def test_loss_torch_backend_is_the_core_reference():
     patches, sigma, _, noise = make_batch(3, 3, 16, 32, True, gen)
     F = torch.randn((3, 3, 16, 16), generator=gen).to(DEV)
     got = edm_patch_loss(F, patches, sigma, noise=noise, backend="torch")
-    y = patches.permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert torch.equal(got, edm_loss_ref(F, y, sigma, noise))
+    assert torch.equal(got, edm_loss_ref(F, float_as_before(patches), sigma, noise))
+
+
+@pytest.mark.skipif(CUDA, reason="bit identity holds where no FMA contraction runs (CPU); "
+                                 "tests/test_kernels_cuda.py checks the compiled kernels to 1 ulp")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_uint8_patches_give_the_float_paths_bits(backend, seeded):
+    """uint8 to the device: the network input (float32 and bf16 channels_last), the per-sample loss
+    and its gradient from uint8 HWC patches equal, bit for bit, what the float32 CHW patches that the
+    pipelines delivered before gave: the kernels and the torch path normalize with the same float ops."""
+    gen = fresh_generator()
+    b, c, s, res = 5, 3, 16, 40
+    patches, sigma, offsets, noise = make_batch(b, c, s, res, True, gen)
+    before = float_as_before(patches)
+    seed, seen = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
+    kw = dict(seed=seed, images_seen=seen) if seeded else dict(noise=noise)
+    for out_dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
+        a = build_net_input(patches, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend=backend, **kw)
+        want = build_net_input(before, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend=backend, **kw)
+        assert torch.equal(a, want) and a.stride() == want.stride()
+    F = torch.randn((b, c, s, s), generator=gen).to(DEV)
+    losses, grads = [], []
+    for y in (patches, before):
+        f = F.clone().requires_grad_()
+        loss = edm_patch_loss(f, y, sigma, backend=backend, **kw)
+        loss.sum().backward()
+        losses.append(loss.detach())
+        grads.append(f.grad)
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
 
 
 # --- in-kernel noise -------------------------------------------------------------------------------
@@ -310,7 +344,7 @@ def test_loss_kernel_regenerates_the_input_kernels_noise(uint8, s):
     given = build_net_input(patches, sigma, offsets, res, noise=noise, backend="triton")
     torch.testing.assert_close(seeded, given, rtol=1e-6, atol=1e-6)
     # Recover the noise the input kernel drew from its output.
-    y = patches.permute(0, 3, 1, 2).double() / 127.5 - 1 if uint8 else patches.double()
+    y = (patches.permute(0, 3, 1, 2).double() - 127.5) / 127.5 if uint8 else patches.double()
     sg = sigma.double().reshape(-1, 1, 1, 1)
     recovered = (seeded[:, :c].double() / c_in(sg) - y) / sg
     torch.testing.assert_close(recovered, noise.double(), rtol=0, atol=1e-4)

@@ -67,6 +67,31 @@ def test_training_shapes_match_float64(b, c, s, res):
         torch.testing.assert_close(F.grad.double(), F64.grad, rtol=tol, atol=tol * F64.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("b,c,s,res", TRAINING_SHAPES[:3])
+def test_uint8_patches_match_the_float_path_to_one_ulp(b, c, s, res):
+    """uint8 to the device on the compiled kernels: the network input and the loss from uint8 HWC
+    patches against the float32 CHW patches the pipelines delivered before. The network input need
+    not be bit for bit here: the compiler may fuse the normalizing product (v - 127.5) * (1 / 127.5)
+    with the add of sigma n into one FMA in the uint8 variant (y is then not rounded on its own),
+    where the float variant loads y already rounded. The difference is that rounding, at most half an
+    ulp of |y| <= 1, times c_in <= 2, so 2^-23 absolute, plus one rounding of the result (2^-23
+    relative); 2^-22 of each allows for both. (On the CPU, with no contraction, tests/test_kernels.py
+    asserts bit identity.)"""
+    import numpy as np
+    gen = torch.Generator(DEV).manual_seed(torch.seed() % 2**31)
+    patches, sigma, offsets = batch(b, c, s, res, True, gen)
+    lut = torch.from_numpy((np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)).to(DEV)
+    before = lut[patches.long()].permute(0, 3, 1, 2).contiguous()
+    kw = dict(seed=5, images_seen=987654321)
+    a = build_net_input(patches, sigma, offsets, res, backend="triton", **kw)
+    want = build_net_input(before, sigma, offsets, res, backend="triton", **kw)
+    torch.testing.assert_close(a, want, rtol=2.0 ** -22, atol=2.0 ** -22)
+    F = torch.randn((b, c, s, s), generator=gen, device=DEV)
+    la = edm_patch_loss(F, patches, sigma, backend="triton", **kw)
+    lw = edm_patch_loss(F, before, sigma, backend="triton", **kw)
+    torch.testing.assert_close(la, lw, rtol=1e-6, atol=0)
+
+
 def test_noise_statistics_at_scale():
     draws = philox_noise(2024, 77, (512, 3, 64, 64), DEV).double()
     n = draws.numel()

@@ -174,11 +174,11 @@ def latent_set(tmp_path_factory):
 
 
 def make(root, dtype, backend, batch=4, seed=None, xflip=False, sizes=(4, 8, 16), probs=(0.4, 0.3, 0.3), world=1,
-         rank=0):
+         rank=0, cache="none"):
     seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
     cfg = load_config(None, [f"data.path={root / dtype}", f"data.resolution={R}", f"data.channels={C}",
                              f"data.backend={backend}", "data.workers=0", f"train.batch={batch}",
-                             f"train.seed={seed}", f"data.xflip={str(xflip).lower()}"])
+                             f"train.seed={seed}", f"data.xflip={str(xflip).lower()}", f"data.cache={cache}"])
     sch = StochasticSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
     return build_pipeline(cfg, sch, rank, world, torch.device("cpu")), sch, cfg
 
@@ -250,6 +250,23 @@ def test_latent_backends_agree(latent_set):
         assert torch.equal(a.patches, b.patches) and torch.equal(a.offsets, b.offsets)
     d.close()
     t.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_latents_stay_float_in_the_in_memory_mode(latent_set, dtype):
+    """data.cache keeps the latents in their stored type and gives the streaming pipeline's float32
+    CHW patches, flips included."""
+    root, _, _ = latent_set
+    seed = int(np.random.default_rng().integers(1 << 30))
+    stream = make(root, dtype, "torch", seed=seed, xflip=True, world=2, rank=0)[0]
+    cached = make(root, dtype, "torch", seed=seed, xflip=True, world=2, rank=0, cache="host")[0]
+    assert cached.data.dtype == getattr(torch, dtype)
+    for _ in range(8):
+        a, b = next(stream), next(cached)
+        assert b.patches.dtype == torch.float32 and torch.equal(a.patches, b.patches)
+        assert torch.equal(a.offsets, b.offsets)
+    stream.close()
+    cached.close()
 
 
 def test_channel_mismatch_names_the_setting(latent_set):

@@ -34,21 +34,26 @@ def dataset(tmp_path_factory):
 
 
 def make(root, enc, backend, batch=4, world=1, rank=0, seed=None, workers=0, xflip=False, sizes=(4, 8, 16),
-         probs=(0.4, 0.3, 0.3)):
+         probs=(0.4, 0.3, 0.3), cache="none", device="cpu"):
     seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
     cfg = load_config(None, [f"data.path={root / enc}", f"data.resolution={R}", "data.channels=3",
                              f"data.backend={backend}", f"data.workers={workers}", f"train.batch={batch}",
-                             f"train.seed={seed}", f"data.xflip={str(xflip).lower()}"])
+                             f"train.seed={seed}", f"data.xflip={str(xflip).lower()}", f"data.cache={cache}"])
     sch = StochasticSchedule(R, batch, sizes=list(sizes), probs=list(probs), seed=seed)
-    return build_pipeline(cfg, sch, rank=rank, world_size=world, device=torch.device("cpu")), sch, cfg
+    return build_pipeline(cfg, sch, rank=rank, world_size=world, device=torch.device(device)), sch, cfg
 
 
 def expected_patch(images, index, x0, y0, s, flip=False):
+    """The uint8 (s, s, C) region of the (mirrored) source image the patch must equal, pixel for pixel."""
     img = images[index][:, ::-1] if flip else images[index]
-    region = torch.from_numpy(np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s])).permute(2, 0, 1).float()
-    out = (region - 127.5) * np.float32(1 / 127.5)       # the pipelines' exact float32 arithmetic
-    torch.testing.assert_close(out, region / 127.5 - 1, rtol=0, atol=1e-7)
-    return out
+    return torch.from_numpy(np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s]))
+
+
+def float_as_before(patches_u8):
+    """The float32 CHW patches the pipelines delivered before they handed over uint8: a lookup table
+    of (v - 127.5) * float32(1 / 127.5), the same bits in numpy, torch and DALI."""
+    lut = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
+    return torch.from_numpy(lut[patches_u8.numpy().transpose(0, 3, 1, 2)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,14 +72,14 @@ def test_patches_equal_source_at_offsets(dataset, backend, enc):
         s = b.patch_size
         sizes.add(s)
         n = sch.batch_for(s) // 2
-        assert b.patches.shape == (n, 3, s, s) and b.patches.dtype == torch.float32
+        assert b.patches.shape == (n, s, s, 3) and b.patches.dtype == torch.uint8     # HWC, as decoded
         assert b.offsets.shape == (n, 2) and b.offsets.dtype == torch.int64 and b.labels.dtype == torch.int64
-        assert b.patches.min() >= -1 and b.patches.max() <= 1
         np.testing.assert_array_equal(b.labels.numpy(), labels[step.indices])
         for j in range(n):
             x0, y0 = b.offsets[j].tolist()
             assert 0 <= x0 <= R - s and 0 <= y0 <= R - s
-            torch.testing.assert_close(b.patches[j], expected_patch(images, step.indices[j], x0, y0, s), rtol=0, atol=0)
+            assert torch.equal(b.patches[j], expected_patch(images, step.indices[j], x0, y0, s))
+        assert torch.equal(b.float_patches(), float_as_before(b.patches))
         seen += sch.batch_for(s)
     pipe.close()
     assert len(sizes) >= 2
@@ -92,8 +97,8 @@ def test_xflip_patches_are_regions_of_the_mirrored_image(dataset, backend):
         for j in range(len(b.labels)):
             x0, y0 = b.offsets[j].tolist()
             flipped_any |= bool(step.flips[j])
-            torch.testing.assert_close(b.patches[j], expected_patch(images, step.indices[j], x0, y0, b.patch_size,
-                                                                    flip=bool(step.flips[j])), rtol=0, atol=0)
+            assert torch.equal(b.patches[j], expected_patch(images, step.indices[j], x0, y0, b.patch_size,
+                                                            flip=bool(step.flips[j])))
     assert flipped_any
     pipe.close()
 
@@ -148,8 +153,8 @@ def test_ranks_share_sizes_and_split_samples(dataset, backend):
     for _ in range(6):
         b0, b1 = next(pipes[0]), next(pipes[1])
         assert b0.patch_size == b1.patch_size and b0.images_seen == b1.images_seen
-        assert b0.patches.shape == b1.patches.shape == (pipes[0].schedule.batch_for(b0.patch_size) // 2, 3,
-                                                        b0.patch_size, b0.patch_size)
+        assert b0.patches.shape == b1.patches.shape == (pipes[0].schedule.batch_for(b0.patch_size) // 2,
+                                                        b0.patch_size, b0.patch_size, 3)
         for r in range(2):
             seen_idx[r] += plans[r].step(b0.images_seen).indices.tolist()
     for p in pipes:
@@ -251,7 +256,7 @@ def test_cuda_patches_match_cpu(dataset, backend, enc):
         assert b.patches.is_cuda and b.offsets.is_cuda and b.labels.is_cuda
         assert torch.equal(a.offsets, b.offsets.cpu()) and torch.equal(a.labels, b.labels.cpu())
         if enc == "jpeg":                      # nvJPEG and libjpeg-turbo may round differently
-            assert (a.patches - b.patches.cpu()).abs().max() <= 4 / 127.5
+            assert (a.patches.int() - b.patches.cpu().int()).abs().max() <= 4
         else:
             assert torch.equal(a.patches, b.patches.cpu())
     cpu.close()
@@ -283,11 +288,10 @@ def test_grayscale_dataset(tmp_path, backend):
     for _ in range(4):
         b = next(pipe)
         step = plan.step(b.images_seen)
-        assert b.patches.shape[1] == 1 and (b.labels == -1).all()
+        assert b.patches.shape[3] == 1 and (b.labels == -1).all()
         for j in range(len(b.labels)):
             x0, y0 = b.offsets[j].tolist()
-            want = expected_patch(images[..., None], step.indices[j], x0, y0, b.patch_size)
-            torch.testing.assert_close(b.patches[j], want, rtol=0, atol=0)
+            assert torch.equal(b.patches[j], expected_patch(images[..., None], step.indices[j], x0, y0, b.patch_size))
     pipe.close()
 
 
@@ -296,7 +300,7 @@ def test_auto_falls_back_to_torch_without_dali(dataset, monkeypatch):
     root, _, _ = dataset
     monkeypatch.setattr(pipelines, "_DALI", [False])          # as on a box with only torch and triton
     pipe, _, _ = make(root, "raw", "auto")
-    assert pipe.backend == "torch" and next(pipe).patches.shape[1] == 3
+    assert pipe.backend == "torch" and next(pipe).patches.shape[3] == 3
     pipe.close()
     with pytest.raises(ImportError, match="data.backend=torch"):
         make(root, "raw", "dali")
@@ -319,3 +323,71 @@ def test_ranks_together_read_what_one_process_reads(dataset, backend):
         seen = a.images_seen + one.schedule.batch_for(a.patch_size)
     for p in [one, *ranks]:
         p.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory mode (data.cache)
+
+@pytest.mark.parametrize("cache", ["host", "device"])
+@pytest.mark.parametrize("enc", ["png", "raw"])
+def test_in_memory_mode_gives_the_streaming_patches(dataset, tmp_path, cache, enc):
+    """data.cache: the same plan, flips, patches (bit for bit), offsets and labels as the streaming
+    torch pipeline, for a rank of two, across epochs; states cross between the modes both ways."""
+    root, _, _ = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    kw = dict(world=2, rank=1, seed=seed, xflip=True)
+    stream = make(root, enc, "torch", **kw)[0]
+    cached = make(root, enc, "torch", cache=cache, workers=2, **kw)[0]
+    assert cached.backend == "memory" and cached.data.shape == (37, R, R, 3)
+    for _ in range(12):                                          # 37 images: epochs roll over
+        a, b = next(stream), next(cached)
+        assert (a.patch_size, a.images_seen) == (b.patch_size, b.images_seen)
+        assert b.patches.dtype == torch.uint8 and torch.equal(a.patches, b.patches)
+        assert torch.equal(a.offsets, b.offsets) and torch.equal(a.labels, b.labels)
+    torch.save(cached.state_dict(), tmp_path / "cached.pt")
+    want = [next(stream) for _ in range(3)]
+    resumed = make(root, enc, "torch", **kw)[0]                     # streaming, from the cached run's state
+    resumed.load_state_dict(torch.load(tmp_path / "cached.pt", weights_only=True))
+    again = make(root, enc, "torch", cache=cache, **kw)[0]          # cached, from the streaming run's state
+    again.load_state_dict(stream.state_dict())
+    for w in want:
+        got = next(resumed)
+        assert got.images_seen == w.images_seen and torch.equal(got.patches, w.patches)
+    assert next(again).images_seen == want[-1].images_seen + stream.schedule.batch_for(want[-1].patch_size)
+    for p in (stream, cached, resumed, again):
+        p.close()
+
+
+def test_in_memory_mode_refuses_what_does_not_fit(dataset, monkeypatch):
+    """Too little memory: refused before loading, naming the mode, the size needed (samples, shape,
+    type) and what is available, and what to set instead."""
+    from pdiff.pipelines import memory
+    root, _, _ = dataset
+    need = 37 * R * R * 3
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(need / memory.HOST_SHARE) - 1)
+    for cache in ("host", "device"):                     # on a CPU the device's memory is the host's
+        with pytest.raises(SourceError, match=rf"data.cache={cache}: the dataset needs 28.4 kB decoded "
+                                              rf"\(37 samples of {R}x{R}x3 uint8\) but the host has 35.5 kB "
+                                              rf"available.*data.cache=none"):
+            make(root, "raw", "torch", cache=cache)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(need / memory.HOST_SHARE) + 1)
+    make(root, "raw", "torch", cache="host")[0].close()             # just fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                     # every rank holds its own copy
+    with pytest.raises(SourceError, match="per process, 227.3 kB for the 8 processes on this node"):
+        make(root, "raw", "torch", cache="host")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cache", ["host", "device"])
+def test_in_memory_mode_on_cuda_matches_streaming(dataset, cache):
+    root, _, _ = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    stream = make(root, "png", "torch", seed=seed, xflip=True)[0]
+    cached = make(root, "png", "torch", seed=seed, xflip=True, cache=cache, device="cuda")[0]
+    assert cached.data.is_cuda == (cache == "device") and cached.data.is_pinned() == (cache == "host")
+    for _ in range(6):
+        a, b = next(stream), next(cached)
+        assert b.patches.is_cuda and torch.equal(a.patches, b.patches.cpu())
+    stream.close()
+    cached.close()

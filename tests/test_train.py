@@ -137,6 +137,22 @@ def test_two_processes_match_one_process(tmp_path, digits_shards):
     np.testing.assert_allclose(la, lb, rtol=1e-4)
 
 
+def test_in_memory_mode_trains_exactly_like_streaming(tmp_path, digits_shards):
+    """data.cache=device feeds the same patches as the streaming loader, so a deterministic run ends
+    with the same weights, bit for bit, and logs the same losses."""
+    common = dict(train={"duration_images": 96, "ckpt_every_images": 96})
+    stream = write_config(tmp_path, digits_shards, run="stream", **common)
+    cached = write_config(tmp_path, digits_shards, run="cached", data={"cache": "device"}, **common)
+    run_train(stream)
+    p = run_train(cached)
+    assert "data backend memory" in p.stderr and "data.cache=device: 512 samples" in p.stderr
+    a, b = final_state(tmp_path / "stream"), final_state(tmp_path / "cached")
+    assert a["images_seen"] == b["images_seen"] == 96
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in log_rows(tmp_path / "stream")] == [r["loss"] for r in log_rows(tmp_path / "cached")]
+
+
 def test_two_nodes_on_loopback_match_one_process(tmp_path, digits_shards):
     """Multi-node rendezvous (torchrun's c10d): two "nodes" of one process each on loopback train
     like one process with the same global batch."""

@@ -108,6 +108,16 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
 # ------------------------------------------------------------------------------------------
 # bench step: forward + backward + Adam per patch size on synthetic patches
 
+def delivered_patch_dtype(cfg) -> torch.dtype:
+    """What the pipeline would hand the step: float32 for latent shards, uint8 for images. Read from
+    the data's manifest when data.path is set; without data, images unless the channel count is not
+    an image's (1 or 3)."""
+    if cfg.data.path:
+        from pdiff.pipelines import open_source
+        return torch.float32 if open_source(cfg.data.path).encoding == "latent" else torch.uint8
+    return torch.uint8 if cfg.data.channels in (1, 3) else torch.float32
+
+
 def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str | None = None,
                kernels: str = "auto", repeats: int = 3, warmup: int | None = None, clock=time.perf_counter) -> dict:
     """Training-step cost at each patch size of the config's schedule (and R) with its batch
@@ -116,7 +126,7 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     from pdiff.coords import random_offsets
     from pdiff.loss import sample_sigma
     from pdiff.model import count_parameters
-    from pdiff.step import build_step
+    from pdiff.step import build_step, synthetic_patches
     from .flops import describe, device_card
     overrides = [f"train.compile={str(compile_).lower()}", f"train.kernels={kernels}"]
     if precision:
@@ -125,12 +135,14 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     model, opt, sched, backend = step.model, step.optimizer, step.schedule, step.loss.backend
     r, c, label_dim = cfg.data.resolution, cfg.data.channels, cfg.network.label_dim
 
+    dtype = delivered_patch_dtype(cfg)
+
     def make_step(s: int):
         n = sched.batch_for(s)
-        y = torch.rand(n, c, s, s, device=device) * 2 - 1
+        y = synthetic_patches(n, c, s, dtype, device)
         off = random_offsets(n, s, r, device=device)
         sigma = sample_sigma(n, device=device)
-        noise = torch.randn_like(y) if backend == "torch" else None
+        noise = torch.randn(n, c, s, s, device=device) if backend == "torch" else None
         labels = None
         if label_dim:
             labels = torch.nn.functional.one_hot(torch.randint(0, label_dim, (n,), device=device), label_dim).float()
@@ -185,7 +197,7 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
     from pdiff.step import build_step
     t = time.perf_counter()
     step = build_step(variant(cfg, ["train.compile=false"]), device)
-    step.warm_up()
+    step.warm_up(1, delivered_patch_dtype(cfg))
     del step
     gc.collect()
     if device.type == "cuda":
