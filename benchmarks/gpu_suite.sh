@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
-# The GPU suite: on one H100/H200, within 8 minutes, check every Triton kernel against its
-# reference on CUDA and run the kernel, step, train, pipeline and sampler benchmarks; write JSON and
-# a summary to OUTDIR and print the summary table last.
+# The GPU suite: on one H100/H200, check every Triton kernel against its reference on CUDA and run
+# the kernel, step, sampler, pipeline and training benchmarks; write JSON and a summary to OUTDIR and
+# print the summary table last. Every figure of a training step comes with its TFLOP/s and MFU.
 #
 #   benchmarks/gpu_suite.sh [OUTDIR]        # default: benchmarks/results/gpu-suite-<UTC time>/
 #   GPU_SUITE_DRY=1 benchmarks/gpu_suite.sh /tmp/suite    # CPU dry run: every stage's quick CPU variant
-#   GPU_SUITE_COMPILE=1 ...   # then, in whatever is left of the 8 minutes, bench_step compiled (added to step.json)
+#   GPU_SUITE_STAGES=pipeline,roi,train-compile GPU_SUITE_BUDGET=540 benchmarks/gpu_suite.sh OUTDIR
+#                                           # issue #14's evidence, in one 10-minute device call
 #
-# Needs python3 with torch, triton, numpy, pyyaml, pillow, safetensors, pytest (DALI optional: the
-# torch fallback pipeline is used where it is missing). Run from anywhere; the repo need not be
-# pip-installed (PYTHONPATH is set to the repo). PYTHON=... picks the interpreter.
+# Stages (GPU_SUITE_STAGES picks them, comma-separated; default: cuda,kernels,step,sample,pipeline,
+# train,roi, in 8 minutes):
+#   cuda           pytest -m 'cuda or kernels': every Triton kernel vs its reference on CUDA
+#   kernels        bench_kernels --quick: GB/s against copy bandwidth
+#   step           bench_step eager bf16, DDPM++ 64 batch 64, per patch size, with TFLOP/s and MFU
+#   sample         bench_sample --quick
+#   pipeline       bench_pipeline at 64x64: DALI (JPEG decoded on the GPU, "mixed") when installed,
+#                  the torch fallback and the baseline loader; png, jpeg, raw
+#   train          bench_train eager: real loop, p=1 vs the schedule, data wait, MFU
+#   roi            bench_pipeline at 256x256 (jpeg, raw): decode only what is cropped (DALI's ROI
+#                  decoders on the GPU; raw rows read straight from the tar)
+#   train-compile  bench_train compiled bf16, DDPM++ 64 at the default schedule (patch run only) with
+#                  data wait and MFU, streaming raw shards and then the same run with the dataset on
+#                  the GPU (data.cache=device); about 5 minutes of torch.compile on a cold cache
+#   step-compile   bench_step compiled (also GPU_SUITE_COMPILE=1), added to step.json
 #
-# OUTDIR gets at most 8 files: suite.log (everything printed), cuda_tests.log, kernels.json,
-# step.json, train.json, pipeline.json, sample.json, summary.md. Each stage runs under `timeout`;
-# a stage that fails or times out is recorded in summary.md and the suite goes on. Eager mode only:
-# torch.compile of DDPM++ 64 takes about 100 s per patch size (benchmarks/results/networks_h200.json),
-# more than the 8 minutes allow; compiled end-to-end figures come from a separate run, e.g.
-#   python3 benchmarks/bench_train.py --device cuda --batch 64 --modes compile --synthetic 2048 \
-#       --set data.backend=torch --set data.workers=12 --out OUTDIR/train_compile.json   # ~8 min
+# DALI: used where it imports; benchmarks/dali_carry.py installs it into /tmp/pdiff-dali on a machine
+# without a package index, and this script puts that folder (DALI_SITE) on PYTHONPATH when it holds
+# nvidia/dali. Needs python3 with torch, triton, numpy, pyyaml, pillow, safetensors, pytest. Run from
+# anywhere; the repo need not be pip-installed (PYTHONPATH is set to the repo). PYTHON=... picks the
+# interpreter.
+#
+# OUTDIR gets suite.log (everything printed), summary.md and one file per stage (cuda_tests.log,
+# kernels.json, step.json, sample.json, pipeline.json, train.json, pipeline256.json,
+# train_compile.json). A device call brings back 8 files at most: pack OUTDIR into one
+# (tar -czf $OUT/suite.tgz -C OUTDIR .). Each stage runs under `timeout`; a stage that fails or
+# times out is recorded in summary.md and the suite goes on.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +45,16 @@ OUT="${1:-benchmarks/results/gpu-suite-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+DALI_SITE="${DALI_SITE:-/tmp/pdiff-dali}"
+if [[ -d "$DALI_SITE/nvidia/dali" ]]; then    # carried by benchmarks/dali_carry.py
+    export PYTHONPATH="$PYTHONPATH:$DALI_SITE"
+    for lib in nvidia/cu13/lib nvidia/nvimgcodec nvidia/libnvcomp/lib64; do
+        [[ -d "$DALI_SITE/$lib" ]] && export LD_LIBRARY_PATH="$DALI_SITE/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+fi
 export PYTHONUNBUFFERED=1
+STAGES_WANTED=",${GPU_SUITE_STAGES:-cuda,kernels,step,sample,pipeline,train,roi},"
+[[ "${GPU_SUITE_COMPILE:-0}" == "1" ]] && STAGES_WANTED="${STAGES_WANTED}step-compile,"
 BUDGET="${GPU_SUITE_BUDGET:-470}"     # seconds for all stages (8 minutes less the summary)
 RESERVE=8                             # kept back for the summary
 T0=$(date +%s)
@@ -41,13 +67,15 @@ CORES=$(nproc 2>/dev/null || echo 4)
 WORKERS=$(( CORES > 12 ? 12 : CORES ))
 
 # run_stage NAME CAP_SECONDS NOTE COMMAND: the command (a bash string) under timeout, at most CAP
-# seconds and never past the suite's budget; its exit status and time go to the stage table.
+# seconds and never past the suite's budget; its exit status and time go to the stage table. NAME is
+# "N key": only the keys in GPU_SUITE_STAGES run.
 run_stage() {
     local name="$1" cap="$2" note="$3" cmd="$4"
+    [[ "$STAGES_WANTED" == *",${name#* },"* ]] || return 0
     local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
     if (( left < 15 )); then
         echo "=== [$name] skipped: ${left}s left of the suite's budget"
-        printf '%s\tskip\t0\tno time left in the 8-minute budget\n' "$name" >> "$STAGES"
+        printf '%s\tskip\t0\tno time left in the budget (%ss)\n' "$name" "$BUDGET" >> "$STAGES"
         return
     fi
     local t=$(( cap < left ? cap : left ))
@@ -65,19 +93,34 @@ suite() {
     echo "gpu_suite: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), out $OUT, dry=$DRY, budget ${BUDGET}s"
     command -v nvidia-smi >/dev/null && nvidia-smi -L
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+    DALI=0
+    if [[ "$STAGES_WANTED" =~ ,(pipeline|roi|train-compile), ]]; then
+        if "$PY" -c "from pdiff.pipelines import dali_available; import sys; sys.exit(not dali_available())" 2>/dev/null; then
+            DALI=1; "$PY" -c "import nvidia.dali as d; print('dali', d.__version__, d.__file__)"
+        else
+            echo "dali: not installed (benchmarks/dali_carry.py carries it): the torch pipeline only"
+        fi
+    fi
+    PIPE_BACKENDS=$([[ $DALI == 1 ]] && echo dali,torch || echo torch)
 
     if [[ "$DRY" == "1" ]]; then
         export OMP_NUM_THREADS=1
         DEV=cpu
         STEP_ARGS="--device cpu --modes eager --configs tiny --batch 2 --repeats 1 --set network.model_channels=8 --set network.channel_mult=[1,2] --set data.resolution=16"
         TRAIN_ARGS="--quick --device cpu --modes eager --synthetic 64 --set data.backend=torch"
-        PIPE_ARGS="--backends torch,baseline --device cpu --seconds 0.3 --images 64 --formats png --workers 1 --resolution 32 --batch 4"
+        PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cpu --seconds 0.3 --images 64 --formats png,jpeg --workers 1 --resolution 32 --batch 4"
+        ROI_ARGS="--backends $PIPE_BACKENDS --device cpu --seconds 0.3 --images 16 --formats jpeg,raw --workers 1 --resolution 64 --batch 2"
+        COMPILE_ARGS="--quick --device cpu --modes eager --runs patch --cache none,device --synthetic 64 --encoding raw"
         SAMPLE_ARGS="--quick --device cpu --batch 1"
     else
         DEV=cuda
         STEP_ARGS="--device cuda --modes eager --precision bf16 --configs celeba64 --batch 64 --repeats 5"
         TRAIN_ARGS="--device cuda --config celeba64 --batch 64 --modes eager --synthetic 2048 --intervals 10 --interval-steps 3 --wall-budget 45 --set data.backend=torch --set data.workers=$WORKERS"
-        PIPE_ARGS="--backends torch,baseline --device cuda --seconds 2 --images 1024 --formats png,raw --workers $WORKERS"
+        PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cuda --seconds 2 --images 1024 --formats png,jpeg,raw --workers $WORKERS"
+        ROI_ARGS="--backends $PIPE_BACKENDS --device cuda --seconds 2 --images 512 --formats jpeg,raw --workers $WORKERS --resolution 256"
+        # DDPM++ 64 at the preset's batch (256 full images a step, 1024 patches at 16 px), raw shards
+        # (no decode), the data backend DALI where installed; then the same with data.cache=device.
+        COMPILE_ARGS="--device cuda --config celeba64 --modes compile --runs patch --cache none,device --synthetic 4096 --encoding raw --intervals 6 --interval-steps 4 --set data.workers=$WORKERS --set train.precision=bf16"
         SAMPLE_ARGS="--quick --device cuda"
     fi
 
@@ -85,7 +128,7 @@ suite() {
     # pytest-xdist (in the GPU image) spreads the cold Triton compiles over the cores.
     XDIST=""
     if [[ "$DRY" != "1" ]] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
-    run_stage "1 cuda tests" 150 "pytest -m 'cuda or kernels': every Triton kernel vs its float64 reference on CUDA, training shapes, Inductor step, pipeline on CUDA" \
+    run_stage "1 cuda" 150 "pytest -m 'cuda or kernels': every Triton kernel vs its float64 reference on CUDA, training shapes, Inductor step, pipeline on CUDA" \
         "'$PY' -m pytest -q -p no:cacheprovider $XDIST -m 'cuda or kernels' tests/ > '$OUT/cuda_tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/cuda_tests.log'; exit \$rc"
     run_stage "2 kernels" 150 "bench_kernels --quick: Triton vs eager vs torch.compile, GB/s (JSON rewritten after every shape)" \
         "'$PY' benchmarks/bench_kernels.py --quick --json '$OUT/kernels.json'"
@@ -93,15 +136,16 @@ suite() {
         "'$PY' benchmarks/bench_step.py $STEP_ARGS --out '$OUT/step.json'"
     run_stage "4 sample" 45 "bench_sample --quick: tiny and DDPM++ 64 at 35/79 NFE" \
         "'$PY' benchmarks/bench_sample.py $SAMPLE_ARGS --out '$WORK/sample'; rc=\$?; f=\$(ls -t '$WORK'/sample/*.json 2>/dev/null | head -n 1); [[ -n \"\$f\" ]] && mv \"\$f\" '$OUT/sample.json'; exit \$rc"
-    run_stage "5 pipeline" 45 "bench_pipeline torch fallback vs baseline loader (DALI absent)" \
+    run_stage "5 pipeline" 60 "bench_pipeline 64x64 ($PIPE_BACKENDS vs the baseline loader; DALI decodes JPEG on the GPU)" \
         "'$PY' benchmarks/bench_pipeline.py $PIPE_ARGS --out '$OUT/pipeline.json'"
-    run_stage "6 train" 110 "bench_train eager: real loop + torch pipeline, p=1 vs p=0.5, data-wait share" \
+    run_stage "6 train" 110 "bench_train eager: real loop + torch pipeline, p=1 vs p=0.5, data-wait share, MFU" \
         "'$PY' benchmarks/bench_train.py $TRAIN_ARGS --out '$OUT/train.json'"
-
-    if [[ "${GPU_SUITE_COMPILE:-0}" == "1" ]]; then
-        run_stage "7 step compile" 400 "bench_step compiled (opt-in): ~100 s of torch.compile per patch size when the cache is cold" \
-            "'$PY' benchmarks/bench_step.py ${STEP_ARGS/--modes eager/--modes compile} --append --out '$OUT/step.json'"
-    fi
+    run_stage "7 roi" 90 "bench_pipeline 256x256 jpeg/raw ($PIPE_BACKENDS): decode only what is cropped" \
+        "'$PY' benchmarks/bench_pipeline.py $ROI_ARGS --out '$OUT/pipeline256.json'"
+    run_stage "8 train-compile" 480 "bench_train compiled bf16 DDPM++ 64, default schedule: MFU and data wait, streaming and data.cache=device" \
+        "'$PY' benchmarks/bench_train.py $COMPILE_ARGS --out '$OUT/train_compile.json'"
+    run_stage "9 step-compile" 400 "bench_step compiled: ~100 s of torch.compile per patch size when the cache is cold" \
+        "'$PY' benchmarks/bench_step.py ${STEP_ARGS/--modes eager/--modes compile} --append --out '$OUT/step.json'"
 
     echo
     echo "gpu_suite: stages done after $(( $(date +%s) - T0 ))s; files in $OUT:"

@@ -311,7 +311,8 @@ def test_make_table_between_markers(quick_results, tmp_path):
 
 
 def test_gpu_suite_plumbing_without_time(tmp_path):
-    """With no time left every stage is skipped: the suite still writes its summary and log."""
+    """With no time left every stage is skipped: the suite still writes its summary and log. The
+    default stages are listed; GPU_SUITE_STAGES picks others."""
     env = {**os.environ, "PYTHON": sys.executable, "GPU_SUITE_DRY": "1", "GPU_SUITE_BUDGET": "0"}
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "o")], env=env,
                        capture_output=True, text=True, timeout=120)
@@ -319,6 +320,117 @@ def test_gpu_suite_plumbing_without_time(tmp_path):
     files = sorted(f.name for f in (tmp_path / "o").iterdir())
     assert files == ["suite.log", "summary.md"]
     summary = (tmp_path / "o" / "summary.md").read_text()
-    for stage in ("1 cuda tests", "2 kernels", "3 step", "4 sample", "5 pipeline", "6 train"):
+    for stage in ("1 cuda", "2 kernels", "3 step", "4 sample", "5 pipeline", "6 train", "7 roi"):
         assert f"| {stage} | skipped |" in summary
+    assert "train-compile" not in summary and "step-compile" not in summary
     assert p.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])    # the summary is printed last
+    env["GPU_SUITE_STAGES"] = "train-compile,roi"
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "p")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "p" / "summary.md").read_text()
+    assert "| 7 roi | skipped |" in summary and "| 8 train-compile | skipped |" in summary and "| 3 step" not in summary
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_of_the_issue_14_stages(tmp_path):
+    """GPU_SUITE_DRY=1 runs the CPU variants of the new stages: the 256x256-style pipeline (DALI where
+    installed, the torch loader) and the patch-schedule training run streaming and with data.cache;
+    their JSON carries TFLOP/s, MFU (n/a) and the data wait, and the summary names them."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_SUITE_DRY": "1", "GPU_SUITE_STAGES": "roi,train-compile",
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "o")], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert "| 7 roi | ok |" in summary and "| 8 train-compile | ok |" in summary, summary
+    train = json.loads((tmp_path / "o" / "train_compile.json").read_text())
+    assert set(train["modes"]) == {"eager", "eager cache=device"} and not train["errors"]
+    for entry in train["modes"].values():
+        assert set(entry) == {"patch"}
+        assert entry["patch"]["tflop_per_s"] > 0 and entry["patch"]["mfu"] is None
+        assert 0 <= entry["patch"]["data_wait_share"] < 1
+    pipe = json.loads((tmp_path / "o" / "pipeline256.json").read_text())
+    assert {r["format"] for r in pipe["results"]} == {"jpeg", "raw"}
+
+
+def load_dali_carry():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dali_carry", REPO / "benchmarks" / "dali_carry.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_wheel(folder: Path, name: str, payload: bytes) -> Path:
+    """A small pure-Python wheel pip can install: package ``name`` holding ``payload``."""
+    import zipfile
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}/__init__.py": b"", f"{name}/blob.bin": payload,
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{name}-1.0.dist-info/RECORD"]).encode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_dali_carry_split_carry_join_install(tmp_path):
+    """The carry script's logic without a GPU: wheels split into parts, the parts arriving one call
+    at a time (each checked), a damaged part caught, then joined, verified and installed with pip
+    into a target folder from which the packages import with their bytes intact."""
+    carry = load_dali_carry()
+    rng = np.random.default_rng()
+    here, there = tmp_path / "here", tmp_path / "there"
+    (here / "wheels").mkdir(parents=True)
+    payloads = {f"fakepkg_{k}": rng.bytes(int(rng.integers(1, 40_000))) for k in "abc"}
+    wheels = [fake_wheel(here / "wheels", n, b) for n, b in payloads.items()]
+    part = int(rng.integers(5_000, 20_000))
+    m = carry.split(sorted(wheels), here, part)
+    total = sum(w.stat().st_size for w in wheels)
+    assert len(m["parts"]) == -(-total // part) and all(p["bytes"] <= part for p in m["parts"])
+    assert sum(p["bytes"] for p in m["parts"]) == total
+
+    there.mkdir()
+    (there / "manifest.json").write_bytes((here / "manifest.json").read_bytes())
+    names = [p["name"] for p in m["parts"]]
+    for k, name in enumerate(names):
+        assert carry.main(["check", "--dir", str(there), "--part", name]) == 1          # not carried yet
+        (there / name).write_bytes((here / name).read_bytes())                         # the call carries it
+        assert carry.main(["check", "--dir", str(there), "--part", name]) == 0
+        whole, missing, damaged = carry.check(there)
+        assert whole == names[:k + 1] and missing == names[k + 1:] and not damaged
+    data = bytearray((there / names[0]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (there / names[0]).write_bytes(bytes(data))
+    assert carry.main(["check", "--dir", str(there)]) == 1
+    with pytest.raises(SystemExit, match="cannot join"):
+        carry.join(there)
+    (there / names[0]).write_bytes((here / names[0]).read_bytes())
+
+    target = tmp_path / "site"
+    assert carry.main(["install", "--dir", str(there), "--target", str(target), "--check-import", "fakepkg_b"]) == 0
+    for name, payload in payloads.items():
+        assert (there / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes() == (here / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes()
+        got = subprocess.run([sys.executable, "-c", f"import {name}, pathlib; print(pathlib.Path({name}.__file__).parent)"],
+                             env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
+        assert (Path(got.stdout.strip()) / "blob.bin").read_bytes() == payload
+
+
+def test_dali_carry_plan_names_one_part_per_call():
+    """The plan: one device call per part, each carrying the manifest and its part (ignored paths under
+    .dali/), checking it on arrival; the last joins, installs and runs the given command."""
+    carry = load_dali_carry()
+    folder = REPO / ".dali"
+    if not (folder / "manifest.json").exists():
+        pytest.skip("no .dali/manifest.json here (python benchmarks/dali_carry.py fetch && ... split)")
+    m = carry.load_manifest(folder)
+    calls = carry.plan(folder, "benchmarks/gpu_suite.sh /tmp/s")
+    assert len(calls) == len(m["parts"])
+    for call, p in zip(calls, m["parts"]):
+        assert call["carry"] == [".dali/manifest.json", f".dali/{p['name']}"]
+        assert call["bytes"] + carry.tree_bytes() < carry.CALL_LIMIT
+    assert all(f"check --dir .dali --part {p['name']}" in c["command"] for c, p in zip(calls[:-1], m["parts"]))
+    assert calls[-1]["command"] == "python3 benchmarks/dali_carry.py install --dir .dali && benchmarks/gpu_suite.sh /tmp/s"
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", ".dali/part-01"])
+    assert ignored.returncode == 0                                        # carry takes ignored paths only
