@@ -2,10 +2,16 @@
 official Patch Diffusion / EDM code loads (a zip of PNGs, PIL in the Dataset, one DataLoader worker,
 the crop after loading). Patches/s and images/s (each patch comes from its own image, so the two are
 equal), CPU cores busy, and images/s per core, for PNG, JPEG and raw shards at each patch size and
-for the default stochastic schedule. Writes JSON under benchmarks/results/.
+for the default stochastic schedule. Writes JSON under benchmarks/results/, naming the machine and
+the commit.
 
     python benchmarks/bench_pipeline.py                       # 64x64, all backends available
     python benchmarks/bench_pipeline.py --seconds 2 --images 1024 --device cuda
+    python benchmarks/bench_pipeline.py --resolution 256 --formats jpeg,raw,png --backends dali,torch \
+        --before results/pipeline-256-before.json             # per core against an earlier run (same machine)
+
+--before takes the JSON of an earlier run (another commit, same machine and arguments) and adds the
+ratio of images/s per core, this run over that one, for every backend, format and plan both ran.
 
 Runs without DALI (the torch fallback and the baseline only). Images are synthetic (smooth colour
 fields plus noise) so that PNG and JPEG sizes are in a natural range.
@@ -16,8 +22,6 @@ import argparse
 import io
 import json
 import os
-import platform
-import socket
 import sys
 import tempfile
 import time
@@ -145,6 +149,27 @@ def bench_pipeline(shard_dir, backend, res, sizes, probs, batch, seconds, device
         pipe.close()
 
 
+def git_commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def compare_before(results: list[dict], before: dict, path: str) -> dict:
+    """Images/s per core of this run over the earlier run's, per "backend-format plan" both measured."""
+    earlier = {(r["backend"], r["format"], r["config"]): r for r in before.get("results", [])}
+    ratio = {}
+    for r in results:
+        b = earlier.get((r["backend"], r["format"], r["config"]))
+        if b and b.get("images_per_s_per_core"):
+            ratio[f"{r['backend']}-{r['format']} {r['config']}"] = r["images_per_s_per_core"] / b["images_per_s_per_core"]
+    m = before.get("machine", {})
+    return {"file": str(path), "commit": m.get("commit"), "machine": m, "args": before.get("args"), "per_core_ratio": ratio}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2048, help="synthetic images in the dataset")
@@ -157,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pipeline-HOST-TIME.json)")
+    p.add_argument("--before", default=None, help="JSON of an earlier run to compare images/s per core with")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     res = a.resolution
@@ -166,15 +192,8 @@ def main(argv=None) -> int:
         print("DALI is not installed: running the torch fallback and the baseline only")
         backends.remove("dali")
     formats = [f for f in a.formats.split(",") if f]
-    machine = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-               "cores": os.cpu_count(), "device": str(device),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import nvidia.dali
-        machine["dali"] = nvidia.dali.__version__
-    except ImportError:
-        machine["dali"] = None
+    from pdiff.bench import machine as probe_machine
+    machine = {**probe_machine(), "device": str(device), "commit": git_commit()}
     print(json.dumps(machine))
     rng = np.random.default_rng(a.seed)
     results = []
@@ -224,11 +243,16 @@ def main(argv=None) -> int:
                     summary[f"{backend}-{fmt}"] = float(np.mean([r["images_per_s_per_core"] for r in rs]) / b)
         print("images/s per core relative to the baseline: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
+    payload = {"benchmark": "bench_pipeline", "machine": machine, "args": vars(a), "results": results,
+               "per_core_vs_baseline": summary}
+    if a.before:
+        payload["before"] = compare_before(results, json.loads(Path(a.before).read_text()), a.before)
+        print("images/s per core relative to the earlier run: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in payload["before"]["per_core_ratio"].items() if k.endswith("schedule")))
     out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
                                      f"pipeline-{machine['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "args": vars(a), "results": results,
-                               "per_core_vs_baseline": summary}, indent=1))
+    out.write_text(json.dumps(payload, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -196,7 +196,14 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if per_core:
             best = max(per_core, key=per_core.get)
             line += f"; per core vs baseline loader: {best} {_x(per_core[best])}"
-        return "bench_pipeline", [line]
+        lines = [line]
+        before = p.get("before") or {}
+        ratios = {k.split()[0]: v for k, v in before.get("per_core_ratio", {}).items() if k.endswith(" schedule")}
+        if ratios:
+            lines.append(f"schedule patches/s per core vs commit {before.get('commit') or '?'}: "
+                         + ", ".join(f"{k} {_x(v)}" for k, v in sorted(ratios.items())))
+        res = (p.get("args") or {}).get("resolution")
+        return "bench_pipeline" + (f" {res}x{res}" if res else ""), lines
     return None
 
 

@@ -5,19 +5,24 @@ training step's kernels normalize). The callback is a pure function of the itera
 (iteration k of a pipeline started at images seen n is the k-th step after n), so DALI may run it
 ahead of time.
 
-Decoding: JPEG with the "mixed" decoder (nvJPEG on the GPU) where the target device is CUDA; PNG and
-WebP on DALI's CPU threads (nvImageCodec decodes them on the CPU anyway), then the patches, not the
-images, go to the GPU; raw is sliced without a decode. CPU-only (device_id=None) elsewhere.
+Decoding only what is cropped (pipelines/regions.py): the encoded samples go through DALI's ROI
+decoder (fn.decoders.image_slice), which decodes and slices in one: for JPEG it stops after the
+patch's last MCU row and skips the inverse DCT of the columns outside it; JPEG with the "mixed"
+decoder (nvJPEG on the GPU) where the target device is CUDA, PNG and WebP on DALI's CPU threads
+(nvImageCodec decodes them on the CPU anyway, whole), then the patches, not the images, go to the
+GPU. Raw samples are not decoded: the callback reads only the patch's rows from the source and feeds
+the patches as one typed batch. CPU-only (device_id=None) elsewhere.
 
-Latents are fed like raw, as one typed (b, R, R, C) float16/float32 batch; they are sliced, moved to
-the GPU where the patches go there, transposed to CHW and cast to float32 without normalization.
+Latents are fed like raw, as one typed (b, s, s, C) float16/float32 batch of patches; they are moved
+to the GPU where the patches go there, transposed to CHW and cast to float32 without normalization.
 
 Damaged samples: the callback reads each sample through its checksum (pipelines/corrupt.py), so a
 damaged one is replaced (and reported with the step) before DALI sees a byte of it; a decoder fed
-damaged bytes may crash the process. Shards without checksums can still hand DALI bytes it cannot
-decode: its error names no sample and leaves the pipeline unusable, so the samples fed are decoded
-again on the host to find the culprit, which is then treated as damaged, and the pipeline is rebuilt
-at the same step.
+damaged bytes may crash the process. (A raw patch read by its rows is not checked: the CRC-32 covers
+the whole sample; see ShardSet.read_region.) Shards without checksums can still hand DALI bytes it
+cannot decode: its error names no sample and leaves the pipeline unusable, so the samples fed are
+decoded again on the host to find the culprit, which is then treated as damaged, and the pipeline is
+rebuilt at the same step.
 """
 from __future__ import annotations
 
@@ -63,26 +68,40 @@ class DaliPatchPipeline(PatchPipeline):
             return fetch(i)
         return fetch_decodable
 
-    def _feed(self, info):
-        step = self._step_for(info.iteration)
-        src = self.source
-        n = len(step.indices)
-        replaced: list[Replaced] = []
-        if src.encoding in UNIFORM_ENCODINGS:      # one uniform array: DALI takes it as a batch, no per-sample cost
-            data = np.empty((n, src.resolution, src.resolution, src.channels), src.dtype)
-            for j, i in enumerate(step.indices):
-                read_checked(src, int(i), j, self._checked(lambda k, out=data[j]: src.read_into(k, out)), replaced)
-        else:
-            data = [np.frombuffer(read_checked(src, int(i), j, self._checked(src.read), replaced), np.uint8)
-                    for j, i in enumerate(step.indices)]
+    def _record(self, iteration: int, step, replaced: list[Replaced]) -> None:
+        """What iteration ``iteration`` fed: the rows read from another sample, and every row's sample."""
         fed = step.indices.copy()
         for r in replaced:
             fed[r.row] = r.used
         with self._lock:
-            self._replaced[info.iteration], self._fed[info.iteration] = replaced, fed
+            self._replaced[iteration], self._fed[iteration] = replaced, fed
+
+    def _feed_patches(self, info):
+        """Raw and latent: the step's patches themselves, read by the source (only their rows), as one
+        typed (b, s, s, C) batch."""
+        step = self._step_for(info.iteration)
+        src, s = self.source, step.patch_size
+        data = np.empty((len(step.indices), s, s, src.channels), src.dtype)
+        replaced: list[Replaced] = []
+        for j, (i, (x, y)) in enumerate(zip(step.indices, step.read_xy)):
+            x, y = int(x), int(y)
+            read_checked(src, int(i), j, self._checked(lambda k, out=data[j]: src.read_region(k, x, y, s, out)),
+                         replaced)
+        self._record(info.iteration, step, replaced)
+        return data
+
+    def _feed_encoded(self, info):
+        """The step's encoded samples (each through its checksum), their crop anchors (y0, x0) and the
+        crop shape (s, s). The bytes go as stored: DALI's decoders (libpng, libjpeg-turbo) print a
+        warning for every image whose header was cut to fewer rows (pipelines/regions.py), and its ROI
+        decoder already stops a JPEG after the patch's rows."""
+        step = self._step_for(info.iteration)
+        replaced: list[Replaced] = []
+        data = [np.frombuffer(read_checked(self.source, int(i), j, self._checked(self.source.read), replaced), np.uint8)
+                for j, i in enumerate(step.indices)]
+        self._record(info.iteration, step, replaced)
         anchors = np.ascontiguousarray(step.read_xy[:, ::-1], dtype=np.int32)     # (y0, x0) for axes (H, W)
-        shapes = np.full((n, 2), step.patch_size, np.int32)
-        return data, anchors, shapes
+        return data, anchors, np.full((len(data), 2), step.patch_size, np.int32)
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -94,15 +113,15 @@ class DaliPatchPipeline(PatchPipeline):
 
         @pipeline_def
         def graph():
-            data, anchors, shapes = fn.external_source(source=self._feed, num_outputs=3, batch=True, batch_info=True,
-                                                       dtype=[data_type, types.INT32, types.INT32],
-                                                       layout=["HWC" if uniform else None, None, None])
-            if uniform:
-                images = data
-            else:
+            if uniform:                 # already cut by the callback
+                patches = fn.external_source(source=self._feed_patches, batch=True, batch_info=True,
+                                             dtype=data_type, layout="HWC")
+            else:                       # decode + slice in one: the ROI decoder (integer anchors are absolute)
+                data, anchors, shapes = fn.external_source(source=self._feed_encoded, num_outputs=3, batch=True,
+                                                           batch_info=True, dtype=[types.UINT8, types.INT32, types.INT32])
                 kind = types.GRAY if self.source.channels == 1 else types.RGB
-                images = fn.decoders.image(data, device="mixed" if cuda and enc == "jpeg" else "cpu", output_type=kind)
-            patches = fn.slice(images, anchors, shapes, axes=[0, 1])
+                patches = fn.decoders.image_slice(data, anchors, shapes, axes=[0, 1], output_type=kind,
+                                                  device="mixed" if cuda and enc == "jpeg" else "cpu")
             if cuda and patches.device == "cpu":
                 patches = patches.gpu()
             if enc == "latent":          # values as stored

@@ -22,6 +22,7 @@ import io
 import numpy as np
 
 from pdiff.errors import UserError
+from pdiff.pipelines.regions import top_rows
 
 ENCODINGS = ("png", "jpeg", "webp", "raw", "latent")
 UNIFORM_ENCODINGS = ("raw", "latent")
@@ -45,8 +46,10 @@ class CorruptSample(SourceError):
 
 
 def decode_sample(data: bytes | memoryview, encoding: str, resolution: int, channels: int,
-                  dtype: np.dtype | str | None = None) -> np.ndarray:
-    """Bytes of one stored image -> (R, R, C) uint8; of one latent -> (R, R, C) in its ``dtype``."""
+                  dtype: np.dtype | str | None = None, rows: int | None = None) -> np.ndarray:
+    """Bytes of one stored image -> (R, R, C) uint8; of one latent -> (R, R, C) in its ``dtype``.
+    ``rows``: the bytes may describe only the image's top rows, at least that many (see
+    pipelines/regions.py); the array then has those rows only."""
     if encoding in UNIFORM_ENCODINGS:
         dt = np.dtype(dtype or ("<f2" if encoding == "latent" else np.uint8))
         want = resolution * resolution * channels * dt.itemsize
@@ -63,7 +66,8 @@ def decode_sample(data: bytes | memoryview, encoding: str, resolution: int, chan
         arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.shape != (resolution, resolution, channels):
+    if arr.shape != (resolution, resolution, channels) and not (
+            rows and rows <= arr.shape[0] <= resolution and arr.shape[1:] == (resolution, channels)):
         raise SourceError(f"decoded image has shape {arr.shape}, expected {(resolution, resolution, channels)}")
     return arr
 
@@ -109,9 +113,11 @@ class SampleSource:
 
     def decode(self, i: int) -> np.ndarray:
         """Sample ``i`` as an (R, R, C) array of ``dtype``."""
-        data = self.read(i)          # a read error names the place itself
+        return self._decode(i, self.read(i))         # a read error names the place itself
+
+    def _decode(self, i: int, data: bytes, rows: int | None = None) -> np.ndarray:
         try:
-            return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype)
+            return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype, rows=rows)
         except Exception as e:
             hint = self.damage_hint()
             raise CorruptSample(i, f"{self.describe(i)} cannot be decoded: {e}" + (f"; {hint}" if hint else "")) from None
@@ -119,6 +125,23 @@ class SampleSource:
     def read_into(self, i: int, out: np.ndarray) -> None:
         """Uniform encodings: sample ``i`` into ``out`` (R x R x C of ``dtype``, contiguous)."""
         out[...] = self.decode(i)
+
+    def read_region(self, i: int, x0: int, y0: int, size: int, out: np.ndarray) -> None:
+        """Uniform encodings: the ``size`` x ``size`` region of sample ``i`` at (x0, y0) into ``out``.
+        This reads (and checks) the whole sample; a source with random access overrides it to read
+        only the region's rows (a checksum over the whole sample cannot be checked then)."""
+        out[...] = self.decode(i)[y0:y0 + size, x0:x0 + size]
+
+    def decode_region(self, i: int, x0: int, y0: int, size: int) -> np.ndarray:
+        """The ``size`` x ``size`` region of sample ``i`` at (x0, y0), (size, size, C) of ``dtype``,
+        with no decoding below it where the encoding allows (pipelines/regions.py): what the
+        loaders crop. Bit for bit the region of ``decode(i)``."""
+        if self.encoding in UNIFORM_ENCODINGS:
+            out = np.empty((size, size, self.channels), self.dtype)
+            self.read_region(i, x0, y0, size, out)
+            return out
+        rows = self._decode(i, top_rows(self.read(i), self.encoding, y0 + size), rows=y0 + size)
+        return rows[y0:y0 + size, x0:x0 + size]
 
     def close(self) -> None:
         """Release open files (the source may be read again afterwards)."""

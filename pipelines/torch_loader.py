@@ -1,7 +1,8 @@
 """The torch fallback: DataLoader workers read samples by index from the source (for shards: one
-pread each, the shard indexes give the offsets), decode them with Pillow (raw and latent: no decode)
-and crop. Used where DALI is
-missing. Latent samples are cropped in their stored float type and handed over as float32 CHW.
+pread each, the shard indexes give the offsets), decode them with Pillow no further down than the
+patch's last row (pipelines/regions.py; raw and latent: no decode, only the patch's rows are read)
+and crop. Used where DALI is missing. Image patches are handed over as uint8 HWC; latent samples are
+cropped in their stored float type and handed over as float32 CHW.
 
 The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the
 main process joins the chunks of a step in order. No shuffling happens inside the DataLoader, so the
@@ -28,12 +29,18 @@ from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
 def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
                  patch_size: int) -> tuple[np.ndarray, list[Replaced]]:
     """(n, s, s, C) in the stored type (uint8 images, float16/float32 latents): sample indices[j]
-    cropped at read_xy[j] = (x0, y0), or the sample that replaced a damaged one (listed)."""
+    cropped at read_xy[j] = (x0, y0), each read or decoded no further than the crop needs, or the
+    sample that replaced a damaged one (listed)."""
     s = patch_size
     out = np.empty((len(indices), s, s, source.channels), source.dtype)
     replaced: list[Replaced] = []
+    uniform = source.encoding in UNIFORM_ENCODINGS
     for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
-        out[j] = read_checked(source, int(i), j, source.decode, replaced)[y:y + s, x:x + s]
+        x, y = int(x), int(y)
+        if uniform:                     # straight into the batch: only the patch's rows are read
+            read_checked(source, int(i), j, lambda k: source.read_region(k, x, y, s, out[j]), replaced)
+        else:
+            out[j] = read_checked(source, int(i), j, lambda k: source.decode_region(k, x, y, s), replaced)
     return out, replaced
 
 
