@@ -12,6 +12,8 @@ the commit.
 
 --before takes the JSON of an earlier run (another commit, same machine and arguments) and adds the
 ratio of images/s per core, this run over that one, for every backend, format and plan both ran.
+For PNG and JPEG it also measures Pillow's decode alone: CPU time per patch with the header cut to
+the patch's last row against decoding the whole image (what the torch loader saves by it).
 
 Runs without DALI (the torch fallback and the baseline only). Images are synthetic (smooth colour
 fields plus noise) so that PNG and JPEG sizes are in a natural range.
@@ -149,6 +151,33 @@ def bench_pipeline(shard_dir, backend, res, sizes, probs, batch, seconds, device
         pipe.close()
 
 
+def decode_costs(shard_dir, res: int, schedule, samples: int, seed: int) -> dict:
+    """What decoding only the crop saves with Pillow (the torch loader's decoder), apart from
+    everything else a loader does: CPU seconds per patch of ``SampleSource.decode_region`` (header
+    cut to the patch's last row, pipelines/regions.py) against ``decode`` + crop (the whole image),
+    on ``samples`` images at crops drawn as the plan draws them, per patch size and for the schedule
+    (weighted by its patches)."""
+    from pdiff.pipelines.order import crop_positions
+    from pdiff.pipelines.sources import open_source
+    src = open_source(shard_dir)
+    idx = np.arange(samples) % src.count
+    out = {}
+    for s in schedule.sizes:
+        xy, _ = crop_positions(seed, s, samples, s, res)
+        t = {}
+        for how, fn in (("whole", lambda i, x, y: src.decode(i)[y:y + s, x:x + s]),
+                        ("region", lambda i, x, y: src.decode_region(i, x, y, s))):
+            c0 = time.process_time()
+            for i, (x, y) in zip(idx, xy):
+                fn(int(i), int(x), int(y))
+            t[how] = (time.process_time() - c0) / samples
+        out[s] = {"ms_whole": 1e3 * t["whole"], "ms_region": 1e3 * t["region"], "ratio": t["region"] / t["whole"]}
+    patches = {s: q * schedule.batch_for(s) for s, q in zip(schedule.sizes, schedule.step_shares())}
+    whole = sum(patches[s] * out[s]["ms_whole"] for s in patches)
+    region = sum(patches[s] * out[s]["ms_region"] for s in patches)
+    return {"per_patch_size": out, "schedule_ratio": region / whole}
+
+
 def git_commit() -> str | None:
     import subprocess
     try:
@@ -230,6 +259,12 @@ def main(argv=None) -> int:
                     results.append({"backend": backend, "format": fmt, "config": label, **r})
                     print(f"{backend:9} {fmt:6} {label:9} {r['images_per_s']:9.0f} img/s "
                           f"{r['cpu_cores_busy']:4.2f} cores {r['images_per_s_per_core']:9.0f} img/s/core")
+        decode = {}
+        for fmt in (f for f in formats if f in ("png", "jpeg")):
+            decode[fmt] = decode_costs(shard_dirs[fmt], res, default, min(a.images, 256), a.seed)
+            print(f"Pillow decode per patch, header cut to the patch's last row vs the whole image, {fmt}: "
+                  + ", ".join(f"s={k} {v['ratio']:.2f}" for k, v in decode[fmt]["per_patch_size"].items())
+                  + f"; schedule {decode[fmt]['schedule_ratio']:.2f}")
     base = [r for r in results if r["backend"] == "baseline"]
     summary = {}
     if base:                                      # same patch sizes on both sides (no 'schedule' baseline)
@@ -244,7 +279,7 @@ def main(argv=None) -> int:
         print("images/s per core relative to the baseline: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
     payload = {"benchmark": "bench_pipeline", "machine": machine, "args": vars(a), "results": results,
-               "per_core_vs_baseline": summary}
+               "per_core_vs_baseline": summary, "decode_cost_region_vs_whole": decode}
     if a.before:
         payload["before"] = compare_before(results, json.loads(Path(a.before).read_text()), a.before)
         print("images/s per core relative to the earlier run: "

@@ -5,8 +5,10 @@
 #
 #   benchmarks/gpu_suite.sh [OUTDIR]        # default: benchmarks/results/gpu-suite-<UTC time>/
 #   GPU_SUITE_DRY=1 benchmarks/gpu_suite.sh /tmp/suite    # CPU dry run: every stage's quick CPU variant
-#   GPU_SUITE_STAGES=pipeline,roi,train-compile GPU_SUITE_BUDGET=540 benchmarks/gpu_suite.sh OUTDIR
-#                                           # issue #14's evidence, in one 10-minute device call
+#   GPU_SUITE_STAGES=pipeline,roi GPU_SUITE_BUDGET=200 benchmarks/gpu_suite.sh OUTDIR_A     # ~3 min
+#   GPU_SUITE_STAGES=train-compile GPU_SUITE_BUDGET=570 benchmarks/gpu_suite.sh OUTDIR_B    # ~8 min
+#                                           # issue #14's evidence: DALI's GPU decode (after
+#                                           # benchmarks/dali_carry.py), compiled MFU, data.cache
 #
 # Stages (GPU_SUITE_STAGES picks them, comma-separated; default: cuda,kernels,step,sample,pipeline,
 # train,roi, in 8 minutes):
@@ -116,11 +118,11 @@ suite() {
         DEV=cuda
         STEP_ARGS="--device cuda --modes eager --precision bf16 --configs celeba64 --batch 64 --repeats 5"
         TRAIN_ARGS="--device cuda --config celeba64 --batch 64 --modes eager --synthetic 2048 --intervals 10 --interval-steps 3 --wall-budget 45 --set data.backend=torch --set data.workers=$WORKERS"
-        PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cuda --seconds 2 --images 1024 --formats png,jpeg,raw --workers $WORKERS"
+        PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cuda --seconds 1 --images 1024 --formats png,jpeg,raw --workers $WORKERS"
         ROI_ARGS="--backends $PIPE_BACKENDS --device cuda --seconds 2 --images 512 --formats jpeg,raw --workers $WORKERS --resolution 256"
         # DDPM++ 64 at the preset's batch (256 full images a step, 1024 patches at 16 px), raw shards
         # (no decode), the data backend DALI where installed; then the same with data.cache=device.
-        COMPILE_ARGS="--device cuda --config celeba64 --modes compile --runs patch --cache none,device --synthetic 4096 --encoding raw --intervals 6 --interval-steps 4 --set data.workers=$WORKERS --set train.precision=bf16"
+        COMPILE_ARGS="--device cuda --config celeba64 --modes compile --runs patch --cache none,device --synthetic 4096 --encoding raw --intervals 6 --interval-steps 3 --set data.workers=$WORKERS --set train.precision=bf16"
         SAMPLE_ARGS="--quick --device cuda"
     fi
 
@@ -136,7 +138,7 @@ suite() {
         "'$PY' benchmarks/bench_step.py $STEP_ARGS --out '$OUT/step.json'"
     run_stage "4 sample" 45 "bench_sample --quick: tiny and DDPM++ 64 at 35/79 NFE" \
         "'$PY' benchmarks/bench_sample.py $SAMPLE_ARGS --out '$WORK/sample'; rc=\$?; f=\$(ls -t '$WORK'/sample/*.json 2>/dev/null | head -n 1); [[ -n \"\$f\" ]] && mv \"\$f\" '$OUT/sample.json'; exit \$rc"
-    run_stage "5 pipeline" 60 "bench_pipeline 64x64 ($PIPE_BACKENDS vs the baseline loader; DALI decodes JPEG on the GPU)" \
+    run_stage "5 pipeline" 100 "bench_pipeline 64x64 ($PIPE_BACKENDS vs the baseline loader; DALI decodes JPEG on the GPU)" \
         "'$PY' benchmarks/bench_pipeline.py $PIPE_ARGS --out '$OUT/pipeline.json'"
     run_stage "6 train" 110 "bench_train eager: real loop + torch pipeline, p=1 vs p=0.5, data-wait share, MFU" \
         "'$PY' benchmarks/bench_train.py $TRAIN_ARGS --out '$OUT/train.json'"

@@ -202,6 +202,10 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if ratios:
             lines.append(f"schedule patches/s per core vs commit {before.get('commit') or '?'}: "
                          + ", ".join(f"{k} {_x(v)}" for k, v in sorted(ratios.items())))
+        decode = p.get("decode_cost_region_vs_whole") or {}
+        if decode:
+            lines.append("Pillow decode per patch at the schedule, cut at the patch's last row vs whole: "
+                         + ", ".join(f"{fmt} {v['schedule_ratio']:.2f}" for fmt, v in decode.items()))
         res = (p.get("args") or {}).get("resolution")
         return "bench_pipeline" + (f" {res}x{res}" if res else ""), lines
     return None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState
 from .config import Config, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
@@ -26,7 +27,6 @@ from .loss import sample_sigma
 from .model import check_label_range, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, save_png
 from .runlock import hold_run
-from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, micro_batches
 

@@ -141,3 +141,55 @@ def test_dali_roi_decoder_gives_the_full_decodes_jpeg_patches(shards):
     for a, b, k in zip(out[True], out[False], s):
         assert a.shape == (k, k, 3)
         np.testing.assert_array_equal(a, b)
+
+
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                    reason="NVIDIA DALI is not installed"))]
+
+
+def full_decodes(backend, encoded: list[bytes]) -> list[np.ndarray]:
+    """Each image decoded whole by the backend's own decoder: Pillow, or DALI's CPU decoder."""
+    if backend == "torch":
+        return [decode_sample(d, "jpeg", 48, 3) for d in encoded]
+    from nvidia.dali import fn, pipeline_def, types
+    data = [np.frombuffer(d, np.uint8) for d in encoded]
+
+    @pipeline_def
+    def graph():
+        return fn.decoders.image(fn.external_source(source=lambda: data, batch=True, dtype=types.UINT8),
+                                 device="cpu", output_type=types.RGB)
+    p = graph(batch_size=len(data), num_threads=1, device_id=None)
+    p.build()
+    (out,) = p.run()
+    return [np.array(out[j]) for j in range(len(data))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jpeg_patches_are_the_full_decodes_regions(shards, backend):
+    """Through the pipelines, with flips: every JPEG patch equals the region of the image that the
+    backend's decoder gives when it decodes it whole (the cut header and the ROI decoder change
+    which work is done, not the pixels)."""
+    import torch
+    from pdiff.config import load_config
+    from pdiff.pipelines import build_pipeline
+    from pdiff.pipelines.order import SamplePlan
+    from pdiff.schedule import StochasticSchedule
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cfg = load_config(None, [f"data.path={shards / 'jpeg'}", "data.resolution=48", "data.channels=3",
+                             f"data.backend={backend}", "data.workers=1", "train.batch=2", f"train.seed={seed}",
+                             "data.xflip=true"])
+    sch = StochasticSchedule(48, 2, sizes=[12, 24, 48], probs=[0.4, 0.3, 0.3], seed=seed)
+    pipe = build_pipeline(cfg, sch, 0, 1)
+    src = pipe.source
+    full = full_decodes(backend, [src.read(i) for i in range(src.count)])
+    plan = SamplePlan(src.count, src.labels, sch, seed, 0, 1, xflip=True)
+    for _ in range(6):
+        b = next(pipe)
+        step = plan.step(b.images_seen)
+        s = b.patch_size
+        for j, i in enumerate(step.indices):
+            x0, y0 = step.read_xy[j]
+            want = full[i][y0:y0 + s, x0:x0 + s]
+            want = want[:, ::-1] if step.flips[j] else want
+            assert torch.equal(b.patches[j], torch.from_numpy(np.ascontiguousarray(want)))
+    pipe.close()

@@ -65,7 +65,7 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
                clock=time.perf_counter) -> dict:
     """Patches/s and images/s of the pipeline (pipelines.build_pipeline on cfg.data.path) for each
     patch size alone and for the config's schedule: ``warmup_steps`` steps first, then ``repeats``
-    runs of ``steps`` steps each; medians. Every patch is cut from its own image (decoded whole)
+    runs of ``steps`` steps each; medians. Every patch is cut from its own image
     and counts as one image seen, so images/s (images seen, as the trainer counts them) equals
     patches/s on one process; both are reported under their own names."""
     from pdiff.pipelines import build_pipeline
