@@ -207,7 +207,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             lines.append("Pillow decode per patch at the schedule, cut at the patch's last row vs whole: "
                          + ", ".join(f"{fmt} {v['schedule_ratio']:.2f}" for fmt, v in decode.items()))
         res = (p.get("args") or {}).get("resolution")
-        return "bench_pipeline" + (f" {res}x{res}" if res else ""), lines
+        commit = (p.get("machine") or {}).get("commit")
+        return "bench_pipeline" + (f" {res}x{res}" if res else "") + (f" (commit {commit})" if commit else ""), lines
     return None
 
 

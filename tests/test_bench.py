@@ -317,13 +317,14 @@ def test_make_table_pipeline_rows_name_resolution_and_the_comparisons():
     rows = [{"backend": b, "format": f, "config": c, "images_per_s": 100.0 + i, "images_per_s_per_core": 200.0}
             for i, (b, f, c) in enumerate([("dali", "jpeg", "schedule"), ("torch", "raw", "schedule"),
                                             ("torch", "raw", "s=64")])]
-    payload = {"benchmark": "bench_pipeline", "machine": {"cpu": "Some CPU", "cores": 2}, "args": {"resolution": 256},
+    payload = {"benchmark": "bench_pipeline", "machine": {"cpu": "Some CPU", "cores": 2, "commit": "def5678"},
+               "args": {"resolution": 256},
                "results": rows, "per_core_vs_baseline": {},
                "before": {"commit": "abc1234", "per_core_ratio": {"dali-jpeg schedule": 2.345, "torch-raw schedule": 7.5,
                                                                   "torch-raw s=64": 4.0}},
                "decode_cost_region_vs_whole": {"png": {"schedule_ratio": 0.61}, "jpeg": {"schedule_ratio": 0.72}}}
     name, lines = make_table.headlines(Path("pipeline.json"), payload)
-    assert name == "bench_pipeline 256x256"
+    assert name == "bench_pipeline 256x256 (commit def5678)"
     assert lines[1] == "schedule patches/s per core vs commit abc1234: dali-jpeg 2.35x, torch-raw 7.50x"
     assert lines[2] == "Pillow decode per patch at the schedule, cut at the patch's last row vs whole: png 0.61, jpeg 0.72"
 
