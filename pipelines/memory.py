@@ -8,7 +8,8 @@ the patches are bit for bit the streaming torch backend's (the samples are decod
 with Pillow, as that backend decodes them; DALI's JPEG decoders may round differently), a run can
 resume with or without the cache, and W ranks read what one process reads. Each rank holds its own
 copy. A dataset that does not fit is refused before loading, with the size needed and the memory
-available.
+available. Every sample is read whole, so each is held against its CRC-32 once, at loading; a
+damaged one is treated as the streaming loaders treat it, when a step draws it (data.on_corrupt).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 
 from pdiff.pipelines.base import PatchPipeline
-from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource, SourceError
+from pdiff.pipelines.corrupt import Replaced
+from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, CorruptSample, SampleSource, SourceError
+from pdiff.pipelines.shards.format import ShardError
 
 # Share of the free memory the decoded dataset may take: the rest stays for the training step (on
 # the device: activations and the optimizer's buffers; on the host: the process and the loader).
@@ -79,19 +82,25 @@ def check_fits(source: SampleSource, where: str, device: torch.device, local_pro
     return need
 
 
-def load_samples(source: SampleSource, out: torch.Tensor, workers: int) -> None:
-    """Every sample of ``source``, decoded (and checked by the source as it reads), into ``out``
-    (N, R, R, C) on any device: decoded by ``workers`` threads into a host chunk (Pillow and the reads
-    release the GIL), then copied into place."""
+def load_samples(source: SampleSource, out: torch.Tensor, workers: int) -> dict[int, str]:
+    """Every sample of ``source``, decoded (and checked by the source as it reads: its CRC-32, its
+    decode), into ``out`` (N, R, R, C) on any device: decoded by ``workers`` threads into a host chunk
+    (Pillow and the reads release the GIL), then copied into place. Returns the damaged samples
+    (index -> the source's message); their slots hold zeros."""
     n = source.count
     host = out.device.type == "cpu"
     staging = None if host else torch.empty((min(CHUNK, n), *out.shape[1:]), dtype=out.dtype, pin_memory=True)
+    damaged: dict[int, str] = {}
 
     def fill(dst: np.ndarray, i: int) -> None:
-        if source.encoding in UNIFORM_ENCODINGS:
-            source.read_into(i, dst)
-        else:
-            dst[...] = source.decode(i)
+        try:
+            if source.encoding in UNIFORM_ENCODINGS:
+                source.read_into(i, dst)
+            else:
+                dst[...] = source.decode(i)
+        except CorruptSample as e:
+            damaged[i] = str(e)
+            dst[...] = 0
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for a in range(0, n, CHUNK):
@@ -100,6 +109,7 @@ def load_samples(source: SampleSource, out: torch.Tensor, workers: int) -> None:
             list(pool.map(lambda i: fill(chunk[i - a], i), range(a, b)))
             if not host:
                 out[a:b].copy_(staging[:b - a], non_blocking=False)
+    return damaged
 
 
 class MemoryPatchPipeline(PatchPipeline):
@@ -117,7 +127,9 @@ class MemoryPatchPipeline(PatchPipeline):
         dtype = torch.from_numpy(np.empty(0, source.dtype)).dtype
         pin = store.type == "cpu" and self.device.type == "cuda"      # async copies of the gathered patches
         self.data = torch.empty(shape, dtype=dtype, device=store, pin_memory=pin)
-        load_samples(source, self.data, int(cfg.data.workers))
+        # Damaged samples are met as the streaming loaders meet them: when a step draws one, data.on_corrupt
+        # stops the run or the next good sample takes its place (PatchPipeline applies it).
+        self.damaged = load_samples(source, self.data, int(cfg.data.workers))
         if rank == 0:
             print(f"pdiff: data.cache={where}: {source.count:,} samples ({_gb(need)}) decoded into "
                   f"{'pinned ' if pin else ''}{store} memory in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
@@ -128,7 +140,19 @@ class MemoryPatchPipeline(PatchPipeline):
 
     def _next_step(self):
         step = next(self._steps)
-        return step, self.crop(step.indices, step.read_xy, step.patch_size), []
+        indices, replaced = step.indices.copy(), []
+        for row, i in enumerate(map(int, step.indices)):
+            if i in self.damaged:            # the next good sample, as read_checked picks it when streaming
+                chain, j = [], i
+                while j in self.damaged:
+                    chain.append((j, self.damaged[j]))
+                    j = (j + 1) % self.source.count
+                    if len(chain) == self.source.count:
+                        raise ShardError(f"every one of the {self.source.count} samples is damaged "
+                                         f"(the first: {chain[0][1]})")
+                replaced.append(Replaced(row, j, chain))
+                indices[row] = j
+        return step, self.crop(indices, step.read_xy, step.patch_size), replaced
 
     def _stop(self) -> None:
         self._steps = None

@@ -24,8 +24,10 @@ from PIL import Image
 
 from pdiff.pipelines import dali_available
 
-BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
-                                                                    reason="NVIDIA DALI is not installed"))]
+# "memory": the in-memory mode (data.cache=host), which reads every sample whole at loading and meets a
+# damaged one when a step draws it, as the streaming loaders do.
+BACKENDS = ["torch", "memory", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                              reason="NVIDIA DALI is not installed"))]
 R, N, PER_SHARD = 16, 12, 5
 TESTS = Path(__file__).resolve().parent
 
@@ -99,9 +101,14 @@ def child(backend: str, root: str, victims: dict) -> dict:
 
     def make(case, *overrides, workers=0):
         cfg = load_config(None, [f"data.path={root / case}", f"data.resolution={R}", "data.channels=3",
-                                 f"data.backend={backend}", f"data.workers={workers}", "train.batch=4",
-                                 f"train.seed={seed}", *overrides])
-        return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=[8, 16], probs=[0.5, 0.5], seed=seed), 0, 1, "cpu")
+                                 f"data.backend={'torch' if backend == 'memory' else backend}", f"data.workers={workers}",
+                                 "train.batch=4", f"train.seed={seed}", *overrides,
+                                 f"data.cache={'host' if backend == 'memory' else 'none'}"])
+        # A raw patch smaller than the image is read by its rows, which the sample's CRC-32 cannot cover
+        # (ShardSet.read_region): full-size raw patches here, read and checked whole.
+        sizes = [16] if CASES[case] == "raw" else [8, 16]
+        return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=sizes, probs=[1 / len(sizes)] * len(sizes), seed=seed),
+                              0, 1, "cpu")
 
     out = {}
     for case, i in victims.items():
@@ -128,10 +135,9 @@ def child(backend: str, root: str, victims: dict) -> dict:
                 used = (index + 1) % N if index == i else index
                 x0, y0 = b.offsets[row].tolist()
                 s = b.patch_size
-                want = torch.from_numpy(clean.decode(used)[y0:y0 + s, x0:x0 + s].transpose(2, 0, 1).astype(np.float32))
-                want = (want - 127.5) * np.float32(1 / 127.5)      # the pipelines' float32 arithmetic
-                tolerance = 4 / 127.5 if CASES[case] == "jpeg" else 0.0     # DALI's JPEG decode vs Pillow's
-                ok &= bool((b.patches[row] - want).abs().max() <= tolerance)
+                want = torch.from_numpy(clean.decode(used)[y0:y0 + s, x0:x0 + s].astype(np.int32))   # uint8 HWC
+                tolerance = 4 if CASES[case] == "jpeg" else 0               # DALI's JPEG decode vs Pillow's
+                ok &= bool((b.patches[row].int() - want).abs().max() <= tolerance)
                 ok &= int(b.labels[row]) == int(clean.labels[used])
                 planned += int(index == i)
         res["skip"] = {"found": sorted(pipe.corrupt.found), "replaced": pipe.corrupt.replaced, "rows_ok": ok,

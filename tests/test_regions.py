@@ -4,6 +4,7 @@ of raw samples; DALI's ROI decoder gives the full decode's JPEG patches."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,28 @@ def test_jpeg_patches_are_the_full_decodes_regions(shards, backend):
             want = want[:, ::-1] if step.flips[j] else want
             assert torch.equal(b.patches[j], torch.from_numpy(np.array(want)))   # a copy: Pillow arrays are read-only
     pipe.close()
+
+
+def test_raw_row_reads_and_the_samples_crc(shards, tmp_path):
+    """The trade-off of reading rows: a raw patch read by its rows is not held against the sample's
+    CRC-32 (it covers the whole sample; checking it would cost reading the whole sample, 20x the rows
+    of a 64-row patch of a 256x256 image). A damaged byte outside the rows is not read at all; inside
+    them it is a wrong pixel, not an error; a whole read (full-size patch, data.cache, verify) names it."""
+    import shutil
+    from pdiff.pipelines.sample_source import CorruptSample
+    root = tmp_path / "raw"
+    shutil.copytree(shards / "raw", root)
+    clean = open_source(shards / "raw")
+    i, row, col = 7, 30, 5
+    tar = root / Path(clean.tars[clean.shard[i]]).name
+    blob = bytearray(tar.read_bytes())
+    blob[int(clean.img_off[i]) + (row * 48 + col) * 3] ^= 0x55
+    tar.write_bytes(bytes(blob))
+    src = open_source(root)
+    out = np.empty((12, 12, 3), np.uint8)
+    src.read_region(i, 0, 10, 12, out)                          # rows 10..21: the damage is not in them
+    np.testing.assert_array_equal(out, clean.decode(i)[10:22, 0:12])
+    src.read_region(i, 0, 25, 12, out)                          # rows 25..36 hold it: one wrong byte
+    assert (out != clean.decode(i)[25:37, 0:12]).sum() == 1
+    with pytest.raises(CorruptSample, match=f"sample {i:09d}.*CRC-32"):
+        src.read_region(i, 0, 0, 48, np.empty((48, 48, 3), np.uint8))     # a full-size patch reads it whole
