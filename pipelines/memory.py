@@ -131,8 +131,11 @@ class MemoryPatchPipeline(PatchPipeline):
         # stops the run or the next good sample takes its place (PatchPipeline applies it).
         self.damaged = load_samples(source, self.data, int(cfg.data.workers))
         if rank == 0:
+            bad = (f"; {len(self.damaged)} damaged (data.on_corrupt={cfg.data.on_corrupt} applies when a step draws one)"
+                   if self.damaged else "")
             print(f"pdiff: data.cache={where}: {source.count:,} samples ({_gb(need)}) decoded into "
-                  f"{'pinned ' if pin else ''}{store} memory in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+                  f"{'pinned ' if pin else ''}{store} memory in {time.perf_counter() - t:.1f} s{bad}", file=sys.stderr,
+                  flush=True)
         self._steps = None
 
     def _start(self, images_seen: int) -> None:
