@@ -197,7 +197,7 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
     from pdiff.step import build_step
     t = time.perf_counter()
     step = build_step(variant(cfg, ["train.compile=false"]), device)
-    step.warm_up(1, delivered_patch_dtype(cfg))
+    step.warm_up(1, patch_dtype=delivered_patch_dtype(cfg))
     del step
     gc.collect()
     if device.type == "cuda":
