@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_wheel_installs_one_top_level_name(tmp_path):
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", ".dali",
                                                              "__pycache__", ".cache", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(src)], check=True, capture_output=True, text=True)
