@@ -121,7 +121,21 @@ class SamplerConfig:
     s_max: float = float("inf")
     s_noise: float = 1.0
     guidance: float = 1.0                 # classifier-free guidance scale (1 = off)
+    # Guide only for sigma in (lo, hi] (Kynkaanniemi et al. 2024); elsewhere the conditional model
+    # alone (one network evaluation instead of two). [0, inf]: guide at every step.
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, float("inf")])
     canvas: int = 0                       # 0 = the training resolution
+
+
+@dataclass
+class VAEConfig:
+    """The image autoencoder of a latent model (diffusers AutoencoderKL, pdiff/vae.py). Training on
+    shards from `pdiff shard --encode-vae` fills this in from their manifest."""
+    source: str = ""                      # a local diffusers folder or a hub id; "" = none
+    sha256: str = ""                      # of its weights, as recorded when the shards were encoded
+    scale: float = 1.0                    # latent = (z - shift) * scale, z in the autoencoder's space (SD: 0.18215)
+    shift: float = 0.0
+    decode_batch: int = 16                # latents per decoder pass when sampling
 
 
 @dataclass
@@ -144,6 +158,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -326,8 +341,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.data.max_corrupt < 0:
         bad("data.max_corrupt", f"must be >= 0 (damaged samples tolerated with data.on_corrupt=skip), got "
                                 f"{cfg.data.max_corrupt}")
+    check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval", bad)
+    if cfg.vae.scale <= 0:
+        bad("vae.scale", f"must be positive, got {cfg.vae.scale}")
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
         bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
+
+
+def check_guidance_interval(interval, key: str, bad) -> None:
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        bad(key, f"must be [lo, hi] with 0 <= lo < hi (guidance for sigma in (lo, hi]), got {list(interval)}")
 
 
 def dump_yaml(cfg: Config) -> str:

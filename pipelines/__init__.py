@@ -5,8 +5,11 @@
 
 Latent shards (encoding "latent": float16/float32 H x W x C samples, any C) give float32 patches with
 the values as stored (no [-1, 1] normalization; the user's scale, e.g. 0.18215, is already in them),
-through the same plan, state and guards. DALI reads them like raw: the bytes are fed as a typed HWC
-batch, sliced, transposed to CHW and cast to float32; the torch backend does the same in numpy.
+through the same plan, state and guards. Posterior latents (`pdiff shard --encode-vae`: mean | std of
+the autoencoder's posterior) are read and cropped the same way, and then each patch becomes a fresh
+draw (mean + std * eps - shift) * scale, eps from (seed, images seen) like the crops (base.py). DALI
+reads latents like raw: the bytes are fed as a typed HWC batch, sliced, transposed to CHW and cast to
+float32; the torch backend does the same in numpy.
 
 Design. Everything random is decided on the host as a pure function before any pixel is read
 (pipelines/order.py): the step's patch size (the schedule, from images seen), which samples (an epoch
@@ -56,7 +59,7 @@ class PipelineStateError(RuntimeError):
 
 @dataclass
 class Batch:
-    patches: torch.Tensor     # float32 (b, C, s, s) in [-1, 1] (latents: the stored values)
+    patches: torch.Tensor     # float32 (b, C, s, s) in [-1, 1] (latents: the stored values, or a posterior's draw)
     offsets: torch.Tensor     # int64 (b, 2) = (x0, y0)
     labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
     patch_size: int
@@ -95,9 +98,11 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
     if source.resolution != data.resolution or source.resolution != schedule.resolution:
         raise SourceError(f"{data.path}: samples are {source.resolution}x{source.resolution} but data.resolution is "
                           f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={source.resolution}")
-    if source.channels != data.channels:
-        raise SourceError(f"{data.path}: samples have {source.channels} channel(s) but data.channels is "
-                          f"{data.channels}; set data.channels={source.channels}")
+    if source.sample_channels != data.channels:
+        what = (f"posterior latents of {source.sample_channels} channel(s) (mean | std stored)"
+                if source.sample_channels != source.channels else f"samples have {source.channels} channel(s)")
+        raise SourceError(f"{data.path}: {what} but data.channels is {data.channels}; "
+                          f"set data.channels={source.sample_channels}")
     backend = data.backend
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"

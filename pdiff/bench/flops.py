@@ -2,6 +2,8 @@
 nothing is run), and the schedule's expected cost per image relative to full images."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,6 +27,9 @@ def describe(cfg) -> dict:
     expected cost per image relative to full images."""
     with torch.device("meta"):
         model = build_model(cfg)
+        # the published counts are of unconditional networks: the label embedding is stated apart
+        unconditional = count_parameters(build_model(dataclasses.replace(
+            cfg, network=dataclasses.replace(cfg.network, label_dim=0))))
     model.eval()
     r, c = cfg.data.resolution, cfg.data.channels
     sch = PatchSchedule.from_config(cfg)
@@ -32,7 +37,10 @@ def describe(cfg) -> dict:
     flops = {s: forward_flops(model, c, s, cfg.network.label_dim) for s in sizes}
     return {
         "config": cfg.name, "arch": cfg.network.arch, "resolution": r, "channels": c,
+        "label_dim": cfg.network.label_dim,
         "parameters": count_parameters(model),
+        "parameters_unconditional": unconditional,
+        "label_embedding_parameters": count_parameters(model) - unconditional,
         "forward_gflops_per_image": {s: flops[s] / 1e9 for s in sizes},
         # Training is forward + backward, about 3x the forward FLOPs.
         "train_gflops_per_image": {s: 3 * flops[s] / 1e9 for s in sizes},

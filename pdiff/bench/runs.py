@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pdiff.sampler import network_evaluations
 from pdiff.schedule import PatchSchedule, StochasticSchedule
 
 from .machine import device_sync
@@ -281,11 +282,12 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
 
     def run(steps):
         return lambda: sample_images(model, noise, r, labels, steps, s.sigma_min, s.sigma_max, s.rho, s.guidance,
-                                     s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like)
+                                     s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like,
+                                     guidance_interval=s.guidance_interval)
     run(2)()
     times = timed(run(s.steps), repeats, warmup=0, sync=device_sync(device), clock=clock)
     t = statistics.median(times)
-    evals = (2 * s.steps - 1) * (2 if (labels is not None and s.guidance != 1) else 1)
+    evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
     return {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
             "steps": s.steps, "network_evaluations": evals, "batch": batch, "repeats": repeats,
             "seconds_per_batch": t, "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,

@@ -13,8 +13,8 @@ import numpy as np
 
 from pdiff.pipelines.sample_source import CorruptSample, SampleSource
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, label_ext,
-                                           load_manifest, parse_crcs, sample_crc, sample_dtype, sample_offsets,
-                                           sample_place, verify_hint)
+                                           latent_space, load_manifest, parse_crcs, sample_crc, sample_dtype,
+                                           sample_offsets, sample_place, verify_hint)
 
 
 class ShardSet(SampleSource):
@@ -29,6 +29,7 @@ class ShardSet(SampleSource):
         self.resolution, self.channels = int(m["resolution"]), int(m["channels"])
         self.encoding, self.count = m["encoding"], int(m["count"])
         self.dtype = sample_dtype(m)
+        self.latent = latent_space(m)
         self.num_classes = int(m.get("num_classes") or 0)
         self.image_ext, self.label_ext = IMAGE_EXTS[self.encoding], label_ext(m)
         self.tars = [str(self.root / rec["tar"]) for rec in m["shards"]]

@@ -1,0 +1,305 @@
+"""Latent Patch Diffusion end to end with a tiny AutoencoderKL built from a config with random weights
+(nothing is downloaded): `pdiff shard --encode-vae` stores the VAE's own posterior, resumes, and
+records the VAE; the pipeline draws (mean + std * eps - shift) * scale from (seed, images seen);
+training fills in the latent defaults; `pdiff sample` decodes with the run's VAE (diffusers' own
+round trip) and refuses another one, naming both; `pdiff fid ref` reads the images the shards came
+from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pdiff.config import ConfigError, load_config
+from pdiff.latent import with_data_defaults
+from pdiff.pipelines import build_pipeline
+from pdiff.pipelines.order import SamplePlan, latent_noise_seed
+from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
+from pdiff.pipelines.shards.preprocess import _prepare
+from pdiff.schedule import StochasticSchedule
+from pdiff.vae import VAEError, load_vae, weights_sha256
+
+IMAGE = 32          # images are 32 x 32, the tiny VAE downsamples 2x: 16 x 16 x 4 latents, stored 16 x 16 x 8
+
+
+def tiny_autoencoder(seed: int, scale: float, shift: float | None):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=IMAGE, scaling_factor=scale,
+                         shift_factor=shift).eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two tiny VAEs saved as diffusers folders (random weights, scale and shift), and a folder of
+    images of several sizes in two class folders, one of them a corrupt file."""
+    root = tmp_path_factory.mktemp("vae")
+    rng = np.random.default_rng()
+    scale, shift = float(rng.uniform(0.3, 0.9)), float(rng.uniform(-0.2, 0.2))
+    for name, seed in (("vae", int(rng.integers(1 << 30))), ("other_vae", int(rng.integers(1 << 30)))):
+        tiny_autoencoder(seed, scale, shift).save_pretrained(root / name)
+    images = root / "images"
+    for k in range(11):
+        h, w = (int(x) for x in rng.integers(IMAGE, IMAGE + 20, 2))
+        low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
+        path = images / ("cats" if k % 2 else "dogs") / f"{k:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)).save(path)
+    (images / "dogs" / "05_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(64))
+    return {"root": root, "vae": root / "vae", "other": root / "other_vae", "images": images,
+            "scale": scale, "shift": shift}
+
+
+def encode(world, out: Path, **kw):
+    opts = dict(resolution=IMAGE, transform="center-crop", encode_vae=str(world["vae"]), on_error="skip",
+                workers=1, max_count=4, vae_batch=3, progress=False, device="cpu")
+    return write_shards(world["images"], out, **{**opts, **kw})
+
+
+def good_files(world) -> list[Path]:
+    """The inputs in the writer's order (sorted paths), the broken one left out."""
+    return sorted(p for p in world["images"].rglob("*.png") if "broken" not in p.name)
+
+
+def good_images(world) -> list[np.ndarray]:
+    """The inputs as the encoder sees them: transformed to IMAGE x IMAGE."""
+    return [_prepare(p.read_bytes(), str(p), IMAGE, 3, "center-crop") for p in good_files(world)]
+
+
+@pytest.fixture(scope="module")
+def posterior_shards(world):
+    out = world["root"] / "shards32"
+    return out, encode(world, out, dtype="float32")
+
+
+def test_stored_posterior_is_the_vaes_own(world, posterior_shards):
+    out, m = posterior_shards
+    vae = load_vae(world["vae"], "cpu")
+    assert m["encoding"] == "latent" and m["stores"] == "posterior" and m["version"] == 3
+    assert (m["resolution"], m["channels"], m["image_resolution"]) == (IMAGE // 2, 8, IMAGE)
+    assert m["vae"]["sha256"] == weights_sha256(vae.model) and m["vae"]["source"] == str(world["vae"])
+    assert m["scale"] == pytest.approx(world["scale"]) and m["shift"] == pytest.approx(world["shift"])
+    assert m["count"] == 11 and m["skipped"]["count"] == 1 and "broken" in m["skipped"]["items"][0]["path"]
+    assert m["num_classes"] == 2 and [r["count"] for r in m["shards"]] == [4, 4, 3]
+    shards = ShardSet(out)
+    stored = torch.from_numpy(np.stack([shards.decode(i) for i in range(shards.count)])).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.stack(good_images(world))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        dist = vae.model.encode(x).latent_dist           # diffusers' own posterior, one batch
+    torch.testing.assert_close(stored[:, :4], dist.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stored[:, 4:], dist.std, rtol=1e-5, atol=1e-5)
+    assert shards.labels.tolist() == [int(p.parent.name == "dogs") for p in good_files(world)]   # cats 0, dogs 1
+    ok, msg = verify(out)
+    assert ok, msg
+    assert "posterior" in info(out) and str(world["vae"]) in info(out)
+
+
+def test_float16_posterior_and_a_bad_image_stops_by_default(world, posterior_shards, tmp_path):
+    _, m32 = posterior_shards
+    m16 = encode(world, tmp_path / "f16", vae_batch=5)
+    a = np.stack([ShardSet(tmp_path / "f16").decode(i) for i in range(m16["count"])]).astype(np.float32)
+    b = np.stack([ShardSet(posterior_shards[0]).decode(i) for i in range(m32["count"])])
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)     # float16 storage, another batch cut
+    with pytest.raises(ShardInputError, match=r"05_broken\.png.*--on-error skip"):
+        encode(world, tmp_path / "stop", on_error="stop")
+
+
+def test_encoding_resumes_after_an_interruption(world, posterior_shards, tmp_path, monkeypatch):
+    from pdiff.pipelines.shards import encode_vae
+    real, calls = encode_vae.PosteriorEncoder.encode, []
+
+    def crash_on_the_third_batch(self, results):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, results)
+    monkeypatch.setattr(encode_vae.PosteriorEncoder, "encode", crash_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        encode(world, tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert len(list((tmp_path / "out").glob("*.tar"))) == 1           # the first shard (4 images) finished
+    monkeypatch.setattr(encode_vae.PosteriorEncoder, "encode", real)
+    m = encode(world, tmp_path / "out", dtype="float32")
+    want = posterior_shards[1]
+    assert [r["sha256"] for r in m["shards"]][0] == want["shards"][0]["sha256"]
+    a, b = ShardSet(tmp_path / "out"), ShardSet(posterior_shards[0])
+    for i in range(a.count):
+        np.testing.assert_allclose(a.decode(i), b.decode(i), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ShardInputError, match="other options"):          # another VAE is another run
+        encode(world, tmp_path / "out", dtype="float32", encode_vae=str(world["other"]))
+
+
+def test_bad_encode_options_are_named(world, tmp_path):
+    with pytest.raises(ShardInputError, match="drop --format png"):
+        encode(world, tmp_path / "a", encoding="png")
+    with pytest.raises(ShardInputError, match="--latent-scale"):
+        encode(world, tmp_path / "b", latent_scale=0.18)
+    with pytest.raises(ShardInputError, match="multiple of 2"):
+        encode(world, tmp_path / "c", resolution=IMAGE + 1)
+    with pytest.raises(ShardInputError, match="no such folder"):
+        encode(world, tmp_path / "d", encode_vae=str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data: the draw from the posterior
+
+def pipeline(out: Path, seed: int, rank=0, world_size=1, batch=4):
+    cfg = load_config("tiny_latent", [f"data.path={out}", "data.backend=torch", "data.workers=0",
+                                      f"train.batch={batch}", f"train.seed={seed}", "data.xflip=true"])
+    sch = StochasticSchedule(cfg.data.resolution, batch, sizes=[8, 16], probs=[0.5, 0.5], seed=seed)
+    return build_pipeline(cfg, sch, rank, world_size, torch.device("cpu")), sch
+
+
+def test_patches_are_draws_from_the_stored_posterior(world, posterior_shards):
+    out, m = posterior_shards
+    seed = int(np.random.default_rng().integers(1 << 30))
+    shards = ShardSet(out)
+    stored = np.stack([shards.decode(i) for i in range(shards.count)])
+    pipe, sch = pipeline(out, seed, rank=1, world_size=2)
+    plan = SamplePlan(shards.count, shards.labels, sch, seed, 1, 2, xflip=True)
+    seen = 0
+    for _ in range(6):
+        b, step = next(pipe), plan.step(seen)
+        s = b.patch_size
+        eps = torch.randn((sch.batch_for(s), 4, s, s), generator=torch.Generator().manual_seed(
+            latent_noise_seed(seed, seen)))[1::2]
+        for j, (i, (x0, y0)) in enumerate(zip(step.indices, b.offsets.tolist())):
+            img = stored[i][:, ::-1] if step.flips[j] else stored[i]
+            post = torch.from_numpy(np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s].transpose(2, 0, 1)))
+            want = (post[:4] + post[4:] * eps[j] - m["shift"]) * m["scale"]
+            torch.testing.assert_close(b.patches[j], want, rtol=1e-6, atol=1e-6)
+        seen += sch.batch_for(s)
+    pipe.close()
+
+
+def test_the_draw_is_the_same_after_a_resume_and_across_ranks(posterior_shards, tmp_path):
+    out, _ = posterior_shards
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ref, _ = pipeline(out, seed)
+    want = [next(ref) for _ in range(8)]                     # crosses epochs: 11 samples
+    ref.close()
+    run, _ = pipeline(out, seed)
+    for _ in range(5):
+        next(run)
+    torch.save(run.state_dict(), tmp_path / "state.pt")
+    run.close()
+    resumed, _ = pipeline(out, seed)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for w in want[5:]:
+        got = next(resumed)
+        assert got.images_seen == w.images_seen and torch.equal(got.patches, w.patches)
+    resumed.close()
+    # two ranks draw the rows one process draws (4 samples of 11 divide evenly only within an epoch)
+    ranks = [pipeline(out, seed, r, 2)[0] for r in (0, 1)]
+    b0, b1 = next(ranks[0]), next(ranks[1])
+    assert torch.equal(b0.patches, want[0].patches[0::2]) and torch.equal(b1.patches, want[0].patches[1::2])
+    for p in ranks:
+        p.close()
+
+
+def test_data_defaults_for_latent_shards(world, posterior_shards):
+    out, m = posterior_shards
+    cfg = with_data_defaults(load_config("tiny_latent", [f"data.path={out}", "patch.sizes=[]", "patch.probs=[]",
+                                                         "patch.real_p=0.3"]))
+    assert cfg.patch.sizes == [8, 16] and cfg.patch.probs == pytest.approx([0.7, 0.3])
+    assert cfg.vae.source == str(world["vae"]) and cfg.vae.sha256 == m["vae"]["sha256"]
+    assert (cfg.vae.scale, cfg.vae.shift) == (m["scale"], m["shift"])
+    kept = with_data_defaults(load_config("tiny_latent", [f"data.path={out}", "vae.source=/moved/vae"]))
+    assert kept.patch.sizes == [8, 16] and kept.vae.source == "/moved/vae"
+    other = load_vae(world["other"], "cpu").sha256
+    with pytest.raises(ConfigError, match=f"{other[:12]}.*{m['vae']['sha256'][:12]}"):
+        with_data_defaults(load_config("tiny_latent", [f"data.path={out}", f"vae.sha256={other}"]))
+    with pytest.raises(ConfigError, match="vae.scale"):
+        with_data_defaults(load_config("tiny_latent", [f"data.path={out}", "vae.scale=3.0"]))
+    pixels = with_data_defaults(load_config("tiny", ["data.path=/nowhere"]))
+    assert pixels.patch.sizes == [] and pixels.vae.source == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+def test_decode_of_encode_matches_diffusers_round_trip(world):
+    vae = load_vae(world["vae"], "cpu")
+    x = torch.from_numpy(np.stack(good_images(world)[:5])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mean, std = vae.encode(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    latents = vae.to_latent(mean)                  # what the network learns: (z - shift) * scale
+    assert not torch.allclose(latents, mean)
+    ours = vae.decode(latents, batch=2)
+    with torch.no_grad():
+        theirs = vae.model(x, sample_posterior=False).sample    # encode -> posterior mode -> decode
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.shape == (5, 3, IMAGE, IMAGE)
+
+
+def test_images_in_images_out(world, posterior_shards, tmp_path, capsys):
+    """encode -> shard -> train a few steps -> sample -> decode -> PNG, as a user runs it."""
+    from pdiff.tools import sample as sample_cli
+    from pdiff.train import train
+    out, m = posterior_shards
+    run = tmp_path / "run"
+    cfg = load_config("tiny_latent", [f"data.path={out}", "data.backend=torch", "data.workers=0",
+                                      "patch.sizes=[]", "patch.probs=[]", "network.label_dim=2",
+                                      "network.label_dropout=0.2", f"train.run_dir={run}", "train.batch=4",
+                                      "train.duration_images=48", "train.log_every_images=16",
+                                      "train.ckpt_every_images=48", "train.snapshot_every_images=48",
+                                      "train.sample_every_images=48", "sample.steps=2"])
+    assert train(cfg, "cpu") == 0
+    saved = load_config(run / "config.yaml")
+    assert saved.vae.sha256 == m["vae"]["sha256"] and saved.patch.sizes == [8, 16]
+    grid = np.asarray(Image.open(next((run / "samples").glob("*.png"))))
+    assert grid.shape[2] == 3 and grid.shape[0] == 6 * IMAGE + 5              # 36 decoded images, 1 px gaps
+    snap = next((run / "snapshots").glob("*.safetensors"))
+    common = ["--snapshot", str(snap), "--seeds", "0-4", "--batch", "3", "--device", "cpu", "--no-progress",
+              "--guidance", "2", "--guidance-interval", "0.5,20"]
+    assert sample_cli.main(common + ["--outdir", str(tmp_path / "png"), "--npz", str(tmp_path / "s.npz"),
+                                     "--grid", str(tmp_path / "grid.png")]) == 0
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{s:06d}.png" for s in range(5)]
+    img = np.asarray(Image.open(pngs[0]))
+    assert img.shape == (IMAGE, IMAGE, 3) and img.std() > 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (5, IMAGE, IMAGE, 3) and z["images"].dtype == np.uint8
+        np.testing.assert_array_equal(z["images"][0], img)
+    # the same seeds decoded by hand: the sampler's latents through the VAE
+    from pdiff.generate import SampleOptions, generate, to_uint8
+    from pdiff.snapshot import load_snapshot
+    model, scfg, _ = load_snapshot(snap)
+    opts = SampleOptions(sampler=scfg.sample)
+    opts.sampler.guidance, opts.sampler.guidance_interval = 2.0, [0.5, 20.0]
+    lat, _ = generate(model, [0], scfg.data.resolution, 4, 2, opts)
+    by_hand = to_uint8(load_vae(world["vae"], "cpu").decode(lat))     # its own scale and shift: the data's
+    assert np.abs(by_hand[0].permute(1, 2, 0).numpy().astype(int) - img.astype(int)).max() <= 1
+    # another VAE is refused, naming both
+    capsys.readouterr()
+    assert sample_cli.main(common + ["--outdir", str(tmp_path / "x"), "--vae", str(world["other"])]) == 2
+    err = capsys.readouterr().err
+    assert str(world["other"]) in err and str(world["vae"]) in err and m["vae"]["sha256"][:12] in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_another_vae_is_refused_naming_both(world, posterior_shards):
+    from pdiff.vae import load_run_vae
+    out, m = posterior_shards
+    cfg = with_data_defaults(load_config("tiny_latent", [f"data.path={out}"]))
+    vae = load_run_vae(cfg, None, "cpu")
+    assert vae.sha256 == m["vae"]["sha256"] and vae.scale == m["scale"]
+    with pytest.raises(VAEError) as e:
+        load_run_vae(cfg, str(world["other"]), "cpu")
+    text = str(e.value)
+    assert str(world["vae"]) in text and str(world["other"]) in text and m["vae"]["sha256"][:12] in text
+
+
+def test_fid_reference_comes_from_the_source_images(world, posterior_shards):
+    from pdiff.tools.fid import open_images
+    out, _ = posterior_shards
+    src = open_images(str(out))
+    assert src.count == 11 and src.side == IMAGE
+    got = np.concatenate(list(src.batches(4)))
+    np.testing.assert_array_equal(got, np.stack(good_images(world)))
