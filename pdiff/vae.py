@@ -90,13 +90,17 @@ class VAE:
 
     @torch.no_grad()
     def encode(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (B, H, W, C) -> the posterior's (mean, std), each float32 (B, C', H/f, W/f)
-        on the VAE's device (one encoder pass; the caller batches)."""
+        """Images -> the posterior's (mean, std), each float32 (B, C', H/f, W/f) on the VAE's device
+        (one encoder pass; the caller batches). Images are uint8 (B, H, W, C), as stored, or float
+        (B, C, H, W) in [-1, 1], as the pixel pipelines deliver them."""
         x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != self.image_channels:
-            raise ValueError(f"encode takes uint8 (B, H, W, {self.image_channels}) images, got {x.dtype} "
-                             f"{tuple(x.shape)}")
-        x = x.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if x.dtype == torch.uint8 and x.ndim == 4 and x.shape[-1] == self.image_channels:
+            x = x.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        elif x.is_floating_point() and x.ndim == 4 and x.shape[1] == self.image_channels:
+            x = x.to(self.device, torch.float32)
+        else:
+            raise ValueError(f"encode takes uint8 (B, H, W, {self.image_channels}) or float (B, {self.image_channels}, "
+                             f"H, W) images, got {x.dtype} {tuple(x.shape)}")
         dist = self.model.encode(x).latent_dist
         return dist.mean.float(), dist.std.float()
 

@@ -303,3 +303,49 @@ def test_fid_reference_comes_from_the_source_images(world, posterior_shards):
     assert src.count == 11 and src.side == IMAGE
     got = np.concatenate(list(src.batches(4)))
     np.testing.assert_array_equal(got, np.stack(good_images(world)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark: latent shards against pixel shards + the encoder in every step
+
+def test_bench_data_on_latent_shards_and_with_online_encoding(world, posterior_shards, tmp_path, one_thread):
+    from pdiff.tools import bench as bench_cli
+    out, _ = posterior_shards
+    pixels = write_shards(world["images"], tmp_path / "pixels", resolution=IMAGE, transform="center-crop",
+                          on_error="skip", workers=1, progress=False)
+    assert pixels["count"] == 11
+    common = ["--config", "tiny_latent", "data.backend=torch", "data.workers=0", "train.batch=2", "--quick",
+              "--device", "cpu"]
+    assert bench_cli.main(["data", *common, f"data.path={out}", "patch.sizes=[]", "patch.probs=[]",
+                           "--out", str(tmp_path / "latent.json")]) == 0
+    latent = json.loads((tmp_path / "latent.json").read_text())["results"]
+    assert set(latent["results"]) == {"s=8", "s=16", "schedule"}          # {R/2, R} from the latent shards
+    assert all(v["images_per_cpu_s"] > 0 for v in latent["results"].values())
+    assert bench_cli.main(["data", *common, f"data.path={tmp_path / 'pixels'}", f"data.resolution={IMAGE}",
+                           "data.channels=3", "--online-vae", str(world["vae"]), "--out",
+                           str(tmp_path / "online.json")]) == 0
+    online = json.loads((tmp_path / "online.json").read_text())["results"]
+    row = online["results"]["online-vae"]
+    assert online["vae"]["sha256"] == load_vae(world["vae"], "cpu").sha256 and online["latent_resolution"] == 16
+    assert row["patches_per_step"] == 2 and row["images_per_s"] > 0 and row["cpu_s_per_image"] > 0
+
+
+def test_latent_data_benchmark_script_and_its_table_row(tmp_path, one_thread):
+    import importlib.util
+    repo = Path(__file__).resolve().parents[1]
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, repo / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    assert load("bench_latent_data").main(["--quick", "--images", "6", "--batch", "2", "--steps", "1",
+                                           "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    p = json.loads(path.read_text())
+    lat, onl = p["latent_shards"]["results"]["schedule"], p["online_vae"]["results"]["online-vae"]
+    assert p["ratio_images_per_cpu_s"] == pytest.approx(lat["images_per_cpu_s"] / onl["images_per_cpu_s"])
+    assert p["latent_resolution"] == 16 and p["image_resolution"] == 32 and p["machine"]["cpu"]
+    assert p["offline_encoding"]["images"] == 6 and p["offline_encoding"]["cpu_s_per_image"] > 0
+    name, (line,) = load("make_table").headlines(path, p)
+    assert name == "bench_latent_data (quick)" and f"= {p['ratio_images_per_cpu_s']:.0f}x" in line
