@@ -238,8 +238,10 @@ def test_decode_of_encode_matches_diffusers_round_trip(world):
     assert ours.shape == (5, 3, IMAGE, IMAGE)
 
 
+@pytest.mark.slow
 def test_images_in_images_out(world, posterior_shards, tmp_path, capsys):
-    """encode -> shard -> train a few steps -> sample -> decode -> PNG, as a user runs it."""
+    """encode -> shard -> train a few steps -> sample -> decode -> PNG, as a user runs it; then FID of
+    the decoded samples against the source images."""
     from pdiff.tools import sample as sample_cli
     from pdiff.train import train
     out, m = posterior_shards
@@ -282,6 +284,23 @@ def test_images_in_images_out(world, posterior_shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(world["other"]) in err and str(world["vae"]) in err and m["vae"]["sha256"][:12] in err
     assert not (tmp_path / "x").exists()
+
+    # FID: the reference from the images the shards were encoded from, the samples decoded as above
+    from pdiff.fid import load_inception, load_stats
+    from pdiff.tools import fid as fid_cli
+    weights = tmp_path / "inception_random.pth"
+    torch.save(load_inception(random_init=True, seed=1).state_dict(), weights)
+    fid = ["--inception", str(weights), "--device", "cpu", "--no-progress"]
+    assert fid_cli.main(["ref", "--data", str(out), "--out", str(tmp_path / "ref.npz"), *fid]) == 0
+    ref = load_stats(tmp_path / "ref.npz")
+    assert ref.count == 11 and ref.resolution == IMAGE                     # images, not 16x16 latents
+    assert fid_cli.main(["gen", *common[:2], "--ref", str(tmp_path / "ref.npz"), "--num", "5", "--sets", "1",
+                         "--batch", "3", "--guidance", "2", "--guidance-interval", "0.5,20",
+                         "--json", str(tmp_path / "gen.json"), *fid]) == 0
+    assert fid_cli.main(["calc", "--images", str(tmp_path / "png"), "--ref", str(tmp_path / "ref.npz"),
+                         "--json", str(tmp_path / "calc.json"), *fid]) == 0
+    gen, calc = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("gen", "calc"))
+    assert gen["fid"][0] == pytest.approx(calc["fid"], rel=1e-5)          # seeds 0-4 decoded alike
 
 
 def test_another_vae_is_refused_naming_both(world, posterior_shards):
@@ -349,3 +368,27 @@ def test_latent_data_benchmark_script_and_its_table_row(tmp_path, one_thread):
     assert p["offline_encoding"]["images"] == 6 and p["offline_encoding"]["cpu_s_per_image"] > 0
     name, (line,) = load("make_table").headlines(path, p)
     assert name == "bench_latent_data (quick)" and f"= {p['ratio_images_per_cpu_s']:.0f}x" in line
+
+
+def test_latents_you_encoded_decode_with_the_vae_you_name(world, tmp_path):
+    """A model trained on `--format latent` shards (no VAE record, the data's scale in vae.scale) samples
+    images with --vae, decoding z = latent / scale + shift."""
+    from pdiff.generate import SampleOptions, generate, to_uint8
+    from pdiff.model import build_model
+    from pdiff.snapshot import save_snapshot
+    from pdiff.tools import sample as sample_cli
+    scale = float(np.random.default_rng().uniform(0.2, 0.9))
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    cfg = load_config("tiny_latent", [f"vae.scale={scale}", "sample.steps=2"])
+    snap = save_snapshot(tmp_path / "s.safetensors", build_model(cfg), cfg, 1)
+    assert sample_cli.main(["--snapshot", str(snap), "--seeds", "3", "--device", "cpu", "--no-progress",
+                            "--outdir", str(tmp_path / "png"), "--vae", str(world["vae"])]) == 0
+    got = np.asarray(Image.open(tmp_path / "png" / "000003.png"))
+    model = build_model(cfg)
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(snap))
+    lat, _ = generate(model.eval(), [3], 16, 4, 0, SampleOptions(sampler=cfg.sample))
+    vae = load_vae(world["vae"], "cpu")
+    with torch.no_grad():
+        want = to_uint8(vae.model.decode(lat / scale).sample)[0].permute(1, 2, 0).numpy()
+    assert got.shape == (IMAGE, IMAGE, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
