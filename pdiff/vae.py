@@ -170,7 +170,7 @@ def load_run_vae(cfg, override: str | None = None, device: torch.device | str = 
                f"the latents this model learned ({cfg.data.path or 'its training data'})")
     if vae.latent_channels != cfg.data.channels:
         raise VAEError(f"VAE {source} has {vae.latent_channels} latent channels but the model makes "
-                       f"{cfg.data.channels}-channel latents")
+                       f"{cfg.data.channels}-channel samples (a model of images needs no --vae)")
     vae.scale, vae.shift = float(cfg.vae.scale), float(cfg.vae.shift)
     vae.decode_batch = int(cfg.vae.decode_batch)
     return vae

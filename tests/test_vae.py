@@ -392,3 +392,19 @@ def test_latents_you_encoded_decode_with_the_vae_you_name(world, tmp_path):
     with torch.no_grad():
         want = to_uint8(vae.model.decode(lat / scale).sample)[0].permute(1, 2, 0).numpy()
     assert got.shape == (IMAGE, IMAGE, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_vae_errors_say_what_to_do(world, tmp_path, monkeypatch):
+    from pdiff.vae import load_run_vae
+    with pytest.raises(VAEError, match="no config.json"):
+        load_vae(tmp_path, "cpu")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(VAEError, match="expected a diffusers folder"):
+        load_vae(tmp_path / "weights.bin", "cpu")
+    pixels = load_config("tiny")
+    with pytest.raises(VAEError, match="needs no --vae"):
+        load_run_vae(pixels, str(world["vae"]), "cpu")
+    assert load_run_vae(pixels, None, "cpu") is None
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)        # as if not installed
+    with pytest.raises(VAEError, match=r"pdiff\[latent\]"):
+        load_vae(world["vae"], "cpu")

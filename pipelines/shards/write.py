@@ -104,6 +104,8 @@ class Options:
     def __post_init__(self):
         if self.encoding is None:
             self.encoding = "latent" if self.encode_vae else "png"
+        if self.latent_scale is None and not self.encode_vae:
+            self.latent_scale = 1.0
 
     def check(self) -> None:
         if self.encode_vae:
@@ -117,8 +119,6 @@ class Options:
                                       f"converted); drop --channels")
             if self.vae_batch < 1:
                 raise ShardInputError(f"vae batch must be positive, got {self.vae_batch}")
-        elif self.latent_scale is None:
-            self.latent_scale = 1.0
         if self.transform not in TRANSFORMS:
             raise ShardInputError(f"transform {self.transform!r} is not one of {', '.join(TRANSFORMS)}")
         if self.encoding not in ENCODINGS:
@@ -161,23 +161,23 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     out = Path(out_dir)
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    encoder = None
+    vae = encoder = None
     if opts.encode_vae:        # images in, as for pixel shards: RGB, through the transform
         opts.channels = 3
-        encoder = _posterior_encoder(opts)
+        vae = _load_vae(opts)
     src, resolution, channels = _inputs_in_write_order(source, opts)
     items = src.items
     per_shard = min(opts.max_count, max(1, math.ceil(len(items) / opts.min_shards)))
     settings = {"resolution": resolution, "channels": channels, "transform": opts.transform,
                 "encoding": opts.encoding, "quality": opts.quality if opts.encoding in ("jpeg", "webp") else None,
                 "auto_channels": opts.channels == "auto" and src.kind != "array"}
-    if encoder is not None:
-        vae = encoder.vae
+    if vae is not None:
+        from pdiff.pipelines.shards.encode_vae import PosteriorEncoder
         if resolution % vae.downsample:
             raise ShardInputError(f"{source}: images of {resolution}x{resolution} do not divide into the VAE's "
                                   f"{vae.downsample}x{vae.downsample} latent pixels; pick a --resolution that "
                                   f"is a multiple of {vae.downsample}")
-        encoder.resolution = resolution
+        encoder = PosteriorEncoder(vae, resolution, opts.dtype, opts.vae_batch)
         settings.update(dtype=opts.dtype, vae=vae.record)
     elif opts.encoding == "latent":
         settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
@@ -231,14 +231,12 @@ def _inputs_in_write_order(source: str | Path, opts: Options) -> tuple[Inputs, i
     return src, resolution, channels
 
 
-def _posterior_encoder(opts: Options):
-    from pdiff.pipelines.shards.encode_vae import PosteriorEncoder
+def _load_vae(opts: Options):
     from pdiff.vae import VAEError, load_vae
     try:
-        vae = load_vae(opts.encode_vae, opts.device)
+        return load_vae(opts.encode_vae, opts.device)
     except VAEError as e:
         raise ShardInputError(str(e)) from None
-    return PosteriorEncoder(vae, 0, opts.dtype, opts.vae_batch)
 
 
 def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int, journal: _Journal,
