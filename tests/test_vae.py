@@ -408,3 +408,21 @@ def test_vae_errors_say_what_to_do(world, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)        # as if not installed
     with pytest.raises(VAEError, match=r"pdiff\[latent\]"):
         load_vae(world["vae"], "cpu")
+
+
+def test_in_training_fid_scores_decoded_images(world, tmp_path, capsys, one_thread):
+    from pdiff import fid as F
+    from pdiff.model import build_model
+    cfg = load_config("tiny_latent", ["sample.steps=2"])
+    model = build_model(cfg).eval()
+    net = F.load_inception(random_init=True)
+    rng = np.random.default_rng()
+    for side in (IMAGE, IMAGE // 2):
+        F.save_stats(tmp_path / f"ref{side}.npz", rng.normal(size=2048) * 0.1, np.eye(2048) * 1e-3, 50, side)
+    assert F.FIDEvaluator.maybe(tmp_path / f"ref{IMAGE}.npz", net, channels=4) is None    # latents, no decoder
+    assert "no VAE" in capsys.readouterr().out
+    vae = load_vae(world["vae"], "cpu")
+    ev = F.FIDEvaluator.maybe(tmp_path / f"ref{IMAGE}.npz", net, channels=4, vae=vae, num_images=2, batch=2)
+    assert np.isfinite(ev.compute(model, cfg))                    # 32x32 decoded images against a 32x32 reference
+    with pytest.raises(F.FIDError, match="16x16"):
+        F.FIDEvaluator(tmp_path / f"ref{IMAGE // 2}.npz", net, num_images=2, vae=vae).compute(model, cfg)
