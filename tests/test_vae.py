@@ -1,12 +1,17 @@
 """Latent Patch Diffusion end to end with a tiny AutoencoderKL built from a config with random weights
 (nothing is downloaded): `pdiff shard --encode-vae` stores the VAE's own posterior, resumes, and
-records the VAE; the pipeline draws (mean + std * eps - shift) * scale from (seed, images seen);
+records the VAE, in shards of format version 3 like any others (.cls labels, a CRC-32 per sample, the
+seeded order; `pdiff shard verify` and data.on_corrupt apply, and a replaced sample keeps its row's
+draw); the pipeline draws (mean + std * eps - shift) * scale from (seed, images seen);
 training fills in the latent defaults; `pdiff sample` decodes with the run's VAE (diffusers' own
 round trip) and refuses another one, naming both; `pdiff fid ref` reads the images the shards came
 from."""
 from __future__ import annotations
 
 import json
+import shutil
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +21,18 @@ from PIL import Image
 
 from pdiff.config import ConfigError, load_config
 from pdiff.latent import with_data_defaults
-from pdiff.pipelines import build_pipeline
+from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan, latent_noise_seed
+from pdiff.pipelines.sample_source import SourceError
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
+from pdiff.pipelines.shards.format import ShardError, load_manifest
 from pdiff.pipelines.shards.preprocess import _prepare
+from pdiff.pipelines.shards.write import write_order
 from pdiff.schedule import StochasticSchedule
 from pdiff.vae import VAEError, load_vae, weights_sha256
 
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                    reason="NVIDIA DALI is not installed"))]
 IMAGE = 32          # images are 32 x 32, the tiny VAE downsamples 2x: 16 x 16 x 4 latents, stored 16 x 16 x 8
 
 
@@ -63,14 +73,16 @@ def encode(world, out: Path, **kw):
     return write_shards(world["images"], out, **{**opts, **kw})
 
 
-def good_files(world) -> list[Path]:
-    """The inputs in the writer's order (sorted paths), the broken one left out."""
-    return sorted(p for p in world["images"].rglob("*.png") if "broken" not in p.name)
+def good_files(world, seed: int = 0) -> list[Path]:
+    """The inputs in the order they are written (the listing, sorted paths, in the writer's seeded
+    order), the broken one left out."""
+    listed = sorted(world["images"].rglob("*.png"))
+    return [listed[k] for k in write_order(len(listed), seed) if "broken" not in listed[k].name]
 
 
-def good_images(world) -> list[np.ndarray]:
-    """The inputs as the encoder sees them: transformed to IMAGE x IMAGE."""
-    return [_prepare(p.read_bytes(), str(p), IMAGE, 3, "center-crop") for p in good_files(world)]
+def good_images(world, seed: int = 0) -> list[np.ndarray]:
+    """The inputs as the encoder sees them: transformed to IMAGE x IMAGE, in the order written."""
+    return [_prepare(p.read_bytes(), str(p), IMAGE, 3, "center-crop") for p in good_files(world, seed)]
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +160,136 @@ def test_bad_encode_options_are_named(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Posterior shards are shards like any other: format version 3 (.cls labels, a CRC-32 per sample,
+# the seeded write order), checked by `pdiff shard verify` and under data.on_corrupt
+
+def test_posterior_shards_carry_cls_labels_crcs_and_the_seeded_order(world, posterior_shards, tmp_path):
+    out, m = posterior_shards
+    assert m["label_ext"] == "cls" and m["shuffle_seed"] == 0
+    shards = ShardSet(out)
+    assert shards.checksummed
+    k = 0
+    for rec in m["shards"]:                       # the members as WebDataset reads them, the CRC over both
+        with tarfile.open(out / rec["tar"]) as tar:
+            members = tar.getmembers()
+            assert [x.name for x in members] == [f"{k + j // 2:09d}.{'lat' if j % 2 == 0 else 'cls'}"
+                                                 for j in range(2 * rec["count"])]
+            for j in range(rec["count"]):
+                lat, cls = (tar.extractfile(x).read() for x in members[2 * j:2 * j + 2])
+                assert f"{zlib.crc32(cls, zlib.crc32(lat)):08x}" == rec["crc32"][8 * j:8 * j + 8]
+                assert int(cls) == shards.labels[k + j]
+        k += rec["count"]
+    assert "version 3, labels .cls, a CRC-32 per sample, written in a random order (seed 0)" in info(out)
+    # another seed deals the same posteriors in its own order, and the FID reference follows it
+    seed = int(np.random.default_rng().integers(1, 1 << 20))
+    other = encode(world, tmp_path / "seeded", dtype="float32", shuffle_seed=seed)
+    first, then = good_files(world), good_files(world, seed)
+    assert then != first and sorted(then) == sorted(first)
+    reseeded = ShardSet(tmp_path / "seeded")
+    for k, path in enumerate(then):
+        np.testing.assert_allclose(reseeded.decode(k), shards.decode(first.index(path)), rtol=1e-5, atol=1e-5)
+        assert reseeded.labels[k] == int(path.parent.name == "dogs")
+    from pdiff.pipelines.shards.encode_vae import EncodedImages
+    np.testing.assert_array_equal(np.concatenate(list(EncodedImages(other).batches(4))),
+                                  np.stack(good_images(world, seed)))
+
+
+def test_latent_manifests_say_what_they_store(posterior_shards, tmp_path):
+    """A version 3 latent manifest without 'stores', a posterior one of an older version or without its
+    VAE record, is named as damaged instead of being trained on as something else."""
+    out, m = posterior_shards
+    edits = {"no-stores": ({"stores": None}, "'stores' is None"),
+             "old-posterior": ({"version": 2}, "version 2 whose 'stores' is 'posterior'"),
+             "no-vae": ({"vae": None}, "a 'vae' record"),
+             "odd-channels": ({"channels": 7}, "even channel count")}
+    for name, (edit, message) in edits.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        broken = {k: v for k, v in {**m, **edit}.items() if v is not None}
+        (folder / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ShardError, match=message):
+            load_manifest(folder)
+    assert load_manifest(out)["stores"] == "posterior"
+
+
+@pytest.fixture(scope="module")
+def damaged_posterior(world, posterior_shards):
+    """A copy of the float32 posterior shards with one bit flipped in one sample's .lat member: -> (folder,
+    that sample's index)."""
+    out, _ = posterior_shards
+    rng = np.random.default_rng()
+    clean = ShardSet(out)
+    bad = world["root"] / "damaged32"
+    shutil.copytree(out, bad)
+    i = int(rng.integers(clean.count))
+    tar = bad / Path(clean.tars[clean.shard[i]]).name
+    blob = bytearray(tar.read_bytes())
+    blob[int(clean.img_off[i]) + int(rng.integers(clean.img_size[i]))] ^= 1 << int(rng.integers(8))
+    tar.write_bytes(bytes(blob))
+    return bad, i
+
+
+def test_verify_and_training_name_a_damaged_posterior_sample(damaged_posterior):
+    bad, i = damaged_posterior
+    ok, msg = verify(bad, workers=1)
+    assert not ok and "1 damaged sample(s)" in msg and f"sample {i:09d}" in msg and "fails its CRC-32 check" in msg
+    pipe, _ = pipeline(bad, int(np.random.default_rng().integers(1 << 30)))        # data.on_corrupt=stop
+    with pytest.raises(SourceError) as e:
+        for _ in range(8):                       # 8 steps of 4..8 samples cover the 11 samples
+            next(pipe)
+    pipe.close()
+    assert f"sample {i:09d}" in str(e.value) and "CRC-32" in str(e.value) and f"pdiff shard verify {bad}" in str(e.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_draws_the_replacement_with_the_rows_noise_and_resumes_exactly(posterior_shards, damaged_posterior,
+                                                                           backend):
+    """data.on_corrupt=skip on posterior shards: the damaged sample's rows hold a draw from the next
+    sample's posterior with the row's own eps (from seed and images seen), and a resumed run repeats
+    the uninterrupted one bit for bit, replacements and draws included."""
+    out, m = posterior_shards
+    bad, i = damaged_posterior
+    seed = int(np.random.default_rng().integers(1 << 30))
+    clean = ShardSet(out)
+    stored = np.stack([clean.decode(k) for k in range(clean.count)])
+    skip = ["data.on_corrupt=skip"]
+    pipe, sch = pipeline(bad, seed, backend=backend, overrides=skip)
+    plan = SamplePlan(clean.count, clean.labels, sch, seed, 0, 1, xflip=True)
+    batches, planned, seen = [], 0, 0
+    for k in range(8):
+        b, step = next(pipe), plan.step(seen)
+        s = b.patch_size
+        eps = torch.randn((sch.batch_for(s), 4, s, s), generator=torch.Generator().manual_seed(
+            latent_noise_seed(seed, seen)))
+        for j, (index, (x0, y0)) in enumerate(zip(step.indices, b.offsets.tolist())):
+            used = (index + 1) % clean.count if index == i else index
+            planned += int(index == i)
+            img = stored[used][:, ::-1] if step.flips[j] else stored[used]
+            post = torch.from_numpy(np.ascontiguousarray(img[y0:y0 + s, x0:x0 + s].transpose(2, 0, 1)))
+            torch.testing.assert_close(b.patches[j], (post[:4] + post[4:] * eps[j] - m["shift"]) * m["scale"],
+                                       rtol=1e-6, atol=1e-6)
+            assert int(b.labels[j]) == int(clean.labels[used])
+        if k == 3:
+            state = pipe.state_dict()
+        batches.append(b)
+        seen += sch.batch_for(s)
+    pipe.close()
+    assert planned > 0 and pipe.corrupt.found == {i} and pipe.corrupt.replaced == planned
+    resumed, _ = pipeline(bad, seed, backend=backend, overrides=skip)
+    resumed.load_state_dict(state)
+    for want in batches[4:]:
+        got = next(resumed)
+        assert torch.equal(got.patches, want.patches) and torch.equal(got.labels, want.labels)
+    resumed.close()
+    assert resumed.corrupt.state_dict() == pipe.corrupt.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------
 # Training data: the draw from the posterior
 
-def pipeline(out: Path, seed: int, rank=0, world_size=1, batch=4):
-    cfg = load_config("tiny_latent", [f"data.path={out}", "data.backend=torch", "data.workers=0",
-                                      f"train.batch={batch}", f"train.seed={seed}", "data.xflip=true"])
+def pipeline(out: Path, seed: int, rank=0, world_size=1, batch=4, backend="torch", overrides=()):
+    cfg = load_config("tiny_latent", [f"data.path={out}", f"data.backend={backend}", "data.workers=0",
+                                      f"train.batch={batch}", f"train.seed={seed}", "data.xflip=true", *overrides])
     sch = StochasticSchedule(cfg.data.resolution, batch, sizes=[8, 16], probs=[0.5, 0.5], seed=seed)
     return build_pipeline(cfg, sch, rank, world_size, torch.device("cpu")), sch
 

@@ -65,10 +65,11 @@ class PosteriorEncoder:
 
 class EncodedImages:
     """The images behind a posterior folder's samples, in sample order: its manifest's source through
-    its transform, less the inputs the writer skipped (the manifest lists them)."""
+    its transform, in the writer's seeded order (its ``shuffle_seed``), less the inputs the writer
+    skipped (the manifest lists them)."""
 
     def __init__(self, manifest: dict):
-        from pdiff.pipelines.shards.write import Options
+        from pdiff.pipelines.shards.write import Options, write_order
         given = manifest["source"]          # as typed when the shards were written; the fingerprint holds it resolved
         self.root, self.count = manifest.get("fingerprint", {}).get("source") or given, int(manifest["count"])
         self.resolution, channels = int(manifest["image_resolution"]), int(manifest.get("image_channels", 3))
@@ -78,6 +79,11 @@ class EncodedImages:
             self.inputs = open_inputs(self.root, opts)
         except ShardInputError as e:
             raise ShardInputError(f"the images it was encoded from are not readable at {self.root} ({e})") from None
+        listed = manifest.get("fingerprint", {}).get("n_items", len(self.inputs.items))
+        if len(self.inputs.items) != listed:         # the write order is a permutation of that many
+            raise ShardInputError(f"{self.root} now lists {len(self.inputs.items)} images, {listed} when the shards "
+                                  f"were written: the source changed since it was encoded")
+        self.inputs.reorder(write_order(listed, manifest.get("shuffle_seed")))
         # an input's report path is the source's path + its place in it: compare the places
         skipped = {s["path"][len(given):] for s in manifest["skipped"]["items"] if s["path"].startswith(given)}
         self.items = [it for it in self.inputs.items if it.path[len(self.root):] not in skipped]
