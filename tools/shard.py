@@ -2,7 +2,8 @@
 
     pdiff shard SRC OUT [--resolution R] [--transform none|center-crop|center-crop-dhariwal|resize]
                         [--channels auto|1|3] [--format png|jpeg|webp|raw|latent] [--quality Q]
-                        [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip] ...
+                        [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip]
+                        [--seed S | --source-order] [--encode-vae VAE [--vae-batch N] [--device D]] ...
     pdiff shard verify DIR [--workers N]   sizes, checksums, a decode of every sample; lists the damaged ones
     pdiff shard info DIR                   what the manifest holds
 
