@@ -1,10 +1,17 @@
-"""Crash-safe training checkpoints: RUN/checkpoints/ckpt-<images_seen:012d>/{state.pt, COMPLETE}.
+"""Crash-safe, verified training checkpoints: RUN/checkpoints/ckpt-<images_seen:012d>/{state.pt,
+state.pt.sha256, COMPLETE}.
 
-A checkpoint is written into a temporary folder, flushed to disk, renamed to its final name, and
-only then marked with COMPLETE (also flushed). A crash at any point leaves either no folder under
-the final name or one without COMPLETE, which is ignored and cleaned up; the previous checkpoint is
-never touched until a newer one is complete. Everything in state.pt loads with
-``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts; no pickled code.
+A checkpoint is written into a temporary folder with its checksum (pdiff.checksum), flushed to disk,
+renamed to its final name, and only then marked with COMPLETE (also flushed). A crash at any point
+leaves either no folder under the final name or one without COMPLETE, which is ignored and cleaned
+up; the previous checkpoint is never touched until a newer one is complete. Everything in state.pt
+loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts; no pickled
+code.
+
+Loading checks the checksum, the format version and that the weights are finite; a resume takes the
+newest checkpoint that passes and names each newer one that did not. Rotation keeps the newest
+``keep`` checkpoints and, whatever their state, the newest one known good (loaded or written by
+this process with finite weights), so a run that goes bad cannot rotate away its last good state.
 
 ``RunState`` saves and restores a run's stateful parts through one dict (EDM2's CheckpointIO): each
 part's ``state_dict()`` under its name, plus what a resume is checked against.
@@ -14,11 +21,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import checksum, distributed
+from .errors import UserError
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
@@ -28,6 +37,17 @@ _NAME = re.compile(r"^ckpt-(\d+)$")
 # Settings a resumed run must share with its checkpoint (the rest, e.g. intervals or duration,
 # may change between runs).
 RESUME_KEYS = ["network", "data.resolution", "data.channels", "patch", "loss", "train.batch", "train.seed"]
+# The parts of a checkpoint whose floating-point values must be finite for it to count as good.
+FINITE_PARTS = ("model", "ema", "optimizer")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: incomplete, damaged (checksum, truncated, not a torch
+    file), refused by weights_only, of another format version, or holding non-finite weights."""
+
+
+class ResumeError(UserError):
+    """A checkpoint that is fine but does not fit the run that wants to resume from it."""
 
 
 def folder_name(images_seen: int) -> str:
@@ -47,25 +67,78 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _why_torch_load_failed(e: Exception) -> str:
+    """torch.load's message without its boilerplate: weights_only refusals bury the cause in a
+    page of advice."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        return "refused by torch.load(weights_only=True): " + " ".join(lines)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def read_state(path: str | Path, map_location="cpu") -> dict:
     """The dict in a checkpoint's state.pt (``path``: the folder or the file), tensors and plain
-    values only (``weights_only``)."""
+    values only (``weights_only``); CheckpointError naming the file when it cannot be read."""
     path = Path(path)
-    return torch.load(path / STATE_FILE if path.is_dir() else path, map_location=map_location, weights_only=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    file = path / STATE_FILE if path.is_dir() else path
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist") from None
+    except Exception as e:   # truncated, random bytes, pickled code: all the file's fault
+        raise CheckpointError(f"{file} cannot be loaded ({_why_torch_load_failed(e)}): the file is damaged or "
+                              f"was not written by pdiff") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a pdiff checkpoint's dict")
+    return state
+
+
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    """The state of the checkpoint folder ``path``: refused while it is incomplete or when state.pt
+    does not match its checksum (one without a checksum, from an older pdiff, loads unverified)."""
+    path = Path(path)
+    if not (path / MARKER).exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was being "
+                              f"written when the run stopped; use an older one")
+    try:
+        checksum.verify(path / STATE_FILE)
+    except (checksum.ChecksumError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+    return read_state(path, map_location)
+
+
+def nonfinite_entries(state: dict, parts=FINITE_PARTS, limit: int = 3) -> list[str]:
+    """Names of (at most ``limit``) floating-point tensors in ``state``'s ``parts`` holding NaN or inf."""
+    bad: list[str] = []
+
+    def walk(obj, name):
+        if len(bad) >= limit:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+    for part in parts:
+        walk(state.get(part), part)
+    return bad
+
+
+def _warn(text: str) -> None:
+    print(f"pdiff: WARNING {text}", file=sys.stderr, flush=True)
 
 
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
+        self.known_good: Path | None = None     # the newest checkpoint known good: never pruned
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -75,35 +148,37 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, state: dict, images_seen: int) -> Path:
+    def save(self, state: dict, images_seen: int, good: bool = True) -> Path:
+        """Write ``state`` as the checkpoint at ``images_seen``; ``good``: its weights are finite,
+        so it may take over as the checkpoint rotation protects."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / folder_name(images_seen)
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # an incomplete leftover of a crash at this very count
+        checksum.save_verified(tmp / STATE_FILE, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+        if final.exists():  # an incomplete leftover of a crash at this very count, or one that failed to load
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        checksum.fsync_dir(self.dir)
         with open(final / MARKER, "w") as f:
             f.write(f"{images_seen}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(final)
+        checksum.fsync_dir(final)
+        if good:
+            self.known_good = final
         self.prune()
         return final
 
     def prune(self) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop leftovers of crashed writes."""
+        """Keep the newest ``keep`` complete checkpoints and the newest known good one; drop
+        leftovers of crashed writes."""
         done = self.complete()
         for old in done[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != self.known_good:
+                shutil.rmtree(old, ignore_errors=True)
         newest = int(_NAME.match(done[-1].name).group(1)) if done else -1
         for p in self.dir.iterdir():
             stale_tmp = p.name.startswith(".tmp-")
@@ -114,18 +189,42 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: str | Path, map_location="cpu") -> dict:
-        """The whole state to resume from: refused while the checkpoint is incomplete or when
-        another format version wrote it."""
+        """The whole state to resume from: refused (CheckpointError) while the checkpoint is
+        incomplete, when it does not match its checksum or cannot be read, or when another format
+        version wrote it."""
         path = Path(path)
-        file = path / STATE_FILE if path.is_dir() else path
-        if path.is_dir() and not (path / MARKER).exists():
-            raise RuntimeError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was being "
-                               f"written when the run stopped; use an older one")
-        state = read_state(file, map_location)
+        state = load_state(path, map_location)
         if state.get("format_version") != FORMAT_VERSION:
-            raise RuntimeError(f"checkpoint {file}: format version {state.get('format_version')} "
-                               f"is not {FORMAT_VERSION}, which this pdiff reads")
+            raise CheckpointError(f"checkpoint {path / STATE_FILE}: format version {state.get('format_version')} "
+                                  f"is not {FORMAT_VERSION}, which this pdiff reads")
         return state
+
+    def newest_good(self) -> tuple[Path, dict] | None:
+        """The newest complete checkpoint that loads, verifies and holds finite weights, with its
+        state; a warning names each newer one that does not, and why. None when there is no
+        complete checkpoint; CheckpointError when none of them is good."""
+        done = self.complete()
+        problems = []
+        for path in reversed(done):
+            try:
+                state = self.load(path)
+                bad = nonfinite_entries(state)
+                if bad:
+                    raise CheckpointError(f"checkpoint {path} holds non-finite values (in {', '.join(bad)})")
+            except CheckpointError as e:
+                problems.append(str(e))
+                _warn(f"{e}; trying the checkpoint before it")
+                continue
+            if problems:
+                _warn(f"resuming from {path}, the newest good checkpoint; {len(problems)} newer one(s) "
+                      f"skipped and left in place (the next checkpoint at the same count replaces it)")
+            elif not checksum.recorded(path / STATE_FILE):
+                _warn(f"{path / STATE_FILE} has no checksum (written before pdiff wrote them): not verified")
+            return path, state
+        if not done:
+            return None
+        raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems)
+                              + f". Restore a good copy, or move {self.dir} away to start the run over")
 
 
 def check_resume_compatible(saved: dict, current_config: dict, world_size: int, where: Path) -> None:
@@ -135,12 +234,12 @@ def check_resume_compatible(saved: dict, current_config: dict, world_size: int, 
         for part in key.split("."):
             a, b = a[part], b[part]
         if a != b:
-            raise SystemExit(f"cannot resume from {where}: {key} was {a} and is now {b}. Use the "
-                             f"checkpoint's setting, or start a new run in another train.run_dir.")
+            raise ResumeError(f"cannot resume from {where}: {key} was {a} and is now {b}. Use the "
+                              f"checkpoint's setting, or start a new run in another train.run_dir.")
     if saved["world_size"] != world_size:
-        raise SystemExit(f"cannot resume from {where}: it was written by {saved['world_size']} "
-                         f"processes and this run has {world_size}. Restart with the same number "
-                         f"of processes (global batch and data order depend on it).")
+        raise ResumeError(f"cannot resume from {where}: it was written by {saved['world_size']} "
+                          f"processes and this run has {world_size}. Restart with the same number "
+                          f"of processes (global batch and data order depend on it).")
 
 
 class EveryRank:
@@ -166,21 +265,40 @@ class RunState:
         self.config, self.parts = config, parts
 
     def resume(self) -> tuple[int, Path | None]:
-        """Load the newest complete checkpoint into the parts: (its images seen, its folder), or
-        (0, None) when there is none."""
-        latest = self.checkpoints.latest()
-        if latest is None:
+        """Load the newest good checkpoint into the parts: (its images seen, its folder), or
+        (0, None) when there is none. Rank 0 picks it (checksums, finite weights) and every rank
+        loads that one."""
+        found, problem = None, None
+        if distributed.rank() == 0:
+            try:
+                found = self.checkpoints.newest_good()
+            except CheckpointError as e:
+                problem = str(e)
+        path, problem = distributed.broadcast_object((str(found[0]) if found else None, problem))
+        if problem:
+            raise CheckpointError(problem)
+        if path is None:
             return 0, None
-        state = self.checkpoints.load(latest)
-        check_resume_compatible(state, self.config, distributed.world_size(), latest)
+        path = Path(path)
+        state = found[1] if found else self.checkpoints.load(path)
+        check_resume_compatible(state, self.config, distributed.world_size(), path)
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
-        return int(state["images_seen"]), latest
+        self.checkpoints.known_good = path
+        return int(state["images_seen"]), path
 
-    def save(self, images_seen: int) -> None:
-        """Every rank calls it (EveryRank parts gather); rank 0 writes the checkpoint atomically."""
+    def save(self, images_seen: int) -> Path | None:
+        """Every rank calls it (EveryRank parts gather); rank 0 writes the checkpoint atomically
+        and returns its folder."""
         state = {name: part.state_dict() for name, part in self.parts.items()}
+        final = None
         if distributed.rank() == 0:
-            self.checkpoints.save({**state, "images_seen": images_seen, "world_size": distributed.world_size(),
-                                   "config": self.config}, images_seen)
+            bad = nonfinite_entries(state)
+            if bad:
+                _warn(f"the checkpoint at {images_seen:,} images holds non-finite values (in {', '.join(bad)}); "
+                      f"written, and {self.checkpoints.known_good or 'no earlier checkpoint'} is kept as the "
+                      f"last good one")
+            final = self.checkpoints.save({**state, "images_seen": images_seen, "world_size": distributed.world_size(),
+                                           "config": self.config}, images_seen, good=not bad)
         distributed.barrier()
+        return final

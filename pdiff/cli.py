@@ -31,16 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from .config import ConfigError
-    from .pipelines.sample_source import SourceError
+    from .errors import UserError
     try:
         return int(module.main(rest) or 0)
-    except ConfigError as e:  # a config mistake is the user's to fix: the message, not a traceback
-        print(f"pdiff {name}: config error: {e}", file=sys.stderr)
-        return 2
-    except SourceError as e:  # so is damaged or mismatched data (the message names the file and sample)
+    except UserError as e:  # the user's data, files or config: the message, not a traceback
         print(f"pdiff {name}: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 if __name__ == "__main__":

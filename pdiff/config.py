@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
+
+from .errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot run: the message names the key, the file and the value."""
+    exit_code = 2
 
 
 @dataclass
@@ -314,38 +318,102 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+# Each field's allowed values beyond its type: (key, test, what it must be). The tests see the
+# coerced value (ints for int fields, floats for float fields; NaN fails every comparison).
+VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("network.model_channels", lambda v: v >= 1, "must be at least 1"),
+    ("network.channel_mult", lambda v: len(v) >= 1 and min(v) >= 1,
+     "must list at least one positive channel multiplier (one per resolution level)"),
+    ("network.num_blocks", lambda v: v >= 1, "must be at least 1"),
+    ("network.attn_resolutions", lambda v: all(r >= 1 for r in v), "must list positive resolutions"),
+    ("network.dropout", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    ("network.label_dim", lambda v: v >= 0, "must be >= 0 (0 = unconditional)"),
+    ("network.label_dropout", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    ("data.resolution", lambda v: v >= 2, "must be at least 2"),
+    ("data.channels", lambda v: v >= 1, "must be at least 1"),
+    ("data.workers", lambda v: v >= 0, "must be >= 0"),
+    ("data.prefetch", lambda v: v >= 1, "must be at least 1"),
+    ("data.max_corrupt", lambda v: v >= 0, "must be >= 0 (damaged samples tolerated with data.on_corrupt=skip)"),
+    ("patch.real_p", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    ("loss.p_mean", _finite, "must be a finite number"),
+    ("loss.p_std", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("loss.sigma_data", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("optim.lr", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    ("optim.eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("optim.weight_decay", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("optim.warmup_images", lambda v: v >= 0, "must be >= 0"),
+    ("optim.grad_clip", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = no clipping)"),
+    ("ema.halflife_images", lambda v: v >= 0, "must be >= 0"),
+    ("ema.rampup_ratio", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = off)"),
+    ("train.batch", lambda v: v >= 1, "must be at least 1"),
+    ("train.grad_accum", lambda v: v >= 1, "must be at least 1 (micro-batches per step)"),
+    ("train.duration_images", lambda v: v >= 0, "must be >= 0"),
+    ("train.log_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
+    ("train.ckpt_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
+    ("train.snapshot_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
+    ("train.sample_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "must be at least 1"),
+    ("train.wall_budget_s", lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
+    ("sample.steps", lambda v: v >= 1, "must be at least 1"),
+    ("sample.sigma_min", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("sample.sigma_max", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("sample.rho", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("sample.s_churn", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("sample.s_min", lambda v: v >= 0, "must be >= 0"),
+    ("sample.s_max", lambda v: v >= 0, "must be >= 0 (inf = no limit)"),
+    ("sample.s_noise", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("sample.guidance", _finite, "must be a finite number (1 = off)"),
+    ("sample.canvas", lambda v: v >= 0, "must be >= 0 (0 = the training resolution)"),
+    ("vae.scale", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("vae.shift", _finite, "must be a finite number"),
+    ("vae.decode_batch", lambda v: v >= 1, "must be at least 1"),
+    ("eval.fid_every_images", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    ("eval.fid_images", lambda v: v >= 1, "must be at least 1"),
+    ("eval.fid_batch", lambda v: v >= 1, "must be at least 1"),
+]
+
+
+def _value(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
-    """The checks that span fields or need a registry; each field's type and closed set of choices
-    were checked while loading."""
+    """The checks of values (VALUE_RULES), of what spans fields and of what needs a registry; each
+    field's type and closed set of choices were checked while loading."""
     from .networks import NETWORKS
-    from .schedule import SCHEDULES
+    from .schedule import SCHEDULES, PatchSchedule
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
+    for key, ok, must in VALUE_RULES:
+        value = _value(cfg, key)
+        if not ok(value):
+            bad(key, f"{must}, got {value!r}")
     if cfg.network.arch not in NETWORKS:
         bad("network.arch", f"{cfg.network.arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
                             "a new one is added in pdiff/networks/__init__.py)")
     if cfg.patch.mode not in SCHEDULES:
         bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
                           f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
-    if cfg.data.resolution < 2:
-        bad("data.resolution", "must be at least 2")
-    if cfg.train.batch < 1:
-        bad("train.batch", "must be positive")
-    if not 0 <= cfg.patch.real_p <= 1:
-        bad("patch.real_p", "must lie in [0, 1]")
-    if not 0 <= cfg.network.label_dropout < 1:
-        bad("network.label_dropout", "must lie in [0, 1)")
-    if cfg.network.label_dim < 0:
-        bad("network.label_dim", f"must be >= 0 (0 = unconditional), got {cfg.network.label_dim}")
-    if cfg.data.max_corrupt < 0:
-        bad("data.max_corrupt", f"must be >= 0 (damaged samples tolerated with data.on_corrupt=skip), got "
-                                f"{cfg.data.max_corrupt}")
     check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval", bad)
-    if cfg.vae.scale <= 0:
-        bad("vae.scale", f"must be positive, got {cfg.vae.scale}")
+    try:
+        PatchSchedule.from_config(cfg)
+    except ValueError as e:
+        bad("patch", str(e))
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
         bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
+    if cfg.sample.sigma_max <= cfg.sample.sigma_min:
+        bad("sample.sigma_max", f"must be above sample.sigma_min ({cfg.sample.sigma_min}), got {cfg.sample.sigma_max}")
+    if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
+        bad("sample.canvas", f"must be 0 or at least data.resolution ({cfg.data.resolution}), got {cfg.sample.canvas}")
 
 
 def check_guidance_interval(interval, key: str, bad) -> None:

@@ -72,6 +72,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (picklable; ``obj`` itself on one process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if ``flag`` is set on any rank (one tiny collective)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FEATURE_DIM = 2048
 STATS_FORMAT = "pdiff-fid-stats-1"
 
 
-class InceptionWeightsMissing(FileNotFoundError):
-    pass
+class InceptionWeightsMissing(UserError, FileNotFoundError):
+    exit_code = 2
 
 
-class FIDError(ValueError):
-    pass
+class FIDError(UserError, ValueError):
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------------------------

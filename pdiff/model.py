@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .precond import EDMPrecond
 
 
@@ -26,7 +26,7 @@ def one_hot_labels(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor 
 def check_label_range(label_dim: int, num_classes: int, where: str) -> None:
     """The dataset's classes must fit the network's one-hot labels (checked once, before training)."""
     if label_dim and num_classes > label_dim:
-        raise SystemExit(f"{where}: the shards have {num_classes} classes but network.label_dim is "
+        raise ConfigError(f"{where}: the shards have {num_classes} classes but network.label_dim is "
                          f"{label_dim}; set network.label_dim={num_classes}")
 
 

@@ -1,7 +1,8 @@
 """EMA snapshots (safetensors + the run's config) and reading models back for sampling.
 
 A snapshot is one ``.safetensors`` file: the EDMPrecond state_dict (contiguous CPU tensors) and
-metadata {"format": "pdiff-snapshot-1", "config": <to_dict(cfg) as JSON>, "images_seen": "..."}.
+metadata {"format": "pdiff-snapshot-1", "config": <to_dict(cfg) as JSON>, "images_seen": "..."},
+written atomically with its sha256 beside it (``pdiff.checksum.save_verified``) and checked on load.
 ``load_model`` also reads the trainer's checkpoints (pdiff.checkpoint's layout), taking their EMA
 weights.
 """
@@ -13,30 +14,25 @@ from pathlib import Path
 
 import torch
 
+from .checksum import ChecksumError, save_verified, verify
 from .config import Config, ConfigError, from_dict, to_dict
+from .errors import UserError
 
 FORMAT = "pdiff-snapshot-1"
 
 
-class SnapshotError(ValueError):
-    pass
+class SnapshotError(UserError, ValueError):
+    exit_code = 2
 
 
 def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int) -> Path:
-    """Write atomically: a temp file in the same folder, fsync, then os.replace."""
-    from safetensors.torch import save_file
+    """Write atomically, with its checksum (``pdiff.checksum.save_verified``)."""
+    from safetensors.torch import save
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "images_seen": str(int(images_seen))}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_verified(path, lambda f: f.write(save(tensors, metadata=meta)))
     return path
 
 
@@ -82,6 +78,10 @@ def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Modul
     if not path.is_file():
         raise SnapshotError(f"snapshot {path} does not exist (snapshots are RUN/snapshots/*.safetensors)")
     try:
+        verify(path)
+    except ChecksumError as e:
+        raise SnapshotError(str(e)) from None
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -117,12 +117,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
                     ) -> tuple[torch.nn.Module, Config, dict]:
     """The model of a training checkpoint (EMA weights by default) from a checkpoint or run folder."""
-    from .checkpoint import STATE_FILE, read_state
+    from .checkpoint import STATE_FILE, CheckpointError, load_state
     ckpt = find_checkpoint(path)
     try:
-        state = read_state(ckpt)
-    except Exception as e:
-        raise SnapshotError(f"{ckpt / STATE_FILE}: cannot be read ({e})") from None
+        state = load_state(ckpt)
+    except CheckpointError as e:
+        raise SnapshotError(f"{e}. Give an older checkpoint folder (--checkpoint RUN/checkpoints/ckpt-N) "
+                            f"or a snapshot instead") from None
     for key in (weights, "config"):
         if key not in state:
             raise SnapshotError(f"{ckpt / STATE_FILE}: no {key!r} entry (keys: {sorted(state)})")

@@ -91,21 +91,25 @@ class TrainingStep:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def warm_up(self, world: int = 1) -> int:
+    def warm_up(self, world: int = 1, stop=None) -> int:
         """Run every shape the run will see (one per patch size and micro-batch size of this rank)
         once before the first real step, so no step stalls on a compile or a kernel's first launch;
         returns the graph count afterwards, against which the log reports recompiles (there should
-        be none)."""
+        be none). ``stop`` (a StopSignal): once it is requested no further graph is compiled, so a
+        scheduler's SIGTERM is acted on within one graph's compile, not all of them."""
         device = self.device
-        for size in self.schedule.sizes:
-            b = self.schedule.batch_for(size) // world
-            for n in sorted({sl.stop - sl.start for sl in micro_batches(b, self.grad_accum)}):
-                patches = torch.zeros(n, self.channels, size, size, device=device)
-                offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
-                sigma = torch.ones(n, device=device)
-                noise = torch.zeros_like(patches) if self.loss.backend == "torch" else None
-                labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
-                self.loss(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
+        shapes = [(size, n) for size in self.schedule.sizes
+                  for n in sorted({sl.stop - sl.start
+                                   for sl in micro_batches(self.schedule.batch_for(size) // world, self.grad_accum)})]
+        for size, n in shapes:
+            if stop is not None and stop.requested:
+                break
+            patches = torch.zeros(n, self.channels, size, size, device=device)
+            offsets = torch.zeros(n, 2, dtype=torch.long, device=device)
+            sigma = torch.ones(n, device=device)
+            noise = torch.zeros_like(patches) if self.loss.backend == "torch" else None
+            labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
+            self.loss(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
         self.model.zero_grad(set_to_none=True)
         return compiled_graphs()
 

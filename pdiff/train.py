@@ -2,8 +2,9 @@
 
 Each step takes one patch-size batch from the pipeline, builds the network input and the weighted
 EDM loss (fused kernels on CUDA), runs forward/backward under DDP, steps Adam with a warm-up counted
-in images, and updates the EMA. Re-running the same command resumes from the newest complete
-checkpoint; SIGTERM/SIGUSR1 or the wall-clock budget finish the step, checkpoint and exit 0.
+in images, and updates the EMA. One trainer holds the run folder (pdiff/runlock.py). Re-running the
+same command resumes from the newest good checkpoint; SIGTERM/SIGUSR1 or the wall-clock budget
+finish the step, checkpoint and exit 0.
 Everything is counted in images seen: a step of patch size s counts batch * R/s images.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .latent import training_vae, with_data_defaults
 from .loss import sample_sigma
 from .model import check_label_range, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, save_png
+from .runlock import hold_run
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, micro_batches
 
@@ -36,13 +38,17 @@ def crossed(before: int, after: int, every: int) -> bool:
 
 def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None = None) -> int:
     """Train (or resume) the run cfg describes; 0 when it finished or stopped cleanly. Pass ``stop``
-    to learn afterwards whether a signal stopped it (``stop.requested``)."""
+    to learn afterwards whether a signal stopped it (``stop.requested``). RunLocked when another
+    trainer holds the run folder."""
     with stop or StopSignal() as stop:
-        return _train(cfg, device_preference, stop)
+        info = distributed.init(device_preference)
+        with hold_run(cfg.train.run_dir):
+            code = _train(cfg, info, stop)
+        distributed.shutdown()    # after _train's DDP (its reducer holds communication work) is gone
+        return code
 
 
-def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
-    info = distributed.init(device_preference)
+def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
     device, rank, world = info.device, info.rank, info.world_size
     t_start = time.time()
     if cfg.train.deterministic:
@@ -60,7 +66,7 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
     pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device)
     check_label_range(cfg.network.label_dim, pipe.source.num_classes, cfg.data.path)
 
-    # Resume from the newest complete checkpoint, if any. No random-number state is saved: every
+    # Resume from the newest good checkpoint, if any. No random-number state is saved: every
     # random draw of a step (patch size, samples, crops, sigma, noise, dropout) is derived from
     # (seed, images seen[, rank]), so the parts below are all a run needs to go on exactly.
     run_state = RunState(run_dir, to_dict(cfg), cfg.train.keep_checkpoints,
@@ -78,7 +84,13 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
         return 0
 
     ddp = torch.nn.parallel.DistributedDataParallel(step.loss) if world > 1 else step.loss
-    compiles_after_warmup = step.warm_up(world) if cfg.train.compile else None
+    compiles_after_warmup = step.warm_up(world, stop) if cfg.train.compile else None
+    if distributed.any_rank(stop.requested, device):    # a signal during the warm-up: nothing to save
+        if info.is_main:
+            print(f"pdiff train: stop signal during the compile warm-up: stopped before the first step; "
+                  f"run the same command to {'resume' if latest else 'start'}", file=sys.stderr, flush=True)
+        pipe.close()
+        return 0
     vae = training_vae(cfg, device, needed=info.is_main or cfg.eval.fid_every_images > 0)   # latents -> images
     fid = None
     if cfg.eval.fid_every_images > 0:
@@ -145,6 +157,8 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
         opt.zero_grad(set_to_none=True)
         ema.update(model, images_seen + global_b, schedule.ema_images_per_step())
         stats.add(size, torch.cat(per_sample), sigma, grad_norm, finite)
+        if latest is not None and steps_this_run == 0:
+            report_nonfinite_after_resume(torch.cat(per_sample), latest, cfg.optim.nonfinite, device, info.is_main)
         before, images_seen = images_seen, images_seen + global_b
         interval_images += global_b
 
@@ -154,7 +168,7 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
         stopping = stop.should_stop(over_budget, steps_this_run, device)
         done = images_seen >= cfg.train.duration_images
 
-        # 6. Log, snapshot, sample and checkpoint at their image intervals.
+        # 6. Log, checkpoint, snapshot, sample and FID at their image intervals.
         if crossed(before, images_seen, cfg.train.log_every_images) or done or stopping:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -169,6 +183,15 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
             figures["data/corrupt_samples"] = len(set().union(*distributed.all_gather_object(pipe.corrupt.found)))
             monitor.scalars(images_seen, figures)
             t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
+        # The checkpoint first: a snapshot, sample grid or FID that fails loses no training.
+        if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
+            run_state.save(images_seen)
+            drift = distributed.check_replicas_agree(model, device)
+            if drift > 0:
+                monitor.scalars(images_seen, {"replica_max_param_diff": drift})
+                print(f"pdiff train: WARNING replicas differ by up to {drift:.3g} after the checkpoint",
+                      file=sys.stderr)
+            monitor.flush()
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done):
             from .snapshot import save_snapshot
             (run_dir / "snapshots").mkdir(exist_ok=True)
@@ -182,14 +205,6 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
         if fid is not None and (crossed(before, images_seen, cfg.eval.fid_every_images) or done):
             score = fid.compute(ema.model, cfg)       # every rank samples its share of the seeds
             monitor.scalars(images_seen, {f"fid/{cfg.eval.fid_images}": score})
-        if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
-            run_state.save(images_seen)
-            drift = distributed.check_replicas_agree(model, device)
-            if drift > 0:
-                monitor.scalars(images_seen, {"replica_max_param_diff": drift})
-                print(f"pdiff train: WARNING replicas differ by up to {drift:.3g} after the checkpoint",
-                      file=sys.stderr)
-            monitor.flush()
         if stopping:
             if info.is_main:
                 why = "stop signal" if stop.requested else "wall-clock budget"
@@ -199,9 +214,17 @@ def _train(cfg: Config, device_preference: str, stop: StopSignal) -> int:
 
     monitor.close()
     pipe.close()
-    del ddp, step   # DDP's reducer holds communication work: release it before the group
-    distributed.shutdown()
     return 0
+
+
+def report_nonfinite_after_resume(loss: torch.Tensor, latest: Path, policy: str, device, is_main: bool) -> None:
+    """Warn when the first step after a resume has a non-finite loss (one host sync, once): the
+    checkpoint verified, so its values, not its bytes, are suspect."""
+    if distributed.any_rank(not bool(torch.isfinite(loss).all()), device) and is_main:
+        print(f"pdiff train: WARNING the first step after resuming from {latest} has a non-finite loss; the step "
+              f"{'was skipped' if policy == 'skip' else 'had its gradient zeroed'} (optim.nonfinite={policy}). Its weights or "
+              f"optimizer state may be unusable: if the loss stays non-finite, stop and move {latest.name} out "
+              f"of {latest.parent} to resume from the checkpoint before it", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,4 +247,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pdiff.cli import main as cli
+    sys.exit(cli(["train", *sys.argv[1:]]))

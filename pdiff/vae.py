@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 INSTALL_HINT = "pip install 'pdiff[latent]' (diffusers)"
 
 
-class VAEError(RuntimeError):
+class VAEError(UserError, RuntimeError):
     """A VAE that cannot be loaded, or is not the one the latents were made with."""
+    exit_code = 2
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -45,6 +45,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 
+from pdiff.errors import UserError
 from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import ShardError
 from pdiff.pipelines.sources import SOURCES, open_source, register_source
@@ -53,7 +54,7 @@ __all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "Sa
            "SourceError", "dali_available", "open_source", "register_source"]
 
 
-class PipelineStateError(RuntimeError):
+class PipelineStateError(UserError, RuntimeError):
     """A saved pipeline state that does not fit the pipeline it is loaded into."""
 
 

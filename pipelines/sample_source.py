@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdiff.errors import UserError
+
 ENCODINGS = ("png", "jpeg", "webp", "raw", "latent")
 UNIFORM_ENCODINGS = ("raw", "latent")
 LATENT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -46,7 +48,7 @@ class LatentSpace:
     vae: dict | None = None          # the autoencoder's record (pdiff.vae.VAE.record) when pdiff encoded them
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A dataset that cannot be read, or does not match what the config says about it."""
 
 

@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 
 from pdiff import fid as F
+from pdiff.cli import main as pdiff_cli
 from pdiff.tools import fid as fid_cli
 
 
@@ -122,12 +123,12 @@ def test_wrong_resolution_reference_message(tmp_path, capsys):
     F.save_stats(tmp_path / "cur32.npz", rng.normal(size=2048), np.eye(2048), 10, 32)
     with pytest.raises(F.FIDError, match=r"64x64 images but the images to score are 32x32"):
         F.check_resolution(F.load_stats(tmp_path / "ref64.npz"), 32)
-    rc = fid_cli.main(["calc", "--images", str(tmp_path / "cur32.npz"), "--ref", str(tmp_path / "ref64.npz")])
+    rc = pdiff_cli(["fid", "calc", "--images", str(tmp_path / "cur32.npz"), "--ref", str(tmp_path / "ref64.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "64x64" in err and "32x32" in err and "--allow-resolution-mismatch" in err
     # images are checked before any Inception work (here: before it finds no weights)
     np.savez(tmp_path / "imgs16.npz", images=np.zeros((3, 16, 16, 3), np.uint8))
-    rc = fid_cli.main(["calc", "--images", str(tmp_path / "imgs16.npz"), "--ref", str(tmp_path / "ref64.npz")])
+    rc = pdiff_cli(["fid", "calc", "--images", str(tmp_path / "imgs16.npz"), "--ref", str(tmp_path / "ref64.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "16x16" in err and "weights" not in err
     F.check_resolution(F.load_stats(tmp_path / "ref64.npz"), 32, allow_mismatch=True)
@@ -142,7 +143,7 @@ def test_missing_weights_error_names_url_and_flag(tmp_path, monkeypatch, capsys)
         assert F.FID_WEIGHTS_URL in str(e.value) and "--inception" in str(e.value)
     np.savez(tmp_path / "imgs.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
     F.save_stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048), 3, 8)
-    rc = fid_cli.main(["calc", "--images", str(tmp_path / "imgs.npz"), "--ref", str(tmp_path / "ref.npz")])
+    rc = pdiff_cli(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--ref", str(tmp_path / "ref.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and F.FID_WEIGHTS_URL in err and "--inception" in err
 
@@ -327,7 +328,7 @@ def test_fid_gen_cli_sets(tmp_path, capsys):
     feats = torch.cat([F.inception_features(net, im) for _, im, _ in
                        iter_uint8(model, [13, 14, 15], 3, 16, 3, 0, SampleOptions(cfg.sample), "cpu")])
     assert res["fid"][1] == pytest.approx(F.frechet_distance_lowrank(feats.numpy(), ref.mu, ref.sigma), rel=1e-6)
-    assert fid_cli.main(base + ["--ref", str(tmp_path / "ref8.npz")]) == 2
+    assert pdiff_cli(["fid", *base, "--ref", str(tmp_path / "ref8.npz")]) == 2
     assert "8x8 images but the images to score are 16x16" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
+from pdiff.cli import main as pdiff_cli
 from pdiff.pipelines.shards.format import FORMAT_VERSION
 from pdiff.pipelines.shards.write import write_order
 from pdiff.tools.shard import main as shard_main
@@ -151,8 +152,8 @@ def test_bad_latent_inputs_are_clear_errors(tmp_path, rng):
         shard("nhwc.npy", resolution=8)
     with pytest.raises(ShardInputError, match="--format latent"):      # a float array without it
         write_shards(tmp_path / "nhwc.npy", tmp_path / "img", workers=1, progress=False)
-    assert shard_main([str(tmp_path / "nhwc.npy"), str(tmp_path / "c"), "--format", "latent", "--layout", "nchw",
-                       "--quiet"]) == 1
+    assert pdiff_cli(["shard", str(tmp_path / "nhwc.npy"), str(tmp_path / "c"), "--format", "latent", "--layout",
+                      "nchw", "--quiet"]) == 1
 
 
 # ----------------------------------------------------------------------------------------------

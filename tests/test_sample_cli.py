@@ -13,7 +13,7 @@ from pdiff.config import SamplerConfig, load_config
 from pdiff.generate import SampleOptions, generate, iter_uint8, parse_seeds
 from pdiff.model import build_model
 from pdiff.snapshot import save_snapshot
-from pdiff.tools import sample as sample_cli
+from pdiff.cli import main as pdiff_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["network.model_channels=16", "network.channel_mult=[1,2]", "network.attn_resolutions=[]",
@@ -84,7 +84,8 @@ def test_class_and_canvas_options():
 
 
 def run_cli(args):
-    return sample_cli.main([str(a) for a in args] + ["--no-progress", "--device", "cpu"])
+    """`pdiff sample ARGS` through the CLI's dispatch (which reports user errors as messages)."""
+    return pdiff_cli(["sample", *[str(a) for a in args], "--no-progress", "--device", "cpu"])
 
 
 def test_cli_outputs_agree_across_batch_sizes(snapshot, tmp_path, capsys):
@@ -136,8 +137,8 @@ def test_cli_checkpoint_and_errors(snapshot, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_cli(["--snapshot", path, "--seeds", "0"])  # no output asked for
-    with pytest.raises(SystemExit, match="smaller than the training resolution"):
-        run_cli(["--snapshot", path, "--seeds", "0", "--canvas", 8, "--npz", tmp_path / "x.npz"])
+    assert run_cli(["--snapshot", path, "--seeds", "0", "--canvas", 8, "--npz", tmp_path / "x.npz"]) == 1
+    assert "smaller than the training resolution" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_match_one(snapshot, tmp_path):

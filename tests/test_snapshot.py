@@ -30,7 +30,7 @@ def test_snapshot_roundtrip(tmp_path):
     cfg = small_cfg(["network.label_dim=3"])
     model = randomized(build_model(cfg)).train()
     path = save_snapshot(tmp_path / "snaps" / "snapshot-000001000.safetensors", model, cfg, 1000)
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]  # no temp file left
     loaded, cfg2, meta = load_snapshot(path)
     assert cfg2 == cfg and meta["images_seen"] == "1000" and meta["format"] == "pdiff-snapshot-1"
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())

@@ -1,5 +1,6 @@
 """The trainer end to end on the CPU: learning, DDP equivalence, exact resume after kill -9,
-crash-safe checkpoints, SIGTERM, resume guards, TensorBoard output and compile stability.
+crash-safe checkpoints, resuming past a damaged checkpoint, one trainer per run folder, SIGTERM
+(also during the compile warm-up), resume guards, TensorBoard output and compile stability.
 
 Runs use a very small DDPM++ on scikit-learn's digits (real scans) at 16x16 so each takes seconds.
 """
@@ -19,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from pdiff.checkpoint import CheckpointManager
+from pdiff.checkpoint import CheckpointError, CheckpointManager
+from pdiff.checksum import save_verified
 from pdiff.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,9 +116,10 @@ def test_training_lowers_the_loss(tmp_path, digits_shards):
 
 def test_two_processes_match_one_process(tmp_path, digits_shards):
     """torchrun with 2 gloo processes and 1 process with the same global batch end with the same
-    parameters, with the patch schedule on: samples, crop positions, sigmas and noise are dealt out
-    of the global step by rank (rows r, r+W, ...), and DDP averages the gradients."""
-    common = dict(train={"duration_images": 160, "ckpt_every_images": 160})
+    parameters, with the patch schedule on: samples, crop positions, flips, labels, sigmas and noise
+    are dealt out of the global step by rank (rows r, r+W, ...), and DDP averages the gradients."""
+    common = dict(train={"duration_images": 160, "ckpt_every_images": 160}, data={"xflip": True},
+                  network={"label_dim": 10})
     one = write_config(tmp_path, digits_shards, run="one", **common)
     two = write_config(tmp_path, digits_shards, run="two", **common)
     run_train(one)
@@ -159,11 +162,13 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path, digits_shards):
 def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards):
     """kill -9 mid-run, re-run the same command: the trajectory (losses at every log point from the
     checkpoint on) and the final parameters equal an uninterrupted run's bit for bit, and the data
-    pipeline resumes exactly where the checkpoint was (no sample repeated or skipped)."""
+    pipeline resumes exactly where the checkpoint was (no sample repeated or skipped). Dropout and
+    label dropout are on: their masks must follow images seen, not the steps of this process."""
     long = {"duration_images": 640}   # leaves a wide window between the first checkpoint and the end
-    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long)
+    net = {"dropout": 0.2, "label_dim": 10, "label_dropout": 0.3}
+    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net)
     run_train(ref_cfg)
-    cfg = write_config(tmp_path, digits_shards, run="killed", train=long)
+    cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -206,7 +211,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     half.mkdir()
     (half / "state.pt").write_bytes(b"truncated")
     assert mgr.latest().name == "ckpt-000000000010"
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         CheckpointManager.load(half)
     mgr.save({"model": {"w": torch.randn(3)}}, 30)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -287,7 +292,7 @@ def test_resume_guards(tmp_path, digits_shards):
     latest = CheckpointManager(tmp_path / "run").latest()
     state = torch.load(latest / "state.pt", weights_only=True)
     state["world_size"] = 2
-    torch.save(state, latest / "state.pt")
+    save_verified(latest / "state.pt", lambda f: torch.save(state, f))     # with its checksum, as a run writes it
     p = run_train(cfg, "train.duration_images=128", check=False)
     assert p.returncode != 0 and "written by 2 processes and this run has 1" in p.stderr
 
@@ -423,3 +428,128 @@ def test_signal_handlers_are_restored_after_training(digits_shards, tmp_path):
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost (issue #16): damaged checkpoints, two trainers, the order at a boundary, SIGTERM
+# during the compile warm-up, a non-finite loss after a resume.
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run(tmp_path, digits_shards):
+    """A flipped byte in the newest checkpoint's state.pt (COMPLETE kept): the re-run resumes from
+    the one before, naming the bad one, and ends bit for bit where an uninterrupted run ends; with
+    every checkpoint damaged it stops with their paths (no traceback) instead of starting over."""
+    ckpt = {"ckpt_every_images": 64, "keep_checkpoints": 3}
+    cfg = write_config(tmp_path, digits_shards, run="run", train={"duration_images": 192, **ckpt})
+    run_train(cfg)
+    *_, before, newest = CheckpointManager(tmp_path / "run").complete()
+    resumed_at = CheckpointManager.load(before)["images_seen"]
+    data = bytearray((newest / "state.pt").read_bytes())
+    data[int(np.random.default_rng().integers(len(data) // 4, len(data)))] ^= 0x20
+    (newest / "state.pt").write_bytes(bytes(data))
+    p = run_train(cfg, "train.duration_images=320")
+    assert f"{newest / 'state.pt'} is damaged" in p.stderr and f"resuming at {resumed_at:,} images" in p.stderr
+    ref = write_config(tmp_path, digits_shards, run="ref", train={"duration_images": 320, **ckpt})
+    run_train(ref)
+    a, b = final_state(tmp_path / "run"), final_state(tmp_path / "ref")
+    assert a["images_seen"] == b["images_seen"] == 320
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for folder in CheckpointManager(tmp_path / "run").complete():
+        (folder / "state.pt").write_bytes((folder / "state.pt").read_bytes()[:100])
+    p = run_train(cfg, "train.duration_images=384", check=False)
+    assert p.returncode == 1 and "no usable checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.count("ckpt-000000000") >= 3
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_run_is_refused_naming_the_first(tmp_path, digits_shards):
+    cfg = write_config(tmp_path, digits_shards, train={"duration_images": 10**7, "ckpt_every_images": 10**7})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        log = tmp_path / "run" / "log.jsonl"
+        deadline = time.time() + 300
+        while (not log.exists() or not log.read_text()) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        second = run_train(cfg, check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert "in use by another trainer" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert f"host {socket.gethostname()}" in second.stderr and "since" in second.stderr
+        assert first.poll() is None                 # the first trains on, undisturbed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert CheckpointManager.load(CheckpointManager(tmp_path / "run").latest())["images_seen"] > 0
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path):
+    """Rank 0 asks for the lock and every rank learns the answer: the whole job stops, none hangs."""
+    from pdiff.runlock import RunLock
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with RunLock(tmp_path / "run"):
+        p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(free_port()), "-m", "pdiff.cli", "train", "--config", "tiny", "--device", "cpu",
+                            f"train.run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'no-data'}"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count(f"is in use by another trainer: host {socket.gethostname()}, pid {os.getpid()}") == 2
+
+
+def test_the_checkpoint_comes_before_the_sample_grid_at_a_boundary(tmp_path, digits_shards, monkeypatch, one_thread):
+    """A sample grid (or snapshot, or FID) that fails at an interval boundary loses no training:
+    the checkpoint of that boundary is already written."""
+    import pdiff.generate
+    from pdiff.train import train
+
+    def broken_grid(*a, **k):
+        raise RuntimeError("the sampler broke")
+    monkeypatch.setattr(pdiff.generate, "sample_grid", broken_grid)
+    cfg = load_config(str(write_config(tmp_path, digits_shards, train={"duration_images": 128, "ckpt_every_images": 64,
+                                                                       "sample_every_images": 64})))
+    with pytest.raises(RuntimeError, match="the sampler broke"):
+        train(cfg, "cpu")
+    latest = CheckpointManager(tmp_path / "run").latest()
+    assert latest is not None and CheckpointManager.load(latest)["images_seen"] >= 64
+
+
+def test_sigterm_during_the_compile_warm_up_stops_before_the_next_graph(tmp_path, digits_shards, monkeypatch,
+                                                                        one_thread, capsys):
+    """SIGTERM arrives while the first graph compiles: no further graph is compiled, the run stops
+    cleanly (exit 0) before any step and leaves no checkpoint behind. (torch.compile is replaced by
+    the identity here so that each warm-up graph is an eager pass: the stop logic is the same.)"""
+    from pdiff.step import PatchLoss
+    from pdiff.train import train
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    calls = []
+    forward = PatchLoss.forward
+
+    def forward_signalled(self, *a, **k):
+        calls.append(a[0].shape)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)      # as a scheduler would, mid-compile
+        return forward(self, *a, **k)
+    monkeypatch.setattr(PatchLoss, "forward", forward_signalled)
+    cfg = load_config(str(write_config(tmp_path, digits_shards, train={"compile": True, "grad_accum": 3,
+                                                                       "duration_images": 10**6})))
+    assert train(cfg, "cpu") == 0
+    assert len(calls) == 1        # the schedule has 3 sizes x 2 micro-batch sizes to warm up
+    assert "stop signal during the compile warm-up" in capsys.readouterr().err
+    assert CheckpointManager(tmp_path / "run").latest() is None
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_right_after_a_resume_is_reported(tmp_path, digits_shards):
+    """A checkpoint that verifies and holds finite values, but values no step survives (here: the
+    weights scaled by 1e30): the first step after the resume names the checkpoint."""
+    cfg = write_config(tmp_path, digits_shards, train={"duration_images": 64, "ckpt_every_images": 64})
+    run_train(cfg)
+    latest = CheckpointManager(tmp_path / "run").latest()
+    state = torch.load(latest / "state.pt", weights_only=True)
+    state["model"] = {k: v * 1e30 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_verified(latest / "state.pt", lambda f: torch.save(state, f))
+    p = run_train(cfg, "train.duration_images=128")
+    assert f"the first step after resuming from {latest} has a non-finite loss" in p.stderr

@@ -70,11 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
     quick = args.quick
     if kind == "data" and args.online_vae:
-        from pdiff.vae import VAEError, load_vae
-        try:
-            vae = load_vae(args.online_vae, device)
-        except VAEError as e:
-            raise BenchError(str(e)) from None
+        from pdiff.vae import load_vae
+        vae = load_vae(args.online_vae, device)
         res = bench_data_online_vae(cfg, vae, device, steps=args.steps or (1 if quick else 5),
                                     repeats=args.repeats or 1, warmup_steps=1)
         print_data(res)
@@ -124,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind != "data" or not args.online_vae:
             cfg = with_data_defaults(cfg)          # latent shards: their patch sizes, as pdiff train takes them
         t0 = time.perf_counter()
-        try:
-            res = run(args.kind, cfg, args, device, tmp / "runs")
-        except BenchError as e:
-            print(f"pdiff bench {args.kind}: {e}", file=sys.stderr)
-            return 1
+        res = run(args.kind, cfg, args, device, tmp / "runs")
     payload = {"benchmark": f"pdiff bench {args.kind}", "kind": args.kind, "machine": info, "config": cfg.name,
                "config_file": str(args.config), "overrides": args.overrides, "quick": args.quick,
                "synthetic_images": args.synthetic or None, "device": str(device),
@@ -139,4 +132,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pdiff.cli import main as cli
+    sys.exit(cli(["bench", *sys.argv[1:]]))

@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from pdiff.fid import FIDError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -52,7 +54,7 @@ def _stack(arrays: list[np.ndarray], where: Callable[[int], str]) -> np.ndarray:
     shape = arrays[0].shape
     for i, a in enumerate(arrays):
         if a.shape != shape:
-            raise SystemExit(f"pdiff fid: {where(i)} is {a.shape[1]}x{a.shape[0]} but earlier images are "
+            raise FIDError(f"{where(i)} is {a.shape[1]}x{a.shape[0]} but earlier images are "
                              f"{shape[1]}x{shape[0]}; FID needs images of one size")
     return np.stack(arrays)
 
@@ -60,7 +62,7 @@ def _stack(arrays: list[np.ndarray], where: Callable[[int], str]) -> np.ndarray:
 def folder_source(root: Path, limit: int | None) -> ImageSource:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if not files:
-        raise SystemExit(f"pdiff fid: no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        raise FIDError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
     files = files[:limit] if limit else files
     from PIL import Image
     with Image.open(files[0]) as im:   # reads the header only
@@ -78,11 +80,11 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
     with np.load(path) as z:
         key = next((k for k in ("images", "x") if k in z.files), None)
         if key is None:
-            raise SystemExit(f"pdiff fid: {path} has no 'images' or 'x' array (found {z.files}); "
+            raise FIDError(f"{path} has no 'images' or 'x' array (found {z.files}); "
                              f"expected (N, H, W, C) uint8 images")
         arr = z[key]
     if arr.ndim != 4 or arr.dtype != np.uint8:
-        raise SystemExit(f"pdiff fid: {path}['{key}'] is {arr.dtype} {arr.shape}; expected (N, H, W, C) uint8")
+        raise FIDError(f"{path}['{key}'] is {arr.dtype} {arr.shape}; expected (N, H, W, C) uint8")
     if arr.shape[3] not in (1, 3) and arr.shape[1] in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)   # NCHW files work too
     arr = arr[:limit] if limit else arr
@@ -102,11 +104,11 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
     try:
         source = open_source(root)
     except (SourceError, KeyError) as e:
-        raise SystemExit(f"pdiff fid: {root}: cannot read the shards: {e}") from None
+        raise FIDError(f"{root}: cannot read the shards: {e}") from None
     if source.latent is not None and source.latent.vae:        # pdiff encoded them: FID wants those images
         return encoded_images_source(root, source.manifest, limit)
     if source.encoding == "latent":
-        raise SystemExit(f"pdiff fid: {root} holds latents, not images; decode them with your autoencoder and "
+        raise FIDError(f"{root} holds latents, not images; decode them with your autoencoder and "
                          f"give the images (a folder or an .npz) as the FID reference")
     count = min(source.count, limit) if limit else source.count
 
@@ -145,7 +147,7 @@ def open_images(path: str, limit: int | None = None) -> ImageSource:
         return folder_source(p, limit)
     if p.is_file() and p.suffix == ".npz":
         return npz_source(p, limit)
-    raise SystemExit(f"pdiff fid: {path} is neither an image folder, a shard folder with manifest.json, "
+    raise FIDError(f"{path} is neither an image folder, a shard folder with manifest.json, "
                      f"nor an .npz of images")
 
 
@@ -267,10 +269,7 @@ def cmd_gen(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.fid import FIDError, InceptionWeightsMissing
-    from pdiff.snapshot import SnapshotError
     from pdiff.tools.sample import add_model_args, add_sampler_args
-    from pdiff.vae import VAEError
     p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -304,12 +303,9 @@ def main(argv: list[str]) -> int:
         sp.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="score against a reference of another image size anyway")
     args = p.parse_args(argv)
-    try:
-        return {"ref": cmd_ref, "calc": cmd_calc, "gen": cmd_gen}[args.cmd](args)
-    except (FIDError, InceptionWeightsMissing, SnapshotError, VAEError) as e:
-        print(f"pdiff fid {args.cmd}: {e}", file=sys.stderr)
-        return 2
+    return {"ref": cmd_ref, "calc": cmd_calc, "gen": cmd_gen}[args.cmd](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pdiff.cli import main as cli
+    sys.exit(cli(["fid", *sys.argv[1:]]))

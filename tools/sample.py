@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pdiff import distributed
+from pdiff.errors import UserError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -74,10 +75,10 @@ def sample_options(args, cfg):
     s = dataclasses.replace(s, **{k: v for k, v in updates.items() if v is not None})
     canvas = args.canvas if args.canvas is not None else s.canvas
     if canvas and canvas < cfg.data.resolution:
-        raise SystemExit(f"pdiff sample: --canvas {canvas} is smaller than the training resolution "
+        raise UserError(f"--canvas {canvas} is smaller than the training resolution "
                          f"{cfg.data.resolution}; use 0 or a size >= {cfg.data.resolution}")
     if s.steps < 1:
-        raise SystemExit(f"pdiff sample: --steps must be at least 1, got {s.steps}")
+        raise UserError(f"--steps must be at least 1, got {s.steps}")
     return SampleOptions(sampler=s, class_label=args.class_label, canvas=canvas or 0)
 
 
@@ -127,25 +128,17 @@ def main(argv: list[str]) -> int:
         p.error("nothing to write: give --outdir, --npz and/or --grid")
 
     from pdiff.generate import iter_uint8, parse_seeds
-    from pdiff.snapshot import SnapshotError, load_model
-    from pdiff.vae import VAEError, load_run_vae
+    from pdiff.snapshot import load_model
+    from pdiff.vae import load_run_vae
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
         p.error(str(e))
     info = distributed.init(args.device)
     try:
-        try:
-            model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
-        except SnapshotError as e:
-            print(f"pdiff sample: {e}", file=sys.stderr)
-            return 2
+        model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
-        try:
-            vae = load_run_vae(cfg, args.vae, info.device)     # None for pixel models
-        except VAEError as e:
-            print(f"pdiff sample: {e}", file=sys.stderr)
-            return 2
+        vae = load_run_vae(cfg, args.vae, info.device)     # None for pixel models
         latent = cfg.data.channels not in (1, 3) and vae is None
         if latent and (args.outdir or args.grid):
             print(f"pdiff sample: the model makes {cfg.data.channels}-channel latents and its run names no VAE; "
@@ -220,4 +213,5 @@ def gather_kept(kept: dict, info, near: Path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pdiff.cli import main as cli
+    sys.exit(cli(["sample", *sys.argv[1:]]))

@@ -37,7 +37,7 @@ import argparse
 import sys
 
 from pdiff.pipelines.sample_source import ENCODINGS
-from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, ShardError, ShardInputError, info, verify, write_shards
+from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, info, verify, write_shards
 
 __all__ = ["main", "write_shards", "verify", "info"]
 
@@ -101,32 +101,29 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     argv = list(argv)
-    try:
-        if argv and argv[0] == "verify":
-            args = _verify_parser().parse_args(argv[1:])
-            ok, msg = verify(args.folder, workers=max(0, args.workers), progress=not args.quiet)
-            print(msg, file=sys.stdout if ok else sys.stderr)
-            return 0 if ok else 1
-        if argv and argv[0] == "info":
-            if len(argv) != 2:
-                print("usage: pdiff shard info DIR", file=sys.stderr)
-                return 2
-            print(info(argv[1]))
-            return 0
-        args = _parser().parse_args(argv)
-        opts = vars(args)
-        quiet = opts.pop("quiet")
-        src, out = opts.pop("source"), opts.pop("out")
-        if opts.pop("source_order"):
-            opts["shuffle_seed"] = None
-        opts["channels"] = "auto" if opts["channels"] == "auto" else int(opts["channels"])
-        write_shards(src, out, progress=False if quiet else None,
-                     command=["pdiff", "shard"] + argv, **opts)
+    if argv and argv[0] == "verify":
+        args = _verify_parser().parse_args(argv[1:])
+        ok, msg = verify(args.folder, workers=max(0, args.workers), progress=not args.quiet)
+        print(msg, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    if argv and argv[0] == "info":
+        if len(argv) != 2:
+            print("usage: pdiff shard info DIR", file=sys.stderr)
+            return 2
+        print(info(argv[1]))
         return 0
-    except (ShardInputError, ShardError) as e:
-        print(f"pdiff shard: {e}", file=sys.stderr)
-        return 1
+    args = _parser().parse_args(argv)
+    opts = vars(args)
+    quiet = opts.pop("quiet")
+    src, out = opts.pop("source"), opts.pop("out")
+    if opts.pop("source_order"):
+        opts["shuffle_seed"] = None
+    opts["channels"] = "auto" if opts["channels"] == "auto" else int(opts["channels"])
+    write_shards(src, out, progress=False if quiet else None,
+                 command=["pdiff", "shard"] + argv, **opts)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pdiff.cli import main as cli
+    sys.exit(cli(["shard", *sys.argv[1:]]))

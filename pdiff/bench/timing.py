@@ -6,8 +6,10 @@ import statistics
 import time
 from typing import Callable, Iterable
 
+from pdiff.errors import UserError
 
-class BenchError(RuntimeError):
+
+class BenchError(UserError, RuntimeError):
     """A benchmark that cannot run as asked (too few log intervals, no data, ...)."""
 
 

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pdiff.errors import UserError
+
 if TYPE_CHECKING:
     from pdiff.pipelines.shards.write import Options
 
 
-class ShardInputError(ValueError):
+class ShardInputError(UserError, ValueError):
     """A bad input under the 'stop' policy, or a source that cannot be sharded at all."""
 
 
