@@ -417,7 +417,8 @@ def test_images_in_images_out(world, posterior_shards, tmp_path, capsys):
     assert np.abs(by_hand[0].permute(1, 2, 0).numpy().astype(int) - img.astype(int)).max() <= 1
     # another VAE is refused, naming both
     capsys.readouterr()
-    assert sample_cli.main(common + ["--outdir", str(tmp_path / "x"), "--vae", str(world["other"])]) == 2
+    from pdiff import cli
+    assert cli.main(["sample", *common, "--outdir", str(tmp_path / "x"), "--vae", str(world["other"])]) == 2
     err = capsys.readouterr().err
     assert str(world["other"]) in err and str(world["vae"]) in err and m["vae"]["sha256"][:12] in err
     assert not (tmp_path / "x").exists()
