@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PINS)
-	$(PY) -m pip install -q -e '.[dali,dev]' $(PINS)
+	$(PY) -m pip install -q -e '.[dali,dev,latent]' $(PINS)
 	touch $@
 
 demo: venv

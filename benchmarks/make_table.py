@@ -7,8 +7,8 @@
 
 Each row is one benchmark result: which benchmark, its headline figure, the machine it ran on and
 the date. The result files come in several shapes (bench_step, bench_train, bench_kernels,
-bench_sample, bench_pipeline, `pdiff bench ...`); files of any other shape are skipped with a note.
-The table sits between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+bench_sample, bench_pipeline, bench_latent_data, `pdiff bench ...`); files of any other shape are
+skipped with a note. The table sits between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->``.
 """
 from __future__ import annotations
 
@@ -163,6 +163,14 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         lines += [f"{e.get('mode')}: failed ({e.get('error', '')[:60]})" for e in p.get("errors", [])]
         tag = " (quick)" if p.get("quick") else ""
         return f"bench_train{tag} {p.get('config', '')} batch {p.get('batch_full_images', '?')}", lines or ["no results"]
+    if name == "bench_latent_data":
+        lat, onl = p["latent_shards"]["results"]["schedule"], p["online_vae"]["results"]["online-vae"]
+        line = (f"{p['image_resolution']}x{p['image_resolution']} images, {p['vae']['source']}: latent shards "
+                f"{_rate(lat['images_per_cpu_s'])} vs pixel shards + online VAE encoding "
+                f"{_rate(onl['images_per_cpu_s'])} images per CPU-s = {p['ratio_images_per_cpu_s']:.0f}x "
+                f"({p['ratio_images_per_s']:.0f}x images/s); the offline encoding, once: "
+                f"{p['offline_encoding']['cpu_s_per_image']:.3g} CPU-s per image")
+        return "bench_latent_data" + (" (quick)" if p.get("quick") else ""), [line]
     if isinstance(name, str) and name.startswith("pdiff bench "):
         kind, res = p.get("kind"), p.get("results", {})
         tag = f"pdiff bench {kind}" + (" (quick)" if p.get("quick") else "") + f" {p.get('config', '')}"

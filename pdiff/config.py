@@ -128,7 +128,21 @@ class SamplerConfig:
     s_max: float = float("inf")
     s_noise: float = 1.0
     guidance: float = 1.0                 # classifier-free guidance scale (1 = off)
+    # Guide only for sigma in (lo, hi] (Kynkaanniemi et al. 2024); elsewhere the conditional model
+    # alone (one network evaluation instead of two). [0, inf]: guide at every step.
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, float("inf")])
     canvas: int = 0                       # 0 = the training resolution
+
+
+@dataclass
+class VAEConfig:
+    """The image autoencoder of a latent model (diffusers AutoencoderKL, pdiff/vae.py). Training on
+    shards from `pdiff shard --encode-vae` fills this in from their manifest."""
+    source: str = ""                      # a local diffusers folder or a hub id; "" = none
+    sha256: str = ""                      # of its weights, as recorded when the shards were encoded
+    scale: float = 1.0                    # latent = (z - shift) * scale, z in the autoencoder's space (SD: 0.18215)
+    shift: float = 0.0
+    decode_batch: int = 16                # latents per decoder pass when sampling
 
 
 @dataclass
@@ -151,6 +165,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -357,6 +372,9 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.s_noise", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     ("sample.guidance", _finite, "must be a finite number (1 = off)"),
     ("sample.canvas", lambda v: v >= 0, "must be >= 0 (0 = the training resolution)"),
+    ("vae.scale", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("vae.shift", _finite, "must be a finite number"),
+    ("vae.decode_batch", lambda v: v >= 1, "must be at least 1"),
     ("eval.fid_every_images", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("eval.fid_images", lambda v: v >= 1, "must be at least 1"),
     ("eval.fid_batch", lambda v: v >= 1, "must be at least 1"),
@@ -388,6 +406,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.patch.mode not in SCHEDULES:
         bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
                           f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
+    check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval", bad)
     try:
         PatchSchedule.from_config(cfg)
     except ValueError as e:
@@ -398,6 +417,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("sample.sigma_max", f"must be above sample.sigma_min ({cfg.sample.sigma_min}), got {cfg.sample.sigma_max}")
     if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
         bad("sample.canvas", f"must be 0 or at least data.resolution ({cfg.data.resolution}), got {cfg.sample.canvas}")
+
+
+def check_guidance_interval(interval, key: str, bad) -> None:
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        bad(key, f"must be [lo, hi] with 0 <= lo < hi (guidance for sigma in (lo, hi]), got {list(interval)}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -441,17 +441,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 @torch.no_grad()
 def sample_stats(model, seeds, batch: int, resolution: int, channels: int, label_dim: int, options,
-                 inception: FIDInceptionV3, device="cpu", progress=None) -> FeatureStats:
+                 inception: FIDInceptionV3, device="cpu", progress=None, vae=None) -> FeatureStats:
     """Feature statistics of the images of ``seeds`` (this process's share under torchrun: the
-    caller splits the seeds, this all-reduces the sums). No image is written."""
+    caller splits the seeds, this all-reduces the sums). No image is written. A latent model's
+    samples are decoded by ``vae`` (a ``pdiff.vae.VAE``) first."""
     from .generate import iter_uint8
     stats = FeatureStats(device=device)
-    for chunk, images, _ in iter_uint8(model, seeds, batch, resolution, channels, label_dim, options, device):
+    for chunk, images, _ in iter_uint8(model, seeds, batch, resolution, channels, label_dim, options, device,
+                                       vae=vae):
         stats.update(inception_features(inception, images))
         if progress is not None:
             progress.update(len(chunk))
     stats.all_reduce()
     return stats
+
+
+def image_size(canvas: int, vae=None) -> int:
+    """The side of a model's images: its canvas, times the VAE's downsampling for a latent model."""
+    return canvas * vae.downsample if vae is not None else canvas
 
 
 def seed_sets(first: int, count: int, sets: int) -> list[list[int]]:
@@ -478,19 +485,25 @@ class FIDEvaluator:
 
     def __init__(self, ref: RefStats | str | os.PathLike, inception: FIDInceptionV3 | str | os.PathLike,
                  num_images: int = 5000, batch: int = 64, first_seed: int = 0, options=None,
-                 device=None, allow_resolution_mismatch: bool = False):
+                 device=None, allow_resolution_mismatch: bool = False, vae=None):
         self.ref = ref if isinstance(ref, RefStats) else load_stats(ref)
         self.inception = inception if isinstance(inception, nn.Module) else load_inception(inception)
         self.num_images, self.batch, self.first_seed = int(num_images), int(batch), int(first_seed)
         self.options = options
         self.device = device
         self.allow_mismatch = allow_resolution_mismatch
+        self.vae = vae                # a latent model's decoder (pdiff.vae.VAE), else None
 
     @classmethod
-    def maybe(cls, ref, inception, **kwargs) -> "FIDEvaluator | None":
+    def maybe(cls, ref, inception, channels: int = 3, **kwargs) -> "FIDEvaluator | None":
         """An evaluator, or None (with the reason printed once) when the reference statistics or
-        the Inception weights are not available: training goes on without FID."""
+        the Inception weights are not available, or a latent model (``channels`` not 1 or 3) has no
+        VAE to decode its samples: training goes on without FID."""
         if not ref or not inception:
+            return None
+        if channels not in (1, 3) and kwargs.get("vae") is None:
+            print(f"[pdiff] in-training FID is off: the model makes {channels}-channel latents and no VAE "
+                  f"decodes them (set vae.source)", flush=True)
             return None
         try:
             return cls(ref, inception, **kwargs)
@@ -503,7 +516,10 @@ class FIDEvaluator:
         from .generate import SampleOptions
         options = self.options or SampleOptions(sampler=cfg.sample, canvas=cfg.sample.canvas)
         resolution = cfg.data.resolution
-        check_resolution(self.ref, options.canvas or resolution, self.allow_mismatch)
+        if cfg.data.channels not in (1, 3) and self.vae is None:
+            raise FIDError(f"the model makes {cfg.data.channels}-channel latents and no VAE decodes them "
+                           f"(set vae.source)")
+        check_resolution(self.ref, image_size(options.canvas or resolution, self.vae), self.allow_mismatch)
         device = self.device or next(model.parameters()).device
         self.inception.to(device)
         seeds = range(self.first_seed, self.first_seed + self.num_images)
@@ -512,7 +528,7 @@ class FIDEvaluator:
         model.eval()
         try:
             stats = sample_stats(model, seeds, self.batch, resolution, cfg.data.channels,
-                                 cfg.network.label_dim, options, self.inception, device)
+                                 cfg.network.label_dim, options, self.inception, device, vae=self.vae)
         finally:
             model.train(was_training)
         return stats.fid_against(self.ref)

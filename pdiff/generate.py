@@ -75,7 +75,8 @@ def generate(model, seeds: Sequence[int], resolution: int, channels: int, label_
     labels = seed_labels(rng, label_dim, options.class_label, device)
     images = sample_images(model, noise, resolution, labels, steps=s.steps, sigma_min=s.sigma_min,
                            sigma_max=s.sigma_max, rho=s.rho, guidance=s.guidance, s_churn=s.s_churn,
-                           s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise, randn_like=rng.randn_like)
+                           s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise, randn_like=rng.randn_like,
+                           guidance_interval=s.guidance_interval)
     return images, (labels.argmax(1) if labels is not None else None)
 
 
@@ -91,20 +92,27 @@ def batches(seeds: Sequence[int], batch: int) -> list[list[int]]:
 
 
 def iter_uint8(model, seeds: Sequence[int], batch: int, resolution: int, channels: int, label_dim: int,
-               options: SampleOptions, device="cpu", raw: bool = False
+               options: SampleOptions, device="cpu", raw: bool = False, vae=None
                ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """(seeds, uint8 images NCHW on the device, labels) for each batch of ``seeds``; with ``raw``
-    the sampler's float32 output instead (latents)."""
+    """(seeds, uint8 images NCHW on the device, labels) for each batch of ``seeds``. A latent model's
+    samples are decoded by ``vae`` (a ``pdiff.vae.VAE``) first; with ``raw`` the sampler's float32
+    output is given as it is (latents)."""
     for chunk in batches(seeds, batch):
         images, labels = generate(model, chunk, resolution, channels, label_dim, options, device)
-        yield chunk, images if raw else to_uint8(images), labels
+        if raw:
+            yield chunk, images, labels
+        else:
+            yield chunk, to_uint8(vae.decode(images) if vae is not None else images), labels
 
 
 @torch.no_grad()
-def sample_grid(model, cfg, device, count: int = 36):
+def sample_grid(model, cfg, device, count: int = 36, vae=None):
     """A grid (HWC uint8) of seeds 0..count-1 exactly as `pdiff sample --seeds 0-(count-1)` draws
-    them (the first three channels of latents)."""
+    them: a latent model's samples decoded by ``vae`` (without one, the latents' first three
+    channels)."""
     from .monitor import image_grid
     x, _ = generate(model, list(range(count)), cfg.data.resolution, cfg.data.channels,
                     cfg.network.label_dim, SampleOptions(sampler=cfg.sample), device)
-    return image_grid(x[:, :3] if cfg.data.channels > 3 else x)
+    if vae is not None:
+        x = vae.decode(x)
+    return image_grid(x[:, :3] if x.shape[1] > 3 else x)

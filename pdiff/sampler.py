@@ -77,15 +77,19 @@ def edm_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
 
 
 def patch_denoiser(model, coords: torch.Tensor, class_labels: torch.Tensor | None = None,
-                   guidance: float = 1.0) -> Denoiser:
+                   guidance: float = 1.0, guidance_interval: Sequence[float] = (0.0, math.inf)) -> Denoiser:
     """Bind the coordinate grid (and labels) into ``model(x, sigma, coords, labels)``.
 
     With guidance w != 1 and labels, D = D_uncond + w (D_cond - D_uncond) (classifier-free
-    guidance); the unconditional branch gets all-zero labels, as dropped labels are in training."""
+    guidance); the unconditional branch gets all-zero labels, as dropped labels are in training.
+    Guidance acts only for sigma in ``guidance_interval`` = (lo, hi] (Kynkaanniemi et al. 2024,
+    "Applying guidance in a limited interval"); elsewhere D = D_cond, one network evaluation."""
+    lo, hi = (float(v) for v in guidance_interval)
+
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         s = sigma.to(torch.float32).reshape(1).expand(x.shape[0])
-        if class_labels is None or guidance == 1.0:
+        if class_labels is None or guidance == 1.0 or not lo < float(sigma) <= hi:
             return model(x32, s, coords, class_labels)
         both = model(torch.cat([x32, x32]), torch.cat([s, s]), torch.cat([coords, coords]),
                      torch.cat([class_labels, torch.zeros_like(class_labels)]))
@@ -97,12 +101,23 @@ def patch_denoiser(model, coords: torch.Tensor, class_labels: torch.Tensor | Non
 def sample_images(model, noise: torch.Tensor, resolution: int, class_labels=None, steps: int = 18,
                   sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   guidance: float = 1.0, s_churn: float = 0.0, s_min: float = 0.0,
-                  s_max: float = float("inf"), s_noise: float = 1.0, randn_like=None) -> torch.Tensor:
+                  s_max: float = float("inf"), s_noise: float = 1.0, randn_like=None,
+                  guidance_interval: Sequence[float] = (0.0, math.inf)) -> torch.Tensor:
     """Sample whole canvases of the noise's size (larger than ``resolution`` extrapolates)."""
     b, _, h, w = noise.shape
     if h != w:
         raise ValueError(f"canvas must be square, got {h}x{w}")
     coords = canvas_grid(b, h, resolution, device=noise.device)
-    den = patch_denoiser(model, coords, class_labels, guidance)
+    den = patch_denoiser(model, coords, class_labels, guidance, guidance_interval)
     sig = edm_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)
     return edm_sample(den, noise, sig, s_churn, s_min, s_max, s_noise, randn_like).to(torch.float32)
+
+
+def network_evaluations(cfg, guided: bool) -> int:
+    """Network evaluations per image of the deterministic sampler ``cfg`` (a SamplerConfig) describes:
+    2N - 1, plus one more for each evaluation inside the guidance interval when ``guided``."""
+    sigmas = edm_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
+    n = len(sigmas) - 1
+    at = sigmas[:n] + sigmas[1:n]          # Heun: D at t_i for every step, at t_{i+1} for all but the last
+    lo, hi = cfg.guidance_interval
+    return len(at) + (sum(lo < s <= hi for s in at) if guided else 0)

@@ -23,6 +23,7 @@ from .checkpoint import EveryRank, RunState
 from .config import Config, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
 from .ema import EMA
+from .latent import training_vae, with_data_defaults
 from .loss import sample_sigma
 from .model import check_label_range, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, save_png
@@ -56,7 +57,9 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    # The step (model, kernels, precision, PatchLoss, compile, Adam), the EMA, the data.
+    # What latent shards decide (patch sizes, the VAE's record), then the step (model, kernels,
+    # precision, PatchLoss, compile, Adam), the EMA, the data.
+    cfg = with_data_defaults(cfg)
     step = build_step(cfg, device)
     model, opt, schedule = step.model, step.optimizer, step.schedule
     ema = EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio)
@@ -89,11 +92,13 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
                   f"run the same command to {'resume' if latest else 'start'}", file=sys.stderr, flush=True)
         pipe.close()
         return 0
+    vae = training_vae(cfg, device, needed=info.is_main or cfg.eval.fid_every_images > 0)   # latents -> images
     fid = None
     if cfg.eval.fid_every_images > 0:
         from .fid import FIDEvaluator
         fid = FIDEvaluator.maybe(cfg.eval.fid_ref, cfg.eval.inception, num_images=cfg.eval.fid_images,
-                                 batch=cfg.eval.fid_batch, device=device)
+                                 batch=cfg.eval.fid_batch, device=device, vae=vae,
+                                 channels=cfg.data.channels)
     stats = StepStats(schedule.sizes, device)
     # Training FLOPs per patch of each size, counted once: TFLOP/s and MFU in the log cost no sync.
     flops = FlopCounter(train_flops_by_size(cfg), device_card(device), step.precision, world)
@@ -197,7 +202,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
             save_snapshot(run_dir / "snapshots" / f"ema-{images_seen:012d}.safetensors", ema.model, cfg, images_seen)
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
             from .generate import sample_grid
-            grid = sample_grid(ema.model, cfg, device)
+            grid = sample_grid(ema.model, cfg, device, vae=vae)
             (run_dir / "samples").mkdir(exist_ok=True)
             save_png(grid, run_dir / "samples" / f"samples-{images_seen:012d}.png")
             monitor.image("samples/ema", images_seen, grid)
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
+        cfg = with_data_defaults(cfg)
         print(dump_yaml(cfg))
         sch = PatchSchedule.from_config(cfg)
         plan = ", ".join(f"{s}px p={p:.2f} x{sch.multiplier(s)} ({sch.batch_for(s)} patches)"

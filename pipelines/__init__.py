@@ -9,8 +9,11 @@ the GPU, and the training step's kernels map v to (v - 127.5) / 127.5 as they re
 
 Latent shards (encoding "latent": float16/float32 H x W x C samples, any C) give float32 patches with
 the values as stored (no [-1, 1] normalization; the user's scale, e.g. 0.18215, is already in them),
-through the same plan, state and guards. DALI reads them like raw: the bytes are fed as a typed HWC
-batch, sliced, transposed to CHW and cast to float32; the torch backend does the same in numpy.
+through the same plan, state and guards. Posterior latents (`pdiff shard --encode-vae`: mean | std of
+the autoencoder's posterior) are read and cropped the same way, and then each patch becomes a fresh
+draw (mean + std * eps - shift) * scale, eps from (seed, images seen) like the crops (base.py). DALI
+reads latents like raw: the bytes are fed as a typed HWC batch, sliced, transposed to CHW and cast to
+float32; the torch backend does the same in numpy.
 
 Design. Everything random is decided on the host as a pure function before any pixel is read
 (pipelines/order.py): the step's patch size (the schedule, from images seen), which samples (an epoch
@@ -32,7 +35,8 @@ or with ``data.on_corrupt=skip`` is replaced by the next good one (pipelines/cor
   seed and epoch), and ``fn.random.uniform`` draws crop positions from [min, max) and rounds the draw
   when the output type is an integer (so the two end positions come up half as often as the others).
 * memory (``data.cache = host | device``, pipelines/memory.py): the whole dataset decoded once into
-  host or device memory; each step is one gather of the plan's crops.
+  host or device memory (images as uint8, latents and posteriors in their stored float type); each
+  step is one gather of the plan's crops, and posteriors are drawn from as the streaming backends do.
 * torch: a DataLoader whose workers read samples by index (for shards: with the indexes; not the
   webdataset library, whose streaming shuffle is not a function of the epoch), decode with Pillow
   and crop; the sampler hands out the plan's steps in chunks, so the order does not depend on the
@@ -63,7 +67,8 @@ class PipelineStateError(UserError, RuntimeError):
 
 @dataclass
 class Batch:
-    patches: torch.Tensor     # images: uint8 (b, s, s, C) in [0, 255]; latents: float32 (b, C, s, s) as stored
+    patches: torch.Tensor     # images: uint8 (b, s, s, C) in [0, 255]; latents: float32 (b, C, s, s),
+                              # the stored values or a posterior's draw
     offsets: torch.Tensor     # int64 (b, 2) = (x0, y0)
     labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
     patch_size: int
@@ -107,9 +112,11 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
     if source.resolution != data.resolution or source.resolution != schedule.resolution:
         raise SourceError(f"{data.path}: samples are {source.resolution}x{source.resolution} but data.resolution is "
                           f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={source.resolution}")
-    if source.channels != data.channels:
-        raise SourceError(f"{data.path}: samples have {source.channels} channel(s) but data.channels is "
-                          f"{data.channels}; set data.channels={source.channels}")
+    if source.sample_channels != data.channels:
+        what = (f"posterior latents of {source.sample_channels} channel(s) (mean | std stored)"
+                if source.sample_channels != source.channels else f"samples have {source.channels} channel(s)")
+        raise SourceError(f"{data.path}: {what} but data.channels is {data.channels}; "
+                          f"set data.channels={source.sample_channels}")
     if data.cache != "none":             # the in-memory mode decodes with the source itself, whatever the backend
         from pdiff.pipelines.memory import MemoryPatchPipeline
         return MemoryPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source, data.cache)

@@ -1,16 +1,25 @@
-"""The backend-independent half of a patch pipeline: the plan, the move to the device, the flips and
-the resumable state. Image patches stay uint8 HWC all the way to the device (the training step's
-kernels normalize them as they read); latent patches arrive as float32 CHW, values as stored."""
+"""The backend-independent half of a patch pipeline: the plan, the move to the device, the flips, the
+damaged-sample policy, the draw from posterior latents and the resumable state. Image patches stay
+uint8 HWC all the way to the device (the training step's kernels normalize them as they read);
+latent patches arrive as float32 CHW, values as stored, and posterior ones (mean | std) become one
+draw of the latent here, so latents never pass through uint8."""
 from __future__ import annotations
 
 import torch
 
 from pdiff.pipelines import Batch, PipelineStateError
 from pdiff.pipelines.corrupt import CorruptPolicy, Replaced
-from pdiff.pipelines.order import RankStep, SamplePlan
-from pdiff.pipelines.sample_source import SampleSource
+from pdiff.pipelines.order import RankStep, SamplePlan, latent_noise_seed
+from pdiff.pipelines.sample_source import LatentSpace, SampleSource
 
 STATE_VERSION = 1
+
+
+def draw_latents(stored: torch.Tensor, eps: torch.Tensor, space: LatentSpace) -> torch.Tensor:
+    """Posterior patches (b, 2C, s, s) = mean | std, unit noise (b, C, s, s) -> latents
+    (mean + std * eps - shift) * scale (b, C, s, s)."""
+    c = eps.shape[1]
+    return (torch.addcmul(stored[:, :c], stored[:, c:], eps) - space.shift).mul_(space.scale)
 
 
 class PatchPipeline:
@@ -18,7 +27,8 @@ class PatchPipeline:
     Backends implement ``_start(images_seen)``, ``_next_step() -> (RankStep, patches, replaced)`` and
     ``_stop()``; the patches are uint8 (b, s, s, C) for images and float32 (b, C, s, s) for latents
     (``patch_dtype``), on the host or already on the device; ``replaced`` lists the rows read from
-    another sample than planned because the planned one was damaged (pipelines/corrupt.py)."""
+    another sample than planned because the planned one was damaged (pipelines/corrupt.py). Posterior
+    latents (mean | std, 2C channels) leave as one draw (mean + std * eps - shift) * scale, C channels."""
     backend = "?"
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, source: SampleSource):
@@ -51,9 +61,22 @@ class PatchPipeline:
         if step.flips.any():             # mirror the width axis: 2 in uint8 (b, s, s, C), 3 in float (b, C, s, s)
             rows = torch.from_numpy(step.flips.nonzero()[0]).to(self.device)
             patches[rows] = patches[rows].flip(2 if patches.dtype == torch.uint8 else 3)
+        if self.source.latent is not None and self.source.latent.posterior:
+            patches = draw_latents(patches, self._latent_noise(step), self.source.latent)
         self.images_seen += self.schedule.batch_for(step.patch_size)
         return Batch(patches, torch.from_numpy(step.offsets).to(self.device),
                      torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen)
+
+    def _latent_noise(self, step: RankStep) -> torch.Tensor:
+        """Unit noise for this rank's posterior patches: drawn for the whole global step on the device
+        from (seed, images seen), rows r, r+W, ... kept (the rows the plan deals this rank), so a
+        resumed run and W ranks draw what one uninterrupted process draws. The noise belongs to the row:
+        a row whose damaged sample was replaced (data.on_corrupt=skip) draws the replacement with it, and
+        the replacement is itself a function of what is on disk, so a resume stays exact."""
+        s, c = step.patch_size, self.source.sample_channels
+        gen = torch.Generator(self.device).manual_seed(latent_noise_seed(self.seed, step.images_seen))
+        eps = torch.randn((self.schedule.batch_for(s), c, s, s), generator=gen, device=self.device)
+        return eps[self.rank::self.world_size]
 
     # -- state
     def _guards(self) -> dict:

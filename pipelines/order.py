@@ -10,6 +10,8 @@
   with (seed, images_seen), uniform over 0..R-s with both ends included; rank r keeps rows r, r+W, ...
   Its samples are rows r, r+W, ... of the global step too (within an epoch), so W ranks read exactly
   what one process with the same global batch would read (when W divides the dataset size).
+* Posterior latents (pipelines/base.py) draw their noise for the global step from
+  ``latent_noise_seed(seed, images_seen)`` and rank r keeps the same rows.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_ORDER_TAG, _CROP_TAG = 0x5EED, 0xC809
+_ORDER_TAG, _CROP_TAG, _LATENT_TAG = 0x5EED, 0xC809, 0x1A7E
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -65,6 +67,11 @@ def crop_positions(seed: int, images_seen: int, count: int, patch_size: int, res
     offsets = rng.integers(0, n, size=(count, 2), dtype=np.int64)
     flips = rng.random(count) < 0.5 if xflip else np.zeros(count, bool)
     return offsets, flips
+
+
+def latent_noise_seed(seed: int, images_seen: int) -> int:
+    """The seed of the posterior draws of the global step that starts after ``images_seen`` images."""
+    return int(np.random.SeedSequence([seed, images_seen, _LATENT_TAG]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass

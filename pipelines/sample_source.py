@@ -7,7 +7,10 @@ A sample is an R x R x C image or latent, stored in one of ``ENCODINGS``:
 * ``png``, ``jpeg``, ``webp``: an encoded image file (uint8 after decoding, 1 or 3 channels). The DALI
   backend is fed these bytes and decodes them itself (JPEG on the GPU).
 * ``raw``: the R x R x C uint8 bytes, row-major (HWC);
-* ``latent``: the R x R x C little-endian float16 or float32 bytes (HWC), values as stored.
+* ``latent``: the R x R x C little-endian float16 or float32 bytes (HWC), values as stored. A latent
+  source says what its values are in ``latent`` (a `LatentSpace`): latents as the network sees them,
+  or (``posterior``) the mean and std of an autoencoder's posterior, C/2 channels each, from which
+  the pipeline draws a fresh latent every time a sample is read.
 
 Raw and latent samples have a fixed size (``UNIFORM_ENCODINGS``): the DALI backend gets them as one
 typed batch with ``read_into`` and neither backend decodes them.
@@ -18,6 +21,7 @@ processes stay light.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +31,22 @@ from pdiff.pipelines.regions import top_rows
 ENCODINGS = ("png", "jpeg", "webp", "raw", "latent")
 UNIFORM_ENCODINGS = ("raw", "latent")
 LATENT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """What the values of a latent source are. The network sees latent = (z - shift) * scale, with z
+    in the autoencoder's own space (diffusers' convention; the SD VAE: scale 0.18215, shift 0).
+
+    * ``posterior`` False: the samples are such latents already (scale and shift say what was applied).
+    * ``posterior`` True: the samples are z's posterior N(mean, std^2), stored as mean | std (channels
+      0..C/2-1 and C/2..C-1, as EDM2 stores them); the pipeline draws z = mean + std * eps per sample
+      and step, then applies scale and shift (pipelines/base.py).
+    """
+    scale: float = 1.0
+    shift: float = 0.0
+    posterior: bool = False
+    vae: dict | None = None          # the autoencoder's record (pdiff.vae.VAE.record) when pdiff encoded them
 
 
 class SourceError(UserError, RuntimeError):
@@ -88,6 +108,12 @@ class SampleSource:
     dtype: np.dtype = np.dtype(np.uint8)    # of a decoded sample: uint8, or the latents' float16/float32
     num_classes: int = 0             # 0 when the dataset has no labels
     checksummed: bool = False        # read() checks a per-sample checksum (damage is caught before decoding)
+    latent: LatentSpace | None = None   # latent sources: what the values are (None for images)
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of a sample as the pipeline delivers it: C/2 for a posterior's mean | std."""
+        return self.channels // 2 if self.latent is not None and self.latent.posterior else self.channels
 
     @property
     def labels(self) -> np.ndarray:

@@ -73,3 +73,16 @@ def test_flop_counter_rates_and_mfu():
     fp32 = FlopCounter(flops, find_card("L40S"), "fp32")
     fp32.add(8, 1)
     assert math.isclose(fp32.figures(1.0)["mfu"], flops[8] / 1e12 / 183.0)
+
+
+def test_info_imagenet256_latent_states_the_published_count_and_the_label_embedding(capsys):
+    d = describe(load_config("imagenet256_latent"))
+    assert d["parameters_unconditional"] == 279_631_108                 # SPEC: ADM on 32x32x4 latents
+    assert d["label_embedding_parameters"] == 1000 * 768                # 1000 classes -> 768-wide embedding
+    assert d["parameters"] == 279_631_108 + 768_000
+    assert d["schedule"]["sizes"] == [16, 32] and d["channels"] == 4 and d["resolution"] == 32
+    assert main(["imagenet256_latent"]) == 0
+    out = capsys.readouterr().out
+    assert "280,399,108 parameters (279,631,108 unconditional + 768,000 in the 1000-class label embedding)" in out
+    assert main(["tiny_latent"]) == 0
+    assert "label embedding" not in capsys.readouterr().out           # unconditional: one number

@@ -219,3 +219,36 @@ def test_raw_row_reads_and_the_samples_crc(shards, tmp_path):
     assert (out != clean.decode(i)[25:37, 0:12]).sum() == 1
     with pytest.raises(CorruptSample, match=f"sample {i:09d}.*CRC-32"):
         src.read_region(i, 0, 0, 48, np.empty((48, 48, 3), np.uint8))     # a full-size patch reads it whole
+
+
+def test_latent_patches_are_read_whole_and_checked(shards, tmp_path, monkeypatch):
+    """Latents are not read by rows where the shards keep CRC-32s: a damaged float can be inf or NaN
+    and would reach the loss, so a damaged byte anywhere in the sample stops a patch of any size. In
+    shards without CRC-32s (format versions 1 and 2) there is nothing to check, and latent patches are
+    read by their rows as raw ones are."""
+    import shutil
+    from pdiff.pipelines.sample_source import CorruptSample
+    rng = np.random.default_rng()
+    root = tmp_path / "latent"
+    shutil.copytree(shards / "latent", root)
+    clean = open_source(shards / "latent")
+    i, row = int(rng.integers(clean.count)), int(rng.integers(30, 48))
+    tar = root / Path(clean.tars[clean.shard[i]]).name
+    blob = bytearray(tar.read_bytes())
+    blob[int(clean.img_off[i]) + (row * 48 + int(rng.integers(48))) * 4 * 2 + 1] ^= 0x7C   # a float16's exponent
+    tar.write_bytes(bytes(blob))
+    src = open_source(root)
+    out = np.empty((12, 12, 4), np.float16)
+    with pytest.raises(CorruptSample, match=f"sample {i:09d}.*CRC-32"):
+        src.read_region(i, 0, 0, 12, out)                       # rows 0..11: the damage is far below them
+    j = (i + 1) % clean.count
+    src.read_region(j, 5, 7, 12, out)                           # an undamaged sample: its region, as decoded
+    np.testing.assert_array_equal(out, clean.decode(j)[7:19, 5:17])
+
+    reads = []
+    real = type(clean)._pread
+    monkeypatch.setattr(type(clean), "_pread", lambda self, k, off, size, what: reads.append(size) or real(self, k, off, size, what))
+    monkeypatch.setattr(clean, "crc", None)                     # as a shard of format version 1 or 2 reads
+    clean.read_region(i, 5, 7, 12, out)
+    assert reads == [12 * 48 * 4 * 2]
+    np.testing.assert_array_equal(out, clean.decode(i)[7:19, 5:17])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pdiff.sampler import SeedNoise, edm_sample, edm_sigmas, patch_denoiser, sample_images
+from pdiff.sampler import SeedNoise, edm_sample, edm_sigmas, network_evaluations, patch_denoiser, sample_images
 
 
 def gaussian_denoiser(mu: torch.Tensor, var: torch.Tensor, calls: list):
@@ -95,3 +95,82 @@ def test_sample_images_extrapolates_with_extended_grid():
     # The training canvas (32 px) sits in the middle: pixel 8 is the training canvas's column 0.
     assert torch.isclose(c[0, 0, 0, 8], torch.tensor(-1.0)) and torch.isclose(c[0, 0, 0, 39], torch.tensor(1.0))
     assert c[0, 0, 0, 0] < -1 and c[0, 1, -1, 0] > 1
+
+
+class _GaussianClasses(torch.nn.Module):
+    """The ideal denoiser of data ~ N(mu * label, v I) (label 1: class "mu", all-zero label: the
+    unconditional N(0, v I)), as a patch model D(x; sigma, coords, labels). Counts rows evaluated."""
+    def __init__(self, mu: float, var: float):
+        super().__init__()
+        self.mu, self.var, self.rows = mu, var, []
+
+    def forward(self, x, sigma, coords, labels=None):
+        self.rows.append(x.shape[0])
+        a = (self.var / (self.var + sigma.double() ** 2)).reshape(-1, 1, 1, 1)
+        target = self.mu * labels.double()[:, :1, None, None]
+        return (a * x.double() + (1 - a) * target).float()
+
+
+def exact_guided_flow(x_max, mu, var, w, lo, hi, sigma_max):
+    """The probability-flow ODE of D = a x + (1 - a) m, a = v / (v + s^2), solved exactly: between the
+    points where m jumps, (x - m) / sqrt(v + s^2) is constant. Guided, m = w mu for s in (lo, hi];
+    else the conditional model alone, m = mu."""
+    x, s = x_max, sigma_max
+    for s_next, m in ((hi, mu), (lo, w * mu), (0.0, mu)):
+        s_next = min(s_next, s)
+        x = m + (x - m) * math.sqrt(var + s_next ** 2) / math.sqrt(var + s ** 2)
+        s = s_next
+    return x
+
+
+@pytest.mark.parametrize("interval", [(0.0, math.inf), (0.3, 3.0), (1.0, 1e3)])
+def test_guidance_interval_against_the_exact_flow(interval):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    mu, var, w = float(torch.rand((), generator=g)) + 0.5, float(torch.rand((), generator=g)) * 0.3 + 0.1, 2.5
+    lo, hi = interval
+    model = _GaussianClasses(mu, var)
+    noise = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    steps = 3000     # the jumps of m at lo and hi cost Heun O(step) there: about 1e-3 at 3000 steps
+    out = sample_images(model, noise, 2, torch.ones(3, 1), steps=steps, guidance=w, guidance_interval=interval)
+    want = torch.tensor([[exact_guided_flow(float(x) * 80.0, mu, var, w, lo, hi, 80.0) for x in row.flatten()]
+                         for row in noise], dtype=torch.float64).reshape(noise.shape)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
+    # guidance that is everywhere, or nowhere, would land elsewhere
+    for other in ((0.0, math.inf), (0.0, 1e-9)):
+        if other != interval:
+            far = exact_guided_flow(float(noise[0, 0, 0, 0]) * 80, mu, var, w, *other, 80.0)
+            assert abs(far - float(want[0, 0, 0, 0])) > 0.05
+    # two network rows per image inside the interval, one outside
+    from pdiff.config import SamplerConfig
+    expect = network_evaluations(SamplerConfig(steps=steps, guidance=w, guidance_interval=list(interval)), True)
+    assert sum(model.rows) == 3 * expect
+
+
+def test_guidance_interval_bounds_and_single_evaluation_outside():
+    model = _GaussianClasses(1.0, 0.5)
+    x, coords, labels = torch.randn(2, 1, 2, 2), torch.zeros(2, 2, 2, 2), torch.ones(2, 1)
+    d = patch_denoiser(model, coords, labels, guidance=3.0, guidance_interval=(0.5, 2.0))
+    cond = model(x, torch.full((2,), 1.0), coords, labels)
+    uncond = model(x, torch.full((2,), 1.0), coords, torch.zeros_like(labels))
+    model.rows.clear()
+    for sigma, guided in ((0.5, False), (0.50001, True), (1.0, True), (2.0, True), (2.00001, False)):
+        s = torch.tensor(sigma, dtype=torch.float64)
+        got = d(x.double(), s)
+        c = model(x, s.float().expand(2), coords, labels)
+        u = model(x, s.float().expand(2), coords, torch.zeros_like(labels))
+        torch.testing.assert_close(got, u + 3.0 * (c - u) if guided else c, rtol=1e-6, atol=1e-6)
+        assert model.rows[-3] == (4 if guided else 2)      # the denoiser's own call, before the two checks
+    assert not torch.allclose(cond, uncond)
+
+
+def test_guidance_interval_config_and_cli_checks():
+    from pdiff.config import ConfigError, load_config
+    from pdiff.tools.sample import _interval
+    assert load_config(None, ["sample.guidance_interval=[0.28, 5.42]"]).sample.guidance_interval == [0.28, 5.42]
+    assert load_config(None).sample.guidance_interval == [0.0, math.inf]
+    for bad in ("[3, 1]", "[-1, 2]", "[1]"):
+        with pytest.raises(ConfigError, match="sample.guidance_interval"):
+            load_config(None, [f"sample.guidance_interval={bad}"])
+    assert _interval("0.28,inf") == [0.28, math.inf]
+    with pytest.raises(Exception, match="LO,HI"):
+        _interval("0.28")

@@ -2,6 +2,8 @@
 machine, with this config and these shards, before a cluster is committed to a run.
 
     pdiff bench data   --config my.yaml                   # pipeline patches/s per patch size and for the schedule
+    pdiff bench data   --config my.yaml data.path=PIXELS data.resolution=256 data.channels=3 --online-vae VAE
+                                                          # pixel shards + the VAE encoder in every step
     pdiff bench step   --config my.yaml --compile         # training step images/s per patch size, the schedule's cost
     pdiff bench train  --config my.yaml --compare         # the real training loop: images/s, data-wait share,
                                                           # full-image EDM (p = 1) next to the patch schedule
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from pdiff.bench import (BenchError, bench_data, bench_sample, bench_step, bench_train, compare_train,
-                         default_interval_images, machine, machine_name, print_data, print_sample, print_step,
+from pdiff.bench import (BenchError, bench_data, bench_data_online_vae, bench_sample, bench_step, bench_train,
+                         compare_train, default_interval_images, machine, machine_name, print_data, print_sample, print_step,
                          print_train, resolve_device, save_json, synthetic_shards, variant)
 
 KINDS = ("data", "step", "train", "sample", "compare")
@@ -59,12 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="data/train: use N random images written as shards in a temporary folder")
     ap.add_argument("--encoding", default="png", help="--synthetic shards' encoding (png, jpeg, webp, raw)")
+    ap.add_argument("--online-vae", metavar="VAE",
+                    help="data: data.path holds pixel shards; encode every batch with this VAE (diffusers folder or "
+                         "hub id), as training that runs the encoder in every step does")
     return ap
 
 
 def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
     quick = args.quick
-    if kind == "data":
+    if kind == "data" and args.online_vae:
+        from pdiff.vae import load_vae
+        vae = load_vae(args.online_vae, device)
+        res = bench_data_online_vae(cfg, vae, device, steps=args.steps or (1 if quick else 5),
+                                    repeats=args.repeats or 1, warmup_steps=1)
+        print_data(res)
+    elif kind == "data":
         res = bench_data(cfg, device, steps=args.steps or (3 if quick else 20), repeats=args.repeats or (1 if quick else 3),
                          warmup_steps=1 if quick else 3)
         print_data(res)
@@ -95,6 +106,7 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     from pdiff.config import load_config, to_dict
+    from pdiff.latent import with_data_defaults
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
     info = machine()
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind in ("data", "train", "compare") and not cfg.data.path:
             print("pdiff bench: data.path is empty: give the shards (data.path=DIR) or --synthetic N", file=sys.stderr)
             return 2
+        if args.kind != "data" or not args.online_vae:
+            cfg = with_data_defaults(cfg)          # latent shards: their patch sizes, as pdiff train takes them
         t0 = time.perf_counter()
         res = run(args.kind, cfg, args, device, tmp / "runs")
     payload = {"benchmark": f"pdiff bench {args.kind}", "kind": args.kind, "machine": info, "config": cfg.name,

@@ -105,6 +105,8 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
         source = open_source(root)
     except (SourceError, KeyError) as e:
         raise FIDError(f"{root}: cannot read the shards: {e}") from None
+    if source.latent is not None and source.latent.vae:        # pdiff encoded them: FID wants those images
+        return encoded_images_source(root, source.manifest, limit)
     if source.encoding == "latent":
         raise FIDError(f"{root} holds latents, not images; decode them with your autoencoder and "
                          f"give the images (a folder or an .npz) as the FID reference")
@@ -115,6 +117,26 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
             for i in range(0, count, n):
                 yield np.stack(list(pool.map(source.decode, range(i, min(i + n, count)))))
     return ImageSource(f"{root} ({source.count} images)", count, source.resolution, batches)
+
+
+def encoded_images_source(root: Path, manifest: dict, limit: int | None) -> ImageSource:
+    """The images a `pdiff shard --encode-vae` folder was encoded from, as the encoder saw them (its
+    manifest's source through the same transform): reference statistics come from images, not latents."""
+    from pdiff.pipelines.shards.encode_vae import EncodedImages
+    from pdiff.pipelines.shards.inputs import ShardInputError
+    try:
+        images = EncodedImages(manifest)
+    except ShardInputError as e:
+        raise SystemExit(f"pdiff fid: {root}: {e}") from None
+    count = min(images.count, limit) if limit else images.count
+
+    def batches(n: int):
+        try:
+            yield from images.batches(n, count)
+        except ShardInputError as e:
+            raise SystemExit(f"pdiff fid: {root}: {e}") from None
+    return ImageSource(f"{root} (the {images.count} images of {images.root} it encoded)", count,
+                       images.resolution, batches)
 
 
 def open_images(path: str, limit: int | None = None) -> ImageSource:
@@ -200,24 +222,31 @@ def cmd_calc(args) -> int:
 
 
 def cmd_gen(args) -> int:
-    from pdiff.fid import check_resolution, load_inception, load_stats, sample_stats, seed_sets, summarize
+    from pdiff.fid import (FIDError, check_resolution, image_size, load_inception, load_stats, sample_stats, seed_sets,
+                           summarize)
     from pdiff import distributed
     from pdiff.snapshot import load_model
     from pdiff.tools.sample import progress_bar, sample_options
+    from pdiff.vae import load_run_vae
     ref = load_stats(args.ref)
     info = distributed.init(args.device)
     try:
         net = load_inception(args.inception, info.device)
         model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
-        check_resolution(ref, options.canvas or cfg.data.resolution, args.allow_resolution_mismatch)
+        vae = load_run_vae(cfg, args.vae, info.device)         # a latent model's decoder
+        if vae is None and cfg.data.channels not in (1, 3):
+            raise FIDError(f"the model makes {cfg.data.channels}-channel latents and its run names no VAE: "
+                           f"give the one its latents came from with --vae")
+        check_resolution(ref, image_size(options.canvas or cfg.data.resolution, vae), args.allow_resolution_mismatch)
         fids = []
         for k, seeds in enumerate(seed_sets(args.first_seed, args.num, args.sets)):
             bar = progress_bar(len(seeds[info.rank::info.world_size]), info.is_main and not args.no_progress,
                                f"set {k + 1}/{args.sets}")
             try:
                 stats = sample_stats(model, seeds[info.rank::info.world_size], args.batch, cfg.data.resolution,
-                                     cfg.data.channels, cfg.network.label_dim, options, net, info.device, bar)
+                                     cfg.data.channels, cfg.network.label_dim, options, net, info.device, bar,
+                                     vae=vae)
             finally:
                 bar.close()
             fids.append(stats.fid_against(ref))

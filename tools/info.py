@@ -32,8 +32,10 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
+    labels = (f" ({d['parameters_unconditional']:,} unconditional + {d['label_embedding_parameters']:,} in the "
+              f"{d['label_dim']}-class label embedding)" if d["label_embedding_parameters"] else "")
     print(f"{d['config']}: {d['arch']} at {d['resolution']}x{d['resolution']}x{d['channels']}, "
-          f"{d['parameters']:,} parameters; a step carries train.batch={d['batch_full_images']} x R/s patches")
+          f"{d['parameters']:,} parameters{labels}; a step carries train.batch={d['batch_full_images']} x R/s patches")
     print(f"{'patch':>6} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'train GFLOP/step':>17} {'share':>6} {'x batch':>8}")
     sch = d["schedule"]
     shares = dict(zip(sch["sizes"], sch["probs"]))

@@ -7,6 +7,8 @@
 
 Seed s always gives the same image, whatever --batch and the number of processes (each rank
 samples seeds[rank::world]). Sampler settings default to the run's ``sample`` config section.
+A latent model's samples are decoded by the run's VAE (the one its shards were encoded with, or
+--vae, which must have the same weights) and written like a pixel model's.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--snapshot", help="EMA snapshot (.safetensors) written by pdiff train")
     src.add_argument("--checkpoint", help="checkpoint folder ckpt-*/ or a run folder (its newest complete checkpoint, EMA weights)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--vae", help="latent models: the VAE that decodes the samples (a diffusers folder or hub id; "
+                                 "default: the run's, the one its shards were encoded with)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
@@ -45,7 +49,21 @@ def add_sampler_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
     g.add_argument("--s-noise", type=float, help="S_noise")
     g.add_argument("--class", dest="class_label", type=int, help="class for every seed (default: random per seed)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--guidance-interval", type=_interval, metavar="LO,HI",
+                   help="guide only for sigma in (LO, HI] (Kynkaanniemi et al. 2024), e.g. 0.28,5.42; "
+                        "default: the run's sample.guidance_interval")
     g.add_argument("--canvas", type=int, help="output size; larger than the training resolution extrapolates")
+
+
+def _interval(text: str) -> list[float]:
+    parts = text.split(",")
+    try:
+        lo, hi = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, two numbers such as 0.28,5.42 (inf allowed)") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO < HI")
+    return [lo, hi]
 
 
 def sample_options(args, cfg):
@@ -53,7 +71,7 @@ def sample_options(args, cfg):
     s = cfg.sample
     updates = {"steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
                "rho": args.rho, "s_churn": args.churn, "s_min": args.s_min, "s_max": args.s_max,
-               "s_noise": args.s_noise, "guidance": args.guidance}
+               "s_noise": args.s_noise, "guidance": args.guidance, "guidance_interval": args.guidance_interval}
     s = dataclasses.replace(s, **{k: v for k, v in updates.items() if v is not None})
     canvas = args.canvas if args.canvas is not None else s.canvas
     if canvas and canvas < cfg.data.resolution:
@@ -99,7 +117,8 @@ def main(argv: list[str]) -> int:
     o = p.add_argument_group("outputs (at least one)")
     o.add_argument("--outdir", help="write one PNG per seed here (NNNNNN.png)")
     o.add_argument("--subdirs", action="store_true", help="PNGs in sub-folders of 1000 seeds (000000/, 001000/...)")
-    o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8 (latents: float32), seeds, labels")
+    o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8 (latents without a VAE: "
+                                 "float32), seeds, labels")
     o.add_argument("--grid", help="write a grid PNG of the first --grid-count seeds")
     o.add_argument("--grid-count", type=int, default=64)
     o.add_argument("--grid-cols", type=int, default=0, help="grid columns (default: about square)")
@@ -110,6 +129,7 @@ def main(argv: list[str]) -> int:
 
     from pdiff.generate import iter_uint8, parse_seeds
     from pdiff.snapshot import load_model
+    from pdiff.vae import load_run_vae
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
@@ -118,11 +138,12 @@ def main(argv: list[str]) -> int:
     try:
         model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
-        latent = cfg.data.channels not in (1, 3)
+        vae = load_run_vae(cfg, args.vae, info.device)     # None for pixel models
+        latent = cfg.data.channels not in (1, 3) and vae is None
         if latent and (args.outdir or args.grid):
-            print(f"pdiff sample: the model makes {cfg.data.channels}-channel latents, not images; "
-                  f"decoding them is not part of pdiff sample: write them (float32) with --npz only",
-                  file=sys.stderr)
+            print(f"pdiff sample: the model makes {cfg.data.channels}-channel latents and its run names no VAE; "
+                  f"give the one its latents came from with --vae to get images, or write the latents "
+                  f"(float32) with --npz only", file=sys.stderr)
             return 2
         mine = seeds[info.rank::info.world_size]
         grid_seeds = set(seeds[:args.grid_count]) if args.grid else set()
@@ -134,7 +155,7 @@ def main(argv: list[str]) -> int:
         try:
             for chunk, images, labels in iter_uint8(model, mine, args.batch, cfg.data.resolution,
                                                     cfg.data.channels, cfg.network.label_dim,
-                                                    options, info.device, raw=latent):
+                                                    options, info.device, raw=latent, vae=vae):
                 nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
                 labs = labels.cpu().numpy() if labels is not None else np.full(len(chunk), -1)
                 for seed, img, lab in zip(chunk, nhwc, labs):

@@ -2,7 +2,8 @@
 
     pdiff shard SRC OUT [--resolution R] [--transform none|center-crop|center-crop-dhariwal|resize]
                         [--channels auto|1|3] [--format png|jpeg|webp|raw|latent] [--quality Q]
-                        [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip] ...
+                        [--max-count N] [--max-bytes B] [--min-shards K] [--on-error stop|skip]
+                        [--seed S | --source-order] [--encode-vae VAE [--vae-batch N] [--device D]] ...
     pdiff shard verify DIR [--workers N]   sizes, checksums, a decode of every sample; lists the damaged ones
     pdiff shard info DIR                   what the manifest holds
 
@@ -16,7 +17,16 @@ mixed classes), each with a CRC-32 in the manifest that training checks before d
 are WebDataset .cls members (decimal text). Progress: a bar on a terminal, else a line every 30 s
 (PDIFF_PROGRESS_SECONDS).
 
-Latents: --format latent takes a .npy/.npz float array (N, H, W, C), or (N, C, H, W) with --layout
+Latent diffusion: --encode-vae VAE (diffusers' AutoencoderKL: a local folder or a hub id such as
+stabilityai/sd-vae-ft-mse; needs `pip install 'pdiff[latent]'`) encodes the images, after the
+--resolution/--transform step, in batches of --vae-batch on the GPU where there is one, and stores
+each one's posterior mean and std (8 channels for the SD VAE, --dtype float16 by default); training
+draws a fresh latent from it each time (pdiff train fills in the VAE's scale and patch sizes {R/2, R}).
+
+    pdiff shard ~/imagenet/train shards/in256 --resolution 256 --transform center-crop-dhariwal \
+        --encode-vae stabilityai/sd-vae-ft-mse
+
+Your own latents: --format latent takes a .npy/.npz float array (N, H, W, C), or (N, C, H, W) with --layout
 nchw, any number of channels, and stores each sample as float16 (default) or float32 (--dtype) bytes,
 values as given (no transform). --latent-scale records the factor they already carry: multiply
 Stable Diffusion VAE latents by 0.18215 before sharding and pass --latent-scale 0.18215.
@@ -50,12 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", choices=TRANSFORMS, default="none")
     p.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
                    help="1 = grayscale, 3 = RGB, auto = as the first image")
-    p.add_argument("--format", dest="encoding", choices=ENCODINGS, default="png",
-                   help="png (lossless, default), jpeg, webp, raw uint8 (no decode, larger), or latent (float arrays)")
+    p.add_argument("--format", dest="encoding", choices=ENCODINGS, default=None,
+                   help="png (lossless, default), jpeg, webp, raw uint8 (no decode, larger), or latent (float "
+                        "arrays; the default with --encode-vae)")
+    p.add_argument("--encode-vae", metavar="VAE",
+                   help="encode the images with this AutoencoderKL (diffusers folder or hub id) into posterior latents")
+    p.add_argument("--vae-batch", type=int, default=32, help="--encode-vae: images per encoder pass")
+    p.add_argument("--device", default="auto", help="--encode-vae: the encoder's device (auto: the GPU if any)")
     p.add_argument("--layout", choices=LAYOUTS, default="nhwc", help="latent: the array's axis order")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="latent: stored element type")
-    p.add_argument("--latent-scale", type=float, default=1.0,
-                   help="latent: the scale factor the values already carry (recorded, not applied)")
+    p.add_argument("--latent-scale", type=float, default=None,
+                   help="latent: the scale factor the values already carry (recorded, not applied; default 1)")
     p.add_argument("--quality", type=int, default=95, help="jpeg/webp quality (webp 100 = lossless)")
     p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
     p.add_argument("--max-bytes", type=_size, default=1 << 30, help="bytes per shard at most (e.g. 500M, 1Gi)")

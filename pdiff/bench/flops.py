@@ -11,7 +11,7 @@ CPU, or a card not in the table, MFU is None ("n/a"): there is no agreed peak to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -127,6 +127,9 @@ def describe(cfg, card: Card | None = None, target_mfu: float = 0.4) -> dict:
     ``target_mfu`` of its bf16 peak would give."""
     with torch.device("meta"):
         model = build_model(cfg)
+        # the published counts are of unconditional networks: the label embedding is stated apart
+        unconditional = count_parameters(build_model(replace(
+            cfg, network=replace(cfg.network, label_dim=0))))
     model.eval()
     r, c = cfg.data.resolution, cfg.data.channels
     sch = PatchSchedule.from_config(cfg)
@@ -137,7 +140,10 @@ def describe(cfg, card: Card | None = None, target_mfu: float = 0.4) -> dict:
     per_step = {s: sch.batch_for(s) * train[s] for s in sch.sizes}
     out = {
         "config": cfg.name, "arch": cfg.network.arch, "resolution": r, "channels": c,
-        "parameters": count_parameters(model), "batch_full_images": cfg.train.batch,
+        "label_dim": cfg.network.label_dim, "batch_full_images": cfg.train.batch,
+        "parameters": count_parameters(model),
+        "parameters_unconditional": unconditional,
+        "label_embedding_parameters": count_parameters(model) - unconditional,
         "forward_gflops_per_image": {s: flops[s] / 1e9 for s in sizes},
         "train_gflops_per_image": {s: train[s] / 1e9 for s in sizes},
         # one step of each size carries batch * R/s patches (the whole global batch, all ranks)

@@ -16,10 +16,15 @@ def _tflops(x: float | None) -> str:
 
 def print_data(res: dict) -> None:
     print(f"pipeline ({res['backend']}, {res['workers']} workers), batch {res['batch']} full images")
-    print(f"{'plan':>9} {'patches/step':>12} {'patches/s':>11} {'images/s':>10} {'ms/step':>9}")
+    if res.get("vae"):
+        print(f"every batch encoded by the VAE {res['vae']['source']} ({res['resolution']}x{res['resolution']} images "
+              f"-> {res['latent_resolution']}x{res['latent_resolution']} latents)")
+    print(f"{'plan':>10} {'patches/step':>12} {'patches/s':>11} {'images/s':>10} {'ms/step':>9} {'images/CPU-s':>13}")
     for label, v in res["results"].items():
         pps = "-" if v["patches_per_step"] is None else v["patches_per_step"]
-        print(f"{label:>9} {pps!s:>12} {v['patches_per_s']:>11.0f} {v['images_per_s']:>10.0f} {v['ms_per_step']:>9.2f}")
+        per_cpu = "-" if not v.get("images_per_cpu_s") else f"{v['images_per_cpu_s']:.4g}"
+        print(f"{label:>10} {pps!s:>12} {v['patches_per_s']:>11.4g} {v['images_per_s']:>10.4g} {v['ms_per_step']:>9.2f} "
+              f"{per_cpu:>13}")
 
 
 def print_step(res: dict) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pdiff.sampler import network_evaluations
 from pdiff.schedule import PatchSchedule, StochasticSchedule
 
 from .machine import device_sync
@@ -62,16 +63,17 @@ def synthetic_shards(out_dir: str | Path, count: int, resolution: int, channels:
 # bench data: the patch pipeline over the config's shards
 
 def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, warmup_steps: int = 3,
-               clock=time.perf_counter) -> dict:
+               clock=time.perf_counter, cpu_clock=time.process_time) -> dict:
     """Patches/s and images/s of the pipeline (pipelines.build_pipeline on cfg.data.path) for each
     patch size alone and for the config's schedule: ``warmup_steps`` steps first, then ``repeats``
     runs of ``steps`` steps each; medians. Every patch is cut from its own image
     and counts as one image seen, so images/s (images seen, as the trainer counts them) equals
-    patches/s on one process; both are reported under their own names."""
+    patches/s on one process; both are reported under their own names. CPU seconds are this
+    process's (all its threads; DataLoader worker processes are not counted: use data.workers=0 to
+    count everything)."""
     from pdiff.pipelines import build_pipeline
     sched = PatchSchedule.from_config(cfg)
     r, batch = cfg.data.resolution, cfg.train.batch
-    sync = device_sync(device)
     plans = [(f"s={s}", s, StochasticSchedule(r, batch, sizes=[s], probs=[1.0], seed=cfg.train.seed))
              for s in sorted(set(sched.sizes) | {r})]
     plans.append(("schedule", None, sched))
@@ -79,30 +81,73 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
     for label, size, schedule in plans:
         pipe = build_pipeline(cfg, schedule, 0, 1, device)
         backend = pipe.backend
-        runs = []
+
+        def step():
+            b = next(pipe)
+            return b.patches.shape[0], schedule.batch_for(b.patch_size)
         try:
-            for _ in range(warmup_steps):
-                next(pipe)
-            if sync:
-                sync()
-            for _ in range(repeats):
-                t0, n, counted = clock(), 0, 0
-                for _ in range(steps):
-                    b = next(pipe)
-                    n += b.patches.shape[0]
-                    counted += schedule.batch_for(b.patch_size)
-                if sync:
-                    sync()
-                dt = clock() - t0
-                runs.append((n / dt, counted / dt, steps / dt, 1e3 * dt / steps))
+            figures = _time_data_steps(step, device, steps, repeats, warmup_steps, clock, cpu_clock)
         finally:
             pipe.close()
-        med = [statistics.median(x) for x in zip(*runs)]
         results[label] = {"patch_size": size, "patches_per_step": None if size is None else schedule.batch_for(size),
-                          "patches_per_s": med[0], "images_per_s": med[1], "steps_per_s": med[2],
-                          "ms_per_step": med[3], "steps": steps, "repeats": repeats}
+                          **figures}
     return {"backend": backend, "workers": cfg.data.workers, "batch": batch, "resolution": r,
             "schedule": sched.summary(), "results": results}
+
+
+def bench_data_online_vae(cfg, vae, device: torch.device, steps: int = 5, repeats: int = 1, warmup_steps: int = 1,
+                          clock=time.perf_counter, cpu_clock=time.process_time) -> dict:
+    """The data path of latent training that runs the VAE encoder in every step (the official Patch
+    Diffusion code): pixel shards (cfg.data.path, images at the encoder's input size) through the
+    pipeline as full images, each batch of cfg.train.batch encoded by ``vae`` (a pdiff.vae.VAE) and
+    one latent drawn per image. The latents' own patch schedule does not change the cost per image:
+    every image is encoded whole. Figures as ``bench_data``'s, under "online-vae"."""
+    from pdiff.pipelines import build_pipeline
+    from pdiff.schedule import FullImageSchedule
+    r, batch = cfg.data.resolution, cfg.train.batch
+    if r % vae.downsample:
+        raise BenchError(f"images of {r}x{r} do not divide into the VAE's {vae.downsample}x{vae.downsample} pixels")
+    schedule = FullImageSchedule(r, batch, seed=cfg.train.seed)
+    pipe = build_pipeline(cfg, schedule, 0, 1, device)
+    gen = torch.Generator(vae.device).manual_seed(cfg.train.seed)
+
+    def step():
+        b = next(pipe)
+        mean, std = vae.encode(b.patches)
+        latents = vae.to_latent(torch.addcmul(mean, std, torch.randn(std.shape, generator=gen, device=vae.device)))
+        return latents.shape[0], latents.shape[0]
+    try:
+        figures = _time_data_steps(step, device, steps, repeats, warmup_steps, clock, cpu_clock)
+    finally:
+        pipe.close()
+    return {"backend": pipe.backend, "workers": cfg.data.workers, "batch": batch, "resolution": r,
+            "latent_resolution": r // vae.downsample, "vae": vae.record, "schedule": schedule.summary(),
+            "results": {"online-vae": {"patch_size": r, "patches_per_step": batch, **figures}}}
+
+
+def _time_data_steps(step, device, steps: int, repeats: int, warmup_steps: int, clock, cpu_clock) -> dict:
+    """Medians over ``repeats`` runs of ``steps`` calls of ``step() -> (patches, images counted)``,
+    after ``warmup_steps``: patches/s, images/s, steps/s, ms/step, and CPU seconds per image."""
+    sync = device_sync(device)
+    for _ in range(warmup_steps):
+        step()
+    if sync:
+        sync()
+    runs = []
+    for _ in range(repeats):
+        t0, c0, n, counted = clock(), cpu_clock(), 0, 0
+        for _ in range(steps):
+            patches, images = step()
+            n += patches
+            counted += images
+        if sync:
+            sync()
+        dt, cpu = clock() - t0, cpu_clock() - c0
+        runs.append((n / dt, counted / dt, steps / dt, 1e3 * dt / steps, cpu / counted))
+    med = [statistics.median(x) for x in zip(*runs)]
+    return {"patches_per_s": med[0], "images_per_s": med[1], "steps_per_s": med[2], "ms_per_step": med[3],
+            "cpu_s_per_image": med[4], "images_per_cpu_s": 1 / med[4] if med[4] > 0 else None,
+            "steps": steps, "repeats": repeats}
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,11 +343,12 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
 
     def run(steps):
         return lambda: sample_images(model, noise, r, labels, steps, s.sigma_min, s.sigma_max, s.rho, s.guidance,
-                                     s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like)
+                                     s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like,
+                                     guidance_interval=s.guidance_interval)
     run(2)()
     times = timed(run(s.steps), repeats, warmup=0, sync=device_sync(device), clock=clock)
     t = statistics.median(times)
-    evals = (2 * s.steps - 1) * (2 if (labels is not None and s.guidance != 1) else 1)
+    evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
     from .flops import device_card, forward_flops_by_size, mfu
     tflop_per_s = forward_flops_by_size(cfg, [canvas])[canvas] * evals * batch / t / 1e12
     card = device_card(device)

@@ -14,7 +14,7 @@ selects it (pdiff/config.py checks names against SCHEDULES). Code outside the pa
 """
 from __future__ import annotations
 
-from .base import PatchSchedule, Step, default_patch_sizes
+from .base import PatchSchedule, Step, default_patch_sizes, latent_patch_sizes
 from .full import FullImageSchedule
 from .progressive import ProgressiveSchedule
 from .stochastic import StochasticSchedule
@@ -35,4 +35,4 @@ def register_schedule(schedule: type[PatchSchedule]) -> None:
 
 
 __all__ = ["SCHEDULES", "FullImageSchedule", "PatchSchedule", "ProgressiveSchedule", "Step",
-           "StochasticSchedule", "default_patch_sizes", "register_schedule"]
+           "StochasticSchedule", "default_patch_sizes", "latent_patch_sizes", "register_schedule"]

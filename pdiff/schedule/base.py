@@ -14,6 +14,12 @@ def default_patch_sizes(resolution: int, real_p: float) -> tuple[list[int], list
             [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p])
 
 
+def latent_patch_sizes(resolution: int, real_p: float) -> tuple[list[int], list[float]]:
+    """{R/2, R} with probabilities (1 - p, p): the paper's setting on a latent grid (R = 32 for
+    256 x 256 images through the SD VAE), where R/4 patches would hold too little of the image."""
+    return [resolution // 2, resolution], [1 - real_p, real_p]
+
+
 @dataclass(frozen=True)
 class Step:
     patch_size: int

@@ -5,10 +5,12 @@ indexes and a manifest; the pipelines read them back by sample index.
     reader.py      ShardSet: random access by global index (the pipelines' registered source)
     inputs.py      the writer's inputs: image folders, zips, .npz/.npy arrays (images or latents)
     preprocess.py  one sample: load, check, transform to R x R, encode (in worker processes)
+    encode_vae.py  --encode-vae: images -> an autoencoder's posterior, in batches (main process)
     write.py       write_shards: shards, journal and resume, manifest
     verify.py      verify and info
 
-Nothing here imports torch: the writer and its worker processes need numpy and Pillow only.
+Nothing here imports torch but encode_vae.py (imported for --encode-vae only): the writer and its
+worker processes need numpy and Pillow only.
 """
 from pdiff.pipelines.shards.format import FORMAT, MANIFEST, ShardError, load_manifest, read_index
 from pdiff.pipelines.shards.inputs import ShardInputError

@@ -8,7 +8,7 @@ last. Sample k (a global index, zero-padded to 9 digits, no dots) has the member
 
 * ``KKKKKKKKK.<ext>``, ext = ``IMAGE_EXTS[encoding]``: the sample in its encoding (see
   pipelines/sample_source.py): png, jpg, webp, raw (R x R x C uint8) or lat (R x R x C little-endian
-  float16/float32; dtype and scale in the manifest);
+  float16/float32; see "Latent shards" below);
 * ``KKKKKKKKK.cls``: the label as decimal text (WebDataset's convention: the `webdataset` library
   decodes it to an int), ``-1`` when the dataset has none.
 
@@ -17,9 +17,21 @@ The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byt
 The reader checks a sample's CRC before its bytes reach a decoder, so a damaged sample is named (shard,
 key, byte offset) instead of crashing a decoder or training on garbage.
 
+Latent shards (encoding "latent") hold R x R x C float samples; the manifest gives their ``dtype``,
+``scale`` and ``shift`` (the network sees (z - shift) * scale) and ``stores``, what a sample is:
+
+* ``"latents"``: latents as the network sees them, as the user gave them (`pdiff shard --format latent`);
+* ``"posterior"``: an autoencoder's posterior N(mean, std^2) of one image, mean | std along the channels
+  (C = 2 x the latent channels), written by `pdiff shard --encode-vae`; training draws a fresh latent
+  from it at every read. ``vae`` records the autoencoder (source, sha256 of its weights, scale, shift,
+  downsampling factor, channels) and ``image_resolution`` / ``image_channels`` the images it encoded.
+
 Versions: 1 (images, 4-byte little-endian ``.lbl`` labels), 2 (adds the "latent" encoding), 3 (``.cls``
-labels, per-sample CRC-32s, samples in a seeded random order). This pdiff writes 3 and reads all three:
-shards of versions 1 and 2 train as before, without the per-sample check.
+labels, per-sample CRC-32s, samples in a seeded random order, and for latent shards the ``stores`` and
+``shift`` fields: posterior shards exist from version 3 on, so no reader of an older version can mistake
+mean | std for latents: it refuses the version). This pdiff writes 3, for every encoding, and reads all
+three: shards of versions 1 and 2 train as before, without the per-sample check (version 2 latent shards
+store latents, shift 0).
 """
 from __future__ import annotations
 
@@ -31,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdiff.pipelines.sample_source import LATENT_DTYPES, SourceError
+from pdiff.pipelines.sample_source import LATENT_DTYPES, LatentSpace, SourceError
 
 MANIFEST = "manifest.json"
 FORMAT = "pdiff-webdataset"
@@ -132,6 +144,15 @@ def sample_dtype(manifest: dict) -> np.dtype:
 def label_ext(manifest: dict) -> str:
     """The label member's extension: .cls from version 3 on, .lbl before."""
     return manifest.get("label_ext") or (LABEL_EXT if manifest.get("version", 1) >= 3 else LEGACY_LABEL_EXT)
+
+
+def latent_space(manifest: dict) -> LatentSpace | None:
+    """What the samples of a latent shard folder are (None for images); `load_manifest` checked the fields."""
+    if manifest.get("encoding") != "latent":
+        return None
+    stores = manifest.get("stores", "latents")
+    return LatentSpace(scale=float(manifest.get("scale", 1.0)), shift=float(manifest.get("shift", 0.0)),
+                       posterior=stores == "posterior", vae=manifest.get("vae"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +301,31 @@ def _check_fields(manifest: dict, path: Path) -> None:
                 need(rec, key, tp, f"shards[{k}].")
 
 
+STORES = ("latents", "posterior")      # what a latent sample is (see the module's docstring)
+
+
+def _check_latent_fields(manifest: dict, path: Path) -> None:
+    """A latent manifest says what its samples are: from version 3 on ``stores`` is always written, and
+    a posterior names its autoencoder; before, the samples were latents."""
+    version = manifest.get("version", 1)
+    stores = manifest.get("stores", None if version >= 3 else "latents")
+    if stores not in STORES or (stores == "posterior" and version < 3):
+        raise ShardError(f"{path}: latent shards of version {version} whose 'stores' is {stores!r}, expected "
+                         f"{' or '.join(map(repr, STORES)) if version >= 3 else repr('latents')} (the manifest is "
+                         f"damaged: restore it or re-create the shards)")
+    for key in ("scale", "shift"):
+        value = manifest.get(key, 1.0 if key == "scale" else 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ShardError(f"{path}: {key!r} is {value!r}, expected a number (the manifest is damaged)")
+    if stores == "posterior":
+        vae, image = manifest.get("vae"), manifest.get("image_resolution")
+        if manifest["channels"] % 2 or not isinstance(vae, dict) or not isinstance(vae.get("sha256"), str) \
+                or not isinstance(vae.get("source"), str) or not isinstance(image, int):
+            raise ShardError(f"{path}: posterior latents need an even channel count (mean | std), a 'vae' record "
+                             f"with source and sha256, and 'image_resolution' (the manifest is damaged: restore it "
+                             f"or re-create the shards)")
+
+
 def load_manifest(root: str | Path) -> dict:
     """The manifest of a shard folder this pdiff can read."""
     manifest = read_manifest(root)
@@ -294,6 +340,8 @@ def load_manifest(root: str | Path) -> dict:
         raise ShardError(f"{path}: unknown encoding {manifest.get('encoding')!r} (expected one of "
                          f"{', '.join(IMAGE_EXTS)}); update pdiff or re-create the shards")
     _check_fields(manifest, path)
+    if manifest["encoding"] == "latent":
+        _check_latent_fields(manifest, path)
     if label_ext(manifest) not in (LABEL_EXT, LEGACY_LABEL_EXT):
         raise ShardError(f"{path}: label member .{label_ext(manifest)} is neither .{LABEL_EXT} nor .{LEGACY_LABEL_EXT}")
     return manifest

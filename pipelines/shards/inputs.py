@@ -217,7 +217,7 @@ def _array_inputs(p: Path, opts: Options) -> Inputs:
             raise
         raise ShardInputError(f"{p}: cannot read the array ({type(e).__name__}: {e}); the file is damaged or "
                               f"not written by numpy") from None
-    if opts.encoding == "latent":
+    if opts.encoding == "latent" and not opts.encode_vae:
         _check_latent_array(p, images, opts)
     elif images.dtype != np.uint8:
         hint = (" (for latents pass --format latent)" if np.issubdtype(images.dtype, np.floating) else "")

@@ -153,11 +153,11 @@ def process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]
                 data = src.load(item.ref)
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise BadInput("unreadable", str(e)) from None
-            if st["encoding"] == "latent":
+            if st["encoding"] == "latent" and not st.get("vae"):
                 out.append((pos, _prepare_latent(data, st), None))
-            else:
+            else:       # images; those for a VAE go to its encoder (encode_vae.py) as raw pixels
                 arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"], st["auto_channels"])
-                out.append((pos, _encode(arr, st["encoding"], st["quality"]), None))
+                out.append((pos, _encode(arr, "raw" if st.get("vae") else st["encoding"], st["quality"]), None))
         except BadInput as e:
             out.append((pos, None, f"{e.reason}: {e.detail}" if e.detail else e.reason))
     return out
@@ -170,7 +170,7 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
     """Resolution and channel count: given, or what most of up to PROBE_IMAGES images spread over the
     source have (their headers only), so that one odd image that sorts first is named as the odd one
     instead of making every other image wrong."""
-    if opts.encoding == "latent":
+    if opts.encoding == "latent" and not opts.encode_vae:
         if src.kind != "array":
             raise ShardInputError(f"{src.root}: --format latent reads a .npy or .npz float array, not image files")
         h, _, c = latent_shape(src.array.shape, opts.layout)

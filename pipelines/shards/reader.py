@@ -13,8 +13,8 @@ import numpy as np
 
 from pdiff.pipelines.sample_source import CorruptSample, SampleSource
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, label_ext,
-                                           load_manifest, parse_crcs, sample_crc, sample_dtype, sample_offsets,
-                                           sample_place, verify_hint)
+                                           latent_space, load_manifest, parse_crcs, sample_crc, sample_dtype,
+                                           sample_offsets, sample_place, verify_hint)
 
 
 class ShardSet(SampleSource):
@@ -29,6 +29,7 @@ class ShardSet(SampleSource):
         self.resolution, self.channels = int(m["resolution"]), int(m["channels"])
         self.encoding, self.count = m["encoding"], int(m["count"])
         self.dtype = sample_dtype(m)
+        self.latent = latent_space(m)
         self.num_classes = int(m.get("num_classes") or 0)
         self.image_ext, self.label_ext = IMAGE_EXTS[self.encoding], label_ext(m)
         self.tars = [str(self.root / rec["tar"]) for rec in m["shards"]]
@@ -114,13 +115,20 @@ class ShardSet(SampleSource):
             self._check(i, sample_crc(view, label))
 
     def read_region(self, i: int, x0: int, y0: int, size: int, out: np.ndarray) -> None:
-        """Raw and latent: only the rows the region spans, one ``pread``, then its columns into ``out``
-        (a whole sample, CRC-32 checked, when the region is one). A part of a sample cannot be held
-        against the sample's CRC-32: a damaged raw patch is wrong pixels, not a decoder crash, and
-        `pdiff shard verify`, data.verify_checksums and data.cache (which read whole samples) catch it."""
+        """Raw (and latents in shards without CRC-32s): only the rows the region spans, one ``pread``,
+        then its columns into ``out``. A part of a sample cannot be held against the sample's CRC-32:
+        a damaged raw patch is wrong pixels in [0, 255], not a decoder crash, and `pdiff shard verify`,
+        data.verify_checksums and data.cache (which read whole samples) catch it. Latents with CRC-32s
+        are read whole and checked: a damaged float can be inf or NaN, which would reach the loss, and
+        a latent sample is small (32x32x8 float16: 16 kB), so the rows would save little."""
         r, c, item = self.resolution, self.channels, np.dtype(self.dtype).itemsize
         if size == r:
             self.read_into(i, out)
+            return
+        if self.encoding == "latent" and self.crc is not None:
+            whole = np.empty((r, r, c), self.dtype)
+            self.read_into(i, whole)
+            out[...] = whole[y0:y0 + size, x0:x0 + size]
             return
         row = r * c * item
         span = self._pread(i, int(self.img_off[i]) + y0 * row, size * row, "data")

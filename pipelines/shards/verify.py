@@ -154,7 +154,16 @@ def info(root: str | Path) -> str:
     sizes = [r["bytes"] for r in m["shards"]]
     counts = [r["count"] for r in m["shards"]]
     classes = m["classes"]
-    if m["encoding"] == "latent":
+    if m.get("stores") == "posterior":
+        vae = m["vae"]
+        c = m["channels"] // 2
+        what = [f"latents     {m['count']} posteriors of {m['resolution']}x{m['resolution']}x{c} (mean | std: "
+                f"{m['channels']} channels stored), from {m['image_resolution']}x{m['image_resolution']} images, "
+                f"transform {m['transform']}",
+                f"stored as   latent {m['dtype']}; training draws (mean + std * eps - {m['shift']:g}) * {m['scale']:g}",
+                f"vae         {vae['source']} ({vae['class']}, weights sha256 {vae['sha256'][:16]}..., "
+                f"downsamples {vae['downsample']}x)"]
+    elif m["encoding"] == "latent":
         what = [f"latents     {m['count']} of {m['resolution']}x{m['resolution']}x{m['channels']} (H x W x C)",
                 f"stored as   latent {m['dtype']}, scale {m['scale']:g} (already applied by the user; "
                 f"input layout {m.get('input_layout', 'nhwc')})"]

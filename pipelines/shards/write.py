@@ -10,6 +10,13 @@ array's dtype, so that float images in 0..1 are never mistaken for latents. ``la
 recorded in the manifest (the factor the latents already carry); nothing applies it. A sample with
 a NaN or an infinity (also after a cast to float16 overflows) is a bad input like any other.
 
+Posterior latents (``encode_vae=VAE``, ``pdiff shard SRC OUT --encode-vae VAE``): images, transformed to
+R x R as for pixel shards, are encoded by diffusers' AutoencoderKL (a local folder or a hub id) in
+batches on the GPU where there is one (encode_vae.py), and each sample stores the posterior's mean and
+std, (R/f) x (R/f) x 2C (8 channels for the SD VAE), so that training draws a fresh latent from it
+every time. The manifest records the VAE (source, sha256 of its weights), its scale and shift. The
+samples are written like any others: in the seeded order below, with .cls labels and CRC-32s.
+
 Order: the inputs are written in a seeded random order (``shuffle_seed``, `write_order`; None keeps
 the source order), so that a reader streaming the shards in order sees mixed classes, not shard 0
 holding class 0 only. Each sample's CRC-32 goes into its shard's manifest entry (format.py).
@@ -71,10 +78,14 @@ class Options:
     resolution: int | None = None         # None: taken from the first image (transform 'none' only)
     transform: str = "none"
     channels: int | str = "auto"          # 1, 3 or auto (the first image's: gray -> 1, else 3)
-    encoding: str = "png"                 # png | jpeg | webp | raw | latent (float arrays only)
+    encoding: str | None = None           # png | jpeg | webp | raw | latent (float arrays, or --encode-vae);
+                                          # None: png, latent with encode_vae
     layout: str = "nhwc"                  # latent: the array's axes, nhwc or nchw
     dtype: str = "float16"                # latent: stored as float16 or float32
-    latent_scale: float = 1.0             # latent: the factor the latents already carry (recorded only)
+    latent_scale: float | None = None     # latent: the factor the latents already carry (recorded only); None: 1
+    encode_vae: str | None = None         # images -> this VAE's posterior (a diffusers folder or hub id)
+    vae_batch: int = 32                   # encode_vae: images per encoder pass
+    device: str = "auto"                  # encode_vae: the encoder's device (auto: the GPU where there is one)
     quality: int = 95                     # jpeg / webp (webp 100 = lossless)
     max_count: int = 10_000               # samples per shard at most
     max_bytes: int = 1 << 30              # bytes per shard at most (one sample larger than this still gets a shard)
@@ -90,7 +101,24 @@ class Options:
     progress: bool | None = None          # False: none; else a bar on a terminal, periodic lines elsewhere
     command: list[str] | None = None
 
+    def __post_init__(self):
+        if self.encoding is None:
+            self.encoding = "latent" if self.encode_vae else "png"
+        if self.latent_scale is None and not self.encode_vae:
+            self.latent_scale = 1.0
+
     def check(self) -> None:
+        if self.encode_vae:
+            if self.encoding != "latent":
+                raise ShardInputError(f"--encode-vae writes latent shards; drop --format {self.encoding}")
+            if self.latent_scale is not None:
+                raise ShardInputError("--latent-scale is for latents you encoded yourself; with --encode-vae the "
+                                      "scale (and shift) come from the VAE's config")
+            if self.channels not in ("auto", 3):
+                raise ShardInputError(f"--channels {self.channels}: the VAE encodes RGB images (gray ones are "
+                                      f"converted); drop --channels")
+            if self.vae_batch < 1:
+                raise ShardInputError(f"vae batch must be positive, got {self.vae_batch}")
         if self.transform not in TRANSFORMS:
             raise ShardInputError(f"transform {self.transform!r} is not one of {', '.join(TRANSFORMS)}")
         if self.encoding not in ENCODINGS:
@@ -103,7 +131,7 @@ class Options:
             raise ShardInputError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if self.dtype not in LATENT_DTYPES:
             raise ShardInputError(f"dtype {self.dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
-        if self.encoding == "latent":
+        if self.encoding == "latent" and not self.encode_vae:
             if self.transform != "none":
                 raise ShardInputError(f"--transform {self.transform}: latents are stored as given (no image "
                                       f"transforms); resize the images before encoding them, or drop --transform")
@@ -133,13 +161,25 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     out = Path(out_dir)
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
+    vae = encoder = None
+    if opts.encode_vae:        # images in, as for pixel shards: RGB, through the transform
+        opts.channels = 3
+        vae = _load_vae(opts)
     src, resolution, channels = _inputs_in_write_order(source, opts)
     items = src.items
     per_shard = min(opts.max_count, max(1, math.ceil(len(items) / opts.min_shards)))
     settings = {"resolution": resolution, "channels": channels, "transform": opts.transform,
                 "encoding": opts.encoding, "quality": opts.quality if opts.encoding in ("jpeg", "webp") else None,
                 "auto_channels": opts.channels == "auto" and src.kind != "array"}
-    if opts.encoding == "latent":
+    if vae is not None:
+        from pdiff.pipelines.shards.encode_vae import PosteriorEncoder
+        if resolution % vae.downsample:
+            raise ShardInputError(f"{source}: images of {resolution}x{resolution} do not divide into the VAE's "
+                                  f"{vae.downsample}x{vae.downsample} latent pixels; pick a --resolution that "
+                                  f"is a multiple of {vae.downsample}")
+        encoder = PosteriorEncoder(vae, resolution, opts.dtype, opts.vae_batch)
+        settings.update(dtype=opts.dtype, vae=vae.record)
+    elif opts.encoding == "latent":
         settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
     fingerprint = dict(settings, source=str(Path(source).resolve()), kind=src.kind, per_shard=per_shard,
                        max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), shuffle_seed=opts.shuffle_seed,
@@ -164,7 +204,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
 
     t0 = time.time()
     done = journal.resume(out, items, log)
-    _write_samples(src, settings, opts, out, per_shard, journal, done, log)
+    _write_samples(src, settings, opts, out, per_shard, journal, done, log, encoder)
     skipped = [s for rec in done for s in rec["skipped"]]
     manifest = _manifest(source, out_dir, opts, src, settings, done, skipped, fingerprint)
     if len(done) < opts.min_shards:
@@ -191,10 +231,19 @@ def _inputs_in_write_order(source: str | Path, opts: Options) -> tuple[Inputs, i
     return src, resolution, channels
 
 
+def _load_vae(opts: Options):
+    from pdiff.vae import VAEError, load_vae
+    try:
+        return load_vae(opts.encode_vae, opts.device)
+    except VAEError as e:
+        raise ShardInputError(str(e)) from None
+
+
 def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int, journal: _Journal,
-                   done: list[dict], log) -> None:
-    """Preprocess the items after the resumed shards (in a pool of workers) and write them in input
-    order, a shard at a time; ``done`` grows by the record of each finished shard."""
+                   done: list[dict], log, encoder=None) -> None:
+    """Preprocess the items after the resumed shards (in a pool of workers), encode them with the VAE
+    when ``encoder`` is given, and write them in input order, a shard at a time; ``done`` grows by the
+    record of each finished shard."""
     items = src.items
     start = done[-1]["input_end"] if done else 0
     listing_bad = {pos: (path, reason) for pos, path, reason in src.bad}
@@ -215,6 +264,8 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
         else:
             init_worker(src, settings)
             results = map(process_chunk, chunks)
+        if encoder is not None:
+            results = encoder.stream(results)
         for chunk_result in results:
             for pos, data, reason in chunk_result:
                 progress.update(1)
@@ -273,10 +324,16 @@ def _manifest(source, out_dir, opts: Options, src, settings: dict, done: list[di
         "ignored": {"count": len(src.ignored), "files": src.ignored[:MAX_IGNORED]},
         "fingerprint": fingerprint,
     }
-    if latent:      # samples are H x W x C (the input's layout was converted); values as given
+    if settings.get("vae"):      # the posterior of the images (R x R) in the VAE's latent space
+        vae = settings["vae"]
+        r, c = settings["resolution"] // vae["downsample"], 2 * vae["latent_channels"]
+        manifest.update(resolution=r, channels=c, dtype=opts.dtype, shape=[r, r, c],
+                        layout="hwc", stores="posterior", scale=vae["scale"], shift=vae["shift"], vae=vae,
+                        image_resolution=settings["resolution"], image_channels=settings["channels"])
+    elif latent:      # samples are H x W x C (the input's layout was converted); values as given
         r, c = settings["resolution"], settings["channels"]
         manifest.update(dtype=opts.dtype, shape=[r, r, c], layout="hwc", scale=float(opts.latent_scale),
-                        input_layout=opts.layout)
+                        shift=0.0, stores="latents", input_layout=opts.layout)
     return manifest
 
 
