@@ -25,24 +25,33 @@ from __future__ import annotations
 import torch
 
 from ._common import interpreting
+from ._triton import AVAILABLE as _TRITON, WHY_MISSING
 from ._philox import philox_noise, rng_args, torch_backend_noise
 from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
 from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
 
-__all__ = ["resolve_backend", "build_net_input", "edm_patch_loss", "philox_noise", "net_input_ref", "edm_loss_ref"]
+__all__ = ["resolve_backend", "triton_available", "build_net_input", "edm_patch_loss", "philox_noise", "net_input_ref", "edm_loss_ref"]
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported here (without it the torch references run everywhere)."""
+    return _TRITON
 
 
 def resolve_backend(mode: str, device) -> str:
-    """train.kernels -> "triton" | "torch": 'auto' is Triton on CUDA and the torch references elsewhere;
-    'triton' off CUDA needs TRITON_INTERPRET=1. (pdiff.config checks the config's value; this error is
-    for direct callers.)"""
+    """train.kernels -> "triton" | "torch": 'auto' is Triton on CUDA (where Triton is installed) and the
+    torch references elsewhere; 'triton' off CUDA needs TRITON_INTERPRET=1. (pdiff.config checks the
+    config's value; this error is for direct callers.)"""
     if mode == "torch":
         return "torch"
     dev = torch.device(device)
     if mode == "auto":
-        return "triton" if dev.type == "cuda" else "torch"
+        return "triton" if dev.type == "cuda" and triton_available() else "torch"
     if mode != "triton":
         raise ValueError(f"kernel backend must be one of auto, triton, torch (config key train.kernels), got {mode!r}")
+    if not triton_available():
+        raise RuntimeError(f"train.kernels=triton but Triton cannot be imported ({WHY_MISSING}); install it "
+                           f"(pip install triton) or use train.kernels=auto|torch")
     if dev.type != "cuda" and not interpreting():
         raise RuntimeError(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
                            "to run the kernels in Triton's CPU interpreter (slow, for tests), or use "

@@ -21,11 +21,9 @@ import operator
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra import libdevice
 
 from ._common import counter_blocks, empty, fast_math, launcher
+from ._triton import libdevice, tl, triton, triton_op
 
 _MASK64 = (1 << 64) - 1
 
@@ -120,7 +118,7 @@ def rng_args(seed, images_seen, device):
     return None, seed, operator.index(images_seen)
 
 
-@torch.library.triton_op("pdiff::philox_noise", mutates_args=())
+@triton_op("pdiff::philox_noise", mutates_args=())
 def philox_noise_op(images_seen_t: Optional[torch.Tensor], seed: int, images_seen: int, b: int, c: int, h: int,
                     w: int, device: torch.device) -> torch.Tensor:
     out = empty((b, c, h, w), torch.float32, device)

@@ -15,13 +15,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from pdiff.precond import c_out, c_skip, loss_weight
 
 from ._common import counter_blocks, empty, empty_like, fast_math, launcher
 from ._philox import rng_state
+from ._triton import tl, triton, triton_op
 from .net_input import channel_noise, chw_view, load_patch, patches_to_float, plane_offset, pixels_linear
 
 
@@ -92,7 +91,7 @@ def launch_edm_loss(F, patches, sigma, noise, images_seen_t, seed, images_seen, 
     return (partial if n_tiles == 1 else partial.view(b, n_tiles).sum(1)), grad
 
 
-@torch.library.triton_op("pdiff::edm_loss", mutates_args=())
+@triton_op("pdiff::edm_loss", mutates_args=())
 def edm_loss_op(F: torch.Tensor, patches: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor],
                 images_seen_t: Optional[torch.Tensor], seed: int, images_seen: int, sigma_data: float,
                 write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

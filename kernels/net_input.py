@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from pdiff.coords import coord_grid
 from pdiff.precond import c_in
 
 from ._common import counter_blocks, empty, fast_math, launcher
 from ._philox import noise_block, philox_noise_op, rng_state
+from ._triton import tl, triton, triton_op
 
 
 @triton.jit
@@ -132,7 +131,7 @@ def launch_net_input(patches, sigma, offsets, noise, images_seen_t, seed, images
     return out
 
 
-@torch.library.triton_op("pdiff::net_input", mutates_args=())
+@triton_op("pdiff::net_input", mutates_args=())
 def net_input_op(patches: torch.Tensor, sigma: torch.Tensor, offsets: torch.Tensor,
                  noise: Optional[torch.Tensor], images_seen_t: Optional[torch.Tensor], seed: int, images_seen: int,
                  resolution: int, sigma_data: float, out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
