@@ -1,11 +1,13 @@
 """`pdiff SUBCOMMAND ...`: each subcommand lives in its own module with a ``main(argv) -> int``."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 COMMANDS = {
     "train": ("pdiff.train", "train (or resume) a model: pdiff train --config FILE [key=value ...]"),
+    "config": ("pdiff.tools.config", "every config key: type, default and meaning"),
     "info": ("pdiff.tools.info", "parameters, FLOPs per patch size and the schedule's cost per image"),
     "shard": ("pdiff.tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
     "sample": ("pdiff.tools.sample", "generate images from a snapshot or checkpoint"),
@@ -15,16 +17,50 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default at the end of its help (when it has a
+    default worth showing and its help does not name one already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = action.option_strings and not (default is None or default is False or default == []
+                                                or default is argparse.SUPPRESS)
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def usage() -> str:
-    lines = ["usage: pdiff COMMAND [args...]", "", "commands:"]
+    lines = ["usage: pdiff COMMAND [args...]     (pdiff COMMAND --help for its options; pdiff --version)",
+             "", "commands:"]
     lines += [f"  {name:<8}{text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
+def version() -> str:
+    """pdiff's version and what it runs on."""
+    import importlib.metadata as md
+    from pdiff import __version__
+    parts = []
+    for dist in ("torch", "triton", "nvidia-dali-cuda120", "nvidia-dali-cuda130"):
+        try:
+            parts.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
+    return f"pdiff {__version__} ({', '.join(parts) or 'torch not installed'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

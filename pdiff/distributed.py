@@ -11,6 +11,27 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
+
+class DeviceError(UserError, RuntimeError):
+    """The device asked for does not exist here (a --device flag the machine cannot honour)."""
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a CUDA device this torch cannot use, saying why and what to pass instead."""
+    if device.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        raise DeviceError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; use "
+                          f"--device cpu, or install a CUDA build of torch (https://pytorch.org/get-started)")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu, or run on a GPU machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,9 +56,13 @@ def init(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
+        check_device(dev)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),

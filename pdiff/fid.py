@@ -194,43 +194,60 @@ class FIDInceptionV3(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Weights
 
+FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]
+
+
 def cache_dir() -> Path:
+    """Where downloaded weights are kept: $PDIFF_CACHE, else ~/.cache/pdiff."""
     return Path(os.environ.get("PDIFF_CACHE") or Path.home() / ".cache" / "pdiff")
 
 
 def missing_weights_message(detail: str = "") -> str:
     head = f"{detail}\n" if detail else ""
-    return (f"{head}FID needs the TF-FID Inception-v3 weights (pytorch-fid's "
-            f"pt_inception-2015-12-05-6726825d.pth). Either download them once:\n"
-            f"    curl -L -o pt_inception-2015-12-05-6726825d.pth {FID_WEIGHTS_URL}\n"
-            f"and pass --inception pt_inception-2015-12-05-6726825d.pth, or pass the URL itself "
-            f"(--inception {FID_WEIGHTS_URL}); downloads are kept in {cache_dir()} "
-            f"(set PDIFF_CACHE to move it).")
+    cached = cache_dir() / FID_WEIGHTS_FILE
+    return (f"{head}FID needs the TF-FID Inception-v3 weights (pytorch-fid's {FID_WEIGHTS_FILE}, 91 MB). "
+            f"Download them where there is internet access:\n"
+            f"    curl -L -o {FID_WEIGHTS_FILE} {FID_WEIGHTS_URL}\n"
+            f"and put the file at {cached} (the cache, used from then on; set PDIFF_CACHE to keep it "
+            f"elsewhere), or pass --inception PATH_TO_FILE.")
 
 
-def resolve_weights(source: str | os.PathLike | None, download: bool = True) -> Path:
-    """A local file, or a URL downloaded once into the cache folder. Never guesses a source."""
-    if source is None or str(source) == "":
-        raise InceptionWeightsMissing(missing_weights_message("No Inception weights given."))
-    text = str(source)
-    if text.startswith(("http://", "https://")):
-        name = text.rstrip("/").rsplit("/", 1)[-1] or hashlib.sha1(text.encode()).hexdigest()
-        path = cache_dir() / name
-        if path.exists():
-            return path
-        if not download:
-            raise InceptionWeightsMissing(missing_weights_message(f"{path} is not cached yet."))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".part{os.getpid()}")
-        try:
-            with urllib.request.urlopen(text, timeout=60) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise InceptionWeightsMissing(missing_weights_message(f"Download of {text} failed: {e}")) from None
+def _fetch(url: str, dest: Path) -> None:
+    """Download ``url`` to ``dest`` (a temporary name the caller renames)."""
+    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+
+
+def _download_once(url: str, path: Path, download: bool = True) -> Path:
+    """``path`` if it is cached, else ``url`` downloaded there (atomically) first."""
+    if path.is_file():
         return path
+    if not download:
+        raise InceptionWeightsMissing(missing_weights_message(f"{path} is not cached yet."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+    try:
+        _fetch(url, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InceptionWeightsMissing(missing_weights_message(
+            f"{path} is not cached yet and downloading {url} failed ({e}).")) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve_weights(source: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The Inception weights file: ``source`` (a file, or a URL downloaded once into the cache
+    folder), or when none is given the standard file, from the cache or downloaded into it once
+    (``download=False``: from the cache only)."""
+    if source is None or str(source) == "":
+        return _download_once(FID_WEIGHTS_URL, cache_dir() / FID_WEIGHTS_FILE, download)
+    text = str(source)
+    if text.startswith(("http://", "https://", "file://")):
+        name = text.rstrip("/").rsplit("/", 1)[-1] or hashlib.sha1(text.encode()).hexdigest()
+        return _download_once(text, cache_dir() / name, download)
     path = Path(text).expanduser()
     if not path.is_file():
         raise InceptionWeightsMissing(missing_weights_message(f"Inception weights file {path} does not exist."))
@@ -499,7 +516,7 @@ class FIDEvaluator:
         """An evaluator, or None (with the reason printed once) when the reference statistics or
         the Inception weights are not available, or a latent model (``channels`` not 1 or 3) has no
         VAE to decode its samples: training goes on without FID."""
-        if not ref or not inception:
+        if not ref:
             return None
         if channels not in (1, 3) and kwargs.get("vae") is None:
             print(f"[pdiff] in-training FID is off: the model makes {channels}-channel latents and no VAE "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ class SnapshotError(UserError, ValueError):
 
 
 def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int) -> Path:
-    """Write atomically, with its checksum (``pdiff.checksum.save_verified``)."""
+    """Write atomically, with its checksum (``pdiff.checksum.save_verified``), readable as the umask
+    allows (0644 under the usual 022) so others sharing the run folder can load it."""
     from safetensors.torch import save
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,10 +73,31 @@ def _config_from(data, source: str) -> Config:
         raise SnapshotError(f"{source}: its stored config is not valid for this pdiff: {e}") from None
 
 
-def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
-    """(EDMPrecond in eval mode, its Config, the metadata dict)."""
-    from safetensors import SafetensorError, safe_open
+def _images_in_name(path: Path) -> int:
+    m = re.search(r"(\d+)\.safetensors$", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def find_snapshot(path: str | os.PathLike) -> Path:
+    """A snapshot file itself, or the newest snapshot (most images seen, by its name; then the newest
+    file) in a folder: a run folder (its snapshots/) or a snapshots folder."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path / "snapshots" if (path / "snapshots").is_dir() else path
+    found = sorted(folder.glob("*.safetensors"), key=lambda p: (_images_in_name(p), p.stat().st_mtime))
+    if not found:
+        raise SnapshotError(f"{path}: no snapshot (*.safetensors) in {folder}; pdiff train writes them as "
+                            f"RUN/snapshots/ema-<images>.safetensors (train.snapshot_every_images)")
+    return found[-1]
+
+
+def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """(EDMPrecond in eval mode, its Config, the metadata dict). ``path`` may be a run or snapshots
+    folder: its newest snapshot is taken (the metadata's "found_in" says so)."""
+    from safetensors import SafetensorError, safe_open
+    folder = Path(path) if Path(path).is_dir() else None
+    path = find_snapshot(path)
     if not path.is_file():
         raise SnapshotError(f"snapshot {path} does not exist (snapshots are RUN/snapshots/*.safetensors)")
     try:
@@ -91,6 +114,9 @@ def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Modul
         raise SnapshotError(f"{path}: a safetensors file but not a pdiff snapshot (metadata format "
                             f"{meta.get('format')!r}, expected {FORMAT!r})")
     cfg = _config_from(json.loads(meta["config"]), str(path))
+    meta["source"] = str(path)
+    if folder is not None:
+        meta["found_in"] = str(folder)
     return _build(cfg, state, str(path), device), cfg, meta
 
 

@@ -1,18 +1,20 @@
 """`pdiff fid ref|calc|gen`: FID with the TF-FID Inception-v3 (numbers comparable with EDM's fid.py,
 pytorch-fid and torch-fidelity).
 
-    pdiff fid ref  --data data/celeba64 --out refs/celeba64.npz --inception WEIGHTS
-    pdiff fid calc --images out/celeba --ref refs/celeba64.npz --inception WEIGHTS
-    pdiff fid gen  --snapshot SNAP --ref refs/celeba64.npz --num 50000 --sets 3 --inception WEIGHTS
+    pdiff fid ref  --data shards/celeba64 --out refs/celeba64.npz
+    pdiff fid calc --images out/celeba --ref refs/celeba64.npz
+    pdiff fid gen  --snapshot SNAP --ref refs/celeba64.npz --num 50000 --sets 3
 
-WEIGHTS is pytorch-fid's pt_inception-2015-12-05-6726825d.pth, as a file or its URL (downloaded
-once into ~/.cache/pdiff, or $PDIFF_CACHE). Image sources: a folder of images (searched
+The Inception weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth: downloaded once into
+the cache ($PDIFF_CACHE, default ~/.cache/pdiff) and taken from there after that; offline, put the
+file there yourself or pass --inception FILE. Image sources: a folder of images (searched
 recursively), an .npz with 'images' or 'x' (N, H, W, C) uint8, or a folder of WebDataset shards
 written by `pdiff shard`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -154,13 +156,20 @@ def open_images(path: str, limit: int | None = None) -> ImageSource:
 # --------------------------------------------------------------------------------------------
 
 def add_inception_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inception", help="TF-FID Inception weights: a file or a URL (cached). "
-                                       "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception", help="TF-FID Inception weights, a file or a URL (downloaded once into the cache); "
+                                       "default: pytorch-fid's pt_inception-2015-12-05-6726825d.pth from the cache "
+                                       "($PDIFF_CACHE, ~/.cache/pdiff), downloaded there the first time")
     p.add_argument("--fid-batch", type=int, default=100, help="images per Inception batch")
 
 
 def pick_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    from pdiff.distributed import DeviceError, check_device
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    check_device(device)
+    return device
 
 
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
@@ -269,28 +278,33 @@ def cmd_gen(args) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from pdiff.cli import HelpFormatter
     from pdiff.tools.sample import add_model_args, add_sampler_args
-    p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{ref,calc,gen}")
+    sub_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
-    r = sub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset")
+    r = sub_parser("ref", help="reference statistics (mu, sigma) of a dataset",
+                   description="Reference statistics (mu, sigma of the Inception features) of a dataset.")
     r.add_argument("--data", required=True, help="shard folder (manifest.json), image folder or .npz")
     r.add_argument("--out", required=True, help="statistics file to write (.npz)")
     r.add_argument("--max-images", type=int, help="use only the first N images")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
 
-    c = sub.add_parser("calc", help="FID of an image folder or .npz against a reference")
+    c = sub_parser("calc", help="FID of an image folder or .npz against a reference",
+                   description="FID of an image folder, an .npz of images or a statistics .npz against a reference.")
     c.add_argument("--images", required=True, help="image folder, .npz of images, or a statistics .npz")
     c.add_argument("--ref", required=True, help="reference statistics (.npz from 'fid ref', EDM's or pytorch-fid's)")
     c.add_argument("--num", type=int, help="use only the first N images")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     c.add_argument("--json", help="also write the result here")
 
-    g = sub.add_parser("gen", help="sample and score without writing images")
+    g = sub_parser("gen", help="sample and score without writing images",
+                   description="Sample from a snapshot or checkpoint and score the samples without writing "
+                               "images: --sets seed sets of --num images, their mean and min FID.")
     add_model_args(g)
     add_sampler_args(g, seeds=False)
-    g.add_argument("--ref", required=True)
+    g.add_argument("--ref", required=True, help="reference statistics (.npz from 'fid ref', EDM's or pytorch-fid's)")
     g.add_argument("--num", type=int, default=50000, help="images per seed set (default 50000)")
     g.add_argument("--sets", type=int, default=3, help="seed sets: report mean and min (default 3, as EDM)")
     g.add_argument("--first-seed", type=int, default=0, help="set k uses seeds first + k*num ... ")
@@ -298,7 +312,7 @@ def main(argv: list[str]) -> int:
 
     for sp in (r, c, g):
         add_inception_arg(sp)
-        sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     for sp in (c, g):
         sp.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="score against a reference of another image size anyway")

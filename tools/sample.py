@@ -1,7 +1,8 @@
 """`pdiff sample`: images from an EMA snapshot or a training checkpoint.
 
-    pdiff sample --snapshot runs/celeba64/snapshots/snapshot-000200000000.safetensors
+    pdiff sample --snapshot runs/celeba64/snapshots/ema-000200000000.safetensors
         --seeds 0-49999 --batch 256 --outdir out/celeba --subdirs
+    pdiff sample --snapshot runs/celeba64 --seeds 0-63 --grid grid.png    # the run's newest snapshot
     torchrun --nproc-per-node 8 -m pdiff.cli sample --checkpoint runs/celeba64
         --seeds 0-63 --grid grid.png --npz samples.npz
 
@@ -27,7 +28,8 @@ from pdiff.errors import UserError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--snapshot", help="EMA snapshot (.safetensors) written by pdiff train")
+    src.add_argument("--snapshot", help="EMA snapshot written by pdiff train (RUN/snapshots/ema-<images>.safetensors), "
+                                        "or a run or snapshots folder: its newest snapshot")
     src.add_argument("--checkpoint", help="checkpoint folder ckpt-*/ or a run folder (its newest complete checkpoint, EMA weights)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--vae", help="latent models: the VAE that decodes the samples (a diffusers folder or hub id; "
@@ -40,15 +42,17 @@ def add_sampler_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
         g.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 0,5,10-19 (default 0-63)")
     g.add_argument("--batch", type=int, default=64, help="images per batch and process (default 64)")
     g.add_argument("--steps", type=int, help="Heun steps N (2N-1 network evaluations; 18 -> 35 NFE)")
-    g.add_argument("--sigma-min", type=float)
-    g.add_argument("--sigma-max", type=float)
-    g.add_argument("--rho", type=float)
+    g.add_argument("--sigma-min", type=float, help="lowest noise level")
+    g.add_argument("--sigma-max", type=float, help="highest noise level")
+    g.add_argument("--rho", type=float, help="time-step exponent")
     g.add_argument("--churn", type=float, help="S_churn (0 = deterministic Heun)")
     g.add_argument("--s-min", type=float, help="S_tmin: churn only for sigma >= this")
     g.add_argument("--s-max", type=float, help="S_tmax: churn only for sigma <= this")
     g.add_argument("--s-noise", type=float, help="S_noise")
-    g.add_argument("--class", dest="class_label", type=int, help="class for every seed (default: random per seed)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--class", dest="class_label", type=int,
+                   help="class for every seed (class-conditional models; default: random per seed)")
+    g.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (1 = off; class-conditional models trained with label dropout)")
     g.add_argument("--guidance-interval", type=_interval, metavar="LO,HI",
                    help="guide only for sigma in (LO, HI] (Kynkaanniemi et al. 2024), e.g. 0.28,5.42; "
                         "default: the run's sample.guidance_interval")
@@ -67,6 +71,8 @@ def _interval(text: str) -> list[float]:
 
 
 def sample_options(args, cfg):
+    """The sampler settings: the run's ``sample`` section with the flags given on top, checked
+    against the model (a UserError names the flag and says what to do)."""
     from pdiff.generate import SampleOptions
     s = cfg.sample
     updates = {"steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
@@ -74,17 +80,29 @@ def sample_options(args, cfg):
                "s_noise": args.s_noise, "guidance": args.guidance, "guidance_interval": args.guidance_interval}
     s = dataclasses.replace(s, **{k: v for k, v in updates.items() if v is not None})
     canvas = args.canvas if args.canvas is not None else s.canvas
+    label_dim = cfg.network.label_dim
     if canvas and canvas < cfg.data.resolution:
         raise UserError(f"--canvas {canvas} is smaller than the training resolution "
-                         f"{cfg.data.resolution}; use 0 or a size >= {cfg.data.resolution}")
+                        f"{cfg.data.resolution}; use 0 or a size >= {cfg.data.resolution}")
     if s.steps < 1:
         raise UserError(f"--steps must be at least 1, got {s.steps}")
+    if args.class_label is not None and label_dim == 0:
+        raise UserError(f"--class {args.class_label}: the model is unconditional (network.label_dim=0 "
+                        f"in its config); leave --class out")
+    if args.class_label is not None and not 0 <= args.class_label < label_dim:
+        raise UserError(f"--class {args.class_label}: the model has {label_dim} classes; give one "
+                        f"of 0..{label_dim - 1}")
+    if args.guidance is not None and args.guidance != 1 and label_dim == 0:
+        raise UserError(f"--guidance {args.guidance:g}: classifier-free guidance needs a class-conditional "
+                        f"model trained with label dropout; this one is unconditional (network.label_dim=0): "
+                        f"leave --guidance out")
     return SampleOptions(sampler=s, class_label=args.class_label, canvas=canvas or 0)
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, disable=not enabled, unit="img", desc=desc, dynamic_ncols=True)
+    """A bar on a terminal; a line every PDIFF_PROGRESS_SECONDS in a log (pdiff.progress)."""
+    from pdiff.progress import Progress
+    return Progress(total, desc, "img", enabled=enabled)
 
 
 def png_path(outdir: Path, seed: int, subdirs: bool) -> Path:
@@ -110,8 +128,8 @@ def make_grid(images_nhwc: np.ndarray, cols: int = 0) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pdiff sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pdiff.cli import HelpFormatter
+    p = argparse.ArgumentParser(prog="pdiff sample", description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     add_sampler_args(p)
     o = p.add_argument_group("outputs (at least one)")
@@ -120,9 +138,9 @@ def main(argv: list[str]) -> int:
     o.add_argument("--npz", help="write all images to this .npz: images (N,H,W,C) uint8 (latents without a VAE: "
                                  "float32), seeds, labels")
     o.add_argument("--grid", help="write a grid PNG of the first --grid-count seeds")
-    o.add_argument("--grid-count", type=int, default=64)
+    o.add_argument("--grid-count", type=int, default=64, help="seeds in the grid (the first ones)")
     o.add_argument("--grid-cols", type=int, default=0, help="grid columns (default: about square)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     args = p.parse_args(argv)
     if not (args.outdir or args.npz or args.grid):
         p.error("nothing to write: give --outdir, --npz and/or --grid")
@@ -137,6 +155,8 @@ def main(argv: list[str]) -> int:
     info = distributed.init(args.device)
     try:
         model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
+        if info.is_main and meta.get("found_in"):
+            print(f"pdiff sample: the newest snapshot in {meta['found_in']}: {meta['source']}", file=sys.stderr)
         options = sample_options(args, cfg)
         vae = load_run_vae(cfg, args.vae, info.device)     # None for pixel models
         latent = cfg.data.channels not in (1, 3) and vae is None
@@ -163,7 +183,7 @@ def main(argv: list[str]) -> int:
                         save_png(img, png_path(outdir, seed, args.subdirs))
                     if keep_all or seed in grid_seeds:
                         kept[seed] = (img, int(lab))
-                bar.update(min(len(chunk) * info.world_size, bar.total - bar.n))  # ranks advance alike
+                bar.update(min(len(chunk) * info.world_size, bar.total - bar.done))  # ranks advance alike
         finally:
             bar.close()
         if args.npz or args.grid:
@@ -181,7 +201,7 @@ def main(argv: list[str]) -> int:
                 save_png(grid, Path(args.grid))
             elapsed = time.perf_counter() - start
             where = ", ".join(x for x in (args.outdir, args.npz, args.grid) if x)
-            print(f"pdiff sample: {len(seeds)} images from {meta.get('source') or args.snapshot} "
+            print(f"pdiff sample: {len(seeds)} images from {meta.get('source')} "
                   f"(images_seen {meta.get('images_seen')}) in {elapsed:.1f}s on {info.world_size} "
                   f"process(es) -> {where}")
     finally:

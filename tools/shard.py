@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pdiff.cli import HelpFormatter
 from pdiff.pipelines.sample_source import ENCODINGS
 from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, info, verify, write_shards
 
@@ -53,11 +54,13 @@ def _size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdiff shard", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("source", help="folder, .zip, .npz or .npy")
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--resolution", type=int, help="R; default: the size of the images (they must all match)")
-    p.add_argument("--transform", choices=TRANSFORMS, default="none")
+    p.add_argument("--transform", choices=TRANSFORMS, default="none",
+                   help="to R x R: none (sizes must match), center-crop (crop the centre square, Lanczos), "
+                        "center-crop-dhariwal (ADM's: halve, bicubic, crop), or resize (stretch)")
     p.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
                    help="1 = grayscale, 3 = RGB, auto = as the first image")
     p.add_argument("--format", dest="encoding", choices=ENCODINGS, default=None,
@@ -92,26 +95,32 @@ def _parser() -> argparse.ArgumentParser:
 def _verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdiff shard verify", description="Check a shard folder against its manifest: "
                                 "sizes, sha256s, each sample's CRC-32, a decode of every sample and its label. "
-                                "Every damaged sample is listed (shard, key, byte offset). Exit status 1 if any.")
+                                "Every damaged sample is listed (shard, key, byte offset). Exit status 1 if any.",
+                                formatter_class=HelpFormatter)
     p.add_argument("folder", help="a folder written by `pdiff shard`")
     p.add_argument("--workers", type=int, default=0, help="processes, one shard each at a time; 0 = all cores")
     p.add_argument("--quiet", action="store_true", help="no progress")
     return p
 
 
+def _info_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdiff shard info", description="Say what a shard folder holds: samples, "
+                                "resolution, channels, encoding, labels, shards, and the command that wrote it.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("folder", help="a folder written by `pdiff shard`")
+    return p
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
+    if argv and argv[0] == "info":
+        print(info(_info_parser().parse_args(argv[1:]).folder))
+        return 0
     if argv and argv[0] == "verify":
         args = _verify_parser().parse_args(argv[1:])
         ok, msg = verify(args.folder, workers=max(0, args.workers), progress=not args.quiet)
         print(msg, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
-    if argv and argv[0] == "info":
-        if len(argv) != 2:
-            print("usage: pdiff shard info DIR", file=sys.stderr)
-            return 2
-        print(info(argv[1]))
-        return 0
     args = _parser().parse_args(argv)
     opts = vars(args)
     quiet = opts.pop("quiet")
