@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import yaml
 
@@ -31,132 +31,140 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+def knob(default, meaning: str):
+    """A config field and its one-line meaning, which `pdiff config` prints (lists get a fresh copy
+    per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": meaning})
+    return field(default=default, metadata={"doc": meaning})
+
+
 @dataclass
 class NetworkConfig:
-    arch: str = "ddpmpp"                  # a name in pdiff.networks.NETWORKS: ddpmpp | ncsnpp | adm | ...
-    model_channels: int = 128             # base channels
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
-    num_blocks: int = 4                   # residual blocks per resolution
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])
-    dropout: float = 0.10
-    label_dim: int = 0                    # number of classes; 0 = unconditional
-    label_dropout: float = 0.0            # probability of dropping the label (classifier-free guidance)
-    coord_embed: Literal["none", "fourier"] = "none"   # fourier: sin/cos features of the coordinates
-    coord_freqs: int = 4                  # fourier: frequencies 2^0 .. 2^(k-1)
+    arch: str = knob("ddpmpp", "the network, a name in pdiff.networks.NETWORKS")
+    model_channels: int = knob(128, "base channels")
+    channel_mult: list[int] = knob([1, 2, 2, 2], "channels of each resolution level, in multiples of model_channels")
+    num_blocks: int = knob(4, "residual blocks per resolution")
+    attn_resolutions: list[int] = knob([16], "resolutions (feature map sides) with self-attention")
+    dropout: float = knob(0.10, "dropout probability in the residual blocks")
+    label_dim: int = knob(0, "number of classes (0 = unconditional); default: the shards' classes")
+    label_dropout: float = knob(0.0, "probability of dropping the label in training (classifier-free guidance)")
+    coord_embed: Literal["none", "fourier"] = knob("none", "coordinate channels as given, or sin/cos features of them")
+    coord_freqs: int = knob(4, "fourier: frequencies 2^0 .. 2^(k-1)")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""                        # folder of WebDataset shards with manifest.json
-    resolution: int = 64                  # R, the full image (or latent) size
-    channels: int = 3
-    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: DALI where it is installed
-    workers: int = 2                      # decoding threads (DALI) or DataLoader workers (torch)
-    prefetch: int = 4                     # batches decoded ahead
-    verify_checksums: bool = False        # sha256 of every shard against the manifest at start (sizes are always checked)
-    xflip: bool = False                   # random horizontal flips (off: flips move coordinates)
-    # A damaged sample (fails its CRC-32 or its decode): stop, naming it | skip: read the next good sample
-    # in its place, count it, and stop past max_corrupt damaged samples (per process).
-    on_corrupt: Literal["stop", "skip"] = "stop"
-    max_corrupt: int = 100
-    # In-memory mode: decode the whole dataset once into host memory (pinned) or onto the training
-    # device and crop each step with one gather; refused, with the sizes, where it does not fit.
-    cache: Literal["none", "host", "device"] = "none"
+    path: str = knob("", "folder of shards written by `pdiff shard` (with manifest.json)")
+    resolution: int = knob(64, "R, the side of the full image (or latent); default: the shards'")
+    channels: int = knob(3, "channels of an image (or latent); default: the shards'")
+    backend: Literal["auto", "dali", "torch"] = knob("auto", "data loader: auto is DALI where it is installed")
+    workers: int = knob(2, "decoding threads (DALI) or DataLoader workers (torch)")
+    prefetch: int = knob(4, "batches decoded ahead")
+    verify_checksums: bool = knob(False, "check every shard's sha256 against the manifest at start (sizes are always checked)")
+    xflip: bool = knob(False, "random horizontal flips (off by default: a flip moves the coordinates)")
+    on_corrupt: Literal["stop", "skip"] = knob(
+        "stop", "a damaged sample (CRC-32 or decode): stop naming it, or skip: read the next good sample in its place")
+    max_corrupt: int = knob(100, "data.on_corrupt=skip: stop past this many damaged samples (per process)")
+    cache: Literal["none", "host", "device"] = knob(
+        "none", "in-memory mode: decode the whole dataset once into host memory or onto the device, crop "
+                "each step with one gather (refused, with the sizes, where it does not fit)")
 
 
 @dataclass
 class PatchConfig:
-    mode: str = "stochastic"              # a patch schedule: stochastic | progressive | full (plain EDM)
-    real_p: float = 0.5                   # share of full-size steps (the paper's p)
-    sizes: list[int] = field(default_factory=list)    # empty: {R/4, R/2, R}
-    probs: list[float] = field(default_factory=list)  # empty: (2/5 (1-p), 3/5 (1-p), p)
+    mode: str = knob("stochastic", "the patch schedule, a name in pdiff.schedule.SCHEDULES (full = plain EDM)")
+    real_p: float = knob(0.5, "share of full-size steps, the paper's p")
+    sizes: list[int] = knob([], "patch sizes; empty: {R/4, R/2, R}")
+    probs: list[float] = knob([], "probability of each of patch.sizes; empty: (2/5 (1-p), 3/5 (1-p), p)")
 
 
 @dataclass
 class LossConfig:
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    sigma_data: float = 0.5
+    p_mean: float = knob(-1.2, "mean of ln(sigma) of the training noise levels (EDM's P_mean)")
+    p_std: float = knob(1.2, "standard deviation of ln(sigma) (EDM's P_std)")
+    sigma_data: float = knob(0.5, "standard deviation of the data (EDM's sigma_data)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_images: int = 10_000_000       # linear learning-rate warm-up (EDM: 10 Mimg)
-    grad_clip: float = 0.0                # 0 = no clipping
-    # A step whose gradient is not finite: zero it (no host sync) | skip it (one host sync a step).
-    nonfinite: Literal["zero", "skip"] = "zero"
+    lr: float = knob(2e-4, "Adam's learning rate after the warm-up")
+    betas: list[float] = knob([0.9, 0.999], "Adam's beta1, beta2")
+    eps: float = knob(1e-8, "Adam's epsilon")
+    weight_decay: float = knob(0.0, "Adam's L2 weight decay")
+    warmup_images: int = knob(10_000_000, "images over which the learning rate rises linearly from 0 (EDM: 10 Mimg)")
+    grad_clip: float = knob(0.0, "clip the gradient's global norm to this (0 = no clipping)")
+    nonfinite: Literal["zero", "skip"] = knob(
+        "zero", "a step whose gradient is not finite: zero it (no host sync) or skip it (one host sync a step)")
 
 
 @dataclass
 class EMAConfig:
-    halflife_images: int = 500_000        # EDM: 0.5 Mimg
-    rampup_ratio: float = 0.05            # half-life at most this share of images seen; 0 = off
+    halflife_images: int = knob(500_000, "EMA half-life in images (EDM: 0.5 Mimg)")
+    rampup_ratio: float = knob(0.05, "half-life at most this share of the images seen (0 = off)")
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    batch: int = 512                      # global batch of FULL images; a step of size s carries batch * R/s patches
-    grad_accum: int = 1                   # micro-batches per step and rank
-    duration_images: int = 200_000_000
-    log_every_images: int = 100_000
-    ckpt_every_images: int = 5_000_000
-    snapshot_every_images: int = 5_000_000
-    sample_every_images: int = 5_000_000
-    keep_checkpoints: int = 3
-    compile: bool = True
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = False
-    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, the torch references elsewhere
-    wall_budget_s: float = 0.0            # stop cleanly after this many seconds; 0 = no budget
-    deterministic: bool = False
+    run_dir: str = knob("runs/default", "the run folder: config, logs, checkpoints, snapshots, samples")
+    seed: int = knob(0, "seed of the initial weights and of every random draw of a step")
+    batch: int = knob(512, "global batch of FULL images; a step of patch size s carries batch * R/s patches")
+    grad_accum: int = knob(1, "micro-batches per step and process")
+    duration_images: int = knob(200_000_000, "train until this many images are seen")
+    log_every_images: int = knob(100_000, "log (console, log.jsonl, TensorBoard) every this many images")
+    ckpt_every_images: int = knob(5_000_000, "checkpoint every this many images")
+    snapshot_every_images: int = knob(5_000_000, "write an EMA snapshot every this many images")
+    sample_every_images: int = knob(5_000_000, "write a sample grid every this many images")
+    keep_checkpoints: int = knob(3, "newest complete checkpoints kept")
+    compile: bool = knob(True, "torch.compile the network (one graph per patch size)")
+    precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU")
+    channels_last: bool = knob(False, "channels_last weights and activations")
+    kernels: Literal["auto", "triton", "torch"] = knob("auto", "auto: the Triton kernels on CUDA, their torch references elsewhere")
+    wall_budget_s: float = knob(0.0, "stop cleanly (checkpoint, snapshot) after this many seconds (0 = no budget)")
+    deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)")
 
 
 @dataclass
 class SamplerConfig:
-    steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = float("inf")
-    s_noise: float = 1.0
-    guidance: float = 1.0                 # classifier-free guidance scale (1 = off)
+    steps: int = knob(18, "Heun steps N (2N - 1 network evaluations)")
+    sigma_min: float = knob(0.002, "lowest noise level")
+    sigma_max: float = knob(80.0, "highest noise level")
+    rho: float = knob(7.0, "time-step exponent (EDM's rho)")
+    s_churn: float = knob(0.0, "stochasticity S_churn (0 = deterministic)")
+    s_min: float = knob(0.0, "churn only for sigma >= S_tmin")
+    s_max: float = knob(float("inf"), "churn only for sigma <= S_tmax")
+    s_noise: float = knob(1.0, "S_noise, the churn noise's scale")
+    guidance: float = knob(1.0, "classifier-free guidance scale (1 = off; needs a conditional model)")
     # Guide only for sigma in (lo, hi] (Kynkaanniemi et al. 2024); elsewhere the conditional model
-    # alone (one network evaluation instead of two). [0, inf]: guide at every step.
-    guidance_interval: list[float] = field(default_factory=lambda: [0.0, float("inf")])
-    canvas: int = 0                       # 0 = the training resolution
+    # alone (one network evaluation instead of two).
+    guidance_interval: list[float] = knob([0.0, float("inf")], "guide only for sigma in (lo, hi] "
+                                          "(Kynkaanniemi et al. 2024); [0, inf]: at every step")
+    canvas: int = knob(0, "side of the sampled image; 0 = the training resolution, larger extrapolates")
 
 
 @dataclass
 class VAEConfig:
     """The image autoencoder of a latent model (diffusers AutoencoderKL, pdiff/vae.py). Training on
     shards from `pdiff shard --encode-vae` fills this in from their manifest."""
-    source: str = ""                      # a local diffusers folder or a hub id; "" = none
-    sha256: str = ""                      # of its weights, as recorded when the shards were encoded
-    scale: float = 1.0                    # latent = (z - shift) * scale, z in the autoencoder's space (SD: 0.18215)
-    shift: float = 0.0
-    decode_batch: int = 16                # latents per decoder pass when sampling
+    source: str = knob("", "a local diffusers folder or a hub id (\"\" = none); default: the shards'")
+    sha256: str = knob("", "of its weights, as recorded when the shards were encoded")
+    scale: float = knob(1.0, "latent = (z - shift) * scale, z in the autoencoder's space (SD: 0.18215)")
+    shift: float = knob(0.0, "see vae.scale")
+    decode_batch: int = knob(16, "latents per decoder pass when sampling")
 
 
 @dataclass
 class EvalConfig:
-    fid_every_images: int = 0             # in-training FID every N images; 0 = off
-    fid_images: int = 5000                # samples per in-training FID
-    fid_batch: int = 64
-    fid_ref: str = ""                     # reference statistics (pdiff fid ref)
-    inception: str = ""                   # TF-FID Inception weights: a file or URL (cached)
+    fid_every_images: int = knob(0, "FID during training every this many images (0 = off)")
+    fid_images: int = knob(5000, "samples per in-training FID")
+    fid_batch: int = knob(64, "batch of the in-training FID's sampling")
+    fid_ref: str = knob("", "reference statistics (.npz from `pdiff fid ref`)")
+    inception: str = knob("", "TF-FID Inception weights, a file or URL; empty: the cached standard file")
 
 
 @dataclass
 class Config:
-    name: str = "default"
+    name: str = knob("default", "the run's name (printed and stored with it)")
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
@@ -167,6 +175,10 @@ class Config:
     sample: SamplerConfig = field(default_factory=SamplerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The keys the user gave, each with where (their config file or a non-preset base of it, or
+    # "the command line"): values a dataset's manifest must agree with rather than replace. Preset
+    # values and defaults are not in it. Not a field: not saved, not printed.
+    given: ClassVar[dict[str, str]] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,8 +188,31 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or from text that spells one, else None.
+
+    YAML 1.1 (PyYAML) reads ``1e-4``, ``1E-4`` and ``2e8`` as strings (it wants a dot before the
+    exponent), so any float literal in text is taken here: ``lr: 1e-4`` is 0.0001."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(value: Any, tp, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    """Check ``value`` against the annotation ``tp``: ints are accepted for floats, integral floats
+    (``2e8``) for ints, and number literals in text for both."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -199,17 +234,15 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
-                return float(value)
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        number = _number(value)
+        if number is None or (isinstance(number, float) and not number.is_integer()):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -265,8 +298,22 @@ def resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config {path}: no such file and no such preset (presets: {names})")
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """Read a YAML file; ``base: other.yaml`` (relative, or a preset name) is merged underneath."""
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the values in a nested mapping (``{"data": {"path": ..}}`` -> ``data.path``)."""
+    keys = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        keys += _leaf_keys(v, key + ".") if isinstance(v, dict) else [key]
+    return keys
+
+
+def is_preset(path: Path) -> bool:
+    return path.resolve().parent == PRESET_DIR.resolve()
+
+
+def _read_yaml(path: Path, seen: tuple = (), given: dict | None = None) -> dict:
+    """Read a YAML file; ``base: other.yaml`` (relative, or a preset name) is merged underneath.
+    The keys of files that are not presets go into ``given`` (key -> file)."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back on itself")
     try:
@@ -276,9 +323,12 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
+    if given is not None and not is_preset(path):
+        for key in _leaf_keys(data):        # a file's own keys win over its bases'
+            given.setdefault(key, str(path))
     if base is not None:
         base_path = path.parent / base if (path.parent / base).exists() else resolve_path(base)
-        data = _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+        data = _merge(_read_yaml(base_path, seen + (path.resolve(),), given), data)
     return data
 
 
@@ -306,17 +356,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults <- YAML file (with its ``base`` chain) <- dotted overrides, checked field by field."""
     data: dict = to_dict(Config())
     source = "<defaults>"
+    given: dict[str, str] = {}
     if path is not None:
         p = resolve_path(path)
         source = str(p)
-        data = _merge(data, _read_yaml(p))
+        file_given: dict[str, str] = {}
+        data = _merge(data, _read_yaml(p, given=file_given))
+        given.update(file_given)
     if overrides:
         try:
             data = apply_overrides(data, list(overrides))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        given.update({".".join(parse_override(text)[0]): "the command line" for text in overrides})
         source += " + overrides"
     cfg = from_dict(data, source)
+    cfg.given = given
     validate(cfg, source)
     return cfg
 
@@ -392,7 +447,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     """The checks of values (VALUE_RULES), of what spans fields and of what needs a registry; each
     field's type and closed set of choices were checked while loading."""
     from .networks import NETWORKS
-    from .schedule import SCHEDULES, PatchSchedule
+    from .schedule import SCHEDULES
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
@@ -407,16 +462,178 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
                           f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
     check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval", bad)
-    try:
-        PatchSchedule.from_config(cfg)
-    except ValueError as e:
-        bad("patch", str(e))
+    # With data.path set and no data.resolution given, the resolution comes from the data
+    # (fill_from_data), which checks what depends on it then.
+    if not resolution_from_data(cfg):
+        check_resolution_dependent(cfg, source)
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
         bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
     if cfg.sample.sigma_max <= cfg.sample.sigma_min:
         bad("sample.sigma_max", f"must be above sample.sigma_min ({cfg.sample.sigma_min}), got {cfg.sample.sigma_max}")
+    if cfg.train.kernels == "triton":
+        from pdiff.kernels import triton_available
+        if not triton_available():
+            bad("train.kernels", "triton, but Triton cannot be imported here: install it (pip install triton), "
+                                 "or use auto (Triton where it is installed, on CUDA) or torch")
+
+
+def resolution_from_data(cfg: Config) -> bool:
+    """Whether data.resolution is still to be taken from the data (data.path set, no value given)."""
+    return bool(cfg.data.path) and "data.resolution" not in cfg.given
+
+
+def check_resolution_dependent(cfg: Config, source: str) -> None:
+    """The settings that must fit data.resolution: the patch sizes and the sampling canvas."""
+    from .schedule import PatchSchedule
+    try:
+        PatchSchedule.from_config(cfg)      # patch.sizes / probs against each other and the resolution
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
-        bad("sample.canvas", f"must be 0 or at least data.resolution ({cfg.data.resolution}), got {cfg.sample.canvas}")
+        raise ConfigError(f"{source}: sample.canvas: must be 0 or at least data.resolution ({cfg.data.resolution}), "
+                          f"got {cfg.sample.canvas}")
+
+
+def advice(cfg: Config) -> list[str]:
+    """Settings that run but are probably not what was meant: one line each, to print at start."""
+    lines = []
+    o, t = cfg.optim, cfg.train
+    if o.warmup_images > t.duration_images:
+        lines.append(f"optim.warmup_images={o.warmup_images:,} is longer than the run (train.duration_images="
+                     f"{t.duration_images:,}): the learning rate never reaches optim.lr={o.lr:g}; set "
+                     f"optim.warmup_images below the duration")
+    if cfg.sample.guidance != 1 and cfg.network.label_dim == 0:
+        lines.append(f"sample.guidance={cfg.sample.guidance:g} has no effect: the model is unconditional "
+                     f"(network.label_dim=0); guidance needs class labels")
+    elif cfg.sample.guidance != 1 and cfg.network.label_dropout == 0:
+        lines.append(f"sample.guidance={cfg.sample.guidance:g} with network.label_dropout=0: the model never "
+                     f"learns the unconditional branch guidance mixes in; set network.label_dropout (e.g. 0.1)")
+    return lines
+
+
+def fill_from_data(cfg: Config, resolution: int, channels: int, num_classes: int, where: str
+                   ) -> tuple[Config, list[str]]:
+    """``cfg`` with data.resolution, data.channels and network.label_dim taken from the dataset at
+    ``where`` unless the user gave them (``cfg.given``), and lines saying what was taken. A given
+    value that contradicts the data is a ConfigError naming both."""
+    given = dict(cfg.given)
+    taken, notes = [], []
+
+    def from_data(key: str, value: int, current: int) -> int:
+        if key not in given:
+            taken.append(f"{key}={value}" + (f" (instead of {current})" if current != value else ""))
+            return value
+        return current
+
+    def contradiction(key: str, value, fact: str, fix: str):
+        raise ConfigError(f"{key}={value} (given in {given[key]}) but {fact}: {fix}, or remove {key} to take "
+                          f"the data's value")
+
+    res = from_data("data.resolution", resolution, cfg.data.resolution)
+    if res != resolution:
+        contradiction("data.resolution", res, f"the samples in {where} are {resolution}x{resolution}",
+                      f"set data.resolution={resolution}, shard the images again with --resolution {res}")
+    ch = from_data("data.channels", channels, cfg.data.channels)
+    if ch != channels:
+        contradiction("data.channels", ch, f"the samples in {where} have {channels} channel(s)",
+                      f"set data.channels={channels}")
+    label_dim = from_data("network.label_dim", num_classes, cfg.network.label_dim)
+    if label_dim and not num_classes:
+        contradiction("network.label_dim", label_dim, f"the samples in {where} have no labels",
+                      "set network.label_dim=0 (unconditional), shard a labelled dataset (class "
+                      "sub-folders, or labels in the .npz)")
+    if num_classes > label_dim > 0:
+        contradiction("network.label_dim", label_dim, f"the samples in {where} have {num_classes} classes",
+                      f"set network.label_dim={num_classes}")
+    if label_dim > num_classes > 0:
+        notes.append(f"network.label_dim={label_dim} (given) for {num_classes} classes in {where}: classes "
+                     f"{num_classes}..{label_dim - 1} are never trained")
+    if num_classes and not label_dim:
+        notes.append(f"the samples in {where} have {num_classes} classes, but network.label_dim=0 (given in "
+                     f"{given['network.label_dim']}): training unconditionally, without the labels")
+    if taken:
+        notes.insert(0, f"from {where}: " + ", ".join(taken))
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=res, channels=ch),
+                              network=dataclasses.replace(cfg.network, label_dim=label_dim))
+    out.given = given
+    validate(out, f"{where} + config")
+    check_resolution_dependent(out, f"{where} + config")
+    return out, notes
+
+
+# --------------------------------------------------------------------------------------------
+# The reference of every key (`pdiff config`, docs/CONFIG.md), generated from the fields above
+
+def _registries() -> dict[str, list[str]]:
+    """The open sets of names, keyed by the field that takes them."""
+    from .networks import NETWORKS
+    from .schedule import SCHEDULES
+    return {"network.arch": list(NETWORKS), "patch.mode": list(SCHEDULES)}
+
+
+def _type_text(tp, key: str, registries: dict) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if key in registries:
+        return " | ".join(registries[key])
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return _type_name(tp)
+
+
+def _default_text(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:_}"
+    return str(value)
+
+
+def reference_rows(cfg: Config | None = None) -> list[tuple[str, str, str, str]]:
+    """(key, type or choices, default, meaning) of every config key, in declaration order."""
+    cfg = cfg or Config()
+    registries = _registries()
+    rows = []
+
+    def walk(node, prefix: str):
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value, key = getattr(node, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                rows.append((key, _type_text(hints[f.name], key, registries), _default_text(value),
+                             f.metadata.get("doc", "")))
+    walk(cfg, "")
+    return rows
+
+
+REFERENCE_HEADER = """# Config reference
+
+Generated from the dataclasses in `pdiff/config.py` by `pdiff config --markdown` (a test keeps it
+current). A config file sets keys by section (`optim: {lr: 1e-4}`) and may start from a preset
+(`base: celeba64`); the command line sets them as `section.key=value`. Numbers take any float
+literal (`1e-4`, `2e8`). `data.resolution`, `data.channels` and `network.label_dim` default to what
+the shards' manifest says; a value you give must agree with it.
+
+"""
+
+
+def reference(markdown: bool = False, keys: list[str] = ()) -> str:
+    """Every config key (or those starting with one of ``keys``): type (the choices of an
+    enumeration), default and meaning; ``markdown``: docs/CONFIG.md."""
+    rows = [r for r in reference_rows() if not keys or any(r[0] == k or r[0].startswith(k + ".") for k in keys)]
+    if markdown:
+        lines = [REFERENCE_HEADER + "| key | type | default | meaning |", "|---|---|---|---|"]
+        escaped_bar = "\\|"        # a choice separator inside a table cell
+        lines += [f"| `{k}` | {t.replace('|', escaped_bar)} | `{d}` | {m} |" for k, t, d, m in rows]
+        return "\n".join(lines) + "\n"
+    wk = max(len(r[0]) for r in rows)
+    wt = max(len(r[1]) for r in rows if len(r[1]) <= 24)
+    wd = max(len(r[2]) for r in rows if len(r[2]) <= 14)
+    return "\n".join(f"{k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {m}" for k, t, d, m in rows) + "\n"
 
 
 def check_guidance_interval(interval, key: str, bad) -> None:

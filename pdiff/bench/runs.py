@@ -31,8 +31,9 @@ class BenchInterrupted(RuntimeError):
 
 def variant(cfg, overrides: list[str]):
     """A copy of ``cfg`` with dotted overrides applied (checked like the command line's)."""
-    from pdiff.config import apply_overrides, from_dict, to_dict, validate
+    from pdiff.config import apply_overrides, from_dict, parse_override, to_dict, validate
     out = from_dict(apply_overrides(to_dict(cfg), list(overrides)), "<bench>")
+    out.given = {**cfg.given, **{".".join(parse_override(o)[0]): "<bench>" for o in overrides}}
     validate(out, "<bench>")
     return out
 

@@ -43,10 +43,12 @@ class PatchSchedule:
                  probs: Sequence[float] = (), seed: int = 0, duration_images: int | None = None):
         sizes, probs = self.sizes_and_probs(resolution, real_p, list(sizes), list(probs))
         if len(sizes) != len(probs):
-            raise ValueError(f"patch.sizes {list(sizes)} and patch.probs {list(probs)} differ in length")
+            raise ValueError(f"patch.sizes {list(sizes)} and patch.probs {list(probs)} differ in length: "
+                             f"give one probability per size")
         for s in sizes:
             if s <= 0 or s > resolution or resolution % s:
-                raise ValueError(f"patch size {s} must divide the resolution {resolution}")
+                raise ValueError(f"patch.sizes: {s} does not divide data.resolution {resolution}; use sizes "
+                                 f"that divide it, e.g. {resolution // 4}, {resolution // 2}, {resolution}")
         if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
             raise ValueError(f"patch.probs {list(probs)} must be non-negative and sum to 1")
         order = sorted(range(len(sizes)), key=lambda i: sizes[i])
@@ -72,10 +74,14 @@ class PatchSchedule:
         default when both are empty."""
         if not sizes:
             if probs:
-                raise ValueError("patch.probs given without patch.sizes")
+                raise ValueError(f"patch.probs {probs} is given without patch.sizes: give the sizes they "
+                                 f"belong to, or neither for the default {{R/4, R/2, R}}")
             return default_patch_sizes(resolution, real_p)
         if not probs:
-            raise ValueError("patch.sizes given without patch.probs")
+            share = round(1 / len(sizes), 2)
+            even = ",".join(f"{p:g}" for p in [share] * (len(sizes) - 1) + [round(1 - share * (len(sizes) - 1), 2)])
+            raise ValueError(f"patch.sizes {sizes} is given without patch.probs: give one probability per "
+                             f"size (e.g. patch.probs=[{even}]), or neither for the default {{R/4, R/2, R}}")
         return sizes, probs
 
     def size_at(self, images_seen: int) -> int:

@@ -11,7 +11,7 @@ class ProgressiveSchedule(PatchSchedule):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.duration_images:
-            raise ValueError("progressive patch schedule needs the run's duration in images")
+            raise ValueError("patch.mode=progressive needs the run's length: set train.duration_images")
 
     def size_at(self, images_seen: int) -> int:
         return self.size_for(images_seen / self.duration_images)
