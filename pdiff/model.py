@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
 from .precond import EDMPrecond
 
 
@@ -21,13 +21,6 @@ def one_hot_labels(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor 
         return None
     hot = torch.nn.functional.one_hot(labels.clamp(0, label_dim - 1), label_dim).float()
     return hot * (labels >= 0).unsqueeze(1)
-
-
-def check_label_range(label_dim: int, num_classes: int, where: str) -> None:
-    """The dataset's classes must fit the network's one-hot labels (checked once, before training)."""
-    if label_dim and num_classes > label_dim:
-        raise ConfigError(f"{where}: the shards have {num_classes} classes but network.label_dim is "
-                         f"{label_dim}; set network.label_dim={num_classes}")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -2,6 +2,7 @@
 same figures, and a console progress line with an ETA. Only rank 0 writes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -13,6 +14,9 @@ import torch
 
 # Loss per noise level: bins of ln(sigma) over where training puts its mass (P_mean +- 3 P_std).
 SIGMA_BIN_EDGES = [-4.8, -3.0, -1.8, -1.2, -0.6, 0.6, 2.4]
+SIGMA_BIN_NAMES = (["<" + str(SIGMA_BIN_EDGES[0])]
+                   + [f"{a}..{b}" for a, b in zip(SIGMA_BIN_EDGES, SIGMA_BIN_EDGES[1:])]
+                   + [">" + str(SIGMA_BIN_EDGES[-1])])
 
 
 class StepStats:
@@ -63,8 +67,7 @@ class StepStats:
         for s, l, c in zip(self.patch_sizes, ls, cs):
             if c > 0:
                 out[f"loss_patch/{s}"] = float(l / c)
-        labels = ["<" + str(SIGMA_BIN_EDGES[0])] + [f"{a}..{b}" for a, b in zip(SIGMA_BIN_EDGES, SIGMA_BIN_EDGES[1:])] + [">" + str(SIGMA_BIN_EDGES[-1])]
-        for name, l, c in zip(labels, lb, cb):
+        for name, l, c in zip(SIGMA_BIN_NAMES, lb, cb):
             if c > 0:
                 out[f"loss_lnsigma/{name}"] = float(l / c)
         self.reset()
@@ -78,13 +81,78 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+# TensorBoard groups tags by their first path component: the training figures under train/, speed
+# and cost under perf/, the per-patch and per-noise-level losses in their own groups, numbered so
+# the cards sort by size and by sigma. log.jsonl keeps the plain keys.
+TRAIN_KEYS = ("loss", "grad_norm", "lr", "nonfinite_steps", "images_seen_this_run", "replica_max_param_diff")
+
+
+def tensorboard_tag(key: str) -> str:
+    group, _, name = key.partition("/")
+    if group == "loss_patch":
+        return f"loss_by_patch/{int(name):03d}"
+    if group == "loss_lnsigma":
+        return f"loss_by_sigma/{SIGMA_BIN_NAMES.index(name)}_lnsigma{name}"
+    if name:
+        return key
+    return f"train/{key}" if key in TRAIN_KEYS else f"perf/{key}"
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """A nested config as TensorBoard hparams: dotted keys; lists and None as text."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+class IntervalClock:
+    """The wall time of one log interval, split into waiting for data, pauses (snapshots, sample
+    grids, checkpoints, FID) and the rest; images/s counts only the time not paused."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.data_wait, self.paused = time.perf_counter(), 0, 0.0, 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - t0
+
+    def lap(self) -> tuple[dict, float]:
+        """The interval's speed figures and its seconds without pauses; starts the next interval."""
+        elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
+        images = max(self.images, 1)
+        out = {"images_per_s": self.images / elapsed, "ms_per_image": 1e3 * elapsed / images,
+               "data_wait_share": self.data_wait / elapsed}
+        self.reset()
+        return out, elapsed
+
+
 class Monitor:
+    """Rank 0 writes: TensorBoard, log.jsonl and the console. ``wall_budget_s`` and ``started``
+    (time.time() when the process started the run) give the ETA its nearer end."""
+
     def __init__(self, run_dir: str | Path, enabled: bool, total_images: int, start_images: int,
-                 console: bool = True):
+                 console: bool = True, wall_budget_s: float = 0.0, started: float | None = None):
+        from .progress import interval_s
         self.enabled = enabled
         self.total, self.start_images = total_images, start_images
         self.t0 = time.time()
+        self.started = self.t0 if started is None else started
+        self.wall_budget_s = wall_budget_s
         self.console = console and enabled
+        self.heartbeat_s, self.last_line = interval_s(), time.monotonic()
+        self.clock = IntervalClock()
+        self.pause_s: dict[str, float] = {}      # seconds paused since the last log row, by what
         self.tb = self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -92,26 +160,74 @@ class Monitor:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
 
+    def describe_run(self, config: dict, config_yaml: str) -> None:
+        """The resolved config in TensorBoard: as text, and as hparams (filterable in the HParams tab)."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+        self.tb.add_text("config", "```yaml\n" + config_yaml + "```", self.start_images)
+        writer = self.tb._get_file_writer()
+        for summary in hparams(flat_hparams(config), {"train/loss": float("nan")}):
+            writer.add_summary(summary)
+
     def scalars(self, images_seen: int, values: dict) -> None:
         if not self.enabled:
             return
+        values = {**values, **{f"{what}_s": s for what, s in self.pause_s.items()}}
+        self.pause_s = {}
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, images_seen)
+                self.tb.add_scalar(tensorboard_tag(k), v, images_seen)
         self.jsonl.write(json.dumps({"images_seen": images_seen, "time": time.time(), **values}) + "\n")
-        if self.console:
-            done = images_seen - self.start_images
-            elapsed = time.time() - self.t0
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = max(self.total - images_seen, 0) / rate if rate > 0 else float("inf")
-            pct = 100.0 * images_seen / max(self.total, 1)
-            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--"
+        if self.console and "loss" in values:
             mfu = values.get("mfu")
-            print(f"[{pct:5.1f}%] {images_seen:>12,d} img  loss {values.get('loss', float('nan')):.4f}  "
-                  f"{values.get('images_per_s', 0):8.1f} img/s  {values.get('tflop_per_s', 0):.3g} TFLOP/s  "
-                  f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}  "
-                  f"data wait {100 * values.get('data_wait_share', 0):4.1f}%  "
-                  f"lr {values.get('lr', 0):.2e}  ETA {eta_s}", file=sys.stderr, flush=True)
+            self._line(images_seen, f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):8.1f} img/s  "
+                                    f"{values.get('tflop_per_s', 0):.3g} TFLOP/s  "
+                                    f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}  "
+                                    f"data wait {100 * values.get('data_wait_share', 0):4.1f}%  lr {values.get('lr', 0):.2e}")
+        for key in (k for k in values if k.startswith("fid/")):
+            self.say(f"FID of {key.split('/')[1]} samples at {images_seen:,} images: {values[key]:.4f}")
+
+    def heartbeat(self, images_seen: int) -> None:
+        """A progress line when none was printed for PDIFF_PROGRESS_SECONDS (a long log interval)."""
+        if self.console and time.monotonic() - self.last_line >= self.heartbeat_s:
+            done, elapsed = images_seen - self.start_images, time.time() - self.t0
+            self._line(images_seen, f"{done / max(elapsed, 1e-9):8.1f} img/s on average in this run")
+
+    def eta_seconds(self, images_seen: int) -> float:
+        """Until the run ends: at the current pace for the images left, or when the wall-clock
+        budget runs out, whichever comes first."""
+        done, elapsed = images_seen - self.start_images, time.time() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = max(self.total - images_seen, 0) / rate if rate > 0 else float("inf")
+        if self.wall_budget_s > 0:
+            eta = min(eta, max(self.wall_budget_s - (time.time() - self.started), 0.0))
+        return eta
+
+    def _line(self, images_seen: int, middle: str) -> None:
+        from .progress import hms
+        pct = min(100.0, 100.0 * images_seen / max(self.total, 1))
+        print(f"[{pct:5.1f}%] {images_seen:>12,d} img  {middle}  ETA {hms(self.eta_seconds(images_seen))}",
+              file=sys.stderr, flush=True)
+        self.last_line = time.monotonic()
+
+    def say(self, text: str) -> None:
+        if self.console:
+            print(f"pdiff train: {text}", file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
+
+    @contextlib.contextmanager
+    def pause(self, what: str, images_seen: int, detail: str = ""):
+        """Time a pause in training (``what``: snapshot, sample, fid, checkpoint): kept out of
+        images/s, logged as perf/<what>_s, announced with its time."""
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.clock.paused += seconds
+        self.pause_s[what] = self.pause_s.get(what, 0.0) + seconds
+        if self.enabled:
+            self.tb.add_scalar(f"perf/{what}_s", seconds, images_seen)
+        self.say(f"{what}{' ' + detail if detail else ''} ({seconds:.1f} s)")
 
     def image(self, tag: str, images_seen: int, grid: np.ndarray) -> None:
         """grid: HWC uint8."""
@@ -126,6 +242,21 @@ class Monitor:
         if self.enabled:
             self.tb.close()
             self.jsonl.close()
+
+
+def run_summary(images_seen: int, images_this_run: int, seconds: float, snapshot: Path | None,
+                checkpoint: Path | None) -> str:
+    """The last lines of a run: what it did, where its outputs are and how to sample from them."""
+    from .progress import hms
+    lines = [f"{images_seen:,} images seen ({images_this_run:,} in this run, {hms(seconds)}, "
+             f"{images_this_run / max(seconds, 1e-9):.1f} img/s overall)"]
+    if snapshot is not None:
+        lines.append(f"  last snapshot    {snapshot}")
+    if checkpoint is not None:
+        lines.append(f"  last checkpoint  {checkpoint}")
+    if snapshot is not None:
+        lines.append(f"  sample with      pdiff sample --snapshot {snapshot} --seeds 0-63 --grid grid.png")
+    return "\n".join(lines)
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:

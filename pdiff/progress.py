@@ -18,7 +18,16 @@ import time
 DEFAULT_EVERY_S = 30.0
 
 
-def _clock(seconds: float) -> str:
+def interval_s() -> float:
+    """Seconds between progress lines: ``PDIFF_PROGRESS_SECONDS``, else 30 (the trainer's console
+    keeps the same interval)."""
+    return float(os.environ.get("PDIFF_PROGRESS_SECONDS", DEFAULT_EVERY_S))
+
+
+def hms(seconds: float) -> str:
+    """0:05:10 (hours go past 24); "--" when there is no estimate."""
+    if seconds != seconds or seconds == float("inf"):
+        return "--"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -33,9 +42,7 @@ class Progress:
         self.done = self.initial = initial
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        if every_s is None:
-            every_s = float(os.environ.get("PDIFF_PROGRESS_SECONDS", DEFAULT_EVERY_S))
-        self.every_s = every_s
+        self.every_s = interval_s() if every_s is None else every_s
         self.t0 = self._last = time.monotonic()
         self._bar = None
         self._closed = False
@@ -68,9 +75,9 @@ class Progress:
             text += f"/{self.total:,} {self.unit} ({100.0 * self.done / max(self.total, 1):.1f}%)"
         else:
             text += f" {self.unit}"
-        text += f", {rate:.1f} {self.unit}/s, {_clock(elapsed)} elapsed"
+        text += f", {rate:.1f} {self.unit}/s, {hms(elapsed)} elapsed"
         if self.total is not None and self.done < self.total and rate > 0:
-            text += f", ETA {_clock((self.total - self.done) / rate)}"
+            text += f", ETA {hms((self.total - self.done) / rate)}"
         return text
 
     def _line(self) -> None:

@@ -19,14 +19,14 @@ import torch
 
 from . import distributed
 from .bench.flops import FlopCounter, device_card, train_flops_by_size
-from .checkpoint import EveryRank, RunState
-from .config import Config, dump_yaml, load_config, save_config, to_dict
+from .checkpoint import EveryRank, RunState, folder_name
+from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
 from .ema import EMA
-from .latent import training_vae, with_data_defaults
+from .latent import training_vae
 from .loss import sample_sigma
-from .model import check_label_range, count_parameters, one_hot_labels
-from .monitor import Monitor, StepStats, peak_memory_bytes, save_png
+from .model import count_parameters, one_hot_labels
+from .monitor import Monitor, StepStats, peak_memory_bytes, run_summary, save_png
 from .runlock import hold_run
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, micro_batches
@@ -41,31 +41,36 @@ def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None 
     """Train (or resume) the run cfg describes; 0 when it finished or stopped cleanly. Pass ``stop``
     to learn afterwards whether a signal stopped it (``stop.requested``). RunLocked when another
     trainer holds the run folder."""
+    from pdiff.pipelines import open_dataset
+    t_start = time.time()
     with stop or StopSignal() as stop:
+        # The inputs first, so that a mistake is reported before anything is created: the data, and
+        # the config completed from what it knows (resolution, channels, classes; latent shards:
+        # their patch sizes and autoencoder).
+        cfg, source, notes = open_dataset(cfg)
         info = distributed.init(device_preference)
+        if info.is_main:
+            for line in notes + advice(cfg):
+                print(f"pdiff train: {line}", file=sys.stderr, flush=True)
         with hold_run(cfg.train.run_dir):
-            code = _train(cfg, info, stop)
+            code = _train(cfg, info, stop, source, t_start)
         distributed.shutdown()    # after _train's DDP (its reducer holds communication work) is gone
         return code
 
 
-def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
+def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_start: float) -> int:
     device, rank, world = info.device, info.rank, info.world_size
-    t_start = time.time()
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    # What latent shards decide (patch sizes, the VAE's record), then the step (model, kernels,
-    # precision, PatchLoss, compile, Adam), the EMA, the data.
-    cfg = with_data_defaults(cfg)
+    # The step (model, kernels, precision, PatchLoss, compile, Adam), the EMA, the data.
     step = build_step(cfg, device)
     model, opt, schedule = step.model, step.optimizer, step.schedule
     ema = EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio)
     from pdiff.pipelines import build_pipeline
-    pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device)
-    check_label_range(cfg.network.label_dim, pipe.source.num_classes, cfg.data.path)
+    pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device, source=source)
 
     # Resume from the newest good checkpoint, if any. No random-number state is saved: every
     # random draw of a step (patch size, samples, crops, sigma, noise, dropout) is derived from
@@ -102,16 +107,18 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
     stats = StepStats(schedule.sizes, device)
     # Training FLOPs per patch of each size, counted once: TFLOP/s and MFU in the log cost no sync.
     flops = FlopCounter(train_flops_by_size(cfg), device_card(device), step.precision, world)
-    monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen)
+    monitor = Monitor(run_dir, info.is_main, cfg.train.duration_images, images_seen,
+                      wall_budget_s=cfg.train.wall_budget_s, started=t_start)
+    monitor.describe_run(to_dict(cfg), dump_yaml(cfg))
+    clock = monitor.clock
     params = [p for p in model.parameters() if p.requires_grad]
-    t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
     images_at_start, steps_this_run = images_seen, 0
+    snapshot = None
 
     while images_seen < cfg.train.duration_images:
         # 1. Data: one patch size per step, this rank's share of batch * R/s patches.
-        t0 = time.perf_counter()
-        batch = next(pipe)
-        data_wait += time.perf_counter() - t0
+        with clock.waiting():
+            batch = next(pipe)
         if batch.images_seen != images_seen:
             raise RuntimeError(f"data pipeline is at {batch.images_seen} images, the trainer at {images_seen}")
         size, b = batch.patch_size, batch.patches.shape[0]
@@ -164,7 +171,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
             report_nonfinite_after_resume(torch.cat(per_sample), latest, cfg.optim.nonfinite, device, info.is_main)
         flops.add(size, global_b)
         before, images_seen = images_seen, images_seen + global_b
-        interval_images += global_b
+        clock.images += global_b
 
         # 5. Stop requests (signal, wall-clock budget), agreed by every rank.
         steps_this_run += 1
@@ -172,50 +179,58 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal) -> int:
         stopping = stop.should_stop(over_budget, steps_this_run, device)
         done = images_seen >= cfg.train.duration_images
 
-        # 6. Log, checkpoint, snapshot, sample and FID at their image intervals.
+        # 6. Log, checkpoint, snapshot, sample and FID at their image intervals; the time these take
+        # is kept out of images/s and logged on its own (perf/<what>_s).
         if crossed(before, images_seen, cfg.train.log_every_images) or done or stopping:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t_interval
             figures = stats.reduce()
-            figures.update(lr=lr, images_per_s=interval_images / elapsed, ms_per_image=1e3 * elapsed / interval_images,
-                           data_wait_share=data_wait / elapsed, peak_memory_gb=peak_memory_bytes(device) / 2**30,
-                           images_seen_this_run=images_seen - images_at_start, **flops.figures(elapsed))
+            speed, seconds = clock.lap()      # the interval's time without its pauses
+            figures.update(speed, lr=lr, peak_memory_gb=peak_memory_bytes(device) / 2**30,
+                           images_seen_this_run=images_seen - images_at_start, **flops.figures(seconds))
             if compiles_after_warmup is not None:
                 figures["recompiles_after_warmup"] = compiled_graphs() - compiles_after_warmup
             # Damaged samples met so far (replaced under data.on_corrupt=skip), counted once over all ranks.
             figures["data/corrupt_samples"] = len(set().union(*distributed.all_gather_object(pipe.corrupt.found)))
             monitor.scalars(images_seen, figures)
-            t_interval, data_wait, interval_images = time.perf_counter(), 0.0, 0
+        monitor.heartbeat(images_seen)
+        if done or stopping:
+            monitor.say(f"{'reached' if done else 'stopping at'} {images_seen:,} images: writing the last "
+                        f"checkpoint and snapshot{' and sample grid' if done else ''}")
         # The checkpoint first: a snapshot, sample grid or FID that fails loses no training.
         if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
-            run_state.save(images_seen)
+            with monitor.pause("checkpoint", images_seen, str(run_state.checkpoints.dir / folder_name(images_seen))):
+                run_state.save(images_seen)
             drift = distributed.check_replicas_agree(model, device)
             if drift > 0:
                 monitor.scalars(images_seen, {"replica_max_param_diff": drift})
                 print(f"pdiff train: WARNING replicas differ by up to {drift:.3g} after the checkpoint",
                       file=sys.stderr)
             monitor.flush()
-        if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done):
+        if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done or stopping):
             from .snapshot import save_snapshot
-            (run_dir / "snapshots").mkdir(exist_ok=True)
-            save_snapshot(run_dir / "snapshots" / f"ema-{images_seen:012d}.safetensors", ema.model, cfg, images_seen)
+            snapshot = run_dir / "snapshots" / f"ema-{images_seen:012d}.safetensors"
+            with monitor.pause("snapshot", images_seen, str(snapshot)):
+                save_snapshot(snapshot, ema.model, cfg, images_seen)
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
             from .generate import sample_grid
-            grid = sample_grid(ema.model, cfg, device, vae=vae)
-            (run_dir / "samples").mkdir(exist_ok=True)
-            save_png(grid, run_dir / "samples" / f"samples-{images_seen:012d}.png")
-            monitor.image("samples/ema", images_seen, grid)
+            grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"
+            with monitor.pause("sample", images_seen, f"grid {grid_file}"):
+                grid = sample_grid(ema.model, cfg, device, vae=vae)
+                grid_file.parent.mkdir(exist_ok=True)
+                save_png(grid, grid_file)
+                monitor.image("samples/ema", images_seen, grid)
         if fid is not None and (crossed(before, images_seen, cfg.eval.fid_every_images) or done):
-            score = fid.compute(ema.model, cfg)       # every rank samples its share of the seeds
+            with monitor.pause("fid", images_seen, f"of {cfg.eval.fid_images} samples"):
+                score = fid.compute(ema.model, cfg)       # every rank samples its share of the seeds
             monitor.scalars(images_seen, {f"fid/{cfg.eval.fid_images}": score})
         if stopping:
-            if info.is_main:
-                why = "stop signal" if stop.requested else "wall-clock budget"
-                print(f"pdiff train: {why}: checkpointed at {images_seen:,} images; run the same "
-                      f"command to resume", file=sys.stderr, flush=True)
+            why = "stop signal" if stop.requested else "wall-clock budget"
+            monitor.say(f"{why}: stopped at {images_seen:,} images; run the same command to resume")
             break
 
+    monitor.say(run_summary(images_seen, images_seen - images_at_start, time.time() - t_start,
+                            snapshot, run_state.checkpoints.latest()))
     monitor.close()
     pipe.close()
     return 0
@@ -232,16 +247,27 @@ def report_nonfinite_after_resume(loss: torch.Tensor, latest: Path, policy: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pdiff train", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="pdiff train", description=__doc__.split("\n\n")[0],
+                                 epilog="Every config key, its type, default and meaning: `pdiff config`.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file or preset name (tiny, celeba64, ...)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch=64 patch.real_p=0.25")
-    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
-    ap.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the inputs, print the resolved config and the plan, then exit")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CUDA where there is a GPU (cuda:LOCAL_RANK under torchrun)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        cfg = with_data_defaults(cfg)
+        notes = []
+        if cfg.data.path:
+            from pdiff.pipelines import open_dataset
+            cfg, source, notes = open_dataset(cfg)
+            source.close()
         print(dump_yaml(cfg))
+        for line in notes + advice(cfg):
+            print(f"# {line}")
         sch = PatchSchedule.from_config(cfg)
         plan = ", ".join(f"{s}px p={p:.2f} x{sch.multiplier(s)} ({sch.batch_for(s)} patches)"
                          for s, p in zip(sch.sizes, sch.probs))

@@ -57,7 +57,7 @@ from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import ShardError
 from pdiff.pipelines.sources import SOURCES, open_source, register_source
 
-__all__ = ["build_pipeline", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
+__all__ = ["build_pipeline", "open_dataset", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
            "SourceError", "dali_available", "open_source", "register_source"]
 
 
@@ -96,15 +96,39 @@ def dali_available() -> bool:
     return _DALI[0]
 
 
+def _open(data) -> SampleSource:
+    if not data.path:
+        raise SourceError("data.path is empty: set it to a folder written by `pdiff shard` (in the config "
+                          "file, or data.path=FOLDER on the command line)")
+    return open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)))
+
+
+def open_dataset(cfg):
+    """Open the samples at ``cfg.data.path`` (through the source registry, pipelines/sources.py;
+    shards are checked against their manifest) and complete the config from what they know:
+    (cfg with data.resolution, data.channels and network.label_dim filled in, and for latent shards
+    what pdiff.latent.with_data_defaults takes; the source; lines saying what was taken). A value the
+    user gave that contradicts the data is a ConfigError."""
+    from pdiff.config import fill_from_data
+    from pdiff.latent import with_data_defaults
+    source = _open(cfg.data)
+    try:
+        cfg, notes = fill_from_data(cfg, source.resolution, source.channels, source.num_classes, str(cfg.data.path))
+        cfg = with_data_defaults(cfg)       # latent shards: their patch sizes and autoencoder
+    except Exception:
+        source.close()
+        raise
+    return cfg, source, notes
+
+
 def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
-                   device: torch.device | str = "cpu") -> PatchPipeline:
+                   device: torch.device | str = "cpu", source: SampleSource | None = None) -> PatchPipeline:
     """The patch pipeline over the samples at ``cfg.data.path`` (opened through the source registry,
-    pipelines/sources.py; shards are checked against their manifest first)."""
+    pipelines/sources.py; shards are checked against their manifest first), or over ``source``
+    when it is already open (``open_dataset``)."""
     import torch
     data = cfg.data
-    if not data.path:
-        raise SourceError("data.path is empty: point it at a folder written by `pdiff shard`")
-    source = open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)))
+    source = _open(data) if source is None else source
     if not source.checksummed and rank == 0:
         print(f"pdiff: WARNING {data.path}: the samples carry no checksums, so a damaged one is caught only if it "
               f"fails to decode (and may crash DALI's decoder); shards written by `pdiff shard` before format "
@@ -125,8 +149,8 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
         backend = "dali" if dali_available() else "torch"
     if backend == "dali":
         if not dali_available():
-            raise ImportError("data.backend=dali but NVIDIA DALI is not installed (pip install "
-                              "nvidia-dali-cuda130, or set data.backend=torch)")
+            raise ImportError("data.backend=dali but NVIDIA DALI is not installed (pip install 'pdiff[dali-cuda12]' "
+                              "or 'pdiff[dali-cuda13]' for your CUDA version, or set data.backend=torch)")
         from pdiff.pipelines.dali_loader import DaliPatchPipeline
         return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     if backend == "torch":

@@ -106,7 +106,6 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     from pdiff.config import load_config, to_dict
-    from pdiff.latent import with_data_defaults
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
     info = machine()
@@ -118,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind in ("data", "train", "compare") and not cfg.data.path:
             print("pdiff bench: data.path is empty: give the shards (data.path=DIR) or --synthetic N", file=sys.stderr)
             return 2
-        if args.kind != "data" or not args.online_vae:
-            cfg = with_data_defaults(cfg)          # latent shards: their patch sizes, as pdiff train takes them
+        if cfg.data.path and (args.kind != "data" or not args.online_vae):
+            # what the shards know (resolution, channels, classes; latent shards: their patch sizes and
+            # VAE), as pdiff train takes it; --online-vae's pixel shards describe the images, not the model
+            from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
+            cfg, source, notes = open_dataset(cfg)
+            source.close()
+            for line in notes:
+                print(f"pdiff bench: {line}", file=sys.stderr)
         t0 = time.perf_counter()
         res = run(args.kind, cfg, args, device, tmp / "runs")
     payload = {"benchmark": f"pdiff bench {args.kind}", "kind": args.kind, "machine": info, "config": cfg.name,

@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pdiff.bench.flops import CARDS, describe, device_card, find_card
+from pdiff.cli import HelpFormatter
 from pdiff.config import load_config
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pdiff info", description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="YAML file or preset name")
-    ap.add_argument("overrides", nargs="*")
+    ap = argparse.ArgumentParser(prog="pdiff info", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("config", help="YAML file or preset name (with data.path set to existing shards, their "
+                                   "resolution, channels and classes)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.resolution=32 patch.real_p=0.25")
     ap.add_argument("--card", default=None,
                     help=f"GPU for the images/s at --mfu: {', '.join(c.name for c in CARDS)} "
                          f"(default: this machine's GPU, else H100 SXM)")
@@ -28,7 +31,14 @@ def main(argv: list[str]) -> int:
         print(f"pdiff info: --card {args.card}: not a card in the table; known cards: "
               f"{', '.join(c.name for c in CARDS)}", file=sys.stderr)
         return 2
-    d = describe(load_config(args.config, args.overrides), card, args.mfu)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.path and Path(cfg.data.path).exists():     # the resolution, channels and classes of the shards
+        from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
+        cfg, source, notes = open_dataset(cfg)
+        source.close()
+        for line in notes:
+            print(f"pdiff info: {line}", file=sys.stderr)
+    d = describe(cfg, card, args.mfu)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
