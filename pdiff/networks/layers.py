@@ -203,7 +203,11 @@ class UNetBlock(nn.Module):
         q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
         # softmax(q k^T / sqrt(d)) v; the fused kernels keep the softmax statistics in fp32.
         a = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(a.transpose(-1, -2).reshape(b, c, hgt, wid))
+        # Back to (b, c, h, w) in x's memory format. The reshape alone is a view with channels_last
+        # strides, and a 1x1 conv on it returns its weight's gradient in that layout: under DDP the
+        # gradient then no longer matches its bucket view ("Grad strides do not match").
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return self.proj(a.transpose(-1, -2).reshape(b, c, hgt, wid).contiguous(memory_format=layout))
 
 
 class PositionalEmbedding(nn.Module):
