@@ -2,8 +2,9 @@
 
 scikit-learn's digits (1,797 scanned 8x8 handwritten digits) are upscaled (bicubic), written as
 WebDataset shards with `pdiff shard` (as users shard their data), a small DDPM++ is trained on them
-with the patch schedule for a few minutes on the CPU, and the EMA model samples a grid, written
-next to a grid of real digits for comparison. Nothing is downloaded.
+with the patch schedule for a few minutes on the CPU, conditioned on the digit, and the EMA model
+samples a grid (a row per digit), written next to a grid of real digits for comparison. Nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pdiff.config import load_config
     from pdiff.monitor import image_grid, save_png
+    from pdiff.generate import SampleOptions, generate
     from pdiff.snapshot import load_snapshot
-    from pdiff.sampler import SeedNoise, sample_images
     from pdiff.train import train
     from pdiff.tools.shard import main as shard_main
 
@@ -59,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     train(cfg, device_preference="cpu")
 
-    snaps = sorted((out / "run" / "snapshots").glob("*.safetensors"))
-    model, cfg, _ = load_snapshot(snaps[-1])
-    n = 64
-    noise = SeedNoise(range(n))
-    x = sample_images(model, noise.randn((n, 1, r, r)), r, steps=cfg.sample.steps,
-                      randn_like=noise.randn_like)
-    save_png(image_grid(x, 8), out / "samples.png", scale=4)
-    real = np.load(npz)["images"][:n].astype(np.float32) / 127.5 - 1
+    # The shards carry the digits' labels, so the model is class-conditional (network.label_dim is
+    # taken from them): one row of 8 seeds per digit, as `pdiff sample --class c` draws them.
+    model, cfg, _ = load_snapshot(out / "run")
+    rows = [generate(model, list(range(8 * c, 8 * c + 8)), r, 1, cfg.network.label_dim,
+                     SampleOptions(sampler=cfg.sample, class_label=c if cfg.network.label_dim else None))[0]
+            for c in range(10)]
+    save_png(image_grid(torch.cat(rows), 8), out / "samples.png", scale=4)
+    d = np.load(npz)
+    real = [d["images"][d["labels"] == c][:8] for c in range(10)]
+    real = np.concatenate(real).astype(np.float32) / 127.5 - 1
     save_png(image_grid(torch.from_numpy(real)[:, None], 8), out / "data.png", scale=4)
     print(f"[demo] done in {time.time() - t0:.0f} s", flush=True)
     print(f"[demo] samples: {(out / 'samples.png').resolve()}")

@@ -1,6 +1,7 @@
 """FID: the Fréchet distance against scipy, feature statistics, the Inception feature path end to end
 (random weights, never a download), and the errors a user meets first."""
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -137,6 +138,10 @@ def test_wrong_resolution_reference_message(tmp_path, capsys):
 
 def test_missing_weights_error_names_url_and_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PDIFF_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, dest):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(F, "_fetch", offline)
     for source in (None, tmp_path / "nope.pth"):
         with pytest.raises(F.InceptionWeightsMissing) as e:
             F.load_inception(source)
