@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pdiff.config import load_config
     from pdiff.monitor import image_grid, save_png
-    from pdiff.generate import SampleOptions, generate
+    from pdiff.model import one_hot_labels
+    from pdiff.sampler import SeedNoise, sample_images
     from pdiff.snapshot import load_snapshot
     from pdiff.train import train
     from pdiff.tools.shard import main as shard_main
@@ -61,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     train(cfg, device_preference="cpu")
 
     # The shards carry the digits' labels, so the model is class-conditional (network.label_dim is
-    # taken from them): one row of 8 seeds per digit, as `pdiff sample --class c` draws them.
+    # taken from them): a row of 8 seeds per digit in one batch (seed s of row c is the image
+    # `pdiff sample --seeds s --class c` draws).
     model, cfg, _ = load_snapshot(out / "run")
-    rows = [generate(model, list(range(8 * c, 8 * c + 8)), r, 1, cfg.network.label_dim,
-                     SampleOptions(sampler=cfg.sample, class_label=c if cfg.network.label_dim else None))[0]
-            for c in range(10)]
-    save_png(image_grid(torch.cat(rows), 8), out / "samples.png", scale=4)
+    n = 80
+    noise = SeedNoise(range(n))
+    labels = one_hot_labels(torch.arange(n) // 8, cfg.network.label_dim)
+    x = sample_images(model, noise.randn((n, 1, r, r)), r, labels, steps=cfg.sample.steps, randn_like=noise.randn_like)
+    save_png(image_grid(x, 8), out / "samples.png", scale=4)
     d = np.load(npz)
     real = [d["images"][d["labels"] == c][:8] for c in range(10)]
     real = np.concatenate(real).astype(np.float32) / 127.5 - 1
