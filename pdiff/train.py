@@ -196,7 +196,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         monitor.heartbeat(images_seen)
         if done or stopping:
             monitor.say(f"{'reached' if done else 'stopping at'} {images_seen:,} images: writing the last "
-                        f"checkpoint and snapshot{' and sample grid' if done else ''}")
+                        + ("checkpoint, snapshot and sample grid" if done else "checkpoint and snapshot"))
         # The checkpoint first: a snapshot, sample grid or FID that fails loses no training.
         if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
             with monitor.pause("checkpoint", images_seen, str(run_state.checkpoints.dir / folder_name(images_seen))):

@@ -535,14 +535,15 @@ def test_a_second_trainer_on_the_same_run_is_refused_naming_the_first(tmp_path, 
 
 
 @pytest.mark.slow
-def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path):
-    """Rank 0 asks for the lock and every rank learns the answer: the whole job stops, none hangs."""
+def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path, digits_shards):
+    """Rank 0 asks for the lock and every rank learns the answer: the whole job stops, none hangs.
+    (The data is checked before the lock is taken, so that a mistake there creates no run folder.)"""
     from pdiff.runlock import RunLock
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with RunLock(tmp_path / "run"):
         p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                             str(free_port()), "-m", "pdiff.cli", "train", "--config", "tiny", "--device", "cpu",
-                            f"train.run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'no-data'}"],
+                            f"train.run_dir={tmp_path / 'run'}", f"data.path={digits_shards}"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert p.stderr.count(f"is in use by another trainer: host {socket.gethostname()}, pid {os.getpid()}") == 2
