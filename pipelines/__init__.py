@@ -113,7 +113,8 @@ def open_dataset(cfg):
     from pdiff.latent import with_data_defaults
     source = _open(cfg.data)
     try:
-        cfg, notes = fill_from_data(cfg, source.resolution, source.channels, source.num_classes, str(cfg.data.path))
+        cfg, notes = fill_from_data(cfg, source.resolution, source.sample_channels, source.num_classes,
+                                    str(cfg.data.path))
         cfg = with_data_defaults(cfg)       # latent shards: their patch sizes and autoencoder
     except Exception:
         source.close()
