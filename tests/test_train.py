@@ -346,7 +346,7 @@ def test_tensorboard_has_scalars_and_samples(tmp_path, digits_shards):
     assert "_hparams_/experiment" in plugins and b"train.duration_images" in plugins["_hparams_/session_start_info"]
     rows = log_rows(tmp_path / "run")
     assert rows[-1]["images_seen"] >= 96 and "loss" in rows[-1]
-    assert "tflop_per_s" in scalars and "mfu" not in scalars      # MFU is n/a on a CPU (null in the log)
+    assert "perf/tflop_per_s" in scalars and "perf/mfu" not in scalars      # MFU is n/a on a CPU (null in the log)
     # TFLOP/s per images/s is the interval's training FLOPs per image: its steps (the schedule's, a
     # pure function of images seen) times their patches' FLOPs, counted by the FLOP model.
     from pdiff.bench.flops import train_flops_by_size
