@@ -144,8 +144,8 @@ def test_encoding_resumes_after_an_interruption(world, posterior_shards, tmp_pat
     want = posterior_shards[1]
     assert [r["sha256"] for r in m["shards"]][0] == want["shards"][0]["sha256"]
     a, b = ShardSet(tmp_path / "out"), ShardSet(posterior_shards[0])
-    for i in range(a.count):
-        np.testing.assert_allclose(a.decode(i), b.decode(i), rtol=1e-6, atol=1e-6)
+    for i in range(a.count):      # the resumed part is encoded in other batches: float32 convolutions
+        np.testing.assert_allclose(a.decode(i), b.decode(i), rtol=1e-5, atol=1e-5)   # differ in the last bits
     with pytest.raises(ShardInputError, match="other options"):          # another VAE is another run
         encode(world, tmp_path / "out", dtype="float32", encode_vae=str(world["other"]))
 
