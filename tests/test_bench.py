@@ -436,20 +436,22 @@ def test_dali_carry_split_carry_join_install(tmp_path):
         assert (Path(got.stdout.strip()) / "blob.bin").read_bytes() == payload
 
 
-def test_dali_carry_plan_names_one_part_per_call():
+def test_dali_carry_plan_names_one_part_per_call(tmp_path):
     """The plan: one device call per part, each carrying the manifest and its part (ignored paths under
-    .dali/), checking it on arrival; the last joins, installs and runs the given command."""
+    .dali/), checking it on arrival; the last joins, installs and runs the given command. The default
+    part size leaves room for the working tree in a call."""
     carry = load_dali_carry()
-    folder = REPO / ".dali"
-    if not (folder / "manifest.json").exists():
-        pytest.skip("no .dali/manifest.json here (python benchmarks/dali_carry.py fetch && ... split)")
-    m = carry.load_manifest(folder)
-    calls = carry.plan(folder, "benchmarks/gpu_suite.sh /tmp/s")
-    assert len(calls) == len(m["parts"])
+    rng = np.random.default_rng()
+    (tmp_path / "wheels").mkdir()
+    wheels = [fake_wheel(tmp_path / "wheels", f"fakepkg_{k}", rng.bytes(int(rng.integers(1, 30_000)))) for k in "ab"]
+    m = carry.split(sorted(wheels), tmp_path, int(rng.integers(4_000, 12_000)))
+    calls = carry.plan(tmp_path, "benchmarks/gpu_suite.sh /tmp/s")
+    assert len(calls) == len(m["parts"]) > 1
     for call, p in zip(calls, m["parts"]):
-        assert call["carry"] == [".dali/manifest.json", f".dali/{p['name']}"]
-        assert call["bytes"] + carry.tree_bytes() < carry.CALL_LIMIT
-    assert all(f"check --dir .dali --part {p['name']}" in c["command"] for c, p in zip(calls[:-1], m["parts"]))
-    assert calls[-1]["command"] == "python3 benchmarks/dali_carry.py install --dir .dali && benchmarks/gpu_suite.sh /tmp/s"
-    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", ".dali/part-01"])
+        assert call["carry"] == [f"{tmp_path}/manifest.json", f"{tmp_path}/{p['name']}"]
+        assert call["bytes"] == p["bytes"] + (tmp_path / "manifest.json").stat().st_size
+    assert all(f"check --dir {tmp_path} --part {p['name']}" in c["command"] for c, p in zip(calls[:-1], m["parts"]))
+    assert calls[-1]["command"] == f"python3 benchmarks/dali_carry.py install --dir {tmp_path} && benchmarks/gpu_suite.sh /tmp/s"
+    assert carry.PART_BYTES + 64 * 1024 + carry.tree_bytes() < carry.CALL_LIMIT   # a part, its manifest, the tree
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"{carry.DIR}/part-01"])
     assert ignored.returncode == 0                                        # carry takes ignored paths only
