@@ -65,6 +65,14 @@ def print_train(res: dict) -> None:
 def print_sample(res: dict) -> None:
     print(f"{res['config']} ({res['parameters']:,} params), {res['canvas']}x{res['canvas']}, {res['steps']} steps "
           f"({res['network_evaluations']} network evaluations), batch {res['batch']}: "
-          f"{res['images_per_s']:.2f} images/s ({res['seconds_per_batch']:.2f} s per batch), "
           f"{_tflops(res.get('tflop_per_s'))} TFLOP/s, MFU {_mfu(res.get('mfu'))}")
+    print(f"{'sampler':>14} {'images/s':>9} {'s/batch':>8} {'user s':>8} {'sys s':>7} {'sys share':>9} {'faults':>9}")
+    rows = [("pdiff", res)] + ([("EDM reference", res["edm_reference"])] if "edm_reference" in res else [])
+    for name, v in rows:
+        cpu = v["cpu_user_s_per_batch"] + v["cpu_sys_s_per_batch"]
+        print(f"{name:>14} {v['images_per_s']:>9.2f} {v['seconds_per_batch']:>8.2f} {v['cpu_user_s_per_batch']:>8.2f} "
+              f"{v['cpu_sys_s_per_batch']:>7.2f} {_pct(v['cpu_sys_s_per_batch'] / max(cpu, 1e-9)):>9} "
+              f"{v['minor_faults_per_batch']:>9.0f}")
+    if "speedup_vs_edm_reference" in res:
+        print(f"pdiff's sampler vs EDM's reference loop on the same network: {res['speedup_vs_edm_reference']:.2f}x")
 

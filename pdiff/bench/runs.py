@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -322,15 +323,68 @@ def compare_train(cfg, device: torch.device, work_dir: str | Path, intervals: in
 
 
 # ------------------------------------------------------------------------------------------
-# bench sample
+# bench sample: pdiff's sampler and EDM's reference loop on the same network and noise
 
 @torch.no_grad()
-def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, clock=time.perf_counter) -> dict:
-    """Images/s of the sampler (pdiff.sampler.sample_images, Heun at cfg.sample.steps, fp32) on the
-    config's network with random weights (throughput does not depend on them); one warm-up batch
-    of 2 steps first."""
+def edm_reference_sampler(net, latents: torch.Tensor, randn_like, num_steps: int = 18, sigma_min: float = 0.002,
+                          sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+                          S_max: float = float("inf"), S_noise: float = 1.0) -> torch.Tensor:
+    """EDM's ``edm_sampler`` (generate.py of NVlabs/edm) as its loop is written, the yardstick for
+    pdiff's sampler: float64 state, ``net(x, sigma)`` cast back to float64, and the churn noise
+    drawn at every step (``randn_like``, a per-seed stacked generator in EDM) even when gamma is 0.
+    ``net`` is pdiff's denoiser with the coordinate grid bound (``patch_denoiser``); EDMPrecond's
+    round_sigma is the identity, so it is left out."""
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
+               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        denoised = net(x_hat, t_hat).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def cpu_usage() -> dict:
+    """This process's CPU seconds in user and kernel (system) mode and its minor page faults so far
+    (every thread's): the kernel's share is where freshly mapped memory gets zeroed."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "minor_faults": r.ru_minflt}
+
+
+def timed_with_cpu(fn, repeats: int, sync=None, clock=time.perf_counter) -> dict:
+    """Median seconds per call of ``fn`` and the CPU time (user, system) and minor page faults per
+    call over the repeats."""
+    before = cpu_usage()
+    times = timed(fn, repeats, warmup=0, sync=sync, clock=clock)
+    after = cpu_usage()
+    per_call = {k: (after[k] - before[k]) / repeats for k in before}
+    return {"seconds_per_batch": statistics.median(times), "repeats": repeats,
+            "cpu_user_s_per_batch": per_call["user_s"], "cpu_sys_s_per_batch": per_call["sys_s"],
+            "minor_faults_per_batch": per_call["minor_faults"]}
+
+
+@torch.no_grad()
+def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, clock=time.perf_counter,
+                 edm_reference: bool = True) -> dict:
+    """Images/s of the sampler (pdiff.sampler.sample_images, Heun at cfg.sample.steps, fp32 network,
+    seed-addressed noise as `pdiff sample` draws it) on the config's network with random weights
+    (throughput does not depend on them), with the CPU time it spends in user and system mode;
+    then EDM's reference loop (``edm_reference_sampler``) on the same network and noise. One
+    warm-up batch of 2 steps first."""
     from pdiff.model import build_model, count_parameters, one_hot_labels
-    from pdiff.sampler import SeedNoise, sample_images
+    from pdiff.sampler import SeedNoise, patch_denoiser, sample_images
+    from pdiff.coords import canvas_grid
     r, c, s = cfg.data.resolution, cfg.data.channels, cfg.sample
     canvas = s.canvas or r
     torch.manual_seed(cfg.train.seed)
@@ -341,21 +395,31 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     labels = None
     if cfg.network.label_dim:
         labels = one_hot_labels(torch.tensor(seeds, device=device) % cfg.network.label_dim, cfg.network.label_dim)
+    sync = device_sync(device)
 
-    def run(steps):
+    def ours(steps):
         return lambda: sample_images(model, noise, r, labels, steps, s.sigma_min, s.sigma_max, s.rho, s.guidance,
                                      s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like,
                                      guidance_interval=s.guidance_interval)
-    run(2)()
-    times = timed(run(s.steps), repeats, warmup=0, sync=device_sync(device), clock=clock)
-    t = statistics.median(times)
+    ours(2)()
+    figures = timed_with_cpu(ours(s.steps), repeats, sync, clock)
+    t = figures["seconds_per_batch"]
     evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
     from .flops import device_card, forward_flops_by_size, mfu
     tflop_per_s = forward_flops_by_size(cfg, [canvas])[canvas] * evals * batch / t / 1e12
     card = device_card(device)
-    return {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
-            "steps": s.steps, "network_evaluations": evals, "batch": batch, "repeats": repeats,
-            "seconds_per_batch": t, "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,
-            "precision": "fp32", "device": str(device), "card": card.name if card else None,
-            "tflop_per_s": tflop_per_s, "mfu": mfu(tflop_per_s, card, "fp32")}
+    out = {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
+           "steps": s.steps, "network_evaluations": evals, "batch": batch, **figures,
+           "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,
+           "precision": "fp32", "device": str(device), "card": card.name if card else None,
+           "tflop_per_s": tflop_per_s, "mfu": mfu(tflop_per_s, card, "fp32")}
+    if edm_reference:
+        den = patch_denoiser(model, canvas_grid(batch, canvas, r, device=device), labels, s.guidance, s.guidance_interval)
+        edm = timed_with_cpu(lambda: edm_reference_sampler(den, noise, rng.randn_like, s.steps, s.sigma_min, s.sigma_max,
+                                                           s.rho, s.s_churn, s.s_min, s.s_max, s.s_noise),
+                             repeats, sync, clock)
+        edm["images_per_s"] = batch / edm["seconds_per_batch"]
+        out["edm_reference"] = edm
+        out["speedup_vs_edm_reference"] = edm["seconds_per_batch"] / t
+    return out
 
