@@ -283,7 +283,10 @@ class RunState:
         state = found[1] if found else self.checkpoints.load(path)
         check_resume_compatible(state, self.config, distributed.world_size(), path)
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except ValueError as e:     # a part that says why it cannot take this state (the EMA's mode)
+                raise ResumeError(f"cannot resume from {path}: {name}: {e}") from None
         self.checkpoints.known_good = path
         return int(state["images_seen"]), path
 

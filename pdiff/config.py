@@ -100,8 +100,14 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    halflife_images: int = knob(500_000, "EMA half-life in images (EDM: 0.5 Mimg)")
-    rampup_ratio: float = knob(0.05, "half-life at most this share of the images seen (0 = off)")
+    # halflife: EDM's EMA (one average). power: EDM2's power-function EMAs, one per sigma_rel in
+    # ``stds``, snapshotted every train.snapshot_every_images so that `pdiff ema reconstruct` can
+    # make the average of any other sigma_rel afterwards (docs/posthoc_ema.md).
+    mode: Literal["halflife", "power"] = knob("halflife", "halflife: EDM's EMA; power: EDM2's power-function EMAs "
+                                                          "(ema.stds), for post-hoc EMA (pdiff ema)")
+    halflife_images: int = knob(500_000, "EMA half-life in images (EDM: 0.5 Mimg); halflife mode")
+    rampup_ratio: float = knob(0.05, "half-life at most this share of the images seen (0 = off); halflife mode")
+    stds: list[float] = knob([0.050, 0.100], "sigma_rel of each tracked power EMA (EDM2's); power mode")
 
 
 @dataclass
@@ -466,6 +472,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     # (fill_from_data), which checks what depends on it then.
     if not resolution_from_data(cfg):
         check_resolution_dependent(cfg, source)
+    if cfg.ema.mode == "power":
+        from .ema import STD_MAX
+        if not cfg.ema.stds or any(not 0 < s < STD_MAX for s in cfg.ema.stds) or len(set(cfg.ema.stds)) < len(cfg.ema.stds):
+            bad("ema.stds", f"{cfg.ema.stds}: give one or more distinct sigma_rel values in (0, {STD_MAX:.4f}) "
+                            "(EDM2 tracks [0.05, 0.1])")
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:
         bad("network.coord_freqs", f"must be >= 1 with network.coord_embed=fourier, got {cfg.network.coord_freqs}")
     if cfg.sample.sigma_max <= cfg.sample.sigma_min:

@@ -2,7 +2,8 @@
 
 A snapshot is one ``.safetensors`` file: the EDMPrecond state_dict (contiguous CPU tensors) and
 metadata {"format": "pdiff-snapshot-1", "config": <to_dict(cfg) as JSON>, "images_seen": "..."},
-written atomically with its sha256 beside it (``pdiff.checksum.save_verified``) and checked on load.
+written atomically with its sha256 beside it (``pdiff.checksum.save_verified``) and checked on load,
+plus the EMA's description (``ema_mode``; ``ema_std`` and ``ema_gamma`` for power EMAs, see pdiff.ema).
 ``load_model`` also reads the trainer's checkpoints (pdiff.checkpoint's layout), taking their EMA
 weights.
 """
@@ -26,14 +27,22 @@ class SnapshotError(UserError, ValueError):
     exit_code = 2
 
 
-def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int) -> Path:
+def snapshot_name(images_seen: int, suffix: str = "") -> str:
+    """``ema-<images seen, 12 digits><suffix>.safetensors``; power EMAs add ``-<sigma_rel>``."""
+    return f"ema-{int(images_seen):012d}{suffix}.safetensors"
+
+
+def save_snapshot(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, images_seen: int,
+                  metadata: dict[str, str] | None = None) -> Path:
     """Write atomically, with its checksum (``pdiff.checksum.save_verified``), readable as the umask
-    allows (0644 under the usual 022) so others sharing the run folder can load it."""
+    allows (0644 under the usual 022) so others sharing the run folder can load it. ``metadata``:
+    more string entries (the EMA's mode and width, a reconstruction's sources)."""
     from safetensors.torch import save
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "images_seen": str(int(images_seen))}
+    meta = {**(metadata or {}), "format": FORMAT, "config": json.dumps(to_dict(cfg)),
+            "images_seen": str(int(images_seen))}
     save_verified(path, lambda f: f.write(save(tensors, metadata=meta)))
     return path
 
@@ -74,8 +83,37 @@ def _config_from(data, source: str) -> Config:
 
 
 def _images_in_name(path: Path) -> int:
-    m = re.search(r"(\d+)\.safetensors$", path.name)
+    """The images seen in a snapshot's name: ema-<images>[-<sigma_rel>].safetensors (or the digits
+    before .safetensors in another name)."""
+    m = re.match(r"ema-(\d+)", path.name) or re.search(r"(\d+)\.safetensors$", path.name)
     return int(m.group(1)) if m else -1
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A snapshot's metadata without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: a safetensors file but not a pdiff snapshot (metadata format "
+                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A snapshot's tensors, checked against its checksum first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        verify(path)
+        return load_file(str(path))
+    except ChecksumError as e:
+        raise SnapshotError(str(e)) from None
+    except (SafetensorError, OSError) as e:
+        raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def find_snapshot(path: str | os.PathLike) -> Path:
@@ -142,8 +180,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
                     ) -> tuple[torch.nn.Module, Config, dict]:
-    """The model of a training checkpoint (EMA weights by default) from a checkpoint or run folder."""
+    """The model of a training checkpoint (EMA weights by default: with ema.mode=power, the first
+    tracked profile's) from a checkpoint or run folder."""
     from .checkpoint import STATE_FILE, CheckpointError, load_state
+    from .ema import ema_weights
     ckpt = find_checkpoint(path)
     try:
         state = load_state(ckpt)
@@ -154,9 +194,10 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
         if key not in state:
             raise SnapshotError(f"{ckpt / STATE_FILE}: no {key!r} entry (keys: {sorted(state)})")
     cfg = _config_from(state["config"], str(ckpt))
+    weights_state = ema_weights(state[weights]) if weights == "ema" else state[weights]
     meta = {"format": "pdiff-checkpoint", "images_seen": str(state.get("images_seen", "")),
             "source": str(ckpt), "weights": weights}
-    return _build(cfg, state[weights], str(ckpt), device), cfg, meta
+    return _build(cfg, weights_state, str(ckpt), device), cfg, meta
 
 
 def load_model(snapshot=None, checkpoint=None, device="cpu") -> tuple[torch.nn.Module, Config, dict]:

@@ -22,7 +22,7 @@ from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState, folder_name
 from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
-from .ema import EMA
+from .ema import build_ema, save_snapshots
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
@@ -68,7 +68,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
     # The step (model, kernels, precision, PatchLoss, compile, Adam), the EMA, the data.
     step = build_step(cfg, device)
     model, opt, schedule = step.model, step.optimizer, step.schedule
-    ema = EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio)
+    ema = build_ema(cfg, model, schedule.ema_images_per_step())
     from pdiff.pipelines import build_pipeline
     pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device, source=source)
 
@@ -165,7 +165,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         if not skip:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(model, images_seen + global_b, schedule.ema_images_per_step())
+        ema.update(model, images_seen, images_seen + global_b)
         stats.add(size, torch.cat(per_sample), sigma, grad_norm, finite)
         if latest is not None and steps_this_run == 0:
             report_nonfinite_after_resume(torch.cat(per_sample), latest, cfg.optim.nonfinite, device, info.is_main)
@@ -208,10 +208,9 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                       file=sys.stderr)
             monitor.flush()
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done or stopping):
-            from .snapshot import save_snapshot
-            snapshot = run_dir / "snapshots" / f"ema-{images_seen:012d}.safetensors"
-            with monitor.pause("snapshot", images_seen, str(snapshot)):
-                save_snapshot(snapshot, ema.model, cfg, images_seen)
+            folder = run_dir / "snapshots"
+            with monitor.pause("snapshot", images_seen, f"{folder}/ema-{images_seen:012d}*.safetensors"):
+                snapshot = save_snapshots(ema, folder, cfg, images_seen)[0]     # power EMAs: one per sigma_rel
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
             from .generate import sample_grid
             grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"

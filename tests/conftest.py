@@ -28,3 +28,18 @@ def random_shards(tmp_path_factory):
     np.savez(root / "img.npz", images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
     write_shards(root / "img.npz", root / "shards", workers=1, max_count=16, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    """512 of scikit-learn's digits (real scans, with labels) at 16x16 grey as pdiff shards of 128."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from pdiff.pipelines.shards import write_shards
+    root = tmp_path_factory.mktemp("digits")
+    d = load_digits()
+    imgs = (d.images[:512] / 16.0 * 255).round().astype(np.uint8)
+    imgs = np.stack([np.asarray(Image.fromarray(i).resize((16, 16), Image.BICUBIC)) for i in imgs])
+    np.savez(root / "digits.npz", images=imgs, labels=d.target[:512].astype(np.int64))
+    write_shards(root / "digits.npz", root / "shards", max_count=128, workers=1, progress=False)
+    return root / "shards"

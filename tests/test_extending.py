@@ -24,7 +24,7 @@ from pdiff.config import ConfigError, load_config
 from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available, register_source
 from pdiff.pipelines.order import SamplePlan
 from pdiff.schedule import SCHEDULES, PatchSchedule, StochasticSchedule, register_schedule
-from test_train import digits_shards, final_state, log_rows, write_config  # noqa: F401  (digits_shards: a fixture)
+from test_train import final_state, log_rows, write_config
 
 
 # ---------------------------------------------------------------------------------------------

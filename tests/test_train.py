@@ -28,20 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from pdiff.pipelines.shards import write_shards
-    root = tmp_path_factory.mktemp("digits")
-    d = load_digits()
-    imgs = (d.images[:512] / 16.0 * 255).round().astype(np.uint8)
-    imgs = np.stack([np.asarray(Image.fromarray(i).resize((16, 16), Image.BICUBIC)) for i in imgs])
-    np.savez(root / "digits.npz", images=imgs, labels=d.target[:512].astype(np.int64))
-    write_shards(root / "digits.npz", root / "shards", max_count=128, workers=1, progress=False)
-    return root / "shards"
-
-
 def write_config(tmp_path: Path, shards: Path, run: str = "run", **sections) -> Path:
     cfg = {
         "base": "tiny",
@@ -179,16 +165,21 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path, digits_shards):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards):
+@pytest.mark.parametrize("ema_mode", ["halflife", pytest.param("power", marks=pytest.mark.slow)])
+def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_mode):
     """kill -9 mid-run, re-run the same command: the trajectory (losses at every log point from the
-    checkpoint on) and the final parameters equal an uninterrupted run's bit for bit, and the data
-    pipeline resumes exactly where the checkpoint was (no sample repeated or skipped). Dropout and
-    label dropout are on: their masks must follow images seen, not the steps of this process."""
+    checkpoint on), the final parameters and every EMA (with ema.mode=power: both tracked averages
+    and every snapshot of them) equal an uninterrupted run's bit for bit, and the data pipeline
+    resumes exactly where the checkpoint was (no sample repeated or skipped). Dropout and label
+    dropout are on: their masks must follow images seen, not the steps of this process."""
     long = {"duration_images": 640}   # leaves a wide window between the first checkpoint and the end
+    if ema_mode == "power":
+        long["snapshot_every_images"] = 128
     net = {"dropout": 0.2, "label_dim": 10, "label_dropout": 0.3}
-    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net)
+    ema = {"mode": ema_mode, "halflife_images": 200}
+    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net, ema=ema)
     run_train(ref_cfg)
-    cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net)
+    cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net, ema=ema)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -203,9 +194,19 @@ def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards):
     assert 0 < killed_at < 640
     run_train(cfg)
     ref, res = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
+    averages = list(zip(ref["ema"]["profiles"], res["ema"]["profiles"])) if ema_mode == "power" else [(ref["ema"], res["ema"])]
+    assert len(averages) == (2 if ema_mode == "power" else 1)
     for k in ref["model"]:
         assert torch.equal(ref["model"][k], res["model"][k]), k
-        assert torch.equal(ref["ema"][k], res["ema"][k]), k
+        for ref_ema, res_ema in averages:
+            assert torch.equal(ref_ema[k], res_ema[k]), k
+    if ema_mode == "power":
+        from safetensors.torch import load_file
+        names = sorted(p.name for p in (tmp_path / "ref" / "snapshots").glob("*.safetensors"))
+        assert len(names) >= 8 and names == sorted(p.name for p in (tmp_path / "killed" / "snapshots").glob("*.safetensors"))
+        for name in names:
+            a, b = (load_file(str(tmp_path / run / "snapshots" / name)) for run in ("ref", "killed"))
+            assert all(torch.equal(a[k], b[k]) for k in a), name
     ref_rows = {r["images_seen"]: r["loss"] for r in log_rows(tmp_path / "ref")}
     res_rows = [r for r in log_rows(tmp_path / "killed") if r["images_seen"] > killed_at]
     assert res_rows and all(ref_rows[r["images_seen"]] == r["loss"] for r in res_rows)
