@@ -382,11 +382,14 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     (throughput does not depend on them), with the CPU time it spends in user and system mode;
     then EDM's reference loop (``edm_reference_sampler``) on the same network and noise. One
     warm-up batch of 2 steps first."""
+    from pdiff.allocator import keep_freed_memory
     from pdiff.model import build_model, count_parameters, one_hot_labels
     from pdiff.sampler import SeedNoise, patch_denoiser, sample_images
     from pdiff.coords import canvas_grid
     r, c, s = cfg.data.resolution, cfg.data.channels, cfg.sample
     canvas = s.canvas or r
+    if device.type == "cpu":
+        keep_freed_memory()         # as pdiff.generate does (both samplers below run under it)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device).eval().requires_grad_(False)
     seeds = list(range(batch))
