@@ -111,13 +111,16 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict:
 
 class IntervalClock:
     """The wall time of one log interval, split into waiting for data, pauses (snapshots, sample
-    grids, checkpoints, FID) and the rest; images/s counts only the time not paused."""
+    grids, checkpoints, FID) and the rest; images/s counts only the time not paused. Also the
+    process's CPU time (every thread's, not data worker processes'), pauses excluded: what a run
+    costs on a CPU shared with other work (pdiff bench quality counts it)."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.start, self.images, self.data_wait, self.paused = time.perf_counter(), 0, 0.0, 0.0
+        self.cpu_start, self.cpu_paused = time.process_time(), 0.0
 
     @contextlib.contextmanager
     def waiting(self):
@@ -132,7 +135,8 @@ class IntervalClock:
         elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
         images = max(self.images, 1)
         out = {"images_per_s": self.images / elapsed, "ms_per_image": 1e3 * elapsed / images,
-               "data_wait_share": self.data_wait / elapsed}
+               "data_wait_share": self.data_wait / elapsed,
+               "cpu_seconds": time.process_time() - self.cpu_start - self.cpu_paused}
         self.reset()
         return out, elapsed
 
@@ -220,10 +224,11 @@ class Monitor:
     def pause(self, what: str, images_seen: int, detail: str = ""):
         """Time a pause in training (``what``: snapshot, sample, fid, checkpoint): kept out of
         images/s, logged as perf/<what>_s, announced with its time."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         yield
         seconds = time.perf_counter() - t0
         self.clock.paused += seconds
+        self.clock.cpu_paused += time.process_time() - cpu0
         self.pause_s[what] = self.pause_s.get(what, 0.0) + seconds
         if self.enabled:
             self.tb.add_scalar(f"perf/{what}_s", seconds, images_seen)

@@ -258,6 +258,8 @@ def test_quick_runs_write_every_field(quick_results):
     forward_gflops = step["flop_model"]["train_gflops_per_image"]["16"] / 3
     assert sample["tflop_per_s"] == pytest.approx(forward_gflops * 3 * sample["images_per_s"] / 1e3)
     assert sample["mfu"] is None
+    assert sample["edm_reference"]["images_per_s"] > 0 and sample["speedup_vs_edm_reference"] > 0
+    assert sample["cpu_user_s_per_batch"] > 0 and sample["cpu_sys_s_per_batch"] >= 0 and sample["minor_faults_per_batch"] >= 0
 
 
 def test_cli_reports_missing_data(capsys):

@@ -174,3 +174,27 @@ def test_guidance_interval_config_and_cli_checks():
     assert _interval("0.28,inf") == [0.28, math.inf]
     with pytest.raises(Exception, match="LO,HI"):
         _interval("0.28")
+
+
+def test_edm_reference_loop_matches_the_sampler_without_churn():
+    """The benchmark's re-implementation of EDM's edm_sampler and pdiff's sampler take the same
+    steps (deterministic Heun): the same samples from the same noise, through a real network."""
+    from pdiff.bench.runs import edm_reference_sampler
+    from pdiff.config import load_config
+    from pdiff.coords import canvas_grid
+    from pdiff.model import build_model
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    cfg = load_config("tiny", ["network.model_channels=8", "network.channel_mult=[1,2]", "network.attn_resolutions=[]",
+                               "data.resolution=16"])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    seeds = SeedNoise([int(s) for s in torch.randint(0, 2**40, (3,))])
+    noise = seeds.randn((3, 3, 16, 16))
+    ours = sample_images(model, noise, 16, steps=4)
+    den = patch_denoiser(model, canvas_grid(3, 16, 16))
+    drawn = []
+    ref = edm_reference_sampler(den, noise, lambda x: drawn.append(1) or torch.randn_like(x), num_steps=4)
+    torch.testing.assert_close(ref.float(), ours, rtol=0, atol=1e-5)
+    assert len(drawn) == 4          # EDM draws churn noise at every step, even with no churn

@@ -1,5 +1,6 @@
-"""`pdiff bench data|step|train|sample|compare --config FILE [key=value ...]`: throughput on this
-machine, with this config and these shards, before a cluster is committed to a run.
+"""`pdiff bench data|step|train|sample|compare|quality --config FILE [key=value ...]`: throughput
+and quality per cost on this machine, with this config and these shards, before a cluster is
+committed to a run.
 
     pdiff bench data   --config my.yaml                   # pipeline patches/s per patch size and for the schedule
     pdiff bench data   --config my.yaml data.path=PIXELS data.resolution=256 data.channels=3 --online-vae VAE
@@ -9,6 +10,8 @@ machine, with this config and these shards, before a cluster is committed to a r
                                                           # full-image EDM (p = 1) next to the patch schedule
     pdiff bench sample --config my.yaml                   # sampler images/s at sample.steps
     pdiff bench compare --config my.yaml                  # = train --compare
+    pdiff bench quality --config my.yaml --budget-hours 2 # quality vs cost: full images, the schedule, other
+                                                          # patch sets and p; table, JSON and PNG plot
 
 Warm-up (pipeline start, compilation) is excluded and figures are medians over repeats. Each command
 prints a short table and writes a JSON file naming the machine (CPU model, cores, GPU and its memory,
@@ -30,10 +33,10 @@ from pathlib import Path
 import torch
 
 from pdiff.bench import (BenchError, bench_data, bench_data_online_vae, bench_sample, bench_step, bench_train,
-                         compare_train, default_interval_images, machine, machine_name, print_data, print_sample, print_step,
-                         print_train, resolve_device, save_json, synthetic_shards, variant)
+                         compare_train, default_interval_images, machine, machine_name, print_data, print_quality,
+                         print_sample, print_step, print_train, resolve_device, save_json, synthetic_shards, variant)
 
-KINDS = ("data", "step", "train", "sample", "compare")
+KINDS = ("data", "step", "train", "sample", "compare", "quality")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +67,49 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--online-vae", metavar="VAE",
                     help="data: data.path holds pixel shards; encode every batch with this VAE (diffusers folder or "
                          "hub id), as training that runs the encoder in every step does")
+    q = ap.add_argument_group("quality (docs/patch_defaults.md)")
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--budget-hours", type=float, help="device-hours per arm (GPU wall-clock; on a CPU its CPU time)")
+    budget.add_argument("--budget-images", type=float, help="images seen per arm")
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs per arm (the FLOP model's)")
+    q.add_argument("--evals", type=int, default=None, help="evaluation points per arm, evenly spaced over the budget (default 6)")
+    q.add_argument("--eval-images", type=int, default=None, help="samples per evaluation (default 1000)")
+    q.add_argument("--eval-steps", type=int, default=None, help="sampler steps per evaluation (default sample.steps)")
+    q.add_argument("--eval-batch", type=int, default=64, help="sampling batch per evaluation")
+    q.add_argument("--patch-sets", default="R/4,R/2,R;R/2,R", help="patch sets to compare, ';' between sets (default: %(default)s)")
+    q.add_argument("--p-values", default="0.25", help="other shares p of full-size steps to compare, comma list (default: %(default)s)")
+    q.add_argument("--inception", help="TF-FID Inception weights: the metric is FID (else a learned-feature distance)")
+    q.add_argument("--fid-ref", help="FID reference statistics of the data (default: computed from data.path)")
+    q.add_argument("--feature-steps", type=int, default=None, help="training steps of the feature network (default 1500)")
+    q.add_argument("--work-dir", help="keep every arm's run folder here (default: a temporary folder)")
+    q.add_argument("--plot", help="PNG to write (default: next to the JSON, same name)")
     return ap
+
+
+def quality(cfg, args, device: torch.device, work_dir: Path) -> dict:
+    from pdiff.bench.quality import Budget, bench_quality, make_metric, parse_patch_sets, quality_arms
+    quick = args.quick
+    given = [(k, v) for k, v in (("hours", args.budget_hours), ("images", args.budget_images), ("flops", args.budget_flops))
+             if v is not None]
+    if given:
+        budget = Budget(*given[0])
+    elif quick:
+        budget = Budget("images", default_interval_images(cfg, 2))
+    else:
+        raise BenchError("give the budget per arm: --budget-hours H, --budget-images N or --budget-flops F")
+    evals = args.evals or (2 if quick else 6)
+    eval_steps = args.eval_steps or (2 if quick else cfg.sample.steps)
+    metric = make_metric(cfg, device, args.eval_images or (4 if quick else 1000), args.eval_batch, eval_steps,
+                         args.inception, args.fid_ref, args.feature_steps or (5 if quick else 1500))
+    print(f"metric: {metric.description}", flush=True)
+    arms = quality_arms(cfg, parse_patch_sets(args.patch_sets, cfg.data.resolution),
+                        [float(x) for x in args.p_values.split(",") if x.strip()])
+
+    def on_point(arm, pt):
+        print(f"  {arm.name:<22} {pt['images']:>10,} images {pt['hours']:>9.4f} h {pt['flops']:>10.3g} FLOPs "
+              f"{metric.key} {pt['metric']:.4f}", flush=True)
+    return bench_quality(cfg, device, Path(args.work_dir) if args.work_dir else work_dir, budget, evals, metric,
+                         arms, on_point=on_point)
 
 
 def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
@@ -96,6 +141,9 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
         else:
             res = {"run": bench_train(cfg, device, work_dir, **kw)}
         print_train(res)
+    elif kind == "quality":
+        res = quality(cfg, args, device, work_dir)
+        print_quality(res)
     else:
         res = bench_sample(cfg, device, batch=args.batch or (2 if quick else min(cfg.train.batch, 16)),
                            repeats=args.repeats or (1 if quick else 3))
@@ -114,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         if args.synthetic:
             cfg = variant(cfg, [f"data.path={synthetic_shards(tmp / 'data', args.synthetic, cfg.data.resolution, cfg.data.channels, args.encoding, cfg.train.seed)}"])
-        if args.kind in ("data", "train", "compare") and not cfg.data.path:
+        if args.kind in ("data", "train", "compare", "quality") and not cfg.data.path:
             print("pdiff bench: data.path is empty: give the shards (data.path=DIR) or --synthetic N", file=sys.stderr)
             return 2
         if cfg.data.path and (args.kind != "data" or not args.online_vae):
@@ -133,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.perf_counter() - t0, 2), "resolved_config": to_dict(cfg), "results": res}
     path = save_json(payload, args.out, args.kind)
     print(f"wrote {path}")
+    if args.kind == "quality":
+        from pdiff.bench.quality import plot_quality
+        print(f"wrote {plot_quality(res, args.plot or path.with_suffix('.png'))}")
     return 0
 
 

@@ -7,6 +7,10 @@
                  builds it), the real training loop (full images against the patch schedule), the sampler
     flops.py     the FLOP model: parameters, FLOPs per patch size, the schedule's cost per image, the
                  cards' dense peaks (MFU) and the trainer's host-side FLOP count
+    quality.py   quality against cost: full images, the schedule, other patch sets and p under one
+                 budget (chunked training runs, FID or a learned-feature distance, crossovers, plot)
+    features.py  the learned-feature distance: a small network trained on the user's data
+    plot.py      line charts as PNG (Pillow only)
     report.py    the printed tables
 
 Warm-up (pipeline start, compilation) is excluded and figures are medians over repeats.
@@ -14,7 +18,7 @@ Warm-up (pipeline start, compilation) is excluded and figures are medians over r
 from __future__ import annotations
 
 from .machine import device_sync, machine, machine_name, resolve_device, save_json
-from .report import print_data, print_sample, print_step, print_train
+from .report import print_data, print_quality, print_sample, print_step, print_train
 from .runs import (FULL_OVERRIDES, NEVER, PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, bench_data, bench_data_online_vae,
                    bench_sample, bench_step, bench_train, compare_train, default_interval_images, measuring_overrides,
                    prewarm_kernels, run_training, synthetic_shards, variant)
@@ -24,6 +28,6 @@ from .timing import (BenchError, add_flop_figures, compare_figures, expected_mix
 __all__ = ["FULL_OVERRIDES", "NEVER", "PAPER_SCHEDULE_OVERRIDES", "BenchError", "add_flop_figures", "BenchInterrupted",
            "bench_data", "bench_data_online_vae", "bench_sample", "bench_step", "bench_train", "compare_figures", "compare_train",
            "default_interval_images", "device_sync", "expected_mix", "machine", "machine_name",
-           "measuring_overrides", "per_size_figures", "prewarm_kernels", "print_data", "print_sample",
+           "measuring_overrides", "per_size_figures", "prewarm_kernels", "print_data", "print_quality", "print_sample",
            "print_step", "print_train", "resolve_device", "run_training", "save_json", "schedule_figures",
            "summarize_log", "synthetic_shards", "time_sizes", "timed", "variant"]

@@ -76,3 +76,22 @@ def print_sample(res: dict) -> None:
     if "speedup_vs_edm_reference" in res:
         print(f"pdiff's sampler vs EDM's reference loop on the same network: {res['speedup_vs_edm_reference']:.2f}x")
 
+
+def print_quality(res: dict) -> None:
+    m, axis = res["metric"], res["table_axis"]
+    print(f"\n{m['name']} (lower is better) at equal {axis} ({res['budget']['per_arm']}; hours = {res['hours_measure']})")
+    print(f"  {m['description']}")
+    names = [a["name"] for a in res["arms"]]
+    print(f"{axis:>12} " + " ".join(f"{n:>20}" for n in names))
+    for row in res["table"]:
+        cells = " ".join(f"{'-' if row[n] is None else format(row[n], '.4f'):>20}" for n in names)
+        print(f"{row[axis]:>12.4g} {cells}")
+    for name, by_axis in res["crossovers_vs_full"].items():
+        for key, found in by_axis.items():
+            if found:
+                text = "; ".join(f"at {c[key]:.4g} {key} ({m['key']} {c['metric']:.4f}), then {c['better_after']} is better"
+                                 for c in found)
+            else:
+                text = "none in the common range"
+            print(f"crossover {name} vs {names[0]} in {key}: {text}")
+    print(f"best at the end of the budget: {res['best_at_budget']}")
