@@ -46,6 +46,9 @@ def test_patch_sets_probs_and_arms():
         sched = PatchSchedule.from_config(variant(cfg, arm.overrides))
         assert sched.sizes == sizes and sched.probs == pytest.approx(probs), arm.name
     assert PatchSchedule.from_config(variant(cfg, arms[0].overrides)).sizes == [16]
+    from pdiff.bench.quality import depends_on_duration
+    assert not any(depends_on_duration(variant(cfg, a.overrides)) for a in arms)
+    assert depends_on_duration(variant(cfg, ["patch.mode=progressive"]))
 
 
 def test_flop_counter_sums_the_steps_the_schedule_takes():

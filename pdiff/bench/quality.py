@@ -244,6 +244,14 @@ def make_metric(cfg, device, images: int, batch: int, steps: int, inception: str
 # ------------------------------------------------------------------------------------------
 # The runs
 
+def depends_on_duration(cfg) -> bool:
+    """Whether the config's schedule draws other sizes when train.duration_images changes (the
+    progressive schedule does): chunked runs change it, so they would not be one run."""
+    d = max(cfg.train.duration_images, 1 << 20)
+    a, b = (PatchSchedule.from_config(variant(cfg, [f"train.duration_images={n}"])) for n in (d, 2 * d))
+    return any(a.size_at(i * d // 64) != b.size_at(i * d // 64) for i in range(64))
+
+
 def quality_overrides(run_dir: Path) -> list[str]:
     """A chunked training run: its own folder, one log row per chunk (its end), the checkpoint and
     snapshot every chunk ends with and nothing else on the way; in-training sample grids at 2
@@ -260,6 +268,9 @@ def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget,
     from pdiff.snapshot import load_checkpoint
     slug = re.sub(r"[^A-Za-z0-9.=]+", "_", arm.name).strip("_")
     arm_cfg = variant(cfg, [*arm.overrides, *quality_overrides(Path(work_dir) / slug)])
+    if depends_on_duration(arm_cfg):
+        raise BenchError(f"arm {arm.name}: its schedule ({arm_cfg.patch.mode}) depends on train.duration_images, which "
+                         f"the chunked runs change; compare a stochastic schedule (patch.mode=stochastic)")
     flops = arm_flop_counter(arm_cfg)
     schedule = PatchSchedule.from_config(arm_cfg)
     images, device_s, wall_s, cpu_s, rate = 0, 0.0, 0.0, 0.0, None
