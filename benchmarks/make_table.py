@@ -183,7 +183,25 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             return tag, [train_headline("compile" if p.get("resolved_config", {}).get("train", {}).get("compile") else "eager", res) or "no results"]
         if kind == "sample":
             return tag, [f"{res['steps']} steps batch {res['batch']}: {_rate(res['images_per_s'])} img/s{_flops(res)}"]
+        if kind == "quality":
+            m = res["metric"]
+            final = ", ".join(f"{n} {v:.3g}" for n, v in res["final_metric"].items() if v is not None)
+            lines = [f"{m['key']} at {res['budget']['per_arm']}: {final}; best {res['best_at_budget']}"]
+            for name, by_axis in res["crossovers_vs_full"].items():
+                found = by_axis.get("hours") or []
+                lines.append(f"{name} vs full: " + ("; ".join(f"crossover at {c['hours']:.3g} h, then {c['better_after']}"
+                                                              for c in found) or "no crossover"))
+            return tag, lines
         return None
+    if name == "sample_cost":
+        lines = []
+        for label in ("before", "after"):
+            r = p[label]
+            cpu = r["cpu_user_s_per_batch"] + r["cpu_sys_s_per_batch"]
+            edm = r.get("edm_reference")
+            lines.append(f"{label}: {r['network_evaluations']} NFE batch {r['batch']}: {100 * r['cpu_sys_s_per_batch'] / cpu:.0f}% "
+                         f"system time, {cpu / r['batch']:.2f} CPU s/img" + (f" (EDM's loop {(edm['cpu_user_s_per_batch'] + edm['cpu_sys_s_per_batch']) / r['batch']:.2f})" if edm else ""))
+        return "sample cost (pdiff bench sample)", lines
     if isinstance(p.get("rows"), list) and any("step_ms" in r for r in p["rows"]):   # bench_networks
         lines = []
         for net in dict.fromkeys(r["net"] for r in p["rows"] if "step_ms" in r):

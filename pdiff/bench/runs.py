@@ -362,16 +362,25 @@ def cpu_usage() -> dict:
     return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "minor_faults": r.ru_minflt}
 
 
-def timed_with_cpu(fn, repeats: int, sync=None, clock=time.perf_counter) -> dict:
-    """Median seconds per call of ``fn`` and the CPU time (user, system) and minor page faults per
-    call over the repeats."""
-    before = cpu_usage()
-    times = timed(fn, repeats, warmup=0, sync=sync, clock=clock)
-    after = cpu_usage()
-    per_call = {k: (after[k] - before[k]) / repeats for k in before}
-    return {"seconds_per_batch": statistics.median(times), "repeats": repeats,
-            "cpu_user_s_per_batch": per_call["user_s"], "cpu_sys_s_per_batch": per_call["sys_s"],
-            "minor_faults_per_batch": per_call["minor_faults"]}
+def timed_with_cpu(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
+    """Each of ``fns`` (name -> callable) called in turn ``repeats`` times, interleaved so that load
+    from other processes falls on all alike: per name the median seconds per call, and the CPU time
+    (user, system) and minor page faults per call."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    seconds = {name: [] for name in fns}
+    usage = {name: {"user_s": 0.0, "sys_s": 0.0, "minor_faults": 0} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            before = cpu_usage()
+            seconds[name].extend(timed(fn, 1, warmup=0, sync=sync, clock=clock))
+            after = cpu_usage()
+            for k in usage[name]:
+                usage[name][k] += after[k] - before[k]
+    return {name: {"seconds_per_batch": statistics.median(seconds[name]), "repeats": repeats,
+                   "cpu_user_s_per_batch": usage[name]["user_s"] / repeats,
+                   "cpu_sys_s_per_batch": usage[name]["sys_s"] / repeats,
+                   "minor_faults_per_batch": usage[name]["minor_faults"] / repeats} for name in fns}
 
 
 @torch.no_grad()
@@ -379,9 +388,9 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
                  edm_reference: bool = True) -> dict:
     """Images/s of the sampler (pdiff.sampler.sample_images, Heun at cfg.sample.steps, fp32 network,
     seed-addressed noise as `pdiff sample` draws it) on the config's network with random weights
-    (throughput does not depend on them), with the CPU time it spends in user and system mode;
-    then EDM's reference loop (``edm_reference_sampler``) on the same network and noise. One
-    warm-up batch of 2 steps first."""
+    (throughput does not depend on them), with the CPU time it spends in user and system mode, and
+    EDM's reference loop (``edm_reference_sampler``) on the same network and noise, the two
+    alternating batch by batch. One warm-up batch of 2 steps first."""
     from pdiff.allocator import keep_freed_memory
     from pdiff.model import build_model, count_parameters, one_hot_labels
     from pdiff.sampler import SeedNoise, patch_denoiser, sample_images
@@ -405,7 +414,13 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
                                      s.s_churn, s.s_min, s.s_max, s.s_noise, randn_like=rng.randn_like,
                                      guidance_interval=s.guidance_interval)
     ours(2)()
-    figures = timed_with_cpu(ours(s.steps), repeats, sync, clock)
+    runs = {"pdiff": ours(s.steps)}
+    if edm_reference:
+        den = patch_denoiser(model, canvas_grid(batch, canvas, r, device=device), labels, s.guidance, s.guidance_interval)
+        runs["edm_reference"] = lambda: edm_reference_sampler(den, noise, rng.randn_like, s.steps, s.sigma_min,
+                                                              s.sigma_max, s.rho, s.s_churn, s.s_min, s.s_max, s.s_noise)
+    measured = timed_with_cpu(runs, repeats, sync, clock)
+    figures = measured["pdiff"]
     t = figures["seconds_per_batch"]
     evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
     from .flops import device_card, forward_flops_by_size, mfu
@@ -414,13 +429,10 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     out = {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
            "steps": s.steps, "network_evaluations": evals, "batch": batch, **figures,
            "images_per_s": batch / t, "ms_per_image": 1e3 * t / batch,
-           "precision": "fp32", "device": str(device), "card": card.name if card else None,
-           "tflop_per_s": tflop_per_s, "mfu": mfu(tflop_per_s, card, "fp32")}
+           "precision": "fp32", "device": str(device), "torch_threads": torch.get_num_threads(),
+           "card": card.name if card else None, "tflop_per_s": tflop_per_s, "mfu": mfu(tflop_per_s, card, "fp32")}
     if edm_reference:
-        den = patch_denoiser(model, canvas_grid(batch, canvas, r, device=device), labels, s.guidance, s.guidance_interval)
-        edm = timed_with_cpu(lambda: edm_reference_sampler(den, noise, rng.randn_like, s.steps, s.sigma_min, s.sigma_max,
-                                                           s.rho, s.s_churn, s.s_min, s.s_max, s.s_noise),
-                             repeats, sync, clock)
+        edm = measured["edm_reference"]
         edm["images_per_s"] = batch / edm["seconds_per_batch"]
         out["edm_reference"] = edm
         out["speedup_vs_edm_reference"] = edm["seconds_per_batch"] / t
