@@ -97,6 +97,9 @@ def test_crossovers_of_two_lines_and_the_table_at_equal_cost():
     s = summarize(res, Budget("hours", 6.0), 3)
     assert [r["hours"] for r in s["table"]] == [2.0, 4.0, 6.0]
     assert s["table"][1]["full"] == pytest.approx(6.0) and s["table"][2]["patch"] is None   # patch stopped at 5.5
+    near = summarize([{"name": "full", "points": line([0.45, 0.98, 1.5], 3.0, 0.0)}], Budget("hours", 1.5), 3)
+    assert [r["full"] for r in near["table"]] == [3.0, 3.0, 3.0]       # within a tenth of a step of a point
+    assert interpolate(full, "hours", 0.85, 0.2) == pytest.approx(9.0) and interpolate(full, "hours", 0.7, 0.2) is None
     (c,) = s["crossovers_vs_full"]["patch"]["hours"]
     assert c["better_after"] == "full"
     assert s["best_at_budget"] == "full" and s["final_metric"]["full"] == pytest.approx(4.0)

@@ -331,10 +331,12 @@ def bench_quality(cfg, device: torch.device, work_dir: str | Path, budget: Budge
 # ------------------------------------------------------------------------------------------
 # Reading the curves (pure functions)
 
-def interpolate(points: list[dict], x_key: str, x: float) -> float | None:
-    """The metric at cost ``x`` by linear interpolation between measured points (None outside)."""
+def interpolate(points: list[dict], x_key: str, x: float, tolerance: float = 0.0) -> float | None:
+    """The metric at cost ``x`` by linear interpolation between measured points; within
+    ``tolerance`` outside them, the nearest end point's (a device-hours run lands near, not on, its
+    points); None further out."""
     xs = [p[x_key] for p in points]
-    if not xs or x < xs[0] - 1e-12 or x > xs[-1] + 1e-12:
+    if not xs or x < xs[0] - tolerance - 1e-12 or x > xs[-1] + tolerance + 1e-12:
         return None
     return float(np.interp(x, xs, [p["metric"] for p in points]))
 
@@ -357,13 +359,13 @@ def crossovers(a: list[dict], b: list[dict], x_key: str) -> list[dict]:
 
 def summarize(results: list[dict], budget: Budget, evals: int) -> dict:
     """The table at equal cost (metric of every arm at each evaluation point of the budget, by
-    interpolation on the budget's own axis), the crossovers with full images in device-hours and
+    interpolation on the budget's own axis, end points taken within a tenth of a step), the crossovers with full images in device-hours and
     in FLOPs, and the best arm at the end."""
     x_key = {"hours": "hours", "images": "images", "flops": "flops"}[budget.kind]
-    table = []
+    table, tolerance = [], 0.1 * budget.value / evals
     for k in range(1, evals + 1):
         x = budget.value * k / evals
-        table.append({x_key: x, **{r["name"]: interpolate(r["points"], x_key, x) for r in results}})
+        table.append({x_key: x, **{r["name"]: interpolate(r["points"], x_key, x, tolerance) for r in results}})
     full = results[0]
     crossings = {}
     for r in results[1:]:
