@@ -320,6 +320,7 @@ def bench_quality(cfg, device: torch.device, work_dir: str | Path, budget: Budge
     results = [run_arm(cfg, arm, device, Path(work_dir), budget, evals, metric, runner, on_point) for arm in arms]
     return {"config": cfg.name, "resolution": cfg.data.resolution, "device": str(device),
             "budget": {"kind": budget.kind, "value": budget.value, "per_arm": budget.describe(device.type)},
+            "evals": evals,
             "metric": {"key": metric.key, "name": metric.name, "description": metric.description,
                        "comparable_to_fid": metric.comparable_to_fid, "lower_is_better": True,
                        "sampler_steps": metric.steps, "samples": metric.images},
@@ -364,7 +365,7 @@ def summarize(results: list[dict], budget: Budget, evals: int) -> dict:
     x_key = {"hours": "hours", "images": "images", "flops": "flops"}[budget.kind]
     table, tolerance = [], 0.1 * budget.value / evals
     for k in range(1, evals + 1):
-        x = budget.value * k / evals
+        x = float(f"{budget.value * k / evals:.12g}")
         table.append({x_key: x, **{r["name"]: interpolate(r["points"], x_key, x, tolerance) for r in results}})
     full = results[0]
     crossings = {}
