@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from pdiff.config import load_config, to_dict
-from pdiff.bench import (FULL_OVERRIDES, PAPER_SCHEDULE_OVERRIDES, BenchInterrupted, bench_train, compare_train,
-                         default_interval_images, machine, machine_name, print_train, resolve_device, save_json,
+from pdiff.bench import (FULL_OVERRIDES, BenchInterrupted, bench_train, compare_train, default_interval_images,
+                         machine, machine_name, paper_schedule_overrides, print_train, resolve_device, save_json,
                          synthetic_shards, variant)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "bench_train", "machine": info, "device": str(device), "config": cfg.name,
                "config_file": args.config, "overrides": overrides, "quick": args.quick,
                "batch_full_images": cfg.train.batch, "synthetic_images": args.synthetic or None,
-               "patch_overrides": PAPER_SCHEDULE_OVERRIDES, "modes": {}, "errors": [], "targets": []}
+               "patch_overrides": paper_schedule_overrides(cfg.data.resolution), "modes": {}, "errors": [], "targets": []}
     out, t0 = args.out or RESULTS, time.perf_counter()
     state = {"path": None}
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         if not cfg.data.path:
             print("bench_train: no data: give --data DIR (or data.path in the config) or --synthetic N", file=sys.stderr)
             return 2
-        patch_cfg = variant(cfg, PAPER_SCHEDULE_OVERRIDES)
+        patch_cfg = variant(cfg, paper_schedule_overrides(cfg.data.resolution))
         interval_images = default_interval_images(patch_cfg, args.interval_steps)
         payload.update(interval_images=interval_images, intervals=args.intervals, data_backend=cfg.data.backend,
                        data_workers=cfg.data.workers, resolved_config=to_dict(cfg))
@@ -142,10 +142,10 @@ def main(argv=None) -> int:
             try:
                 if len(runs) == 2:
                     res = compare_train(mode_cfg, device, tmp / key, args.intervals, interval_images, args.wall_budget,
-                                        PAPER_SCHEDULE_OVERRIDES, on_result=on_result)
+                                        paper_schedule_overrides(cfg.data.resolution), on_result=on_result)
                     entry["comparison"] = res["comparison"]
                 else:
-                    run_cfg = variant(mode_cfg, FULL_OVERRIDES if runs == ["full"] else PAPER_SCHEDULE_OVERRIDES)
+                    run_cfg = variant(mode_cfg, FULL_OVERRIDES if runs == ["full"] else paper_schedule_overrides(cfg.data.resolution))
                     on_result(runs[0], bench_train(run_cfg, device, tmp / key, args.intervals, interval_images,
                                                    args.wall_budget, label=runs[0]))
             except BenchInterrupted as e:

@@ -75,8 +75,8 @@ class DataConfig:
 class PatchConfig:
     mode: str = knob("stochastic", "the patch schedule, a name in pdiff.schedule.SCHEDULES (full = plain EDM)")
     real_p: float = knob(0.5, "share of full-size steps, the paper's p")
-    sizes: list[int] = knob([], "patch sizes; empty: {R/4, R/2, R}")
-    probs: list[float] = knob([], "probability of each of patch.sizes; empty: (2/5 (1-p), 3/5 (1-p), p)")
+    sizes: list[int] = knob([], "patch sizes; empty: {R/4, R/2, R} from 64 px, {R/2, R} below (docs/patch_defaults.md)")
+    probs: list[float] = knob([], "probability of each of patch.sizes; empty: (2/5 (1-p), 3/5 (1-p), p), or (1-p, p)")
 
 
 @dataclass

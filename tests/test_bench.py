@@ -25,7 +25,7 @@ from pdiff.train import crossed
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
         "network.attn_resolutions=[8]", "data.resolution=16", "train.batch=4", "data.backend=torch",
-        "data.workers=0", "sample.steps=2"]
+        "data.workers=0", "sample.steps=2", "patch.sizes=[4,8,16]", "patch.probs=[0.2,0.3,0.5]"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,7 +232,7 @@ def test_quick_runs_write_every_field(quick_results):
         assert v["patches"] == 4 * 16 // int(s) and v["images_per_s"] > 0
     sc = step["schedule"]
     ms = {int(s): v["ms_per_image"] for s, v in step["per_patch_size"].items()}
-    sched = StochasticSchedule(16, 4)
+    sched = StochasticSchedule(16, 4, sizes=[4, 8, 16], probs=[0.2, 0.3, 0.5])
     assert sc["cost_per_image_vs_full"] == pytest.approx(sched.expected_cost_ratio(ms))
     assert sc["images_per_s"] == pytest.approx(1e3 / (sc["cost_per_image_vs_full"] * ms[16]))
     assert 0 < step["flop_model"]["cost_per_image_vs_full"] < 1

@@ -142,6 +142,19 @@ def test_stochastic_schedule_frequencies_chi_square():
     assert stats.chisquare(counts, expect).pvalue > 1e-4, counts
 
 
+def test_default_patch_sets_by_resolution():
+    """{R/4, R/2, R} with (2/5 (1-p), 3/5 (1-p), p) where R/4 is at least 16 px; {R/2, R} with
+    (1-p, p) below (docs/patch_defaults.md)."""
+    p = float(np.random.default_rng().uniform(0.05, 0.95))
+    for r in (64, 128, 256, 512):
+        sch = StochasticSchedule(r, 8, real_p=p)
+        assert sch.sizes == [r // 4, r // 2, r] and sch.probs == pytest.approx([0.4 * (1 - p), 0.6 * (1 - p), p])
+    for r in (8, 16, 32, 48):
+        sch = StochasticSchedule(r, 8, real_p=p)
+        assert sch.sizes == [r // 2, r] and sch.probs == pytest.approx([1 - p, p])
+    assert ProgressiveSchedule(32, 8, real_p=p, duration_images=1000).sizes == [16, 32]
+
+
 def test_schedule_is_a_function_of_seed_and_images_seen():
     a, b = StochasticSchedule(64, 8, seed=3), StochasticSchedule(64, 8, seed=3)
     assert [a.size_at(i) for i in range(0, 5000, 7)] == [b.size_at(i) for i in range(0, 5000, 7)]

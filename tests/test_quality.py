@@ -39,10 +39,11 @@ def test_patch_sets_probs_and_arms():
     assert patch_probs([32, 64], 64, p) == pytest.approx([1 - p, p])
     cfg = load_config("tiny", TINY + ["patch.real_p=0.5"])
     arms = quality_arms(cfg, [[4, 8, 16], [8, 16]], [0.25, 0.5])
-    assert [a.name for a in arms] == ["full (p=1)", "{4,8,16} p=0.5", "{8,16} p=0.5", "{4,8,16} p=0.25"]
+    # the base is the config's schedule: pdiff's default for 16 px, {R/2, R} (docs/patch_defaults.md)
+    assert [a.name for a in arms] == ["full (p=1)", "{8,16} p=0.5", "{4,8,16} p=0.5", "{8,16} p=0.25"]
     from pdiff.bench import variant
-    for arm, (sizes, probs) in zip(arms[1:], [([4, 8, 16], [0.2, 0.3, 0.5]), ([8, 16], [0.5, 0.5]),
-                                              ([4, 8, 16], [0.3, 0.45, 0.25])]):
+    for arm, (sizes, probs) in zip(arms[1:], [([8, 16], [0.5, 0.5]), ([4, 8, 16], [0.2, 0.3, 0.5]),
+                                              ([8, 16], [0.75, 0.25])]):
         sched = PatchSchedule.from_config(variant(cfg, arm.overrides))
         assert sched.sizes == sizes and sched.probs == pytest.approx(probs), arm.name
     assert PatchSchedule.from_config(variant(cfg, arms[0].overrides)).sizes == [16]
@@ -184,7 +185,7 @@ def test_quick_cli_writes_table_json_and_plot(digits_shards, tmp_path, capsys):
     payload = json.loads(out.read_text())
     res = payload["results"]
     assert payload["kind"] == "quality" and payload["machine"]["cpu"]
-    assert [a["name"] for a in res["arms"]] == ["full (p=1)", "{4,8,16} p=0.5", "{8,16} p=0.5", "{4,8,16} p=0.25"]
+    assert [a["name"] for a in res["arms"]] == ["full (p=1)", "{8,16} p=0.5", "{4,8,16} p=0.5", "{8,16} p=0.25"]
     assert res["metric"]["comparable_to_fid"] is False and "classifier" in res["metric"]["description"]
     for arm in res["arms"]:
         assert len(arm["points"]) == 2 and all(np.isfinite(p["metric"]) and p["flops"] > 0 for p in arm["points"])
@@ -209,11 +210,11 @@ def test_quick_cli_with_inception_weights_is_fid(digits_shards, tmp_path, capsys
     out = tmp_path / "q.json"
     rc = main(["bench", "quality", "--config", "tiny", *TINY, "data.channels=1", f"data.path={digits_shards}", "--quick",
                "--device", "cpu", "--out", str(out), "--inception", str(weights), "--fid-ref", str(tmp_path / "ref.npz"),
-               "--patch-sets", "R/4,R/2,R", "--p-values", "", "--eval-images", "2", "--evals", "1"])
+               "--patch-sets", "R/2,R", "--p-values", "", "--eval-images", "2", "--evals", "1"])
     assert rc == 0
     res = json.loads(out.read_text())["results"]
     assert res["metric"]["comparable_to_fid"] is True and res["metric"]["key"] == "fid"
-    assert [a["name"] for a in res["arms"]] == ["full (p=1)", "{4,8,16} p=0.5"]
+    assert [a["name"] for a in res["arms"]] == ["full (p=1)", "{8,16} p=0.5"]
     assert all(len(a["points"]) == 1 for a in res["arms"])
 
 

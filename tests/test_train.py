@@ -34,6 +34,9 @@ def write_config(tmp_path: Path, shards: Path, run: str = "run", **sections) -> 
         "network": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
                     "attn_resolutions": [8], "dropout": 0.0, "label_dim": 0},
         "data": {"path": str(shards), "resolution": 16, "channels": 1, "backend": "torch", "workers": 0},
+        # three patch sizes (the paper's set), so that every test runs the multi-size paths; 16 px
+        # is below where the default set has R/4 (docs/patch_defaults.md)
+        "patch": {"sizes": [4, 8, 16], "probs": [0.2, 0.3, 0.5]},
         "optim": {"lr": 2e-3, "warmup_images": 64},
         "ema": {"halflife_images": 200},
         "train": {"run_dir": str(tmp_path / run), "batch": 8, "duration_images": 320,

@@ -91,19 +91,19 @@ def quality(cfg, args, device: torch.device, work_dir: Path) -> dict:
     quick = args.quick
     given = [(k, v) for k, v in (("hours", args.budget_hours), ("images", args.budget_images), ("flops", args.budget_flops))
              if v is not None]
+    arms = quality_arms(cfg, parse_patch_sets(args.patch_sets, cfg.data.resolution),
+                        [float(x) for x in args.p_values.split(",") if x.strip()])
+    evals = args.evals or (2 if quick else 6)
     if given:
         budget = Budget(*given[0])
-    elif quick:
-        budget = Budget("images", default_interval_images(cfg, 2))
+    elif quick:     # one step of the arms' smallest patches (their steps carry the most images) per point
+        budget = Budget("images", evals * max(default_interval_images(variant(cfg, a.overrides), 1) for a in arms))
     else:
         raise BenchError("give the budget per arm: --budget-hours H, --budget-images N or --budget-flops F")
-    evals = args.evals or (2 if quick else 6)
     eval_steps = args.eval_steps or (2 if quick else cfg.sample.steps)
     metric = make_metric(cfg, device, args.eval_images or (4 if quick else 1000), args.eval_batch, eval_steps,
                          args.inception, args.fid_ref, args.feature_steps or (5 if quick else 1500))
     print(f"metric: {metric.description}", flush=True)
-    arms = quality_arms(cfg, parse_patch_sets(args.patch_sets, cfg.data.resolution),
-                        [float(x) for x in args.p_values.split(",") if x.strip()])
 
     def on_point(arm, pt):
         print(f"  {arm.name:<22} {pt['images']:>10,} images {pt['hours']:>9.4f} h {pt['flops']:>10.3g} FLOPs "

@@ -19,10 +19,15 @@ from .machine import device_sync
 from .timing import (BenchError, add_flop_figures, compare_figures, schedule_figures, summarize_log, time_sizes,
                      timed)
 
-# Overrides that turn a config into its full-image EDM twin (p = 1) and into the paper's default
-# patch schedule (p = 0.5 over {R/4, R/2, R}).
+# Overrides that turn a config into its full-image EDM twin (p = 1).
 FULL_OVERRIDES = ["patch.mode=full"]
-PAPER_SCHEDULE_OVERRIDES = ["patch.mode=stochastic", "patch.real_p=0.5", "patch.sizes=[]", "patch.probs=[]"]
+
+
+def paper_schedule_overrides(resolution: int) -> list[str]:
+    """Overrides for the paper's pixel-space schedule, p = 0.5 over {R/4, R/2, R} (given explicitly:
+    below 64 px pdiff's default sizes are {R/2, R})."""
+    r = resolution
+    return ["patch.mode=stochastic", "patch.real_p=0.5", f"patch.sizes=[{r // 4},{r // 2},{r}]", "patch.probs=[0.2,0.3,0.5]"]
 NEVER = 10 ** 15      # an image interval that a benchmark run never reaches
 
 

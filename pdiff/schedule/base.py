@@ -8,10 +8,19 @@ from typing import Iterator, Sequence
 import numpy as np
 
 
+# The smallest patch the paper trains on: R/4 at 64 px, R/2 on 32 x 32 latents.
+SMALLEST_DEFAULT_PATCH = 16
+
+
 def default_patch_sizes(resolution: int, real_p: float) -> tuple[list[int], list[float]]:
-    """{R/4, R/2, R} with probabilities (2/5 (1-p), 3/5 (1-p), p), the paper's pixel-space default."""
-    return ([resolution // 4, resolution // 2, resolution],
-            [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p])
+    """The default patch sets by resolution (docs/patch_defaults.md has the rule and its evidence):
+    {R/4, R/2, R} with probabilities (2/5 (1-p), 3/5 (1-p), p), the paper's pixel-space default,
+    where R/4 is at least 16 px (R >= 64); below that {R/2, R} with (1-p, p), as the paper's
+    32 x 32 latents, because smaller patches lost to it on the measured data."""
+    if resolution // 4 >= SMALLEST_DEFAULT_PATCH:
+        return ([resolution // 4, resolution // 2, resolution],
+                [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p])
+    return [resolution // 2, resolution], [1 - real_p, real_p]
 
 
 def latent_patch_sizes(resolution: int, real_p: float) -> tuple[list[int], list[float]]:
@@ -75,13 +84,13 @@ class PatchSchedule:
         if not sizes:
             if probs:
                 raise ValueError(f"patch.probs {probs} is given without patch.sizes: give the sizes they "
-                                 f"belong to, or neither for the default {{R/4, R/2, R}}")
+                                 f"belong to, or neither for the default sizes for data.resolution (docs/patch_defaults.md)")
             return default_patch_sizes(resolution, real_p)
         if not probs:
             share = round(1 / len(sizes), 2)
             even = ",".join(f"{p:g}" for p in [share] * (len(sizes) - 1) + [round(1 - share * (len(sizes) - 1), 2)])
             raise ValueError(f"patch.sizes {sizes} is given without patch.probs: give one probability per "
-                             f"size (e.g. patch.probs=[{even}]), or neither for the default {{R/4, R/2, R}}")
+                             f"size (e.g. patch.probs=[{even}]), or neither for the default sizes for data.resolution (docs/patch_defaults.md)")
         return sizes, probs
 
     def size_at(self, images_seen: int) -> int:

@@ -1,5 +1,6 @@
 """Small patches first: R/4 for the first 2/5 (1-p) of training, R/2 for the next 3/5 (1-p), then R
-(with patch.sizes / patch.probs: each size for its share of the images, smallest first)."""
+(below 64 px, the default sizes are {R/2, R}: R/2 for the first 1-p; with patch.sizes /
+patch.probs: each size for its share of the images, smallest first)."""
 from __future__ import annotations
 
 from .base import PatchSchedule
