@@ -94,9 +94,9 @@ def draw_panel(draw, box: tuple[int, int, int, int], panel: Panel, fonts) -> Non
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text(((x0 + x1) / 2, bottom - 20), panel.xlabel, fill="black", font=small, anchor="mt")
     draw.text((x0, y0 - 4), panel.ylabel, fill="black", font=small, anchor="lb")     # above the axis
-    for x, label in panel.marks:
+    for i, (x, label) in enumerate(panel.marks):      # labels at the foot, stepped so that close marks stay legible
         _dashed_vline(draw, px(x), y0, y1, (90, 90, 90))
-        draw.text((px(x) + 4, y0 + 4), label, fill=(60, 60, 60), font=small, anchor="lt")
+        draw.text((px(x) + 4, y1 - 4 - 15 * (i % 4)), label, fill=(60, 60, 60), font=small, anchor="lb")
     for i, s in enumerate(panel.series):
         colour = COLOURS[i % len(COLOURS)]
         pts = [(px(x), py(y)) for x, y in zip(s.xs, s.ys)]

@@ -389,8 +389,8 @@ def plot_quality(res: dict, path: str | Path) -> Path:
     scale, unit = next(((10 ** e, u) for e, u in ((18, "EFLOP"), (15, "PFLOP"), (12, "TFLOP"), (9, "GFLOP"))
                         if max(flops_all, default=0) >= 10 ** e), (1, "FLOP"))
     second = res["arms"][1]["name"] if len(res["arms"]) > 1 else None
-    marks = {key: [(c[key] / (scale if key == "flops" else 1), "crossover") for c in
-                   res["crossovers_vs_full"].get(second, {}).get(key, [])] for key in ("hours", "flops")}
+    marks = {key: [(c[key] / (scale if key == "flops" else 1), f"crossover {c[key] / (scale if key == 'flops' else 1):.3g}")
+                   for c in res["crossovers_vs_full"].get(second, {}).get(key, [])] for key in ("hours", "flops")}
     panels = [
         Panel(f"{res['metric']['name']} vs training cost", hours_label, res["metric"]["name"],
               [Series(r["name"], [p["hours"] for p in r["points"]], [p["metric"] for p in r["points"]]) for r in res["arms"]],
