@@ -199,8 +199,9 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             r = p[label]
             cpu = r["cpu_user_s_per_batch"] + r["cpu_sys_s_per_batch"]
             edm = r.get("edm_reference")
-            lines.append(f"{label}: {r['network_evaluations']} NFE batch {r['batch']}: {100 * r['cpu_sys_s_per_batch'] / cpu:.0f}% "
-                         f"system time, {cpu / r['batch']:.2f} CPU s/img" + (f" (EDM's loop {(edm['cpu_user_s_per_batch'] + edm['cpu_sys_s_per_batch']) / r['batch']:.2f})" if edm else ""))
+            lines.append(f"{label}: {r['network_evaluations']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s, "
+                         f"{100 * r['cpu_sys_s_per_batch'] / cpu:.0f}% system time, {cpu / r['batch']:.2f} CPU s/img"
+                         + (f" (EDM's loop {_rate(edm['images_per_s'])} img/s)" if edm else ""))
         return "sample cost (pdiff bench sample)", lines
     if isinstance(p.get("rows"), list) and any("step_ms" in r for r in p["rows"]):   # bench_networks
         lines = []
