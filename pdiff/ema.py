@@ -159,6 +159,12 @@ def ema_weights(entry: dict) -> dict:
     return entry["profiles"][0] if "profiles" in entry else entry
 
 
+def snapshot_paths(ema: EMA | PowerEMA, folder: str | Path, images_seen: int) -> list[Path]:
+    """The files ``save_snapshots`` writes at ``images_seen``: one per average."""
+    from .snapshot import snapshot_name
+    return [Path(folder) / snapshot_name(images_seen, suffix) for suffix, _, _ in ema.snapshots()]
+
+
 def save_snapshots(ema: EMA | PowerEMA, folder: str | Path, cfg, images_seen: int) -> list[Path]:
     """Each average of ``ema`` as a snapshot: ``ema-<images>.safetensors`` (half-life) or
     ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``."""

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from .ema import STD_MAX, gamma_to_std, std_to_gamma
+from .errors import UserError
 
 
-class PosthocError(ValueError):
-    pass
+class PosthocError(UserError, ValueError):
+    """A run without power-EMA snapshots, a time no snapshot was taken at, a sigma_rel out of range."""
+    exit_code = 2
 
 
 def profile_inner_product(t_a, gamma_a, t_b, gamma_b):
@@ -115,6 +117,8 @@ def reconstruct(snapshots: list[PowerSnapshot], std: float, at: int | None = Non
     """The power-function EMA of width ``std`` at ``at`` images (default: the newest snapshot)
     from a run's power snapshots: sum_i c_i snapshot_i accumulated in float64."""
     from .snapshot import _config_from, read_metadata, read_tensors
+    if not 0 < std < STD_MAX:
+        raise PosthocError(f"--std {std}: a sigma_rel must lie in (0, {STD_MAX:.4f}) (EDM2 tracks 0.05 and 0.1)")
     gamma = std_to_gamma(std)
     used, at = snapshots_until(snapshots, at)
     coefs = solve_coefficients([s.images_seen for s in used], [s.gamma for s in used], at, gamma)

@@ -22,7 +22,7 @@ from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState, folder_name
 from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
-from .ema import build_ema, save_snapshots
+from .ema import build_ema, save_snapshots, snapshot_paths
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
@@ -208,9 +208,9 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                       file=sys.stderr)
             monitor.flush()
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done or stopping):
-            folder = run_dir / "snapshots"
-            with monitor.pause("snapshot", images_seen, f"{folder}/ema-{images_seen:012d}*.safetensors"):
-                snapshot = save_snapshots(ema, folder, cfg, images_seen)[0]     # power EMAs: one per sigma_rel
+            paths = snapshot_paths(ema, run_dir / "snapshots", images_seen)     # power EMAs: one per sigma_rel
+            with monitor.pause("snapshot", images_seen, ", ".join(map(str, paths))):
+                snapshot = save_snapshots(ema, run_dir / "snapshots", cfg, images_seen)[0]
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
             from .generate import sample_grid
             grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"

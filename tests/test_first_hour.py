@@ -104,7 +104,7 @@ def test_resolution_channels_and_classes_come_from_the_shards(tmp_path, shards, 
     assert (printed["data"]["resolution"], printed["data"]["channels"], printed["network"]["label_dim"]) == (16, 1, 4)
     assert (f"# from {shards}: data.resolution=16 (instead of 32), data.channels=1 (instead of 3), "
             f"network.label_dim=4 (instead of 0)") in out
-    assert "4px p=0.20" in out and "16px p=0.50" in out          # the schedule of the shards' R
+    assert "8px p=0.50" in out and "16px p=0.50" in out          # the schedule of the shards' R ({R/2, R} below 64 px)
     rc, out, err = run(capsys, "info", user_config(tmp_path, shards))
     assert rc == 0 and "ddpmpp at 16x16x1" in out and "network.label_dim=4" in err
 

@@ -358,9 +358,11 @@ def test_user_errors_of_every_kind_derive_from_one_class():
     from pdiff.pipelines import PipelineStateError, ShardError, SourceError
     from pdiff.pipelines.shards import ShardInputError
     from pdiff.runlock import RunLocked
+    from pdiff.posthoc import PosthocError
     from pdiff.snapshot import SnapshotError
     for cls in (ConfigError, CheckpointError, checksum.ChecksumError, FIDError, InceptionWeightsMissing,
-                PipelineStateError, ShardError, SourceError, ShardInputError, RunLocked, SnapshotError):
+                PipelineStateError, ShardError, SourceError, ShardInputError, RunLocked, SnapshotError,
+                PosthocError):
         assert issubclass(cls, UserError), cls
 
 

@@ -13,6 +13,7 @@ FID (the same seeds for every std), prints the table, writes the best one's snap
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -32,7 +33,8 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pdiff import distributed
-    from pdiff.fid import check_resolution, load_inception, load_stats, sample_stats
+    from pdiff.fid import FIDError, check_resolution, image_size, load_inception, load_stats, sample_stats
+    from pdiff.vae import load_run_vae
     from pdiff.posthoc import (parse_stds, power_snapshots, reconstruct, reconstruction_path,
                                save_reconstruction, snapshots_until)
     from pdiff.snapshot import _build
@@ -45,17 +47,23 @@ def cmd_sweep(args) -> int:
     try:
         net = load_inception(args.inception, info.device)
         seeds = list(range(args.first_seed, args.first_seed + args.num))
-        rows, best = [], None
+        rows, best, vae = [], None, None
         for std in stds:
             rec = reconstruct(snaps, std, at)
             model = _build(rec.cfg, rec.state, f"sigma_rel {std:g}", info.device)
             options = sample_options(args, rec.cfg)
-            check_resolution(ref, options.canvas or rec.cfg.data.resolution, args.allow_resolution_mismatch)
+            if vae is None:
+                vae = load_run_vae(rec.cfg, args.vae, info.device)         # a latent model's decoder
+                if vae is None and rec.cfg.data.channels not in (1, 3):
+                    raise FIDError(f"the model makes {rec.cfg.data.channels}-channel latents and its run names no "
+                                   f"VAE: give the one its latents came from with --vae")
+            check_resolution(ref, image_size(options.canvas or rec.cfg.data.resolution, vae),
+                             args.allow_resolution_mismatch)
             mine = seeds[info.rank::info.world_size]
             bar = progress_bar(len(mine), info.is_main and not args.no_progress, f"std {std:g}")
             try:
                 stats = sample_stats(model, mine, args.batch, rec.cfg.data.resolution, rec.cfg.data.channels,
-                                     rec.cfg.network.label_dim, options, net, info.device, bar)
+                                     rec.cfg.network.label_dim, options, net, info.device, bar, vae=vae)
             finally:
                 bar.close()
             fid = stats.fid_against(ref)
@@ -79,44 +87,42 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.fid import FIDError, InceptionWeightsMissing
-    from pdiff.posthoc import PosthocError
-    from pdiff.snapshot import SnapshotError
+    from pdiff.cli import HelpFormatter
     from pdiff.tools.fid import add_inception_arg
     from pdiff.tools.sample import add_sampler_args
-    p = argparse.ArgumentParser(prog="pdiff ema", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="pdiff ema", description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{reconstruct,sweep}")
+    sub_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
-    r = sub.add_parser("reconstruct", help="the average of any sigma_rel as a snapshot")
+    r = sub_parser("reconstruct", help="the average of any sigma_rel as a snapshot",
+                   description="The power-function EMA of width --std at a snapshot time, rebuilt from the run's "
+                               "power-EMA snapshots, written as a snapshot pdiff sample and pdiff fid take.")
     r.add_argument("--std", type=float, required=True, help="sigma_rel of the average to make, in (0, 0.2887)")
     r.add_argument("--out", help="snapshot to write (default RUN/posthoc/ema-<images>-<std>.safetensors)")
 
-    s = sub.add_parser("sweep", help="FID of a range of sigma_rel; the best one's snapshot")
+    s = sub_parser("sweep", help="FID of a range of sigma_rel; the best one's snapshot",
+                   description="Every sigma_rel of --stds rebuilt in turn and scored by FID on the same seeds; "
+                               "the table, the best one's snapshot and (--json) the scores.")
     s.add_argument("--stds", required=True, help="start:stop:step (stop included), e.g. 0.03:0.15:0.01, or a comma list")
     s.add_argument("--fid-ref", required=True, help="reference statistics (pdiff fid ref)")
-    s.add_argument("--num", type=int, default=10000, help="images per sigma_rel (default 10000)")
+    s.add_argument("--num", type=int, default=10000, help="images per sigma_rel")
     s.add_argument("--first-seed", type=int, default=0, help="seeds first .. first+num-1, the same for every sigma_rel")
     s.add_argument("--out", help="where to write the best snapshot (default RUN/posthoc/...)")
     s.add_argument("--json", help="also write the scores here")
     s.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    s.add_argument("--allow-resolution-mismatch", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--allow-resolution-mismatch", action="store_true",
+                   help="score against a reference of another image size anyway")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    s.add_argument("--vae", help="latent models: the VAE that decodes the samples (default: the run's)")
     add_inception_arg(s)
     add_sampler_args(s, seeds=False)
     for sp in (r, s):
         sp.add_argument("--run", required=True, help="run folder of a run trained with ema.mode=power")
         sp.add_argument("--at", type=int, help="images seen of the snapshot time to reconstruct at (default: the newest)")
     args = p.parse_args(argv)
-    try:
-        return {"reconstruct": cmd_reconstruct, "sweep": cmd_sweep}[args.cmd](args)
-    except (PosthocError, SnapshotError, FIDError, InceptionWeightsMissing) as e:
-        print(f"pdiff ema {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:        # a sigma_rel out of range
-        print(f"pdiff ema {args.cmd}: {e}", file=sys.stderr)
-        return 2
+    return {"reconstruct": cmd_reconstruct, "sweep": cmd_sweep}[args.cmd](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pdiff.cli import main as cli
+    sys.exit(cli(["ema", *sys.argv[1:]]))

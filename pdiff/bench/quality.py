@@ -206,8 +206,11 @@ class InceptionMetric:
 
     def score(self, model, cfg) -> float:
         from pdiff.fid import sample_stats
+        from pdiff.vae import load_run_vae
+        vae = load_run_vae(cfg, None, self.device)          # a latent run's decoder (None for pixels)
         stats = sample_stats(model, list(range(self.images)), self.batch, cfg.data.resolution, cfg.data.channels,
-                             cfg.network.label_dim, sample_options(cfg, self.steps), self.inception, self.device)
+                             cfg.network.label_dim, sample_options(cfg, self.steps), self.inception, self.device,
+                             vae=vae)
         return stats.fid_against(self.ref)
 
 
