@@ -398,12 +398,13 @@ def test_in_training_fid_is_logged(tmp_path, digits_shards):
 def test_dry_run_prints_resolved_config_and_plan(tmp_path, digits_shards):
     cfg = write_config(tmp_path, digits_shards)
     p = subprocess.run([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--dry-run", "train.batch=4",
-                        "patch.real_p=0.25"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        "patch.sizes=[]", "patch.probs=[]", "patch.real_p=0.25"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     printed = yaml.safe_load(p.stdout.split("# patch schedule")[0])
     assert printed["train"]["batch"] == 4 and printed["patch"]["real_p"] == 0.25
-    assert "4px p=0.30 x4 (16 patches)" in p.stdout and "16px p=0.25 x1 (4 patches)" in p.stdout
+    # the default set at 16 px with p = 0.25 (docs/patch_defaults.md): {8, 16} with (1-p, p)
+    assert "8px p=0.75 x2 (8 patches)" in p.stdout and "16px p=0.25 x1 (4 patches)" in p.stdout
     assert not (tmp_path / "run").exists()   # nothing was started
     bad = run_train(cfg, "train.batchsize=4", check=False)
     assert bad.returncode == 2 and "unknown key 'batchsize'" in bad.stderr and "Traceback" not in bad.stderr
