@@ -232,6 +232,10 @@ def test_train_stops_with_the_message_or_trains_on_and_logs_the_count(tmp_path, 
     p = run_train(config, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert f"sample {victims['png-flipped-byte']:09d}" in p.stderr and "data.on_corrupt=skip" in p.stderr
+    p = run_train(config, "data.workers=2", "train.run_dir=" + str(tmp_path / "workers"), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]     # raised in a DataLoader worker
+    assert f"sample {victims['png-flipped-byte']:09d}" in p.stderr and "DataLoader worker" not in p.stderr
     p = run_train(config, "data.on_corrupt=skip", "train.run_dir=" + str(tmp_path / "skip"))
     rows = log_rows(tmp_path / "skip")
     assert rows[-1]["images_seen"] >= 96 and rows[-1]["data/corrupt_samples"] == 1
+

@@ -93,7 +93,7 @@ def posterior_shards(world):
     return out, encode(world, out, dtype="float32")
 
 
-def test_stored_posterior_is_the_vaes_own(world, posterior_shards):
+def test_stored_posterior_is_the_vaes_own(world, posterior_shards, tmp_path):
     out, m = posterior_shards
     vae = load_vae(world["vae"], "cpu")
     assert m["encoding"] == "latent" and m["stores"] == "posterior" and m["version"] == 3
@@ -113,6 +113,12 @@ def test_stored_posterior_is_the_vaes_own(world, posterior_shards):
     ok, msg = verify(out)
     assert ok, msg
     assert "posterior" in info(out) and str(world["vae"]) in info(out)
+    bare = tmp_path / "bare"                 # a vae record with only what load_manifest requires
+    shutil.copytree(out, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["vae"] = {k: manifest["vae"][k] for k in ("source", "sha256")}
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    assert "class not recorded" in info(bare)
 
 
 def test_float16_posterior_and_a_bad_image_stops_by_default(world, posterior_shards, tmp_path):

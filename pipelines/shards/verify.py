@@ -161,8 +161,8 @@ def info(root: str | Path) -> str:
                 f"{m['channels']} channels stored), from {m['image_resolution']}x{m['image_resolution']} images, "
                 f"transform {m['transform']}",
                 f"stored as   latent {m['dtype']}; training draws (mean + std * eps - {m['shift']:g}) * {m['scale']:g}",
-                f"vae         {vae['source']} ({vae['class']}, weights sha256 {vae['sha256'][:16]}..., "
-                f"downsamples {vae['downsample']}x)"]
+                f"vae         {vae['source']} ({vae.get('class', 'class not recorded')}, weights sha256 "
+                f"{vae['sha256'][:16]}..., downsamples {vae.get('downsample', '?')}x)"]
     elif m["encoding"] == "latent":
         what = [f"latents     {m['count']} of {m['resolution']}x{m['resolution']}x{m['channels']} (H x W x C)",
                 f"stored as   latent {m['dtype']}, scale {m['scale']:g} (already applied by the user; "
