@@ -74,7 +74,7 @@ class DataConfig:
 @dataclass
 class PatchConfig:
     mode: str = knob("stochastic", "the patch schedule, a name in pdiff.schedule.SCHEDULES (full = plain EDM)")
-    real_p: float = knob(0.5, "share of full-size steps, the paper's p")
+    real_p: float = knob(0.5, "share of full-size steps, the paper's p (with patch.probs given: their full-size entry)")
     sizes: list[int] = knob([], "patch sizes; empty: {R/4, R/2, R} from 64 px, {R/2, R} below (docs/patch_defaults.md)")
     probs: list[float] = knob([], "probability of each of patch.sizes; empty: (2/5 (1-p), 3/5 (1-p), p), or (1-p, p)")
 
@@ -500,6 +500,13 @@ def check_resolution_dependent(cfg: Config, source: str) -> None:
         PatchSchedule.from_config(cfg)      # patch.sizes / probs against each other and the resolution
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    p, R = cfg.patch, cfg.data.resolution
+    if ("patch.real_p" in cfg.given and p.mode != "full" and p.probs and R in p.sizes
+            and abs(p.probs[p.sizes.index(R)] - p.real_p) > 1e-6):
+        raise ConfigError(f"{source}: patch.real_p={p.real_p:g} (given in {cfg.given['patch.real_p']}) but patch.probs "
+                          f"{p.probs} gives the full size ({R} px) probability {p.probs[p.sizes.index(R)]:g}: with "
+                          f"patch.probs given, its entry for {R} px is p; change that entry, or drop patch.sizes and "
+                          f"patch.probs to have p shape the default set")
     if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
         raise ConfigError(f"{source}: sample.canvas: must be 0 or at least data.resolution ({cfg.data.resolution}), "
                           f"got {cfg.sample.canvas}")

@@ -143,6 +143,18 @@ def test_patch_sizes_without_probs_is_a_message_even_in_a_dry_run(tmp_path, shar
     assert rc == 2 and "patch.sizes: 12 does not divide data.resolution 32" in err
 
 
+def test_a_given_p_that_explicit_probs_contradict_is_a_message(tmp_path, shards, capsys):
+    rng = np.random.default_rng()
+    full = float(rng.choice([0.3, 0.6, 0.7]))
+    probs = f"patch.probs=[{1 - full:g},{full:g}]"
+    rc, _, err = run(capsys, "train", "--config", "tiny", "--dry-run", "patch.sizes=[16,32]", probs, "patch.real_p=0.5")
+    assert rc == 2 and f"patch.real_p=0.5 (given in the command line) but patch.probs [{1 - full:g}, {full:g}] gives " \
+                       f"the full size (32 px) probability {full:g}" in err, err
+    for agreeing in (["patch.real_p=" + f"{full:g}"], []):       # p agrees with the probs, or is not given
+        rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run", "patch.sizes=[16,32]", probs, *agreeing)
+        assert rc == 0 and f"32px p={full:.2f}" in out, err
+
+
 def test_a_warmup_longer_than_the_run_is_reported(tmp_path, shards, capsys, small_runs):
     mine = user_config(tmp_path, shards, optim={"warmup_images": 10_000})
     message = ("optim.warmup_images=10,000 is longer than the run (train.duration_images=16): the learning "

@@ -50,6 +50,13 @@ def test_patch_sets_probs_and_arms():
     from pdiff.bench.quality import depends_on_duration
     assert not any(depends_on_duration(variant(cfg, a.overrides)) for a in arms)
     assert depends_on_duration(variant(cfg, ["patch.mode=progressive"]))
+    # explicit probs: the base arm's p is their full-size entry, whatever patch.real_p says
+    full = float(rng().choice([0.3, 0.7]))
+    mine = load_config("tiny", TINY + ["patch.sizes=[8,16]", f"patch.probs=[{1 - full},{full}]"])
+    base = quality_arms(mine)[1]
+    from pdiff.config import check_resolution_dependent
+    check_resolution_dependent(variant(mine, base.overrides), "<test>")
+    assert base.name == f"{{8,16}} p={full:g}"
 
 
 def test_flop_counter_sums_the_steps_the_schedule_takes():

@@ -81,12 +81,14 @@ def quality_arms(cfg, patch_sets: list[list[int]] | None = None, p_values: list[
     r = cfg.data.resolution
     base_cfg = cfg if cfg.patch.mode != "full" else variant(cfg, ["patch.mode=stochastic", "patch.sizes=[]", "patch.probs=[]"])
     base = PatchSchedule.from_config(base_cfg)
-    p = base_cfg.patch.real_p if base_cfg.patch.mode == "stochastic" else None
+    # p is the full size's probability: patch.real_p, or the full-size entry of explicit patch.probs
+    full_p = base.probs[list(base.sizes).index(r)] if r in base.sizes else base_cfg.patch.real_p
+    p = full_p if base_cfg.patch.mode == "stochastic" else None
     arms = [Arm("full (p=1)", ["patch.mode=full"])]
     base_name = arm_label(base.sizes, p) if p is not None else f"{base_cfg.patch.mode} {{{','.join(map(str, base.sizes))}}}"
     arms.append(Arm(base_name, [f"patch.mode={base_cfg.patch.mode}", f"patch.sizes={list(base.sizes)}",
-                                f"patch.probs={list(base.probs)}", f"patch.real_p={base_cfg.patch.real_p}"]))
-    p = base_cfg.patch.real_p if p is None else p
+                                f"patch.probs={list(base.probs)}", f"patch.real_p={full_p}"]))
+    p = full_p if p is None else p
     variants = [(sizes, p) for sizes in (patch_sets or []) if sizes != list(base.sizes)]
     variants += [(list(base.sizes), q) for q in (p_values or []) if not math.isclose(q, p)]
     for sizes, q in variants:
