@@ -6,7 +6,9 @@ For each network (DDPM++ at 64x64 as in the CelebA preset, ADM on 32x32x4 latent
 and each patch size s, a step carries batch * R / s patches (the trainer's rule). Providers: torch
 eager and torch.compile (inductor, one static graph per patch size), both under bf16 autocast on CUDA.
 Also checked: compiled output matches eager (relative L2 error) and no recompilation happens once
-every patch size has been seen. Prints a table and writes JSON naming the machine. The network
+every patch size has been seen. Each row has its training TFLOP/s (3x the forward FLOPs counted by
+torch's flop counter) and the MFU against the card's dense bf16 peak (none on a CPU or an unknown
+card). Prints a table and writes JSON naming the machine. The network
 alone, as F runs inside the training step; `bench_step.py` measures the whole step as the trainer
 builds it (pdiff.step.build_step).
 """
@@ -21,7 +23,10 @@ import types
 
 import torch
 
+from torch.utils.flop_counter import FlopCounterMode
+
 from pdiff.bench import device_sync, timed
+from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, mfu
 from pdiff.networks import build_network
 
 NETS = {
@@ -51,6 +56,17 @@ def inputs(batch, size, spec, device):
     return x, noise, labels
 
 
+def train_flops_per_patch(spec, size: int) -> int:
+    """Forward + backward FLOPs of the network on one patch of ``size`` (counted on the meta device)."""
+    with torch.device("meta"):
+        net = build_network(net_cfg(spec["cfg"]), spec["resolution"], spec["channels"]).eval()
+        x, noise, labels = inputs(1, size, spec, "meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, noise, labels)
+    return TRAIN_FLOPS_PER_FORWARD * int(counter.get_total_flops())
+
+
 def step(model, x, noise, labels, device):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(x, noise, labels)
@@ -72,8 +88,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
+    card = device_card(device)
     report = dict(machine=machine, torch=torch.__version__, precision="bf16 autocast" if device.type == "cuda"
-                  else "fp32", rows=[])
+                  else "fp32", card=card.name if card else None, rows=[])
 
     def save():
         if args.out:
@@ -118,11 +135,14 @@ def main() -> int:
                     step(model, x, noise, labels, device)
                 sec = statistics.median(timed(fn, args.iters, warmup=2, sync=device_sync(device)))
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+                tflops = train_flops_per_patch(spec, size) * b / sec / 1e12
+                util = mfu(tflops, card, "bf16")
                 row = dict(net=name, params=params, provider=prov, size=size, patches=b, step_ms=sec * 1e3,
                            patches_per_s=b / sec, full_images_equiv_per_s=b * (size / spec["resolution"]) ** 2 / sec,
-                           peak_gib=peak, warmup_s=warm_s)
+                           tflop_per_s=tflops, mfu=util, peak_gib=peak, warmup_s=warm_s)
                 report["rows"].append(row)
                 print(f"{name:13s} {prov:8s} s={size:3d} B={b:4d} {sec * 1e3:8.1f} ms  {b / sec:8.0f} patches/s "
+                      f"{tflops:7.3g} TFLOP/s  MFU {'n/a' if util is None else f'{util:.1%}'}  "
                       f"peak {peak:5.1f} GiB", flush=True)
                 save()
             torch._dynamo.config.error_on_recompile = False

@@ -209,9 +209,10 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             for prov in dict.fromkeys(r["provider"] for r in p["rows"] if r.get("net") == net and "step_ms" in r):
                 rs = [r for r in p["rows"] if r.get("net") == net and r.get("provider") == prov and "step_ms" in r]
                 full = max(rs, key=lambda r: r["size"])
+                util = f", MFU {full['mfu']:.1%} at full size" if full.get("mfu") is not None else ""
                 lines.append(f"{net} {prov}: {_rate(full['patches_per_s'])} full images/s fwd+bwd "
                              f"(batch {full['patches']}), {min(rs, key=lambda r: r['size'])['size']}px patches "
-                             f"{_rate(min(rs, key=lambda r: r['size'])['patches_per_s'])}/s")
+                             f"{_rate(min(rs, key=lambda r: r['size'])['patches_per_s'])}/s{util}")
         note = " (measured before later fixes, see its note)" if "BEFORE" in str(p.get("note", "")) else ""
         return "bench_networks" + note, lines
     if isinstance(p.get("results"), list) and "per_core_vs_baseline" in p:      # bench_pipeline

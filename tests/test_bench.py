@@ -312,6 +312,36 @@ def test_make_table_between_markers(quick_results, tmp_path):
         make_table.main(["--results", str(results), "--readme", str(readme)])
 
 
+def test_bench_networks_rows_carry_their_flop_rate_and_the_table_their_mfu(tmp_path):
+    """bench_networks (the tiny net, eager, on the CPU): each row's TFLOP/s is its counted training
+    FLOPs per patch times patches over the step time; no MFU without a card; make_table shows the
+    MFU where a result has one."""
+    import importlib.util
+    out = tmp_path / "nets.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_networks.py"), "--nets", "tiny",
+                        "--iters", "1", "--no-compile", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    spec = importlib.util.spec_from_file_location("bench_networks", REPO / "benchmarks" / "bench_networks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if "step_ms" in r]
+    assert [r["size"] for r in rows] == [8, 16, 32] and report["card"] is None and "MFU n/a" in p.stdout
+    for r in rows:
+        flops = module.train_flops_per_patch(module.NETS["tiny"], r["size"])
+        assert r["tflop_per_s"] == pytest.approx(flops * r["patches"] / (r["step_ms"] / 1e3) / 1e12)
+        assert r["mfu"] is None
+    per_pixel = [module.train_flops_per_patch(module.NETS["tiny"], s) / s**2 for s in (8, 16, 32)]
+    assert per_pixel[0] < per_pixel[2] < 2 * per_pixel[0]        # convolutions: about the pixels' count
+    util = float(np.random.default_rng().uniform(0.05, 0.6))
+    for r in rows:
+        r["mfu"] = util
+    _, lines = load_make_table().headlines(out, report)
+    assert len(lines) == 1 and lines[0].startswith("tiny eager: ") and "(batch 4), 8px patches" in lines[0]
+    assert lines[0].endswith(f"/s, MFU {util:.1%} at full size")
+
+
 def test_make_table_pipeline_rows_name_resolution_and_the_comparisons():
     """A bench_pipeline result with --before and Pillow's decode costs: its row names the resolution,
     the schedule's per-core ratios against the earlier commit and the decode cost ratios."""
