@@ -2,6 +2,7 @@
 verify work. Small synthetic images made on the fly."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -327,24 +328,32 @@ def test_resume_keeps_complete_shards_and_matches_fresh_run(tmp_path, rng):
         write_shards(src, out, workers=1, max_count=5, on_error="skip")
 
 
-def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
-    imgs = rand_images(rng, 12)
-    np.savez(tmp_path / "d.npz", images=imgs)
-    real = preprocess._encode
-    calls = {"n": 0}
+@contextlib.contextmanager
+def interrupted_at_encode(monkeypatch, n: int):
+    """The shard writer's n-th image encode raises KeyboardInterrupt (a Ctrl-C mid-run); the real
+    encoder is back afterwards."""
+    real, calls = preprocess._encode, {"n": 0}
 
-    def flaky(*a):
+    def interrupted(*a):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(preprocess, "_encode", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(preprocess, "_encode", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(preprocess, "_encode", real)
+
+
+def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
+    imgs = rand_images(rng, 12)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    with interrupted_at_encode(monkeypatch, 7), pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert names == ["data-000000.idx", "data-000000.tar", "data.progress.json"]
-    monkeypatch.setattr(preprocess, "_encode", real)
     write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     got, _ = all_samples(tmp_path / "o")
     np.testing.assert_array_equal(got, imgs[written(12)])
@@ -691,18 +700,8 @@ def test_resume_deletes_only_what_its_journal_names(tmp_path, rng, monkeypatch):
     mine = {"data-000777.tar": os.urandom(600), "data-notes.idx": b"my notes", "data-000001.tar.bak": b"x"}
     for name, data in mine.items():
         (out / name).write_bytes(data)
-    real, calls = preprocess._encode, {"n": 0}
-
-    def interrupted(*a):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(preprocess, "_encode", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_encode(monkeypatch, 7), pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "d.npz", out, workers=1, max_count=4, progress=False)
-    monkeypatch.setattr(preprocess, "_encode", real)
     (out / "data-000001.tar.tmp").write_bytes(b"half")            # as a kill -9 would leave it: ours
     m = write_shards(tmp_path / "d.npz", out, workers=1, max_count=4, progress=False)
     assert m["count"] == 12 and not (out / "data-000001.tar.tmp").exists()
