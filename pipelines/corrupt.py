@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 import numpy as np
 
@@ -38,13 +38,16 @@ class Replaced:
 
 
 def read_checked(source: SampleSource, i: int, row: int, fetch: Callable[[int], T],
-                 replaced: list[Replaced]) -> T:
+                 replaced: list[Replaced], known: Mapping[int, str] = {}) -> T:
     """``fetch(i)``, or where sample i is damaged, ``fetch`` of the next good sample (appended to
-    ``replaced``)."""
+    ``replaced``). ``known``: samples already known to be damaged (index -> message), passed over
+    without a fetch."""
     damaged: list[tuple[int, str]] = []
     j = i
     for _ in range(source.count):
         try:
+            if j in known:
+                raise CorruptSample(j, known[j])
             result = fetch(j)
         except CorruptSample as e:
             damaged.append((j, str(e)))

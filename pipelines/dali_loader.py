@@ -36,6 +36,7 @@ from pdiff.pipelines.base import PatchPipeline
 from pdiff.pipelines.corrupt import Replaced, read_checked
 from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, CorruptSample, SourceError
 from pdiff.pipelines.shards.format import ShardError
+from pdiff.pipelines.torch_loader import read_patches
 
 
 class DaliPatchPipeline(PatchPipeline):
@@ -61,13 +62,6 @@ class DaliPatchPipeline(PatchPipeline):
                 self._generated += 1
             return self._planned[iteration]
 
-    def _checked(self, fetch):
-        def fetch_decodable(i: int):
-            if i in self._undecodable:
-                raise CorruptSample(i, self._undecodable[i])
-            return fetch(i)
-        return fetch_decodable
-
     def _record(self, iteration: int, step, replaced: list[Replaced]) -> None:
         """What iteration ``iteration`` fed: the rows read from another sample, and every row's sample."""
         fed = step.indices.copy()
@@ -80,13 +74,8 @@ class DaliPatchPipeline(PatchPipeline):
         """Raw and latent: the step's patches themselves, read by the source (only their rows), as one
         typed (b, s, s, C) batch."""
         step = self._step_for(info.iteration)
-        src, s = self.source, step.patch_size
-        data = np.empty((len(step.indices), s, s, src.channels), src.dtype)
-        replaced: list[Replaced] = []
-        for j, (i, (x, y)) in enumerate(zip(step.indices, step.read_xy)):
-            x, y = int(x), int(y)
-            read_checked(src, int(i), j, self._checked(lambda k, out=data[j]: src.read_region(k, x, y, s, out)),
-                         replaced)
+        data, replaced = read_patches(self.source, step.indices, step.read_xy, step.patch_size,
+                                      known=self._undecodable)
         self._record(info.iteration, step, replaced)
         return data
 
@@ -97,7 +86,8 @@ class DaliPatchPipeline(PatchPipeline):
         decoder already stops a JPEG after the patch's rows."""
         step = self._step_for(info.iteration)
         replaced: list[Replaced] = []
-        data = [np.frombuffer(read_checked(self.source, int(i), j, self._checked(self.source.read), replaced), np.uint8)
+        data = [np.frombuffer(read_checked(self.source, int(i), j, self.source.read, replaced, known=self._undecodable),
+                              np.uint8)
                 for j, i in enumerate(step.indices)]
         self._record(info.iteration, step, replaced)
         anchors = np.ascontiguousarray(step.read_xy[:, ::-1], dtype=np.int32)     # (y0, x0) for axes (H, W)

@@ -15,6 +15,7 @@ step is delivered (pipelines/corrupt.py).
 from __future__ import annotations
 
 from collections import deque
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -26,11 +27,12 @@ from pdiff.pipelines.order import RankStep
 from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, SampleSource
 
 
-def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
-                 patch_size: int) -> tuple[np.ndarray, list[Replaced]]:
+def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray, patch_size: int,
+                 known: Mapping[int, str] = {}) -> tuple[np.ndarray, list[Replaced]]:
     """(n, s, s, C) in the stored type (uint8 images, float16/float32 latents): sample indices[j]
     cropped at read_xy[j] = (x0, y0), each read or decoded no further than the crop needs, or the
-    sample that replaced a damaged one (listed)."""
+    sample that replaced a damaged one (listed; ``known``: samples already known to be damaged, as
+    for `read_checked`)."""
     s = patch_size
     out = np.empty((len(indices), s, s, source.channels), source.dtype)
     replaced: list[Replaced] = []
@@ -38,9 +40,9 @@ def read_patches(source: SampleSource, indices: np.ndarray, read_xy: np.ndarray,
     for j, (i, (x, y)) in enumerate(zip(indices, read_xy)):
         x, y = int(x), int(y)
         if uniform:                     # straight into the batch: only the patch's rows are read
-            read_checked(source, int(i), j, lambda k: source.read_region(k, x, y, s, out[j]), replaced)
+            read_checked(source, int(i), j, lambda k: source.read_region(k, x, y, s, out[j]), replaced, known)
         else:
-            out[j] = read_checked(source, int(i), j, lambda k: source.decode_region(k, x, y, s), replaced)
+            out[j] = read_checked(source, int(i), j, lambda k: source.decode_region(k, x, y, s), replaced, known)
     return out, replaced
 
 
