@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from pdiff.pipelines.base import PatchPipeline
-from pdiff.pipelines.corrupt import Replaced
+from pdiff.pipelines.corrupt import read_checked
 from pdiff.pipelines.sample_source import UNIFORM_ENCODINGS, CorruptSample, SampleSource, SourceError
-from pdiff.pipelines.shards.format import ShardError
 
 # Share of the free memory the decoded dataset may take: the rest stays for the training step (on
 # the device: activations and the optimizer's buffers; on the host: the process and the loader).
@@ -130,6 +129,7 @@ class MemoryPatchPipeline(PatchPipeline):
         # Damaged samples are met as the streaming loaders meet them: when a step draws one, data.on_corrupt
         # stops the run or the next good sample takes its place (PatchPipeline applies it).
         self.damaged = load_samples(source, self.data, int(cfg.data.workers))
+        self._damaged_ids = np.fromiter(self.damaged, np.int64, len(self.damaged))
         if rank == 0:
             bad = (f"; {len(self.damaged)} damaged (data.on_corrupt={cfg.data.on_corrupt} applies when a step draws one)"
                    if self.damaged else "")
@@ -143,18 +143,12 @@ class MemoryPatchPipeline(PatchPipeline):
 
     def _next_step(self):
         step = next(self._steps)
-        indices, replaced = step.indices.copy(), []
-        for row, i in enumerate(map(int, step.indices)):
-            if i in self.damaged:            # the next good sample, as read_checked picks it when streaming
-                chain, j = [], i
-                while j in self.damaged:
-                    chain.append((j, self.damaged[j]))
-                    j = (j + 1) % self.source.count
-                    if len(chain) == self.source.count:
-                        raise ShardError(f"every one of the {self.source.count} samples is damaged "
-                                         f"(the first: {chain[0][1]})")
-                replaced.append(Replaced(row, j, chain))
-                indices[row] = j
+        indices, replaced = step.indices, []
+        if self.damaged:                     # the next good sample, as read_checked picks it when streaming
+            indices = indices.copy()
+            for row in np.flatnonzero(np.isin(indices, self._damaged_ids)):
+                indices[row] = read_checked(self.source, int(indices[row]), int(row), lambda j: j, replaced,
+                                            self.damaged)
         return step, self.crop(indices, step.read_xy, step.patch_size), replaced
 
     def _stop(self) -> None:
