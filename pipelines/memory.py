@@ -117,14 +117,13 @@ class MemoryPatchPipeline(PatchPipeline):
 
     def __init__(self, cfg, schedule, rank, world_size, device, source, where: str):
         super().__init__(cfg, schedule, rank, world_size, device, source)
-        self.where = where
         store = self.device if where == "device" else torch.device("cpu")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need = check_fits(source, where, self.device, local)
         t = time.perf_counter()
         shape = (source.count, source.resolution, source.resolution, source.channels)
         dtype = torch.from_numpy(np.empty(0, source.dtype)).dtype
-        pin = store.type == "cpu" and self.device.type == "cuda"      # async copies of the gathered patches
+        self.pin = pin = store.type == "cpu" and self.device.type == "cuda"   # async copies of the gathered patches
         self.data = torch.empty(shape, dtype=dtype, device=store, pin_memory=pin)
         # Damaged samples are met as the streaming loaders meet them: when a step draws one, data.on_corrupt
         # stops the run or the next good sample takes its place (PatchPipeline applies it).
@@ -166,7 +165,7 @@ class MemoryPatchPipeline(PatchPipeline):
         rows = (idx[:, None] * r + xy[:, 1, None] + offs) * r                  # (b, s): first pixel of each row
         pixels = (rows[:, :, None] + xy[:, 0, None, None] + offs).reshape(-1)    # (b s s,) pixel numbers
         flat = data.view(-1, data.shape[3])
-        if dev.type == "cpu" and self.device.type == "cuda":        # into pinned memory: the copy to the GPU is async
+        if self.pin:                                                 # into pinned memory: the copy to the GPU is async
             out = torch.empty((pixels.numel(), data.shape[3]), dtype=data.dtype, pin_memory=True)
             torch.index_select(flat, 0, pixels, out=out)
         else:
