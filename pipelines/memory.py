@@ -155,7 +155,8 @@ class MemoryPatchPipeline(PatchPipeline):
 
     def crop(self, indices: np.ndarray, read_xy: np.ndarray, s: int) -> torch.Tensor:
         """Samples ``indices`` cropped at ``read_xy`` (x0, y0): one gather of (b, s, s, C) elements
-        where the data lives; images stay uint8 HWC, latents become float32 CHW (as the loaders give)."""
+        where the data lives; images stay uint8 HWC, latents become float32 CHW (as the loaders give) on
+        the training device (from pinned memory: the stored type crosses, then permuted and cast there)."""
         data = self.data
         dev = data.device
         idx = torch.from_numpy(indices).to(dev)
@@ -171,6 +172,6 @@ class MemoryPatchPipeline(PatchPipeline):
         else:
             out = flat.index_select(0, pixels)
         patches = out.view(len(indices), s, s, data.shape[3])
-        if self.patch_dtype != torch.uint8:                          # latents: values as stored, float32 CHW
-            patches = patches.permute(0, 3, 1, 2).to(torch.float32).contiguous()
+        if self.patch_dtype != torch.uint8:     # latents: values as stored, float32 CHW, made where the step runs
+            patches = patches.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).contiguous()
         return patches
