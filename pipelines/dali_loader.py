@@ -50,8 +50,7 @@ class DaliPatchPipeline(PatchPipeline):
         self._planned: dict[int, object] = {}
         self._steps = None
         self._consumed = 0
-        self._replaced: dict[int, list[Replaced]] = {}     # iteration -> rows read from another sample
-        self._fed: dict[int, np.ndarray] = {}              # iteration -> the samples fed (after replacements)
+        self._replaced: dict[int, list[Replaced]] = {}     # iteration fed -> rows read from another sample
         self._undecodable: dict[int, str] = {}             # sample -> why: DALI failed on it
 
     # The callback runs ahead of the consumer (prefetch): keep the planned steps until consumed.
@@ -62,13 +61,10 @@ class DaliPatchPipeline(PatchPipeline):
                 self._generated += 1
             return self._planned[iteration]
 
-    def _record(self, iteration: int, step, replaced: list[Replaced]) -> None:
-        """What iteration ``iteration`` fed: the rows read from another sample, and every row's sample."""
-        fed = step.indices.copy()
-        for r in replaced:
-            fed[r.row] = r.used
+    def _record(self, iteration: int, replaced: list[Replaced]) -> None:
+        """Iteration ``iteration`` was fed, with these rows read from another sample than planned."""
         with self._lock:
-            self._replaced[iteration], self._fed[iteration] = replaced, fed
+            self._replaced[iteration] = replaced
 
     def _feed_patches(self, info):
         """Raw and latent: the step's patches themselves, read by the source (only their rows), as one
@@ -76,7 +72,7 @@ class DaliPatchPipeline(PatchPipeline):
         step = self._step_for(info.iteration)
         data, replaced = read_patches(self.source, step.indices, step.read_xy, step.patch_size,
                                       known=self._undecodable)
-        self._record(info.iteration, step, replaced)
+        self._record(info.iteration, replaced)
         return data
 
     def _feed_encoded(self, info):
@@ -89,7 +85,7 @@ class DaliPatchPipeline(PatchPipeline):
         data = [np.frombuffer(read_checked(self.source, int(i), j, self.source.read, replaced, known=self._undecodable),
                               np.uint8)
                 for j, i in enumerate(step.indices)]
-        self._record(info.iteration, step, replaced)
+        self._record(info.iteration, replaced)
         anchors = np.ascontiguousarray(step.read_xy[:, ::-1], dtype=np.int32)     # (y0, x0) for axes (H, W)
         return data, anchors, np.full((len(data), 2), step.patch_size, np.int32)
 
@@ -144,7 +140,6 @@ class DaliPatchPipeline(PatchPipeline):
         with self._lock:
             del self._planned[self._consumed]
             replaced = self._replaced.pop(self._consumed, [])
-            self._fed.pop(self._consumed, None)
         self._consumed += 1
         tensor = out.as_tensor()
         if self.cuda:
@@ -157,8 +152,14 @@ class DaliPatchPipeline(PatchPipeline):
     def _find_undecodable(self, error: Exception) -> None:
         """After DALI failed: the samples fed and not yet delivered that the host cannot decode either
         (or the one DALI's message numbers) join ``_undecodable``; none is an error saying so."""
+        fed = []                         # per iteration fed and not delivered: the samples fed, replacements applied
         with self._lock:
-            fed = [self._fed[k] for k in sorted(self._fed) if k >= self._consumed]
+            for k in sorted(self._replaced):
+                if k >= self._consumed:
+                    indices = self._planned[k].indices.copy()
+                    for r in self._replaced[k]:
+                        indices[r.row] = r.used
+                    fed.append(indices)
         found = False
         for indices in fed:
             for i in map(int, indices):
@@ -189,4 +190,4 @@ class DaliPatchPipeline(PatchPipeline):
         if pipe is not None:
             del pipe
         self._planned, self._steps = {}, None
-        self._replaced, self._fed = {}, {}
+        self._replaced = {}
