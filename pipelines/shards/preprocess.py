@@ -205,7 +205,9 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
                               f"8-bit image ({len(src.items)} files; pass --resolution and --channels, or check "
                               f"the files)")
     res = opts.resolution or _majority(sizes, src.root, "sizes", lambda r: f"{r}x{r}", "--resolution")
-    ch = _majority(channels, src.root, "channel counts", str, "--channels") if opts.channels == "auto" else int(opts.channels)
+    # A tie of gray and color goes to 3: gray images become RGB without a loss; the reverse would lose color.
+    ch = (_majority(channels, src.root, "channel counts", str, "--channels", tie=3) if opts.channels == "auto"
+          else int(opts.channels))
     return res, ch
 
 
@@ -215,12 +217,12 @@ def _header(data) -> tuple[tuple[int, int], str]:
         return im.size, im.mode
 
 
-def _majority(votes: dict[int, list[str]], root: str, what: str, show, flag: str) -> int:
-    """The value most images have; a tie is refused, naming an image of each value."""
+def _majority(votes: dict[int, list[str]], root: str, what: str, show, flag: str, tie: int | None = None) -> int:
+    """The value most images have; a tie is ``tie`` where given, else refused, naming an image of each value."""
     ranked = sorted(votes, key=lambda v: -len(votes[v]))
     if len(ranked) > 1 and len(votes[ranked[0]]) == len(votes[ranked[1]]):
-        if what == "channel counts":
-            return 3            # gray images become RGB without a loss; the reverse would lose color
+        if tie is not None:
+            return tie
         examples = "; ".join(f"{show(v)}: {len(votes[v])} (e.g. {votes[v][0]})" for v in ranked)
         raise ShardInputError(f"{root}: the images looked at have different {what} and no clear majority "
                               f"({examples}); pass {flag}")
