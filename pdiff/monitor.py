@@ -177,12 +177,13 @@ class Monitor:
     def scalars(self, images_seen: int, values: dict) -> None:
         if not self.enabled:
             return
-        values = {**values, **{f"{what}_s": s for what, s in self.pause_s.items()}}
-        self.pause_s = {}
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(tensorboard_tag(k), v, images_seen)
-        self.jsonl.write(json.dumps({"images_seen": images_seen, "time": time.time(), **values}) + "\n")
+        # The pauses since the last row: in log.jsonl only (``pause`` wrote each to TensorBoard already).
+        paused = {f"{what}_s": s for what, s in self.pause_s.items()}
+        self.pause_s = {}
+        self.jsonl.write(json.dumps({"images_seen": images_seen, "time": time.time(), **values, **paused}) + "\n")
         if self.console and "loss" in values:
             mfu = values.get("mfu")
             self._line(images_seen, f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):8.1f} img/s  "
