@@ -172,15 +172,10 @@ def ema_weights(entry: dict) -> dict:
     return entry["profiles"][0] if "profiles" in entry else entry
 
 
-def snapshot_paths(ema: EMA | PowerEMA, folder: str | Path, images_seen: int) -> list[Path]:
-    """The files ``save_snapshots`` writes at ``images_seen``: one per average."""
-    from .snapshot import snapshot_name
-    return [Path(folder) / snapshot_name(images_seen, suffix) for suffix, _, _ in ema.snapshots()]
-
-
 def save_snapshots(ema: EMA | PowerEMA, folder: str | Path, cfg, images_seen: int) -> list[Path]:
     """Each average of ``ema`` as a snapshot: ``ema-<images>.safetensors`` (half-life) or
-    ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``."""
-    from .snapshot import save_snapshot
-    return [save_snapshot(path, average, cfg, images_seen, meta)
-            for path, (_, average, meta) in zip(snapshot_paths(ema, folder, images_seen), ema.snapshots())]
+    ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``.
+    Returns the files written, one per average."""
+    from .snapshot import save_snapshot, snapshot_name
+    return [save_snapshot(Path(folder) / snapshot_name(images_seen, suffix), average, cfg, images_seen, meta)
+            for suffix, average, meta in ema.snapshots()]
