@@ -280,7 +280,8 @@ class RunState:
         if path is None:
             return 0, None
         path = Path(path)
-        state = found[1] if found else self.checkpoints.load(path)
+        # The other ranks read the file rank 0 checked (marker, checksum, format version) without hashing it again.
+        state = found[1] if found else read_state(path)
         check_resume_compatible(state, self.config, distributed.world_size(), path)
         for name, part in self.parts.items():
             try:

@@ -432,6 +432,8 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.s_max", lambda v: v >= 0, "must be >= 0 (inf = no limit)"),
     ("sample.s_noise", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     ("sample.guidance", _finite, "must be a finite number (1 = off)"),
+    ("sample.guidance_interval", lambda v: len(v) == 2 and 0 <= v[0] < v[1],
+     "must be [lo, hi] with 0 <= lo < hi (guidance for sigma in (lo, hi])"),
     ("sample.canvas", lambda v: v >= 0, "must be >= 0 (0 = the training resolution)"),
     ("vae.scale", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
     ("vae.shift", _finite, "must be a finite number"),
@@ -467,7 +469,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.patch.mode not in SCHEDULES:
         bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
                           f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
-    check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval", bad)
     # With data.path set and no data.resolution given, the resolution comes from the data
     # (fill_from_data), which checks what depends on it then.
     if not resolution_from_data(cfg):
@@ -575,7 +576,8 @@ def fill_from_data(cfg: Config, resolution: int, channels: int, num_classes: int
                               network=dataclasses.replace(cfg.network, label_dim=label_dim))
     out.given = given
     validate(out, f"{where} + config")
-    check_resolution_dependent(out, f"{where} + config")
+    if resolution_from_data(out):       # validate checked it already when data.resolution was given
+        check_resolution_dependent(out, f"{where} + config")
     return out, notes
 
 
@@ -652,11 +654,6 @@ def reference(markdown: bool = False, keys: list[str] = ()) -> str:
     wt = max(len(r[1]) for r in rows if len(r[1]) <= 24)
     wd = max(len(r[2]) for r in rows if len(r[2]) <= 14)
     return "\n".join(f"{k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {m}" for k, t, d, m in rows) + "\n"
-
-
-def check_guidance_interval(interval, key: str, bad) -> None:
-    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
-        bad(key, f"must be [lo, hi] with 0 <= lo < hi (guidance for sigma in (lo, hi]), got {list(interval)}")
 
 
 def dump_yaml(cfg: Config) -> str:

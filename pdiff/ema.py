@@ -54,11 +54,22 @@ def _average_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
 
 
+def _listed(average: torch.nn.Module, held: list, i: int) -> list[torch.nn.Parameter]:
+    """``average``'s parameters, listed once and kept in ``held[i]`` as (module, list): load_state_dict
+    copies into them in place, so they stay the module's; a module put in its place is listed anew."""
+    if held[i] is None or held[i][0] is not average:
+        held[i] = (average, list(average.parameters()))
+    return held[i][1]
+
+
 @torch.no_grad()
-def _lerp_parameters(average: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+def _lerp_parameters(averages: list[list[torch.nn.Parameter]], model: torch.nn.Module, betas: list[float]) -> None:
     # Parameters only, as EDM: the networks' buffers (resampling filters, Fourier frequencies) are
-    # constants the deep copy already holds.
-    torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1.0 - beta)
+    # constants the deep copy already holds. The source model's module tree is walked once per step,
+    # for all the averages.
+    source = list(model.parameters())
+    for average, beta in zip(averages, betas):
+        torch._foreach_lerp_(average, source, 1.0 - beta)
 
 
 class EMA:
@@ -76,6 +87,7 @@ class EMA:
         self.halflife_images = float(halflife_images)
         self.rampup_ratio = float(rampup_ratio)
         self.images_per_step = float(images_per_step)
+        self._held = [None]
 
     def beta(self, images_seen: float, images_per_step: float) -> float:
         halflife = self.halflife_images
@@ -85,7 +97,7 @@ class EMA:
 
     def update(self, model: torch.nn.Module, images_before: int, images_after: int) -> None:
         """After the step that took images seen from ``images_before`` to ``images_after``."""
-        _lerp_parameters(self.model, model, self.beta(images_after, self.images_per_step))
+        _lerp_parameters([_listed(self.model, self._held, 0)], model, [self.beta(images_after, self.images_per_step)])
 
     def snapshots(self) -> list[tuple[str, torch.nn.Module, dict]]:
         """(file name suffix, averaged model, snapshot metadata) of each average to snapshot."""
@@ -113,6 +125,7 @@ class PowerEMA:
         self.stds = [float(s) for s in stds]
         self.gammas = [std_to_gamma(s) for s in self.stds]
         self.models = [_average_copy(model) for _ in self.stds]
+        self._held = [None] * len(self.models)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,8 +133,8 @@ class PowerEMA:
 
     def update(self, model: torch.nn.Module, images_before: int, images_after: int) -> None:
         """After the step that took images seen from ``images_before`` to ``images_after``."""
-        for gamma, average in zip(self.gammas, self.models):
-            _lerp_parameters(average, model, power_beta(gamma, images_before, images_after))
+        _lerp_parameters([_listed(average, self._held, i) for i, average in enumerate(self.models)], model,
+                         [power_beta(gamma, images_before, images_after) for gamma in self.gammas])
 
     def snapshots(self) -> list[tuple[str, torch.nn.Module, dict]]:
         return [(f"-{std:.3f}", average, power_metadata(std, gamma))
@@ -159,15 +172,10 @@ def ema_weights(entry: dict) -> dict:
     return entry["profiles"][0] if "profiles" in entry else entry
 
 
-def snapshot_paths(ema: EMA | PowerEMA, folder: str | Path, images_seen: int) -> list[Path]:
-    """The files ``save_snapshots`` writes at ``images_seen``: one per average."""
-    from .snapshot import snapshot_name
-    return [Path(folder) / snapshot_name(images_seen, suffix) for suffix, _, _ in ema.snapshots()]
-
-
 def save_snapshots(ema: EMA | PowerEMA, folder: str | Path, cfg, images_seen: int) -> list[Path]:
     """Each average of ``ema`` as a snapshot: ``ema-<images>.safetensors`` (half-life) or
-    ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``."""
-    from .snapshot import save_snapshot
-    return [save_snapshot(path, average, cfg, images_seen, meta)
-            for path, (_, average, meta) in zip(snapshot_paths(ema, folder, images_seen), ema.snapshots())]
+    ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``.
+    Returns the files written, one per average."""
+    from .snapshot import save_snapshot, snapshot_name
+    return [save_snapshot(Path(folder) / snapshot_name(images_seen, suffix), average, cfg, images_seen, meta)
+            for suffix, average, meta in ema.snapshots()]

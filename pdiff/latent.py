@@ -10,24 +10,28 @@ from .config import Config, ConfigError, VAEConfig
 from .schedule import latent_patch_sizes
 
 
-def with_data_defaults(cfg: Config) -> Config:
+def with_data_defaults(cfg: Config, source=None) -> Config:
     """``cfg`` with what latent shards at ``data.path`` say filled in (image data, or a path that does
-    not open, leave it as it is: the pipeline reports the latter):
+    not open, leave it as it is: the pipeline reports the latter). ``source``: the samples at
+    ``data.path`` when the caller has them open already (used as they are, neither opened nor closed):
 
     * patch.sizes / patch.probs, when both are empty: {R/2, R} with (1 - p, p), the paper's latent setting;
     * vae.scale and vae.shift: the data's (a different value set in the config is an error);
     * for shards from `pdiff shard --encode-vae`: vae.sha256 from their manifest (a config naming
       other weights is an error naming both) and vae.source when the config has none.
     """
-    from pdiff.pipelines import SourceError, open_source
-    if not cfg.data.path:
-        return cfg
-    try:
-        source = open_source(cfg.data.path)
-    except SourceError:
-        return cfg
-    space = source.latent
-    source.close()
+    if source is not None:
+        space = source.latent
+    else:
+        from pdiff.pipelines import SourceError, open_source
+        if not cfg.data.path:
+            return cfg
+        try:
+            source = open_source(cfg.data.path)
+        except SourceError:
+            return cfg
+        space = source.latent
+        source.close()
     if space is None:
         return cfg
     where = f"data.path {cfg.data.path}"

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +178,13 @@ class Monitor:
     def scalars(self, images_seen: int, values: dict) -> None:
         if not self.enabled:
             return
-        values = {**values, **{f"{what}_s": s for what, s in self.pause_s.items()}}
-        self.pause_s = {}
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(tensorboard_tag(k), v, images_seen)
-        self.jsonl.write(json.dumps({"images_seen": images_seen, "time": time.time(), **values}) + "\n")
+        # The pauses since the last row: in log.jsonl only (``pause`` wrote each to TensorBoard already).
+        paused = {f"{what}_s": s for what, s in self.pause_s.items()}
+        self.pause_s = {}
+        self.jsonl.write(json.dumps({"images_seen": images_seen, "time": time.time(), **values, **paused}) + "\n")
         if self.console and "loss" in values:
             mfu = values.get("mfu")
             self._line(images_seen, f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):8.1f} img/s  "
@@ -223,16 +225,18 @@ class Monitor:
     @contextlib.contextmanager
     def pause(self, what: str, images_seen: int, detail: str = ""):
         """Time a pause in training (``what``: snapshot, sample, fid, checkpoint): kept out of
-        images/s, logged as perf/<what>_s, announced with its time."""
+        images/s, logged as perf/<what>_s, announced with its time after the block. The block may set
+        the announcement's ``.detail`` on what this yields (e.g. the paths it wrote)."""
+        said = types.SimpleNamespace(detail=detail)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        yield
+        yield said
         seconds = time.perf_counter() - t0
         self.clock.paused += seconds
         self.clock.cpu_paused += time.process_time() - cpu0
         self.pause_s[what] = self.pause_s.get(what, 0.0) + seconds
         if self.enabled:
             self.tb.add_scalar(f"perf/{what}_s", seconds, images_seen)
-        self.say(f"{what}{' ' + detail if detail else ''} ({seconds:.1f} s)")
+        self.say(f"{what}{' ' + said.detail if said.detail else ''} ({seconds:.1f} s)")
 
     def image(self, tag: str, images_seen: int, grid: np.ndarray) -> None:
         """grid: HWC uint8."""

@@ -90,14 +90,15 @@ def _images_in_name(path: Path) -> int:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """A snapshot's metadata without reading its tensors."""
+    """A snapshot's metadata without reading its tensors (a file whose metadata lacks pdiff's format or
+    the config is not a snapshot)."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != FORMAT or "config" not in meta:
         raise SnapshotError(f"{path}: a safetensors file but not a pdiff snapshot (metadata format "
                             f"{meta.get('format')!r}, expected {FORMAT!r})")
     return meta
@@ -133,24 +134,12 @@ def find_snapshot(path: str | os.PathLike) -> Path:
 def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
     """(EDMPrecond in eval mode, its Config, the metadata dict). ``path`` may be a run or snapshots
     folder: its newest snapshot is taken (the metadata's "found_in" says so)."""
-    from safetensors import SafetensorError, safe_open
     folder = Path(path) if Path(path).is_dir() else None
     path = find_snapshot(path)
     if not path.is_file():
         raise SnapshotError(f"snapshot {path} does not exist (snapshots are RUN/snapshots/*.safetensors)")
-    try:
-        verify(path)
-    except ChecksumError as e:
-        raise SnapshotError(str(e)) from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise SnapshotError(f"{path}: a safetensors file but not a pdiff snapshot (metadata format "
-                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+    state = read_tensors(path)          # the checksum, then the file itself,
+    meta = read_metadata(path)          # then its format
     cfg = _config_from(json.loads(meta["config"]), str(path))
     meta["source"] = str(path)
     if folder is not None:

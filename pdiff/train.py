@@ -19,10 +19,10 @@ import torch
 
 from . import distributed
 from .bench.flops import FlopCounter, device_card, train_flops_by_size
-from .checkpoint import EveryRank, RunState, folder_name
+from .checkpoint import EveryRank, RunState
 from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal
-from .ema import build_ema, save_snapshots, snapshot_paths
+from .ema import build_ema, save_snapshots
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
@@ -199,8 +199,8 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                         + ("checkpoint, snapshot and sample grid" if done else "checkpoint and snapshot"))
         # The checkpoint first: a snapshot, sample grid or FID that fails loses no training.
         if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
-            with monitor.pause("checkpoint", images_seen, str(run_state.checkpoints.dir / folder_name(images_seen))):
-                run_state.save(images_seen)
+            with monitor.pause("checkpoint", images_seen) as said:
+                said.detail = str(run_state.save(images_seen))     # rank 0's folder (the others print nothing)
             drift = distributed.check_replicas_agree(model, device)
             if drift > 0:
                 monitor.scalars(images_seen, {"replica_max_param_diff": drift})
@@ -208,9 +208,9 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                       file=sys.stderr)
             monitor.flush()
         if info.is_main and (crossed(before, images_seen, cfg.train.snapshot_every_images) or done or stopping):
-            paths = snapshot_paths(ema, run_dir / "snapshots", images_seen)     # power EMAs: one per sigma_rel
-            with monitor.pause("snapshot", images_seen, ", ".join(map(str, paths))):
-                snapshot = save_snapshots(ema, run_dir / "snapshots", cfg, images_seen)[0]
+            with monitor.pause("snapshot", images_seen) as said:
+                paths = save_snapshots(ema, run_dir / "snapshots", cfg, images_seen)     # power EMAs: one per sigma_rel
+                said.detail, snapshot = ", ".join(map(str, paths)), paths[0]
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
             from .generate import sample_grid
             grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"

@@ -115,7 +115,7 @@ def open_dataset(cfg):
     try:
         cfg, notes = fill_from_data(cfg, source.resolution, source.sample_channels, source.num_classes,
                                     str(cfg.data.path))
-        cfg = with_data_defaults(cfg)       # latent shards: their patch sizes and autoencoder
+        cfg = with_data_defaults(cfg, source)   # latent shards: their patch sizes and autoencoder
     except Exception:
         source.close()
         raise
