@@ -28,7 +28,7 @@ import torch
 
 from pdiff.schedule import PatchSchedule
 
-from .runs import NEVER, run_training, variant
+from .runs import NEVER, base_overrides, run_training, variant
 from .timing import BenchError
 
 BUDGET_KINDS = ("hours", "images", "flops")
@@ -261,9 +261,7 @@ def quality_overrides(run_dir: Path) -> list[str]:
     """A chunked training run: its own folder, one log row per chunk (its end), the checkpoint and
     snapshot every chunk ends with and nothing else on the way; in-training sample grids at 2
     steps (the evaluation samples with its own settings)."""
-    return [f"train.run_dir={run_dir}", f"train.log_every_images={NEVER}", f"train.ckpt_every_images={NEVER}",
-            f"train.snapshot_every_images={NEVER}", f"train.sample_every_images={NEVER}", "train.keep_checkpoints=1",
-            "train.wall_budget_s=0", "eval.fid_every_images=0", "sample.steps=2"]
+    return [*base_overrides(run_dir), f"train.log_every_images={NEVER}", "train.wall_budget_s=0"]
 
 
 def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget, evals: int, metric,
