@@ -148,18 +148,6 @@ def load_vae(source: str | Path, device: torch.device | str = "auto") -> VAE:
     return VAE(model, source, resolve_device(device))
 
 
-def load_for_record(record: dict, override: str | None = None, device: torch.device | str = "auto",
-                    what: str = "the latents") -> VAE:
-    """The VAE a record names (or ``override``, a --vae given by the user), checked to have the
-    recorded weights."""
-    source = override or record.get("source")
-    if not source:
-        raise VAEError(f"{what} name no VAE; give one with --vae")
-    vae = load_vae(source, device)
-    check_same(record, vae.record, what)
-    return vae
-
-
 def load_run_vae(cfg, override: str | None = None, device: torch.device | str = "auto") -> VAE | None:
     """The autoencoder that turns a latent run's samples into images: ``cfg.vae.source`` (the one its
     shards were encoded with) or ``override`` (a --vae), which must have the weights the run records;
