@@ -129,14 +129,14 @@ def encoded_images_source(root: Path, manifest: dict, limit: int | None) -> Imag
     try:
         images = EncodedImages(manifest)
     except ShardInputError as e:
-        raise SystemExit(f"pdiff fid: {root}: {e}") from None
+        raise FIDError(f"{root}: {e}") from None
     count = min(images.count, limit) if limit else images.count
 
     def batches(n: int):
         try:
             yield from images.batches(n, count)
         except ShardInputError as e:
-            raise SystemExit(f"pdiff fid: {root}: {e}") from None
+            raise FIDError(f"{root}: {e}") from None
     return ImageSource(f"{root} (the {images.count} images of {images.root} it encoded)", count,
                        images.resolution, batches)
 
