@@ -149,9 +149,8 @@ class FlopCounter:
 
 
 def arm_flop_counter(cfg) -> FlopCounter:
-    from .flops import describe
-    gflops = describe(cfg)["train_gflops_per_image"]
-    return FlopCounter(PatchSchedule.from_config(cfg), {int(s): 1e9 * v for s, v in gflops.items()})
+    from .flops import train_flops_by_size
+    return FlopCounter(PatchSchedule.from_config(cfg), train_flops_by_size(cfg))
 
 
 def chunk_cost(rows: list[dict], start_images: int, device_type: str) -> tuple[int, float, float, float]:
