@@ -28,7 +28,7 @@ import torch
 
 from pdiff.schedule import PatchSchedule
 
-from .runs import NEVER, base_overrides, run_training, variant
+from .runs import NEVER, base_overrides, default_interval_images, run_training, variant
 from .timing import BenchError
 
 BUDGET_KINDS = ("hours", "images", "flops")
@@ -284,7 +284,7 @@ def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget,
         elif budget.kind == "flops":
             target = flops.images_for(goal)
         elif rate is None:            # device-hours: a few steps first, to learn the rate
-            target = images + probe_steps * schedule.batch * max(schedule.multiplier(s) for s in schedule.sizes)
+            target = images + default_interval_images(arm_cfg, probe_steps)
         else:
             target = images + max(1, int(rate * (goal * 3600 - device_s)))
         rows = runner(variant(arm_cfg, [f"train.duration_images={target}"]), device)
