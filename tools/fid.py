@@ -231,8 +231,7 @@ def cmd_calc(args) -> int:
 
 
 def cmd_gen(args) -> int:
-    from pdiff.fid import (FIDError, check_resolution, image_size, load_inception, load_stats, sample_stats, seed_sets,
-                           summarize)
+    from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats, seed_sets, summarize
     from pdiff import distributed
     from pdiff.snapshot import load_model
     from pdiff.tools.sample import progress_bar, sample_options
@@ -244,21 +243,16 @@ def cmd_gen(args) -> int:
         model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
         vae = load_run_vae(cfg, args.vae, info.device)         # a latent model's decoder
-        if vae is None and cfg.data.channels not in (1, 3):
-            raise FIDError(f"the model makes {cfg.data.channels}-channel latents and its run names no VAE: "
-                           f"give the one its latents came from with --vae")
-        check_resolution(ref, image_size(options.canvas or cfg.data.resolution, vae), args.allow_resolution_mismatch)
         fids = []
         for k, seeds in enumerate(seed_sets(args.first_seed, args.num, args.sets)):
+            ev = FIDEvaluator(ref, net, len(seeds), args.batch, seeds[0], options, info.device,
+                              args.allow_resolution_mismatch, vae)
             bar = progress_bar(len(seeds[info.rank::info.world_size]), info.is_main and not args.no_progress,
                                f"set {k + 1}/{args.sets}")
             try:
-                stats = sample_stats(model, seeds[info.rank::info.world_size], args.batch, cfg.data.resolution,
-                                     cfg.data.channels, cfg.network.label_dim, options, net, info.device, bar,
-                                     vae=vae)
+                fids.append(ev.compute(model, cfg, bar, NO_VAE_GIVEN))
             finally:
                 bar.close()
-            fids.append(stats.fid_against(ref))
             if info.is_main:
                 print(f"pdiff fid gen: set {k + 1} (seeds {seeds[0]}-{seeds[-1]}): FID {fids[-1]:.4f}", flush=True)
         if info.is_main:

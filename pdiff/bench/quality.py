@@ -194,25 +194,20 @@ class FeatureMetric:
 
 
 class InceptionMetric:
-    """FID (TF-FID Inception-v3 weights) of ``images`` samples against reference statistics."""
+    """FID (TF-FID Inception-v3 weights) of ``images`` samples against reference statistics: one
+    pdiff.fid.FIDEvaluator (a latent run's VAE loaded once) scores every evaluation."""
 
     key = "fid"
     comparable_to_fid = True
 
-    def __init__(self, inception, ref, images: int, batch: int, steps: int, device, ref_source: str):
-        self.inception, self.ref, self.images, self.batch, self.steps, self.device = inception, ref, images, batch, steps, device
+    def __init__(self, evaluator, images: int, steps: int, ref_source: str):
+        self.evaluator, self.images, self.steps = evaluator, images, steps
         self.name = f"FID ({images} samples)"
         self.description = (f"FID of {images} samples against {ref_source} with the given Inception-v3 weights "
                             f"(fewer samples than the usual 50k make it higher than a published FID)")
 
     def score(self, model, cfg) -> float:
-        from pdiff.fid import sample_stats
-        from pdiff.vae import load_run_vae
-        vae = load_run_vae(cfg, None, self.device)          # a latent run's decoder (None for pixels)
-        stats = sample_stats(model, list(range(self.images)), self.batch, cfg.data.resolution, cfg.data.channels,
-                             cfg.network.label_dim, sample_options(cfg, self.steps), self.inception, self.device,
-                             vae=vae)
-        return stats.fid_against(self.ref)
+        return self.evaluator.compute(model, cfg)
 
 
 def sample_options(cfg, steps: int):
@@ -238,7 +233,11 @@ def make_metric(cfg, device, images: int, batch: int, steps: int, inception: str
             from pdiff.fid import RefStats
             mu, sigma = stats.mean_cov()
             ref, source = RefStats(mu, sigma, stats.count, cfg.data.resolution), f"{stats.count} images of {cfg.data.path}"
-        return InceptionMetric(net, ref, images, batch, steps, device, source)
+        from pdiff.fid import FIDEvaluator
+        from pdiff.vae import load_run_vae
+        vae = load_run_vae(cfg, None, device)              # a latent run's decoder (None for pixels)
+        evaluator = FIDEvaluator(ref, net, images, batch, options=sample_options(cfg, steps), device=device, vae=vae)
+        return InceptionMetric(evaluator, images, steps, source)
     if fid_ref:
         raise BenchError("--fid-ref without --inception: FID needs the Inception weights its statistics were made with")
     from .features import data_features
