@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from pdiff.bench import device_sync, timed
+from pdiff.bench import device_sync, resolve_device, timed
 from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, forward_flops, mfu
 from pdiff.networks import build_network
 
@@ -77,7 +77,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip work that starts after this long")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

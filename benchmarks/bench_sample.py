@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pdiff.bench import resolve_device
+
 NFE_STEPS = {35: 18, 79: 40}   # Heun: 2N - 1 evaluations
 
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, help="images per batch (default: 256 tiny / 64 DDPM++ on CUDA, 8 / 2 on CPU)")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     info = machine(device)
     gpu = device.type == "cuda"
     plan = [("tiny", "tiny", args.batch or (256 if gpu else 8)),

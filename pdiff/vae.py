@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import resolve_device
 from .errors import UserError
 
 INSTALL_HINT = "pip install 'pdiff[latent]' (diffusers)"
@@ -28,13 +29,6 @@ INSTALL_HINT = "pip install 'pdiff[latent]' (diffusers)"
 class VAEError(UserError, RuntimeError):
     """A VAE that cannot be loaded, or is not the one the latents were made with."""
     exit_code = 2
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto": the GPU where there is one."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

@@ -162,16 +162,6 @@ def add_inception_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-batch", type=int, default=100, help="images per Inception batch")
 
 
-def pick_device(name: str) -> torch.device:
-    from pdiff.distributed import DeviceError, check_device
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    check_device(device)
-    return device
-
-
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
     """FeatureStats of every image of a source."""
     from pdiff.fid import FeatureStats, inception_features
@@ -189,8 +179,9 @@ def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
 
 
 def cmd_ref(args) -> int:
+    from pdiff.distributed import resolve_device
     from pdiff.fid import load_inception, save_stats
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     net = load_inception(args.inception, device)
     src = open_images(args.data, args.max_images)
     start = time.perf_counter()
@@ -203,8 +194,9 @@ def cmd_ref(args) -> int:
 
 
 def cmd_calc(args) -> int:
+    from pdiff.distributed import resolve_device
     from pdiff.fid import check_resolution, frechet_distance, load_inception, load_stats
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     ref = load_stats(args.ref)
     p = Path(args.images)
     is_stats = False
