@@ -15,15 +15,13 @@ builds it (pdiff.step.build_step).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import types
 
 import torch
 
-from pdiff.bench import device_sync, resolve_device, timed
+from pdiff.bench import device_sync, machine, machine_name, resolve_device, save_json, timed
 from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, forward_flops, mfu
 from pdiff.networks import build_network
 
@@ -78,18 +76,17 @@ def main() -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     device = resolve_device("auto")
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    info = machine()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
     card = device_card(device)
-    report = dict(machine=machine, torch=torch.__version__, precision="bf16 autocast" if device.type == "cuda"
+    report = dict(machine=info, torch=torch.__version__, precision="bf16 autocast" if device.type == "cuda"
                   else "fp32", card=card.name if card else None, rows=[])
 
-    def save():
+    def save():            # after every row (atomically): a run cut short keeps what it measured
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            save_json(report, args.out, "networks")
 
     for name in args.nets.split(","):
         spec = NETS[name]
@@ -157,7 +154,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     save()
-    print(f"machine: {machine}; total {time.time() - t0:.0f} s")
+    print(f"machine: {machine_name(info)}; total {time.time() - t0:.0f} s")
     return 0
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pdiff.config import load_config
+from pdiff.bench import save_json
 from pdiff.coords import crop
 from pdiff.distributed import resolve_device
 from pdiff.schedule import StochasticSchedule
@@ -287,8 +288,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{k} {v:.2f}x" for k, v in payload["before"]["per_core_ratio"].items() if k.endswith("schedule")))
     out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
                                      f"pipeline-{machine['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
+    out = save_json(payload, out, "pipeline")
     print(f"wrote {out}")
     return 0
 
