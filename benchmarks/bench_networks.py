@@ -15,18 +15,14 @@ builds it (pdiff.step.build_step).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import types
 
 import torch
 
-from torch.utils.flop_counter import FlopCounterMode
-
-from pdiff.bench import device_sync, timed
-from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, mfu
+from pdiff.bench import device_sync, machine, machine_name, resolve_device, save_json, timed
+from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, forward_flops, mfu
 from pdiff.networks import build_network
 
 NETS = {
@@ -60,11 +56,7 @@ def train_flops_per_patch(spec, size: int) -> int:
     """Forward + backward FLOPs of the network on one patch of ``size`` (counted on the meta device)."""
     with torch.device("meta"):
         net = build_network(net_cfg(spec["cfg"]), spec["resolution"], spec["channels"]).eval()
-        x, noise, labels = inputs(1, size, spec, "meta")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x, noise, labels)
-    return TRAIN_FLOPS_PER_FORWARD * int(counter.get_total_flops())
+    return TRAIN_FLOPS_PER_FORWARD * forward_flops(net, spec["channels"], size, spec["cfg"]["label_dim"])
 
 
 def step(model, x, noise, labels, device):
@@ -83,25 +75,25 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip work that starts after this long")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    device = resolve_device("auto")
+    info = machine()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
     card = device_card(device)
-    report = dict(machine=machine, torch=torch.__version__, precision="bf16 autocast" if device.type == "cuda"
+    report = dict(machine=info, torch=torch.__version__, precision="bf16 autocast" if device.type == "cuda"
                   else "fp32", card=card.name if card else None, rows=[])
 
-    def save():
+    def save():            # after every row (atomically): a run cut short keeps what it measured
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            save_json(report, args.out, "networks")
 
     for name in args.nets.split(","):
         spec = NETS[name]
         torch.manual_seed(0)
         net = build_network(net_cfg(spec["cfg"]), spec["resolution"], spec["channels"]).to(device).train()
         params = sum(p.numel() for p in net.parameters())
+        train_flops = {size: train_flops_per_patch(spec, size) for size in spec["sizes"]}     # once per size
         with torch.no_grad():  # move the zero-initialised output layers so outputs are not trivially 0
             for p in net.parameters():
                 p.add_(1e-2 * torch.randn_like(p))
@@ -135,7 +127,7 @@ def main() -> int:
                     step(model, x, noise, labels, device)
                 sec = statistics.median(timed(fn, args.iters, warmup=2, sync=device_sync(device)))
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                tflops = train_flops_per_patch(spec, size) * b / sec / 1e12
+                tflops = train_flops[size] * b / sec / 1e12
                 util = mfu(tflops, card, "bf16")
                 row = dict(net=name, params=params, provider=prov, size=size, patches=b, step_ms=sec * 1e3,
                            patches_per_s=b / sec, full_images_equiv_per_s=b * (size / spec["resolution"]) ** 2 / sec,
@@ -162,7 +154,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     save()
-    print(f"machine: {machine}; total {time.time() - t0:.0f} s")
+    print(f"machine: {machine_name(info)}; total {time.time() - t0:.0f} s")
     return 0
 
 

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from pdiff.config import load_config
+from pdiff.bench import save_json
 from pdiff.coords import crop
+from pdiff.distributed import resolve_device
 from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.shards import write_shards
@@ -208,12 +210,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DALI threads / DataLoader workers")
     p.add_argument("--formats", default="png,jpeg,raw")
     p.add_argument("--backends", default="dali,torch,baseline")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pipeline-HOST-TIME.json)")
     p.add_argument("--before", default=None, help="JSON of an earlier run to compare images/s per core with")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    device = resolve_device(a.device)
     res = a.resolution
     sizes = [res // 4, res // 2, res]
     backends = [b for b in a.backends.split(",") if b]
@@ -286,8 +288,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{k} {v:.2f}x" for k, v in payload["before"]["per_core_ratio"].items() if k.endswith("schedule")))
     out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
                                      f"pipeline-{machine['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
+    out = save_json(payload, out, "pipeline")
     print(f"wrote {out}")
     return 0
 

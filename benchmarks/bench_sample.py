@@ -14,14 +14,14 @@ sample_<machine>[_quick].json into --out, naming the CPU and GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from pdiff.bench import machine_name, resolve_device, save_json
 
 NFE_STEPS = {35: 18, 79: 40}   # Heun: 2N - 1 evaluations
 
@@ -69,14 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, help="images per batch (default: 256 tiny / 64 DDPM++ on CUDA, 8 / 2 on CPU)")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     info = machine(device)
     gpu = device.type == "cuda"
     plan = [("tiny", "tiny", args.batch or (256 if gpu else 8)),
             ("ddpmpp64", "celeba64", args.batch or (64 if gpu else 2))]
     batches = 1 if args.quick else (3 if gpu else 1)
     results, skipped = [], []
-    print(f"bench_sample on {info.get('gpu', info['cpu'])} (torch {torch.__version__}, {device})")
+    print(f"bench_sample on {machine_name(info)} (torch {torch.__version__}, {device})")
     print(f"{'model':<10} {'params':>11} {'NFE':>4} {'batch':>6} {'images/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for name, preset, batch in plan:
         if name == "ddpmpp64" and not gpu and args.quick:
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "bench_sample", "machine": info, "quick": args.quick, "precision": "fp32 (torch defaults, as pdiff sample)", "sampler": "deterministic Heun, seed-addressed noise",
               "results": results, "skipped": skipped}
     tag = re.sub(r"[^A-Za-z0-9]+", "_", info.get("gpu") or info["cpu"]).strip("_")[:60]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sample_{tag}{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path = save_json(report, Path(args.out) / f"sample_{tag}{'_quick' if args.quick else ''}.json", "sample")
     print(f"wrote {path}")
     return 0
 

@@ -25,7 +25,7 @@ import torch
 
 from pdiff.config import load_config
 from pdiff.step import resolve_precision
-from pdiff.bench import bench_step, machine, machine_name, print_step, save_json
+from pdiff.bench import bench_step, machine, machine_name, print_step, resolve_device, save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="cifar10_32,celeba64")
     ap.add_argument("--batch", type=int, default=2, help="full images per step (patch steps carry B * R/s)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network (= --modes compile)")
     ap.add_argument("--modes", default=None, help="comma list of eager,compile (default: compile with --compile, else eager)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results folder or .json path (default benchmarks/results)")
     ap.add_argument("--append", action="store_true", help="--out is a .json from an earlier run: add to its results")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision or "auto", device)
     modes = [m for m in (args.modes or ("compile" if args.compile else "eager")).split(",") if m]
     for m in modes:

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_networks import NETS, inputs, net_cfg, step
+from pdiff.distributed import resolve_device
 from pdiff.networks import build_network
 
 
@@ -23,7 +24,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out-dir", default=".")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     spec = NETS[args.net]
     torch.manual_seed(0)
     net = build_network(net_cfg(spec["cfg"]), spec["resolution"], spec["channels"]).to(device).train()

@@ -33,6 +33,23 @@ def check_device(device: torch.device) -> None:
                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
+def resolve_device(name: str | torch.device = "auto", index: int | None = None) -> torch.device:
+    """The device a --device flag names: "auto" (CUDA where it exists, else the CPU), "cpu", "cuda"
+    (cuda:``index`` when ``index`` is given) or "cuda:N"; a DeviceError for a name torch does not
+    know or a CUDA device this machine cannot use."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is None and index is not None:
+        dev = torch.device("cuda", index)
+    check_device(dev)
+    return dev
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -54,15 +71,8 @@ def init(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
-        check_device(dev)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),

@@ -478,6 +478,17 @@ def image_size(canvas: int, vae=None) -> int:
     return canvas * vae.downsample if vae is not None else canvas
 
 
+NO_VAE_IN_RUN = "no VAE decodes them (set vae.source)"
+NO_VAE_GIVEN = "its run names no VAE: give the one its latents came from with --vae"
+
+
+def check_decodable(channels: int, vae, hint: str) -> None:
+    """A model of latents (``channels`` not 1 or 3) needs a VAE to turn its samples into images for
+    the Inception; ``hint`` says where the user gives one."""
+    if vae is None and channels not in (1, 3):
+        raise FIDError(f"the model makes {channels}-channel latents and {hint}")
+
+
 def seed_sets(first: int, count: int, sets: int) -> list[list[int]]:
     """``sets`` disjoint runs of ``count`` consecutive seeds from ``first`` (EDM reports the min
     over three such runs)."""
@@ -518,9 +529,10 @@ class FIDEvaluator:
         VAE to decode its samples: training goes on without FID."""
         if not ref:
             return None
-        if channels not in (1, 3) and kwargs.get("vae") is None:
-            print(f"[pdiff] in-training FID is off: the model makes {channels}-channel latents and no VAE "
-                  f"decodes them (set vae.source)", flush=True)
+        try:
+            check_decodable(channels, kwargs.get("vae"), NO_VAE_IN_RUN)
+        except FIDError as e:
+            print(f"[pdiff] in-training FID is off: {e}", flush=True)
             return None
         try:
             return cls(ref, inception, **kwargs)
@@ -528,14 +540,15 @@ class FIDEvaluator:
             print(f"[pdiff] in-training FID is off: {e}", flush=True)
             return None
 
-    def compute(self, model, cfg) -> float:
+    def compute(self, model, cfg, progress=None, no_vae_hint: str = NO_VAE_IN_RUN) -> float:
+        """FID of ``model``'s samples of this evaluator's seeds (this rank's share); ``progress``
+        (a progress bar) is told of every chunk sampled. A latent model without a VAE is refused
+        with ``no_vae_hint`` (what the user should do)."""
         from . import distributed
         from .generate import SampleOptions
         options = self.options or SampleOptions(sampler=cfg.sample, canvas=cfg.sample.canvas)
         resolution = cfg.data.resolution
-        if cfg.data.channels not in (1, 3) and self.vae is None:
-            raise FIDError(f"the model makes {cfg.data.channels}-channel latents and no VAE decodes them "
-                           f"(set vae.source)")
+        check_decodable(cfg.data.channels, self.vae, no_vae_hint)
         check_resolution(self.ref, image_size(options.canvas or resolution, self.vae), self.allow_mismatch)
         device = self.device or next(model.parameters()).device
         self.inception.to(device)
@@ -545,7 +558,7 @@ class FIDEvaluator:
         model.eval()
         try:
             stats = sample_stats(model, seeds, self.batch, resolution, cfg.data.channels,
-                                 cfg.network.label_dim, options, self.inception, device, vae=self.vae)
+                                 cfg.network.label_dim, options, self.inception, device, progress, vae=self.vae)
         finally:
             model.train(was_training)
         return stats.fid_against(self.ref)

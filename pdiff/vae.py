@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import resolve_device
 from .errors import UserError
 
 INSTALL_HINT = "pip install 'pdiff[latent]' (diffusers)"
@@ -28,13 +29,6 @@ INSTALL_HINT = "pip install 'pdiff[latent]' (diffusers)"
 class VAEError(UserError, RuntimeError):
     """A VAE that cannot be loaded, or is not the one the latents were made with."""
     exit_code = 2
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto": the GPU where there is one."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -146,18 +140,6 @@ def load_vae(source: str | Path, device: torch.device | str = "auto") -> VAE:
     except (OSError, ValueError, EnvironmentError) as e:
         raise VAEError(f"VAE {source}: cannot be loaded as a diffusers AutoencoderKL: {e}") from None
     return VAE(model, source, resolve_device(device))
-
-
-def load_for_record(record: dict, override: str | None = None, device: torch.device | str = "auto",
-                    what: str = "the latents") -> VAE:
-    """The VAE a record names (or ``override``, a --vae given by the user), checked to have the
-    recorded weights."""
-    source = override or record.get("source")
-    if not source:
-        raise VAEError(f"{what} name no VAE; give one with --vae")
-    vae = load_vae(source, device)
-    check_same(record, vae.record, what)
-    return vae
 
 
 def load_run_vae(cfg, override: str | None = None, device: torch.device | str = "auto") -> VAE | None:

@@ -33,7 +33,7 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pdiff import distributed
-    from pdiff.fid import FIDError, check_resolution, image_size, load_inception, load_stats, sample_stats
+    from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats
     from pdiff.vae import load_run_vae
     from pdiff.posthoc import (parse_stds, power_snapshots, reconstruct, reconstruction_path,
                                save_reconstruction, snapshots_until)
@@ -46,27 +46,20 @@ def cmd_sweep(args) -> int:
     info = distributed.init(args.device)
     try:
         net = load_inception(args.inception, info.device)
-        seeds = list(range(args.first_seed, args.first_seed + args.num))
         rows, best, vae = [], None, None
         for std in stds:
             rec = reconstruct(snaps, std, at)
             model = _build(rec.cfg, rec.state, f"sigma_rel {std:g}", info.device)
-            options = sample_options(args, rec.cfg)
             if vae is None:
                 vae = load_run_vae(rec.cfg, args.vae, info.device)         # a latent model's decoder
-                if vae is None and rec.cfg.data.channels not in (1, 3):
-                    raise FIDError(f"the model makes {rec.cfg.data.channels}-channel latents and its run names no "
-                                   f"VAE: give the one its latents came from with --vae")
-            check_resolution(ref, image_size(options.canvas or rec.cfg.data.resolution, vae),
-                             args.allow_resolution_mismatch)
-            mine = seeds[info.rank::info.world_size]
-            bar = progress_bar(len(mine), info.is_main and not args.no_progress, f"std {std:g}")
+            ev = FIDEvaluator(ref, net, args.num, args.batch, args.first_seed, sample_options(args, rec.cfg),
+                              info.device, args.allow_resolution_mismatch, vae)
+            bar = progress_bar(len(range(args.num)[info.rank::info.world_size]), info.is_main and not args.no_progress,
+                               f"std {std:g}")
             try:
-                stats = sample_stats(model, mine, args.batch, rec.cfg.data.resolution, rec.cfg.data.channels,
-                                     rec.cfg.network.label_dim, options, net, info.device, bar, vae=vae)
+                fid = ev.compute(model, rec.cfg, bar, NO_VAE_GIVEN)
             finally:
                 bar.close()
-            fid = stats.fid_against(ref)
             rows.append({"std": std, "gamma": rec.gamma, "fid": fid})
             if info.is_main:
                 print(f"pdiff ema sweep: sigma_rel {std:.3f} (gamma {rec.gamma:7.3f}): FID {fid:.4f}", flush=True)

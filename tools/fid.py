@@ -129,14 +129,14 @@ def encoded_images_source(root: Path, manifest: dict, limit: int | None) -> Imag
     try:
         images = EncodedImages(manifest)
     except ShardInputError as e:
-        raise SystemExit(f"pdiff fid: {root}: {e}") from None
+        raise FIDError(f"{root}: {e}") from None
     count = min(images.count, limit) if limit else images.count
 
     def batches(n: int):
         try:
             yield from images.batches(n, count)
         except ShardInputError as e:
-            raise SystemExit(f"pdiff fid: {root}: {e}") from None
+            raise FIDError(f"{root}: {e}") from None
     return ImageSource(f"{root} (the {images.count} images of {images.root} it encoded)", count,
                        images.resolution, batches)
 
@@ -162,16 +162,6 @@ def add_inception_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-batch", type=int, default=100, help="images per Inception batch")
 
 
-def pick_device(name: str) -> torch.device:
-    from pdiff.distributed import DeviceError, check_device
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    check_device(device)
-    return device
-
-
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
     """FeatureStats of every image of a source."""
     from pdiff.fid import FeatureStats, inception_features
@@ -189,8 +179,9 @@ def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
 
 
 def cmd_ref(args) -> int:
+    from pdiff.distributed import resolve_device
     from pdiff.fid import load_inception, save_stats
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     net = load_inception(args.inception, device)
     src = open_images(args.data, args.max_images)
     start = time.perf_counter()
@@ -203,8 +194,9 @@ def cmd_ref(args) -> int:
 
 
 def cmd_calc(args) -> int:
+    from pdiff.distributed import resolve_device
     from pdiff.fid import check_resolution, frechet_distance, load_inception, load_stats
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     ref = load_stats(args.ref)
     p = Path(args.images)
     is_stats = False
@@ -231,8 +223,7 @@ def cmd_calc(args) -> int:
 
 
 def cmd_gen(args) -> int:
-    from pdiff.fid import (FIDError, check_resolution, image_size, load_inception, load_stats, sample_stats, seed_sets,
-                           summarize)
+    from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats, seed_sets, summarize
     from pdiff import distributed
     from pdiff.snapshot import load_model
     from pdiff.tools.sample import progress_bar, sample_options
@@ -244,21 +235,16 @@ def cmd_gen(args) -> int:
         model, cfg, meta = load_model(args.snapshot, args.checkpoint, info.device)
         options = sample_options(args, cfg)
         vae = load_run_vae(cfg, args.vae, info.device)         # a latent model's decoder
-        if vae is None and cfg.data.channels not in (1, 3):
-            raise FIDError(f"the model makes {cfg.data.channels}-channel latents and its run names no VAE: "
-                           f"give the one its latents came from with --vae")
-        check_resolution(ref, image_size(options.canvas or cfg.data.resolution, vae), args.allow_resolution_mismatch)
         fids = []
         for k, seeds in enumerate(seed_sets(args.first_seed, args.num, args.sets)):
+            ev = FIDEvaluator(ref, net, len(seeds), args.batch, seeds[0], options, info.device,
+                              args.allow_resolution_mismatch, vae)
             bar = progress_bar(len(seeds[info.rank::info.world_size]), info.is_main and not args.no_progress,
                                f"set {k + 1}/{args.sets}")
             try:
-                stats = sample_stats(model, seeds[info.rank::info.world_size], args.batch, cfg.data.resolution,
-                                     cfg.data.channels, cfg.network.label_dim, options, net, info.device, bar,
-                                     vae=vae)
+                fids.append(ev.compute(model, cfg, bar, NO_VAE_GIVEN))
             finally:
                 bar.close()
-            fids.append(stats.fid_against(ref))
             if info.is_main:
                 print(f"pdiff fid gen: set {k + 1} (seeds {seeds[0]}-{seeds[-1]}): FID {fids[-1]:.4f}", flush=True)
         if info.is_main:

@@ -17,7 +17,9 @@ Warm-up (pipeline start, compilation) is excluded and figures are medians over r
 """
 from __future__ import annotations
 
-from .machine import device_sync, machine, machine_name, resolve_device, save_json
+from pdiff.distributed import resolve_device
+
+from .machine import device_sync, machine, machine_name, save_json
 from .report import print_data, print_quality, print_sample, print_step, print_train
 from .runs import (FULL_OVERRIDES, NEVER, BenchInterrupted, bench_data, bench_data_online_vae,
                    bench_sample, bench_step, bench_train, compare_train, default_interval_images, measuring_overrides,

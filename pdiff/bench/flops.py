@@ -76,14 +76,15 @@ def mfu(tflop_per_s: float, card: Card | None, precision: str, devices: int = 1)
     return tflop_per_s / (card.peak_tflops(precision) * devices)
 
 
-def forward_flops(model, channels: int, patch_size: int, label_dim: int) -> int:
-    """FLOPs of one forward pass of F on one patch (counted on the meta device: nothing is run)."""
+def forward_flops(net, channels: int, patch_size: int, label_dim: int) -> int:
+    """FLOPs of one forward pass of the network F (``model.net``) on one patch (counted on the meta
+    device: nothing is run)."""
     x = torch.zeros(1, channels + 2, patch_size, patch_size, device="meta")
     noise = torch.zeros(1, device="meta")
     labels = torch.zeros(1, label_dim, device="meta") if label_dim else None
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.net(x, noise, labels)
+        net(x, noise, labels)
     return int(counter.get_total_flops())
 
 
@@ -94,7 +95,7 @@ def forward_flops_by_size(cfg, sizes=None) -> dict[int, int]:
     model.eval()
     if sizes is None:
         sizes = set(PatchSchedule.from_config(cfg).sizes) | {cfg.data.resolution}
-    return {s: forward_flops(model, cfg.data.channels, s, cfg.network.label_dim) for s in sorted(sizes)}
+    return {s: forward_flops(model.net, cfg.data.channels, s, cfg.network.label_dim) for s in sorted(sizes)}
 
 
 def train_flops_by_size(cfg) -> dict[int, int]:
@@ -134,7 +135,7 @@ def describe(cfg, card: Card | None = None, target_mfu: float = 0.4) -> dict:
     r, c = cfg.data.resolution, cfg.data.channels
     sch = PatchSchedule.from_config(cfg)
     sizes = sorted(set(sch.sizes) | {r})
-    flops = {s: forward_flops(model, c, s, cfg.network.label_dim) for s in sizes}
+    flops = {s: forward_flops(model.net, c, s, cfg.network.label_dim) for s in sizes}
     train = {s: TRAIN_FLOPS_PER_FORWARD * flops[s] for s in sizes}
     ratio = sch.expected_cost_ratio(flops)
     per_step = {s: sch.batch_for(s) * train[s] for s in sch.sizes}

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from .timing import BenchError
-
 
 def _cpu_model() -> str:
     try:
@@ -49,15 +47,6 @@ def machine() -> dict:
 
 def machine_name(info: dict) -> str:
     return info.get("gpu") or f"{info.get('cpu')} ({info.get('cores')} cores)"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {name}: no CUDA device on this machine")
-    return dev
 
 
 def device_sync(device: torch.device):

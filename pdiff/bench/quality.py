@@ -20,7 +20,7 @@ import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 from pdiff.schedule import PatchSchedule
 
-from .runs import NEVER, run_training, variant
+from .runs import NEVER, base_overrides, default_interval_images, run_training, variant
 from .timing import BenchError
 
 BUDGET_KINDS = ("hours", "images", "flops")
@@ -149,9 +149,8 @@ class FlopCounter:
 
 
 def arm_flop_counter(cfg) -> FlopCounter:
-    from .flops import describe
-    gflops = describe(cfg)["train_gflops_per_image"]
-    return FlopCounter(PatchSchedule.from_config(cfg), {int(s): 1e9 * v for s, v in gflops.items()})
+    from .flops import train_flops_by_size
+    return FlopCounter(PatchSchedule.from_config(cfg), train_flops_by_size(cfg))
 
 
 def chunk_cost(rows: list[dict], start_images: int, device_type: str) -> tuple[int, float, float, float]:
@@ -195,25 +194,20 @@ class FeatureMetric:
 
 
 class InceptionMetric:
-    """FID (TF-FID Inception-v3 weights) of ``images`` samples against reference statistics."""
+    """FID (TF-FID Inception-v3 weights) of ``images`` samples against reference statistics: one
+    pdiff.fid.FIDEvaluator (a latent run's VAE loaded once) scores every evaluation."""
 
     key = "fid"
     comparable_to_fid = True
 
-    def __init__(self, inception, ref, images: int, batch: int, steps: int, device, ref_source: str):
-        self.inception, self.ref, self.images, self.batch, self.steps, self.device = inception, ref, images, batch, steps, device
+    def __init__(self, evaluator, images: int, steps: int, ref_source: str):
+        self.evaluator, self.images, self.steps = evaluator, images, steps
         self.name = f"FID ({images} samples)"
         self.description = (f"FID of {images} samples against {ref_source} with the given Inception-v3 weights "
                             f"(fewer samples than the usual 50k make it higher than a published FID)")
 
     def score(self, model, cfg) -> float:
-        from pdiff.fid import sample_stats
-        from pdiff.vae import load_run_vae
-        vae = load_run_vae(cfg, None, self.device)          # a latent run's decoder (None for pixels)
-        stats = sample_stats(model, list(range(self.images)), self.batch, cfg.data.resolution, cfg.data.channels,
-                             cfg.network.label_dim, sample_options(cfg, self.steps), self.inception, self.device,
-                             vae=vae)
-        return stats.fid_against(self.ref)
+        return self.evaluator.compute(model, cfg)
 
 
 def sample_options(cfg, steps: int):
@@ -239,7 +233,11 @@ def make_metric(cfg, device, images: int, batch: int, steps: int, inception: str
             from pdiff.fid import RefStats
             mu, sigma = stats.mean_cov()
             ref, source = RefStats(mu, sigma, stats.count, cfg.data.resolution), f"{stats.count} images of {cfg.data.path}"
-        return InceptionMetric(net, ref, images, batch, steps, device, source)
+        from pdiff.fid import FIDEvaluator
+        from pdiff.vae import load_run_vae
+        vae = load_run_vae(cfg, None, device)              # a latent run's decoder (None for pixels)
+        evaluator = FIDEvaluator(ref, net, images, batch, options=sample_options(cfg, steps), device=device, vae=vae)
+        return InceptionMetric(evaluator, images, steps, source)
     if fid_ref:
         raise BenchError("--fid-ref without --inception: FID needs the Inception weights its statistics were made with")
     from .features import data_features
@@ -261,9 +259,7 @@ def quality_overrides(run_dir: Path) -> list[str]:
     """A chunked training run: its own folder, one log row per chunk (its end), the checkpoint and
     snapshot every chunk ends with and nothing else on the way; in-training sample grids at 2
     steps (the evaluation samples with its own settings)."""
-    return [f"train.run_dir={run_dir}", f"train.log_every_images={NEVER}", f"train.ckpt_every_images={NEVER}",
-            f"train.snapshot_every_images={NEVER}", f"train.sample_every_images={NEVER}", "train.keep_checkpoints=1",
-            "train.wall_budget_s=0", "eval.fid_every_images=0", "sample.steps=2"]
+    return [*base_overrides(run_dir), f"train.log_every_images={NEVER}", "train.wall_budget_s=0"]
 
 
 def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget, evals: int, metric,
@@ -287,7 +283,7 @@ def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget,
         elif budget.kind == "flops":
             target = flops.images_for(goal)
         elif rate is None:            # device-hours: a few steps first, to learn the rate
-            target = images + probe_steps * schedule.batch * max(schedule.multiplier(s) for s in schedule.sizes)
+            target = images + default_interval_images(arm_cfg, probe_steps)
         else:
             target = images + max(1, int(rate * (goal * 3600 - device_s)))
         rows = runner(variant(arm_cfg, [f"train.duration_images={target}"]), device)

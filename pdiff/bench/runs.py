@@ -228,15 +228,22 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
 # ------------------------------------------------------------------------------------------
 # bench train: the real training loop (pdiff.train.train) with the real pipeline
 
+def base_overrides(run_dir: str | Path) -> list[str]:
+    """What every benchmark training run shares: its own run folder, no checkpoints, snapshots,
+    sample grids or in-training FID on the way (the run's end still writes one checkpoint and
+    snapshot), and 2-step sample grids."""
+    return [f"train.run_dir={run_dir}", f"train.ckpt_every_images={NEVER}", f"train.snapshot_every_images={NEVER}",
+            f"train.sample_every_images={NEVER}", "train.keep_checkpoints=1", "sample.steps=2",
+            "eval.fid_every_images=0"]
+
+
 def measuring_overrides(run_dir: str | Path, interval_images: int, intervals: int, warmup_intervals: int = 1,
                         wall_budget_s: float = 0.0) -> list[str]:
     """Overrides that make a training run a measurement: a fresh run folder, a log row every
-    ``interval_images``, warm-up plus measured intervals, and no checkpoints, snapshots or sample
-    grids on the way (the run's end still writes one of each, after its last log row)."""
-    return [f"train.run_dir={run_dir}", f"train.duration_images={(intervals + warmup_intervals) * interval_images}",
-            f"train.log_every_images={interval_images}", f"train.ckpt_every_images={NEVER}",
-            f"train.snapshot_every_images={NEVER}", f"train.sample_every_images={NEVER}",
-            "train.keep_checkpoints=1", f"train.wall_budget_s={wall_budget_s}", "sample.steps=2"]
+    ``interval_images``, warm-up plus measured intervals, and no checkpoints, snapshots, sample
+    grids or FID on the way (the run's end still writes one of each, after its last log row)."""
+    return [*base_overrides(run_dir), f"train.duration_images={(intervals + warmup_intervals) * interval_images}",
+            f"train.log_every_images={interval_images}", f"train.wall_budget_s={wall_budget_s}"]
 
 
 def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:

@@ -117,13 +117,13 @@ def expected_mix(intervals: list[dict], schedule) -> dict | None:
             "ms_per_step_by_patch_size": {s: 1e3 * float(t) for s, t in zip(sizes, tau)}}
 
 
-def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int = 0) -> dict:
+def summarize_log(rows: list[dict], schedule, skip: int = 1) -> dict:
     """Figures of a training run from its log.jsonl rows (pdiff.train writes one per log interval).
 
     The first ``skip`` intervals (pipeline start, first steps) are left out. Each interval's length
     is its images over its images/s; its steps are recounted from the schedule (a pure function of
     images seen), so ms per step needs nothing the trainer does not log."""
-    intervals, prev = [], start_images
+    intervals, prev = [], 0
     for row in rows:
         if "images_per_s" not in row:
             continue
@@ -160,7 +160,7 @@ def summarize_log(rows: list[dict], schedule, skip: int = 1, start_images: int =
         "tflop_per_s": time_weighted("tflop_per_s"), "mfu": time_weighted("mfu"),
         "images_per_s_median": statistics.median(i["images_per_s"] for i in measured),
         "ms_per_step": 1e3 * seconds / max(steps, 1),
-        "data_wait_share": sum(i["data_wait_share"] * i["seconds"] for i in measured) / seconds,
+        "data_wait_share": time_weighted("data_wait_share"),
         "data_wait_share_median": statistics.median(i["data_wait_share"] for i in measured),
         "intervals": len(measured), "warmup_intervals": len(intervals) - len(measured),
         "warmup_seconds": sum(i["seconds"] for i in intervals[:skip]),
