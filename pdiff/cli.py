@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 COMMANDS = {
@@ -53,6 +55,30 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``pdiff ARGV``; a reader that stops early (``pdiff shard info DIR | head``) ends it quietly."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()      # what is still buffered goes out here, where a closed pipe is caught
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader has gone: point stdout (and stderr, if it went with it) at /dev/null, so that
+    nothing more fails at exit, and end with the status the shell gives a command SIGPIPE ended."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        sys.stderr.flush()
+    except BrokenPipeError:
+        os.dup2(devnull, sys.stderr.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(usage(), file=sys.stderr)

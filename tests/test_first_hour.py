@@ -415,6 +415,26 @@ def test_cli_conventions(capsys):
     assert "(default: auto)" in help_of("train")
 
 
+@pytest.mark.parametrize("argv", [["shard", "info", "{shards}"], ["shard", "verify", "{shards}", "--workers", "1"],
+                                  ["config"], ["shard", "{npz}", "{out}", "--workers", "1"]])
+def test_a_reader_that_closed_the_pipe_ends_the_command_quietly(tmp_path, shards, argv):
+    """`pdiff shard info DIR | head` (issue 23): a reader that has gone ends any subcommand without a
+    traceback, with the status a shell reports for SIGPIPE. The pipe's read end is closed before the
+    command starts, so its first write meets a closed pipe however fast it runs; the shard writer's
+    progress goes to stderr, so there both go to the pipe (as with 2>&1 | head)."""
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng().integers(0, 256, (4, 16, 16), dtype=np.uint8))
+    args = [a.format(shards=shards, npz=tmp_path / "d.npz", out=tmp_path / "out") for a in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    both = "{npz}" in argv          # the writer: its stdout and stderr both to the closed pipe
+    with open(tmp_path / "stderr", "w") as err:
+        p = subprocess.run([PY, "-m", "pdiff.cli", *args], stdout=write_end, stderr=write_end if both else err,
+                           env={**os.environ, "PDIFF_PROGRESS_SECONDS": "0"}, timeout=300)
+    os.close(write_end)
+    err = (tmp_path / "stderr").read_text()
+    assert p.returncode == 141 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 # 16. The Inception weights: fetched once into the cache, used from there; offline, what to fetch
 
