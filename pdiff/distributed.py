@@ -2,6 +2,7 @@
 helpers, the ranks' agreement on stopping, and leaving the group together."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .runlock import RunLock, RunLocked
 
 
 class DeviceError(UserError, RuntimeError):
@@ -187,3 +189,23 @@ def shutdown() -> None:
             dist.barrier()
         gc.collect()   # finished work objects still referenced by cycles go while the group lives
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: str | os.PathLike):
+    """The job's lock on ``run_dir`` for the block: rank 0 takes it and every rank learns the
+    outcome, so a refused torchrun job stops on every rank with the holder's name."""
+    lock, refusal = None, None
+    if rank() == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as e:
+            refusal = str(e)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise RunLocked(refusal)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

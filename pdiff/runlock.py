@@ -10,13 +10,14 @@ Two mechanisms, because shared filesystems differ in what they honour:
   only local to one host. A record is stale when its process is gone (same host: pid, boot and
   start tick are checked) or, from another host, when its heartbeat is older than STALE_AFTER_S.
 
-Under torchrun only rank 0 takes the lock (``distributed.py``'s ranks agree on the outcome); the
-job's other processes work under it. The file stays when the lock is released: its record then
-says so, and deleting a file another process may be about to lock would race.
+Under torchrun only rank 0 takes the lock (``distributed.hold_run``: the ranks agree on the
+outcome); the job's other processes work under it. `pdiff shard` holds the same lock on its output
+folder (``pipelines/shards/write.py``), so this module needs no torch. The file stays when the lock
+is released: its record then says so, and deleting a file another process may be about to lock
+would race.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -27,13 +28,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import distributed
 from .errors import UserError
 
 LOCK_FILE = "LOCK"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0    # ten missed heartbeats: clocks of the hosts may differ by less than this
 _RECORD_BYTES = 1024     # the record is rewritten in place, padded to this size, in one write
+HEARTBEAT_THREAD = "pdiff-run-lock"
 
 
 class RunLocked(UserError):
@@ -134,7 +135,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
             raise
-        self._thread = threading.Thread(target=self._beat, name="pdiff-run-lock", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=HEARTBEAT_THREAD, daemon=True)
         self._thread.start()
         return self
 
@@ -199,23 +200,3 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-@contextlib.contextmanager
-def hold_run(run_dir: str | os.PathLike):
-    """The job's lock on ``run_dir`` for the block: rank 0 takes it and every rank learns the
-    outcome, so a refused torchrun job stops on every rank with the holder's name."""
-    lock, refusal = None, None
-    if distributed.rank() == 0:
-        try:
-            lock = RunLock(run_dir).acquire()
-        except RunLocked as e:
-            refusal = str(e)
-    refusal = distributed.broadcast_object(refusal)
-    if refusal:
-        raise RunLocked(refusal)
-    try:
-        yield lock
-    finally:
-        if lock is not None:
-            lock.release()

@@ -21,13 +21,12 @@ from . import distributed
 from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState
 from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
-from .distributed import StopSignal
+from .distributed import StopSignal, hold_run
 from .ema import build_ema, save_snapshots
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, run_summary, save_png
-from .runlock import hold_run
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, micro_batches
 
