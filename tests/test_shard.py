@@ -153,17 +153,21 @@ def test_transforms(tmp_path, rng):
     wide[:, 4:-4] = rng.integers(0, 256, (16, 16, 3))
     (src / "a.png").write_bytes(png_bytes(wide))
     (src / "b.png").write_bytes(png_bytes(rand_images(rng, 1, size=40)[0]))
-    with pytest.raises(ShardInputError, match="a.png: wrong size: 24x16 is not square"):
+    with pytest.raises(ShardInputError, match=r"not all of one square size \(40x40: 1 \(e.g. .*b.png\); not square: "
+                                              r"1 \(e.g. .*a.png, 24x16\), of 2 looked at\): pass --resolution R "
+                                              r"--transform"):
         write_shards(src, tmp_path / "o0", workers=1)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.png").write_bytes(png_bytes(wide[:, 4:-4]))
     (mixed / "b.png").write_bytes(png_bytes(rand_images(rng, 1, size=40)[0]))
-    with pytest.raises(ShardInputError, match=r"different sizes and no clear majority \(16x16: 1 \(e.g. .*a.png\); "
-                                              r"40x40: 1 \(e.g. .*b.png\)\); pass --resolution"):
+    with pytest.raises(ShardInputError, match=r"not all of one square size \(16x16: 1 \(e.g. .*a.png\); "
+                                              r"40x40: 1 \(e.g. .*b.png\), of 2 looked at\): pass --resolution"):
         write_shards(mixed, tmp_path / "o00", workers=1)
     (mixed / "c.png").write_bytes(png_bytes(rand_images(rng, 1, size=16)[0]))
-    with pytest.raises(ShardInputError, match="b.png: wrong size: 40x40, expected 16x16"):
+    with pytest.raises(ShardInputError, match=r"40x40: 1 \(e.g. .*b.png\).*e.g. --resolution 16 --transform "
+                                              r"center-crop; or pass --on-error skip to leave out every image that "
+                                              r"is not 16x16"):
         write_shards(mixed, tmp_path / "o00", workers=1)
     write_shards(src, tmp_path / "o1", workers=1, resolution=16, transform="center-crop", shuffle_seed=None)
     got, _ = all_samples(tmp_path / "o1")
@@ -353,7 +357,7 @@ def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
     with interrupted_at_encode(monkeypatch, 7), pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == ["data-000000.idx", "data-000000.tar", "data.progress.json"]
+    assert names == [write.LOCK_FILE, "data-000000.idx", "data-000000.tar", "data.progress.json"]
     write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     got, _ = all_samples(tmp_path / "o")
     np.testing.assert_array_equal(got, imgs[written(12)])
@@ -685,9 +689,10 @@ def test_cli_odd_image_sorting_first_is_the_one_named(tmp_path, rng):
     (sizes / "0_small.png").write_bytes(png_bytes(rand_images(rng, 1, size=8)[0]))
     for i, a in enumerate(rand_images(rng, 4)):
         (sizes / f"{i + 1}.png").write_bytes(png_bytes(a))
-    r = run_cli("shard", sizes, tmp_path / "s", "--workers", "1")
-    assert r.returncode == 1 and "0_small.png: wrong size: 8x8, expected 16x16" in r.stderr
-    assert sum("wrong size" in x for x in r.stderr.splitlines()) == 1
+    r = run_cli("shard", sizes, tmp_path / "s", "--workers", "1")       # named before any is written
+    assert r.returncode == 1 and "16x16: 4 (e.g. " in r.stderr and "8x8: 1 (e.g. " in r.stderr
+    assert "0_small.png), of 5 looked at" in r.stderr and "every image that is not 16x16" in r.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_resume_deletes_only_what_its_journal_names(tmp_path, rng, monkeypatch):
@@ -786,3 +791,151 @@ def test_cli_disk_full_names_the_file(tmp_path, rng, monkeypatch, capsys, where)
     monkeypatch.undo()
     assert shard_main([str(tmp_path / "d.npz"), str(out), "--max-count", "4", "--workers", "1", "--quiet"]) == 0
     assert verify(out)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The first hour with `pdiff shard` (issue 23): where OUT may be, usage errors, the resolution a
+# default run trains on, what the summary says, one writer per OUT
+
+def pdiff_cli(capsys, *argv) -> tuple[int, str]:
+    """`pdiff ARGV` in this process, as the console script runs it: (exit status, stderr)."""
+    from pdiff.cli import main as pdiff_main
+    capsys.readouterr()
+    rc = pdiff_main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_out_is_never_the_source_and_a_missing_source_leaves_no_out(tmp_path, rng, capsys):
+    src = tmp_path / "photos"
+    (src / "cats").mkdir(parents=True)
+    for i, a in enumerate(rand_images(rng, 2)):
+        (src / "cats" / f"{i}.png").write_bytes(png_bytes(a))
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for given, out, words in ((src, src, "is the source folder"),
+                              (src / "cats" / "..", src / "shards", "lies inside the source folder"),
+                              (src, src / "cats" / "x", "lies inside the source folder")):
+        rc, err = pdiff_cli(capsys, "shard", given, out, "--workers", "1")
+        assert rc == 2 and words in err and f"e.g. {tmp_path / 'photos-shards'}" in err, err
+        assert sorted(p.relative_to(src) for p in src.rglob("*")) == before      # nothing written into SRC
+    rc, err = pdiff_cli(capsys, "shard", tmp_path / "fotos", tmp_path / "out", "--workers", "1")
+    assert rc == 1 and f"{tmp_path / 'fotos'}: no such file or folder" in err
+    assert not (tmp_path / "out").exists()
+    rc, err = pdiff_cli(capsys, "shard", src, tmp_path / "out", "--workers", "1", "--quiet")
+    assert rc == 0 and ShardSet(tmp_path / "out").count == 2
+
+
+@pytest.mark.parametrize("args,exit_code,words", [
+    (["--resolution", "0"], 2, "--resolution 0: must be positive; the smallest that trains with the defaults is 16"),
+    (["--resolution", "33", "--transform", "resize"], 2, "R/2 = 16.5 is not a whole number"),
+    (["--resolution", "24", "--transform", "center-crop"], 2, "R/2 = 12 is not a multiple of 8"),
+    (["--resolution", "80", "--transform", "center-crop"], 2, "that train with the defaults: 64 or 96"),
+    (["--transform", "resize"], 2, "--transform resize needs --resolution"),
+    (["--quality", "0"], 2, "quality must lie in 1..100"),
+    (["--max-bytes", "10Q"], 2, "argument --max-bytes: '10Q' is not a size: give bytes, or a number with a unit"),
+    (["--max-count", "0"], 2, "must be positive"),
+])
+def test_cli_usage_errors_exit_2_before_out_is_made(tmp_path, rng, args, exit_code, words):
+    """A usage mistake is exit status 2 (as the README says and argparse does) with a message that
+    names the option; a resolution the default patch sizes and network cannot train is refused at
+    shard time with the nearest that can."""
+    np.savez(tmp_path / "d.npz", images=rand_images(rng, 2))
+    r = run_cli("shard", tmp_path / "d.npz", tmp_path / "out", "--workers", "1", *args)
+    assert r.returncode == exit_code and words in r.stderr, r.stderr
+    assert "_size" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_resolutions_shard_accepts_are_those_the_default_schedule_and_network_train():
+    """The rule `pdiff shard --resolution` applies, held against the real components: the default
+    schedule's patch sizes (PatchSchedule) and the default network's own input check, for R = 1..130."""
+    import torch
+    from pdiff.config import NetworkConfig
+    from pdiff.networks import build_network
+    from pdiff.schedule import PatchSchedule
+    net = build_network(NetworkConfig(model_channels=8, num_blocks=1, attn_resolutions=[]), 64, 1)
+    for r in range(1, 131):
+        try:
+            sizes = PatchSchedule(r, batch=4).sizes
+            for s in sizes:
+                net.check_input(torch.zeros(1, 3, s, s), torch.zeros(1), None)
+            trains = True
+        except ValueError:
+            trains = False
+        assert preprocess.trains_with_defaults(r) == trains, r
+        assert (preprocess.resolution_refusal(r) == "") == trains, r
+        for near in preprocess.nearest_default_resolutions(r):
+            assert preprocess.trains_with_defaults(near)
+    assert preprocess.nearest_default_resolutions(33) == [32, 48]
+
+
+def test_cli_summary_counts_nested_class_folders_and_upscaled_images(tmp_path, rng, capsys):
+    """Images in sub-folders of a class folder are labelled by the class folder, and images smaller
+    than R are enlarged by the transform: the summary counts both and names an example."""
+    src = tmp_path / "src"
+    files = {"cats/0.png": 16, "cats/kittens/1.png": 16, "cats/kittens/2.png": 8, "dogs/3.png": 12,
+             "dogs/old/4.png": 16}
+    for name, size in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(png_bytes(rand_images(rng, 1, size=size)[0]))
+    rc, err = pdiff_cli(capsys, "shard", src, tmp_path / "out", "--resolution", "16", "--transform", "center-crop",
+                        "--workers", "1", "--source-order")
+    assert rc == 0, err
+    assert ("3 image(s) in 2 sub-folder(s) of class folders (cats/kittens, dogs/old) are labelled by their top "
+            "folder") in err
+    assert f"upscaled 2 image(s) smaller than 16x16 (the smallest: {src / 'cats/kittens/2.png'}, 8x8)" in err
+    assert list(ShardSet(tmp_path / "out").labels) == [0, 0, 0, 1, 1]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name, size in (("a.png", 16), ("b.png", 10)):
+        (flat / name).write_bytes(png_bytes(rand_images(rng, 1, size=size)[0]))
+    rc, err = pdiff_cli(capsys, "shard", flat, tmp_path / "out2", "--resolution", "16", "--transform", "resize",
+                        "--workers", "1")
+    assert rc == 0 and "sub-folder" not in err and "upscaled 1 image(s) smaller than 16x16" in err, err
+
+
+def test_cli_a_second_writer_on_the_same_out_is_refused(tmp_path, rng):
+    """Two `pdiff shard` runs into one OUT: the second, started while the first is writing, is
+    refused by name (host, pid, since) with what to do, and touches nothing; the first's shards
+    verify. The first is held inside its writing loop until the second has been refused."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    imgs = rand_images(rng, 12)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    out, inside, go = tmp_path / "out", tmp_path / "inside", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pathlib import Path
+from pdiff.pipelines.shards import write
+from pdiff.cli import main
+real = write.process_chunk
+def held(chunk):
+    Path({str(inside)!r}).touch()
+    while not Path({str(go)!r}).exists():
+        time.sleep(0.05)
+    return real(chunk)
+write.process_chunk = held
+sys.exit(main(["shard", {str(tmp_path / 'd.npz')!r}, {str(out)!r}, "--workers", "1", "--max-count", "4"]))
+"""], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not inside.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert inside.exists(), first.stderr.read() if first.poll() is not None else "the first writer never began"
+        files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        second = run_cli("shard", tmp_path / "d.npz", out, "--workers", "1", "--max-count", "4")
+        assert second.returncode == 1, second.stderr
+        assert (f"{out} is being written by another `pdiff shard`: host {socket.gethostname()}, pid {first.pid}, "
+                f"since ") in second.stderr
+        assert "Let it finish, or stop it first" in second.stderr and "choose another OUT" in second.stderr
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files      # the second touched nothing
+    finally:
+        go.touch()
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    ok, msg = verify(out)
+    assert ok, msg
+    got, _ = all_samples(out)
+    np.testing.assert_array_equal(got, as_hwc(imgs)[written(12)])
+    again = run_cli("shard", tmp_path / "d.npz", out, "--workers", "1", "--max-count", "4")   # free again
+    assert again.returncode == 0 and "already complete" in again.stderr

@@ -7,10 +7,18 @@
     pdiff shard verify DIR [--workers N]   sizes, checksums, a decode of every sample; lists the damaged ones
     pdiff shard info DIR                   what the manifest holds
 
-SRC: a folder of images (class sub-folders become labels), a .zip of images (EDM dataset.json
-labels honoured), or a .npz/.npy uint8 array (N, H, W[, C]) with optional labels. In a folder or a
-zip, files that are not images (.DS_Store, Thumbs.db, LICENSE.txt, ...) and hidden files are
-ignored and named in the summary; images that fail to decode follow --on-error.
+SRC: a folder of images (class sub-folders become labels; an image deeper down is labelled by its
+top folder, and the summary counts those), a .zip of images (EDM dataset.json labels honoured), or a
+.npz/.npy uint8 array (N, H, W[, C]) with optional labels. In a folder or a zip, files that are not
+images (.DS_Store, Thumbs.db, LICENSE.txt, ...) and hidden files are ignored and named in the
+summary; images that fail to decode follow --on-error. OUT lies outside SRC, and one `pdiff shard`
+writes into an OUT at a time (OUT/.pdiff-shard.lock names it; a second is refused).
+
+Sizes: without --resolution every image must be of one square size (images of several sizes are
+named before anything is written: give --resolution R --transform center-crop). R must be one the
+default patch sizes and network train: a multiple of 16 below 64 px and of 32 from 64 (16, 32, 48,
+64, 96, 128, ...; docs/patch_defaults.md); images smaller than R are enlarged, and counted in the
+summary. Exit status: 0 done, 1 a problem with the data or files, 2 a usage error.
 
 Samples are written in a random order drawn from --seed (so that a reader streaming the shards sees
 mixed classes), each with a CRC-32 in the manifest that training checks before decoding it. Labels
@@ -39,6 +47,8 @@ import sys
 from pdiff.cli import HelpFormatter
 from pdiff.pipelines.sample_source import ENCODINGS
 from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, info, verify, write_shards
+from pdiff.pipelines.shards.inputs import ShardUsageError
+from pdiff.pipelines.shards.preprocess import resolution_refusal
 
 __all__ = ["main", "write_shards", "verify", "info"]
 
@@ -46,10 +56,14 @@ __all__ = ["main", "write_shards", "verify", "info"]
 def _size(text: str) -> int:
     units = {"k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
     t = text.strip().lower().rstrip("b")
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[:-len(u)]) * units[u])
-    return int(t)
+    try:
+        for u in sorted(units, key=len, reverse=True):
+            if t.endswith(u):
+                return int(float(t[:-len(u)]) * units[u])
+        return int(t)
+    except ValueError:      # argparse names the option before this message
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with a unit k, M, G "
+                                         f"(powers of 1000) or Ki, Mi, Gi (of 1024), e.g. 500M or 1Gi") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("source", help="folder, .zip, .npz or .npy")
     p.add_argument("out", help="output folder (created)")
-    p.add_argument("--resolution", type=int, help="R; default: the size of the images (they must all match)")
+    p.add_argument("--resolution", type=int, help="R (a multiple of 16 below 64, of 32 from 64); default: the size "
+                                                  "of the images (they must all match)")
     p.add_argument("--transform", choices=TRANSFORMS, default="none",
                    help="to R x R: none (sizes must match), center-crop (crop the centre square, Lanczos), "
                         "center-crop-dhariwal (ADM's: halve, bicubic, crop), or resize (stretch)")
@@ -128,6 +143,10 @@ def main(argv: list[str]) -> int:
     if opts.pop("source_order"):
         opts["shuffle_seed"] = None
     opts["channels"] = "auto" if opts["channels"] == "auto" else int(opts["channels"])
+    if opts["resolution"] is not None and not opts["encode_vae"] and opts["encoding"] != "latent":
+        refusal = resolution_refusal(opts["resolution"])     # pixel shards: what a default run trains on
+        if refusal:
+            raise ShardUsageError(refusal)
     write_shards(src, out, progress=False if quiet else None,
                  command=["pdiff", "shard"] + argv, **opts)
     return 0

@@ -32,6 +32,12 @@ class ShardInputError(UserError, ValueError):
     """A bad input under the 'stop' policy, or a source that cannot be sharded at all."""
 
 
+class ShardUsageError(ShardInputError):
+    """Options that cannot work together, or SRC and OUT that must not be where they are: a usage
+    error, exit status 2 as for argparse's own."""
+    exit_code = 2
+
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                             ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
 
@@ -68,6 +74,9 @@ class Inputs:
     labeled: bool = False
     bad: list[tuple[int, str, str]] = field(default_factory=list)   # (position, path, reason) found while listing
     ignored: list[str] = field(default_factory=list)                # files that are not images (shown names)
+    nested: list[str] = field(default_factory=list)     # images below a sub-folder of their class folder
+    upscaled: list[tuple[int, str]] = field(default_factory=list)   # (position, 'WxH') of images smaller than
+                                                                    # R x R, noted while they are written
     array: np.ndarray | None = None
     _zip: zipfile.ZipFile | None = None
 
@@ -140,7 +149,8 @@ def _items_from_names(kind, root, names, refs, meta_text, ignored) -> Inputs:
         labeled = bool(classes)
     items = [Item(n.rsplit(".", 1)[0] if "." in n.rsplit("/", 1)[-1] else n, shown(f"{root}/{n}" if kind == "zip" else r),
                   r, lab) for n, r, lab in zip(names, refs, labels)]
-    src = Inputs(kind, root, items, classes, labeled, ignored=[shown(n) for n in ignored])
+    nested = [shown(n) for n in names if n.count("/") > 1] if meta_text is None else []
+    src = Inputs(kind, root, items, classes, labeled, ignored=[shown(n) for n in ignored], nested=nested)
     src.bad = [(pos, items[pos].path, reason) for pos, reason in bad]
     return src
 

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pdiff.config import NetworkConfig
 from pdiff.pipelines.sample_source import LATENT_DTYPES
 from pdiff.pipelines.shards.inputs import IMAGE_SUFFIXES, Inputs, ShardInputError, latent_shape
+from pdiff.schedule import default_patch_sizes
 
 if TYPE_CHECKING:
     from pdiff.pipelines.shards.write import Options
@@ -58,10 +60,12 @@ def native_channels(im) -> int:
     return 1 if im.mode in GRAY_MODES else 3
 
 
-def _prepare(data, path: str, resolution: int | None, channels: int, transform: str, auto_channels: bool = False):
+def _prepare(data, path: str, resolution: int | None, channels: int, transform: str, auto_channels: bool = False,
+             upscaled: list[str] | None = None):
     """-> (R, R, C) uint8 array; raises BadInput. With ``auto_channels`` (the count was taken from most
     images) a grayscale image joins a color set as RGB (nothing is lost), but a color image in a
-    grayscale set is a bad input: turning it gray would lose its color without a word."""
+    grayscale set is a bad input: turning it gray would lose its color without a word. An image whose
+    shorter side is under R is enlarged by the transform: its size 'WxH' is appended to ``upscaled``."""
     from PIL import Image
     im = _to_pil(data, Path(path.split("[")[0]).suffix.lower())
     if im.mode not in GRAY_MODES | COLOR_MODES:
@@ -71,6 +75,8 @@ def _prepare(data, path: str, resolution: int | None, channels: int, transform: 
                                       "convert it to gray, or --channels 3 to keep the colors of all")
     im = im.convert("L" if channels == 1 else "RGB")
     w, h = im.size
+    if transform != "none" and min(w, h) < resolution and upscaled is not None:
+        upscaled.append(f"{w}x{h}")
     if transform == "none":
         if w != h:
             raise BadInput("wrong size", f"{w}x{h} is not square (give --transform center-crop)")
@@ -134,6 +140,15 @@ def _prepare_latent(arr: np.ndarray, st: dict) -> bytes:
 _WORKER: dict = {}
 
 
+class Chunk(list):
+    """`process_chunk`'s results, a list as before, with the images among them that the transform
+    enlarged: ``upscaled``, (position, 'WxH') each (it travels from the worker processes with the list)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.upscaled: list[tuple[int, str]] = []
+
+
 def init_worker(source: Inputs, settings: dict) -> None:
     source._zip = None        # a forked worker must not share the parent's zip file position
     # A worker forked from a process with its own SIGTERM handler (a trainer, a test runner) must
@@ -145,7 +160,7 @@ def init_worker(source: Inputs, settings: dict) -> None:
 def process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]]:
     """-> per item (position, encoded bytes or None, 'reason: detail' or None)."""
     src, st = _WORKER["source"], _WORKER["settings"]
-    out = []
+    out = Chunk()
     for pos in chunk:
         item = src.items[pos]
         try:
@@ -156,7 +171,10 @@ def process_chunk(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]
             if st["encoding"] == "latent" and not st.get("vae"):
                 out.append((pos, _prepare_latent(data, st), None))
             else:       # images; those for a VAE go to its encoder (encode_vae.py) as raw pixels
-                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"], st["auto_channels"])
+                size: list[str] = []
+                arr = _prepare(data, item.path, st["resolution"], st["channels"], st["transform"], st["auto_channels"],
+                               size)
+                out.upscaled += [(pos, s) for s in size]
                 out.append((pos, _encode(arr, "raw" if st.get("vae") else st["encoding"], st["quality"]), None))
         except BadInput as e:
             out.append((pos, None, f"{e.reason}: {e.detail}" if e.detail else e.reason))
@@ -185,6 +203,7 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
     need_size = opts.resolution is None
     sizes: dict[int, list[str]] = {}
     channels: dict[int, list[str]] = {}
+    not_square: list[str] = []
     bad_pos = {b[0] for b in src.bad}
     candidates = [pos for pos in range(len(src.items)) if pos not in bad_pos]
     picks = [candidates[int(k)] for k in np.unique(np.linspace(0, len(candidates) - 1, PROBE_IMAGES).round())] \
@@ -200,6 +219,10 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
         channels.setdefault(1 if mode in GRAY_MODES else 3, []).append(item.path)
         if need_size and size[0] == size[1]:
             sizes.setdefault(size[0], []).append(item.path)
+        elif need_size:
+            not_square.append(f"{item.path}, {size[0]}x{size[1]}")
+    if need_size and opts.on_error == "stop" and (len(sizes) > 1 or not_square):
+        raise ShardInputError(_several_sizes(src.root, sizes, not_square))
     if not channels or (need_size and not sizes):
         raise ShardInputError(f"{src.root}: none of the {len(picks)} images looked at could be read as a square "
                               f"8-bit image ({len(src.items)} files; pass --resolution and --channels, or check "
@@ -209,6 +232,62 @@ def probe(src: Inputs, opts: Options) -> tuple[int, int]:
     ch = (_majority(channels, src.root, "channel counts", str, "--channels", tie=3) if opts.channels == "auto"
           else int(opts.channels))
     return res, ch
+
+
+def _several_sizes(root: str, sizes: dict[int, list[str]], not_square: list[str]) -> str:
+    """Why images of several sizes cannot be sharded without --resolution, and the options that will."""
+    ranked = sorted(sizes, key=lambda r: -len(sizes[r]))
+    seen = [f"{r}x{r}: {len(sizes[r])} (e.g. {sizes[r][0]})" for r in ranked]
+    seen += [f"not square: {len(not_square)} (e.g. {not_square[0]})"] if not_square else []
+    looked_at = sum(map(len, sizes.values())) + len(not_square)
+    common = ranked[0] if ranked else None
+    r = common if common and trains_with_defaults(common) else (nearest_default_resolutions(common or 0)[0])
+    tie = len(ranked) > 1 and len(sizes[ranked[0]]) == len(sizes[ranked[1]])
+    skip = (f"; or pass --on-error skip to leave out every image that is not {common}x{common}"
+            if common and not tie else "")
+    return (f"{root}: the images are not all of one square size ({'; '.join(seen)}, of {looked_at} looked at): "
+            f"pass --resolution R --transform center-crop to bring each to R x R (the centre square; --transform "
+            f"resize stretches instead), e.g. --resolution {r} --transform center-crop{skip}")
+
+
+# Which resolutions train with the defaults: the default patch sizes (`default_patch_sizes`: {R/2, R}
+# below 64 px, {R/4, R/2, R} from 64; docs/patch_defaults.md) must each divide R, and the default
+# network downsamples by 2 ** (len(network.channel_mult) - 1), which must divide every patch size.
+DEFAULT_DOWNSAMPLE = 2 ** (len(NetworkConfig().channel_mult) - 1)
+
+
+def trains_with_defaults(resolution: int) -> bool:
+    """Whether R x R images train with the default patch sizes on the default network."""
+    if resolution < 1:
+        return False
+    sizes, _ = default_patch_sizes(resolution, 0.5)
+    return all(s >= 1 and resolution % s == 0 and s % DEFAULT_DOWNSAMPLE == 0 for s in sizes)
+
+
+def nearest_default_resolutions(resolution: int) -> list[int]:
+    """The resolutions nearest ``resolution`` that train with the defaults: the nearest below, where
+    there is one, and the nearest above."""
+    below = next((r for r in range(resolution - 1, 0, -1) if trains_with_defaults(r)), None)
+    above = next(r for r in range(max(resolution + 1, 1), 2 ** 31) if trains_with_defaults(r))
+    return [r for r in (below, above) if r is not None]
+
+
+def resolution_refusal(resolution: int) -> str:
+    """'' when ``resolution`` trains with the defaults, else why not and the nearest sizes that do."""
+    if trains_with_defaults(resolution):
+        return ""
+    near = " or ".join(map(str, nearest_default_resolutions(resolution)))
+    if resolution < 1:
+        return f"--resolution {resolution}: must be positive; the smallest that trains with the defaults is {near}"
+    d = DEFAULT_DOWNSAMPLE
+    sizes, _ = default_patch_sizes(resolution, 0.5)
+    parts = [(f"R/{k}", resolution / k) for k in ((4, 2) if len(sizes) == 3 else (2,))]
+    wrong = [f"{name} = {v:g} is not a whole number" if v != int(v) else f"{name} = {v:g} is not a multiple of {d}"
+             for name, v in parts if v != int(v) or int(v) % d]
+    return (f"--resolution {resolution}: {'; '.join(wrong)}, and the default patch sizes (R/2 and R below 64 px, "
+            f"R/4, R/2 and R from 64; docs/patch_defaults.md) must be whole multiples of {d}, the default "
+            f"network's downsampling factor (2 ** (len(network.channel_mult) - 1)): so R must be a multiple of "
+            f"{2 * d} below 64 px and of {4 * d} from 64. The nearest that train with the defaults: {near}")
 
 
 def _header(data) -> tuple[tuple[int, int], str]:

@@ -53,14 +53,16 @@ from pdiff.pipelines.sample_source import ENCODINGS, LATENT_DTYPES
 from pdiff.pipelines.shards.format import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, KEY_DIGITS, LABEL_EXT, MANIFEST, SHARD_FIELDS,
                                            ShardError, check_files, check_shard, read_json, sample_crc, sample_key,
                                            sample_members, shard_record, write_index)
-from pdiff.pipelines.shards.inputs import Inputs, Item, ShardInputError, duplicate_keys, open_inputs
+from pdiff.pipelines.shards.inputs import Inputs, Item, ShardInputError, ShardUsageError, duplicate_keys, open_inputs
 from pdiff.pipelines.shards.preprocess import TRANSFORMS, init_worker, probe, process_chunk
 from pdiff.progress import Progress
+from pdiff.runlock import HEARTBEAT_THREAD, STALE_AFTER_S, RunLock, RunLocked, describe
 
 TOOL_VERSION = "2"        # 2: format version 3 (.cls labels, per-sample CRC-32s, seeded order)
 LAYOUTS = ("nhwc", "nchw")
 _ORDER_TAG = 0x0D3E
 _SHARD_FILE = re.compile(r"[^/\\]+-[0-9]{6}\.(tar|idx)")       # NAME-000123.tar / .idx, no folder
+LOCK_FILE = ".pdiff-shard.lock"   # one writer per OUT (hidden: the folder is a dataset that gets copied)
 SHOW_IGNORED = 10         # ignored files named in the summary (the manifest keeps up to MAX_IGNORED)
 MAX_IGNORED = 1000
 
@@ -154,13 +156,31 @@ class Options:
 
 
 def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
-    """Shard ``source`` into ``out_dir``; returns the manifest. See `Options` for the options."""
+    """Shard ``source`` into ``out_dir``; returns the manifest. See `Options` for the options. One
+    writer at a time per ``out_dir``: a second is refused (`OutputLocked`) naming the first."""
     opts = Options(**options)
-    opts.check()
-    log = _Log(opts)
+    try:
+        opts.check()
+    except ShardInputError as e:        # options that cannot work: a usage error
+        raise ShardUsageError(str(e)) from None
     out = Path(out_dir)
+    _check_source_and_out(source, out)
+    created = not out.exists()
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
+    with _writing(out / LOCK_FILE):
+        lock = _OutLock(out).acquire()
+    try:
+        return _write_locked(source, out_dir, opts)
+    finally:
+        if created:
+            _remove_if_only_lock(out)
+        lock.release()
+
+
+def _write_locked(source: str | Path, out_dir: str | Path, opts: Options) -> dict:
+    log = _Log(opts)
+    out = Path(out_dir)
     vae = encoder = None
     if opts.encode_vae:        # images in, as for pixel shards: RGB, through the transform
         opts.channels = 3
@@ -204,6 +224,7 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
 
     t0 = time.time()
     done = journal.resume(out, items, log)
+    resumed_at = done[-1]["input_end"] if done else 0
     _write_samples(src, settings, opts, out, per_shard, journal, done, log, encoder)
     skipped = [s for rec in done for s in rec["skipped"]]
     manifest = _manifest(source, out_dir, opts, src, settings, done, skipped, fingerprint)
@@ -211,8 +232,80 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
         log.warn(f"only {len(done)} shards for --min-shards {opts.min_shards} (bad inputs were skipped)")
     _atomic_json(manifest_path, manifest)
     journal.path.unlink(missing_ok=True)
-    log.info(summary(manifest, time.time() - t0))
+    log.info(summary(manifest, time.time() - t0) + _source_notes(src, resolution, resumed_at))
     return manifest
+
+
+class OutputLocked(RunLocked):
+    """Another `pdiff shard` is writing into the same output folder."""
+
+
+class _OutLock(RunLock):
+    """The run folder's lock (runlock.py: a kernel lock and a record naming the holder, with its
+    heartbeat) held on OUT/LOCK_FILE by its writer, with a refusal worded for `pdiff shard`."""
+
+    def __init__(self, out: Path):
+        super().__init__(out)
+        self.path = out / LOCK_FILE
+
+    def _refuse(self, holder: dict) -> OutputLocked:
+        return OutputLocked(
+            f"{self.path.parent} is being written by another `pdiff shard`: {describe(holder)}. Let it finish, "
+            f"or stop it first (the shards it completed are kept, and its command resumes after them), or choose "
+            f"another OUT. (The lock in {self.path} lapses by itself when its holder dies: at once on the same "
+            f"host, after {STALE_AFTER_S:.0f} s without a heartbeat from another.)")
+
+
+def _check_source_and_out(source: str | Path, out: Path) -> None:
+    """Before OUT is created: SRC exists, and OUT is not SRC or a folder inside it (its shards would be
+    mixed with the images, and the next run over SRC would list them as its own inputs)."""
+    src = Path(source)
+    if not src.exists():
+        raise ShardInputError(f"{src}: no such file or folder")
+    if src.is_dir():
+        s, o = src.resolve(), out.resolve()
+        if o == s or s in o.parents:
+            where = "is the source folder" if o == s else f"lies inside the source folder {src}"
+            raise ShardUsageError(f"{out}: the output folder {where}; choose an OUT outside it, e.g. "
+                                  f"{s.parent / (s.name + '-shards')}")
+
+
+def _remove_if_only_lock(out: Path) -> None:
+    """Remove OUT, created by this run, when it holds nothing but its lock (the run stopped before it
+    wrote anything), so that a mistake leaves no empty folder behind. Done while the lock is held: a
+    writer that comes now makes a new LOCK, and the folder stays."""
+    try:
+        if os.listdir(out) == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _noting_upscaled(results, src: Inputs):
+    """The workers' results, passed on as they come, with the images the transform enlarged (each chunk's
+    ``upscaled``) noted in ``src.upscaled`` for the summary."""
+    for chunk in results:
+        src.upscaled += getattr(chunk, "upscaled", [])
+        yield chunk
+
+
+def _source_notes(src: Inputs, resolution: int, resumed_at: int) -> str:
+    """Summary lines about the inputs: images in nested class folders, and images the transform enlarged."""
+    lines = []
+    if src.nested:
+        folders = sorted({n.rsplit("/", 1)[0] for n in src.nested})
+        lines.append(f"{len(src.nested)} image(s) in {len(folders)} sub-folder(s) of class folders ("
+                     f"{', '.join(folders[:SHOW_IGNORED])}{' ...' if len(folders) > SHOW_IGNORED else ''}) are "
+                     f"labelled by their top folder; move a sub-folder to the top to make it a class of its own")
+    bad = {pos for pos, _, _ in src.bad}
+    upscaled = [(pos, size) for pos, size in src.upscaled if pos not in bad]
+    if upscaled:
+        pos, size = min(upscaled, key=lambda u: min(map(int, u[1].split("x"))))
+        part = f" of the {len(src.items) - resumed_at} written by this run" if resumed_at else ""
+        lines.append(f"upscaled {len(upscaled)} image(s){part} smaller than {resolution}x{resolution} "
+                     f"(the smallest: {src.items[pos].path}, {size})")
+    return "".join("\n" + line for line in lines)
 
 
 def _inputs_in_write_order(source: str | Path, opts: Options) -> tuple[Inputs, int, int]:
@@ -264,6 +357,7 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
         else:
             init_worker(src, settings)
             results = map(process_chunk, chunks)
+        results = _noting_upscaled(results, src)
         if encoder is not None:
             results = encoder.stream(results)
         for chunk_result in results:
@@ -544,6 +638,9 @@ def pool_context():
         threads = len(os.listdir("/proc/self/task"))      # native threads too, on Linux
     except OSError:
         threads = threading.active_count()
+    # The output lock's heartbeat (runlock.py) is safe to fork beside: it holds no lock a child could
+    # need (it waits on its own Event or rewrites its record), and the child never touches it.
+    threads -= sum(t.name == HEARTBEAT_THREAD for t in threading.enumerate())
     if "fork" in methods and threads == 1:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
