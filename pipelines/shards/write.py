@@ -273,7 +273,7 @@ def _check_source_and_out(source: str | Path, out: Path) -> None:
 def _remove_if_only_lock(out: Path) -> None:
     """Remove OUT, created by this run, when it holds nothing but its lock (the run stopped before it
     wrote anything), so that a mistake leaves no empty folder behind. Done while the lock is held: a
-    writer that comes now makes a new LOCK, and the folder stays."""
+    writer that comes now makes a new lock file, and the folder stays."""
     try:
         if os.listdir(out) == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
