@@ -55,7 +55,8 @@ class NetworkConfig:
 
 @dataclass
 class DataConfig:
-    path: str = knob("", "folder of shards written by `pdiff shard` (with manifest.json)")
+    path: str = knob("", "folder of shards written by `pdiff shard` (with manifest.json), or its URL: s3://, gs://, "
+                         "http(s):// (docs/object_storage.md)")
     resolution: int = knob(64, "R, the side of the full image (or latent); default: the shards'")
     channels: int = knob(3, "channels of an image (or latent); default: the shards'")
     backend: Literal["auto", "dali", "torch"] = knob("auto", "data loader: auto is DALI where it is installed")
@@ -69,6 +70,9 @@ class DataConfig:
     cache: Literal["none", "host", "device"] = knob(
         "none", "in-memory mode: decode the whole dataset once into host memory or onto the device, crop "
                 "each step with one gather (refused, with the sizes, where it does not fit)")
+    cache_dir: str = knob("", "data.path a URL: the local folder its shards are fetched into "
+                              "(empty: ~/.cache/pdiff/shards)")
+    cache_limit_gb: float = knob(0.0, "data.path a URL: the most GB of shards kept in data.cache_dir (0 = no limit)")
 
 
 @dataclass
@@ -401,6 +405,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.channels", lambda v: v >= 1, "must be at least 1"),
     ("data.workers", lambda v: v >= 0, "must be >= 0"),
     ("data.prefetch", lambda v: v >= 1, "must be at least 1"),
+    ("data.cache_limit_gb", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = no limit)"),
     ("data.max_corrupt", lambda v: v >= 0, "must be >= 0 (damaged samples tolerated with data.on_corrupt=skip)"),
     ("patch.real_p", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
     ("loss.p_mean", _finite, "must be a finite number"),

@@ -100,7 +100,8 @@ def _open(data) -> SampleSource:
     if not data.path:
         raise SourceError("data.path is empty: set it to a folder written by `pdiff shard` (in the config "
                           "file, or data.path=FOLDER on the command line)")
-    return open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)))
+    return open_source(data.path, verify_checksums=bool(getattr(data, "verify_checksums", False)),
+                       cache_dir=getattr(data, "cache_dir", ""), cache_limit_gb=getattr(data, "cache_limit_gb", 0.0))
 
 
 def open_dataset(cfg):

@@ -49,6 +49,7 @@ class PatchPipeline:
         return self
 
     def __next__(self) -> Batch:
+        self.source.follow(self.plan, self.images_seen)
         if not self._running:
             self._start(self.images_seen)
             self._running = True

@@ -169,5 +169,9 @@ class SampleSource:
         rows = self._decode(i, top_rows(self.read(i), self.encoding, y0 + size), rows=y0 + size)
         return rows[y0:y0 + size, x0:x0 + size]
 
+    def follow(self, plan, images_seen: int) -> None:
+        """The pipeline delivers the step at ``images_seen`` of ``plan`` (pipelines/order.py) next: a
+        source that fetches its data ahead of use (pipelines/remote.py) reads what comes from here."""
+
     def close(self) -> None:
         """Release open files (the source may be read again afterwards)."""

@@ -15,6 +15,7 @@ from typing import Callable
 from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import FORMAT, MANIFEST, read_manifest
 from pdiff.pipelines.shards.inputs import IMAGE_SUFFIXES
+from pdiff.pipelines.remote import RemoteShardSet, is_url
 from pdiff.pipelines.shards.reader import ShardSet
 
 SOURCES: dict[str, Callable[[Path, bool], SampleSource]] = {
@@ -67,9 +68,13 @@ def not_shards_message(path: Path) -> str | None:
     return None
 
 
-def open_source(path: str | Path, verify_checksums: bool = False) -> SampleSource:
+def open_source(path: str | Path, verify_checksums: bool = False, cache_dir: str = "",
+                cache_limit_gb: float = 0.0) -> SampleSource:
     """The registered source for ``path``, opened (``verify_checksums``: check the stored data
-    against its checksums first, where the source keeps any)."""
+    against its checksums first, where the source keeps any). A URL (s3://, gs://, http(s)://) names
+    shards in object storage: they are fetched into ``cache_dir`` as they are needed (pipelines/remote.py)."""
+    if is_url(path):
+        return RemoteShardSet(str(path), cache_dir=cache_dir, cache_limit_gb=cache_limit_gb)
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder (data.path should name a folder written by "

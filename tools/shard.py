@@ -46,6 +46,7 @@ import sys
 
 from pdiff.cli import HelpFormatter
 from pdiff.pipelines.sample_source import ENCODINGS
+from pdiff.pipelines.remote import is_url, upload_shards
 from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, info, verify, write_shards
 from pdiff.pipelines.shards.inputs import ShardUsageError
 from pdiff.pipelines.shards.preprocess import resolution_refusal
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdiff shard", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("source", help="folder, .zip, .npz or .npy")
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", help="output folder (created), or an s3:// or gs:// URL (written locally, then uploaded "
+                               "shard by shard, the manifest last)")
     p.add_argument("--resolution", type=int, help="R (a multiple of 16 below 64, of 32 from 64); default: the size "
                                                   "of the images (they must all match)")
     p.add_argument("--transform", choices=TRANSFORMS, default="none",
@@ -147,8 +149,8 @@ def main(argv: list[str]) -> int:
         refusal = resolution_refusal(opts["resolution"])     # pixel shards: what a default run trains on
         if refusal:
             raise ShardUsageError(refusal)
-    write_shards(src, out, progress=False if quiet else None,
-                 command=["pdiff", "shard"] + argv, **opts)
+    write = upload_shards if is_url(out) else write_shards      # a URL: staged locally, uploaded shard by shard
+    write(src, out, progress=False if quiet else None, command=["pdiff", "shard"] + argv, **opts)
     return 0
 
 

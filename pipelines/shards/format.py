@@ -239,6 +239,12 @@ def shard_record(tar: Path, index: Path, crcs: list[int], tar_name: str, index_n
             "index_bytes": index.stat().st_size, "index_sha256": sha256_file(index), "crc32": crc_text(crcs)}
 
 
+def shard_files(rec: dict) -> list[tuple[str, int, str]]:
+    """The files of one shard as (name, bytes, sha256), its tar first: what a copy of the shard (a
+    fetch from object storage, pipelines/remote.py) must bring along."""
+    return [(rec["tar"], rec["bytes"], rec["sha256"]), (rec["index"], rec["index_bytes"], rec["index_sha256"])]
+
+
 def check_shard(root: Path, rec: dict, checksums: bool = False) -> None:
     """The shard's tar and index exist with the manifest's byte sizes (and sha256s if ``checksums``).
     A truncated tar can crash DALI's reader, so this runs before any pipeline is built."""

@@ -25,7 +25,7 @@ class ShardSet(SampleSource):
     def __init__(self, root: str | Path, checksums: bool = False):
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root)
-        check_files(self.root, m, checksums)
+        self._check_files(checksums)
         self.resolution, self.channels = int(m["resolution"]), int(m["channels"])
         self.encoding, self.count = m["encoding"], int(m["count"])
         self.dtype = sample_dtype(m)
@@ -48,6 +48,11 @@ class ShardSet(SampleSource):
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
         self._labels: np.ndarray | None = None
+
+    def _check_files(self, checksums: bool) -> None:
+        """Every shard's files against the manifest, before any is read (a remote set checks each as it
+        is fetched instead)."""
+        check_files(self.root, self.manifest, checksums)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -139,16 +144,16 @@ class ShardSet(SampleSource):
         """All labels as int64 (read once: one small member per sample). With checksums, a label that
         does not parse stands as -1 here: its sample fails the CRC check when read."""
         if self._labels is None:
-            labels = np.empty(self.count, np.int64)
-            for i in range(self.count):
-                try:
-                    labels[i] = decode_label(self.label_ext, self._label_bytes(i))
-                except (ValueError, CorruptSample) as e:
-                    if self.crc is None:
-                        raise ShardError(f"{self.describe(i)}: {e}; {self.damage_hint()}") from None
-                    labels[i] = -1
-            self._labels = labels
+            self._labels = np.array([self._label(i) for i in range(self.count)], np.int64)
         return self._labels
+
+    def _label(self, i: int) -> int:
+        try:
+            return decode_label(self.label_ext, self._label_bytes(i))
+        except (ValueError, CorruptSample) as e:
+            if self.crc is None:
+                raise ShardError(f"{self.describe(i)}: {e}; {self.damage_hint()}") from None
+            return -1
 
     def fingerprint(self) -> str:
         """The shards' sha256s, hashed."""

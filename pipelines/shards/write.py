@@ -155,9 +155,10 @@ class Options:
             raise ShardInputError(f"shard name {self.name!r} must be non-empty without dots, slashes or spaces")
 
 
-def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
+def write_shards(source: str | Path, out_dir: str | Path, on_shard=None, **options) -> dict:
     """Shard ``source`` into ``out_dir``; returns the manifest. See `Options` for the options. One
-    writer at a time per ``out_dir``: a second is refused (`OutputLocked`) naming the first."""
+    writer at a time per ``out_dir``: a second is refused (`OutputLocked`) naming the first.
+    ``on_shard(out_dir, record)`` is called as each shard is finished (pipelines/remote.py uploads it)."""
     opts = Options(**options)
     try:
         opts.check()
@@ -171,14 +172,14 @@ def write_shards(source: str | Path, out_dir: str | Path, **options) -> dict:
     with _writing(out / LOCK_FILE):
         lock = _OutLock(out).acquire()
     try:
-        return _write_locked(source, out_dir, opts)
+        return _write_locked(source, out_dir, opts, on_shard)
     finally:
         if created:
             _remove_if_only_lock(out)
         lock.release()
 
 
-def _write_locked(source: str | Path, out_dir: str | Path, opts: Options) -> dict:
+def _write_locked(source: str | Path, out_dir: str | Path, opts: Options, on_shard=None) -> dict:
     log = _Log(opts)
     out = Path(out_dir)
     vae = encoder = None
@@ -204,7 +205,7 @@ def _write_locked(source: str | Path, out_dir: str | Path, opts: Options) -> dic
     fingerprint = dict(settings, source=str(Path(source).resolve()), kind=src.kind, per_shard=per_shard,
                        max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), shuffle_seed=opts.shuffle_seed,
                        tool_version=TOOL_VERSION)
-    journal = _Journal(out / f"{opts.name}.progress.json", fingerprint)
+    journal = _Journal(out / f"{opts.name}.progress.json", fingerprint, on_shard)
     manifest_path = out / MANIFEST
 
     if opts.overwrite:
@@ -541,8 +542,8 @@ class _Journal:
     manifest entry plus the input range it covers, a hash of those keys and the inputs skipped) and
     the name of the shard being written."""
 
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path, fingerprint: dict, on_shard=None):
+        self.path, self.fingerprint, self.on_shard = path, fingerprint, on_shard
 
     def save(self, shards: list[dict], writing: str | None = None) -> None:
         _atomic_json(self.path, {"fingerprint": self.fingerprint, "shards": shards, "writing": writing})
@@ -564,6 +565,8 @@ class _Journal:
         rec = shard.finish(out / shard.final.name.replace(".tar", ".idx"))
         rec.update(input_start=start, input_end=end, keys=_keys_hash(items, start, end), skipped=skipped)
         self.save(done + [rec])
+        if self.on_shard is not None:
+            self.on_shard(out, rec)
         return rec
 
     def resume(self, out: Path, items: list[Item], log) -> list[dict]:
