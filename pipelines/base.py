@@ -30,6 +30,7 @@ class PatchPipeline:
     another sample than planned because the planned one was damaged (pipelines/corrupt.py). Posterior
     latents (mean | std, 2C channels) leave as one draw (mean + std * eps - shift) * scale, C channels."""
     backend = "?"
+    follows_plan = True      # reads the source step by step (SampleSource.follow); the in-memory mode reads it once
 
     def __init__(self, cfg, schedule, rank: int, world_size: int, device: torch.device, source: SampleSource):
         self.cfg, self.schedule, self.rank, self.world_size = cfg, schedule, rank, world_size
@@ -49,7 +50,8 @@ class PatchPipeline:
         return self
 
     def __next__(self) -> Batch:
-        self.source.follow(self.plan, self.images_seen)
+        if self.follows_plan:
+            self.source.follow(self.plan, self.images_seen)
         if not self._running:
             self._start(self.images_seen)
             self._running = True

@@ -114,6 +114,7 @@ def load_samples(source: SampleSource, out: torch.Tensor, workers: int) -> dict[
 class MemoryPatchPipeline(PatchPipeline):
     """The plan's patches cut from the whole dataset held in memory (one gather per step)."""
     backend = "memory"
+    follows_plan = False
 
     def __init__(self, cfg, schedule, rank, world_size, device, source, where: str):
         super().__init__(cfg, schedule, rank, world_size, device, source)

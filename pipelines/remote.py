@@ -55,6 +55,7 @@ RETRIES = 5                  # tries of one download
 BACKOFF_S = 0.5              # wait before the second try; doubled before each further one
 FETCH_THREADS = 8            # downloads the prefetcher runs at once
 CHUNK = 1 << 22
+_TABLES_LOCK = threading.Lock()
 
 
 class RemoteError(SourceError):
@@ -254,8 +255,6 @@ class ShardCache:
 
     def ensure(self, shard: int) -> None:
         """Shard ``shard``'s files are here, whole and checked (fetched if not)."""
-        if shard in self.failed and os.getpid() == self._owner:
-            raise self.failed[shard]
         if self.has(shard):
             if shard not in self.present and os.getpid() == self._owner:    # fetched by another process
                 with self._mutex:
@@ -389,7 +388,7 @@ class Prefetcher:
     def _fetch(self, shard: int) -> None:
         try:
             self.cache.ensure(shard)
-        except RemoteError as e:              # the reader that needs it raises it (ensure repeats it there)
+        except RemoteError as e:              # not tried again here: the reader that needs it tries and raises it
             self.cache.failed[shard] = e
 
     def _run(self) -> None:
@@ -441,6 +440,7 @@ class RemoteShardSet(ShardSet):
                 job.result()
         self._prefetcher: Prefetcher | None = None
         self._warned = False
+        self._local, self._tables = threading.local(), []
         super().__init__(root, checksums)    # checksums: every fetched file is checked against its sha256 anyway
 
     def _fetch_manifest(self, root: Path) -> dict:
@@ -476,18 +476,29 @@ class RemoteShardSet(ShardSet):
         """Nothing to check before reading: each file is checked against its size and sha256 when it is fetched."""
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_prefetcher": None}
+        return {**super().__getstate__(), "_prefetcher": None, "_local": None, "_tables": []}
+
+    def _table(self) -> dict[int, int]:
+        """This thread's descriptors: a thread closes only its own (an evicted shard's), never one
+        another thread may be reading through."""
+        if self._pid != os.getpid():           # forked or unpickled: descriptors are not ours
+            self._local, self._tables, self._pid = threading.local(), [], os.getpid()
+        table = getattr(self._local, "fds", None)
+        if table is None:
+            table = self._local.fds = {}
+            with _TABLES_LOCK:
+                self._tables.append(table)
+        return table
 
     def _fd(self, shard: int) -> int:
         """Like ShardSet's, fetching the shard first where it is not here (or was evicted since)."""
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
+        table = self._table()
+        fd = table.get(shard)
         if fd is not None:
             if os.fstat(fd).st_nlink:
                 return fd
             os.close(fd)                       # evicted: the space comes back once closed
-            del self._fds[shard]
+            del table[shard]
         while True:
             self.cache.ensure(shard)
             try:
@@ -495,11 +506,11 @@ class RemoteShardSet(ShardSet):
                 break
             except FileNotFoundError:          # evicted between the two: fetch it again
                 continue
-        for s, other in list(self._fds.items()):
+        for s, other in list(table.items()):
             if not os.fstat(other).st_nlink:
                 os.close(other)
-                del self._fds[s]
-        self._fds[shard] = fd
+                del table[s]
+        table[shard] = fd
         return fd
 
     def follow(self, plan, images_seen: int) -> None:
@@ -564,6 +575,12 @@ class RemoteShardSet(ShardSet):
         if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
             self._prefetcher.stop()
         self._prefetcher = None
+        if self._pid == os.getpid():
+            with _TABLES_LOCK:
+                for table in self._tables:
+                    for fd in table.values():
+                        os.close(fd)
+                    table.clear()
         super().close()
 
 
