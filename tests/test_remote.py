@@ -377,3 +377,45 @@ def test_cut_download_is_retried_and_never_used_half(one_off, s3fs_, tmp_path, m
         read_all(source)
     assert not (source.cache.root / tar).exists()
     no_partial_files(tmp_path)
+
+
+def test_https_style_url_reads_a_served_folder(dataset, tmp_path):
+    """data.path=http://... (fsspec's HTTP file system) against a plain file server on 127.0.0.1."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seed = int(np.random.default_rng().integers(1 << 30))
+        far = make(f"http://127.0.0.1:{server.server_address[1]}/png", seed=seed, cache_dir=tmp_path)
+        local = make(dataset / "png", seed=seed)
+        for _ in range(5):
+            same_batches(next(far), next(local))
+        far.close()
+        far.source.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sources_sharing_a_cache_folder_fetch_each_shard_once(bucket_data, tmp_path):
+    """Two sources on one data.cache_dir (as ranks of a node), fetching every shard at once from two
+    threads: the lock per shard makes each download happen once in all."""
+    import threading
+    a, b = open_source(bucket_data["raw"], cache_dir=tmp_path), open_source(bucket_data["raw"], cache_dir=tmp_path)
+    n = len(a.tars)
+    jobs = [threading.Thread(target=lambda s=s: [s.cache.ensure(k) for k in range(n)]) for s in (a, b)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert a.cache.fetches + b.cache.fetches == n
+    for i in range(a.count):
+        assert a.read(i) == b.read(i)
+    a.close()
+    b.close()
