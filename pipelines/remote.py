@@ -445,7 +445,7 @@ class RemoteShardSet(ShardSet):
 
     def _fetch_manifest(self, root: Path) -> dict:
         """The remote manifest into ``root``; cached files it no longer lists as they are are removed."""
-        fresh = root / f".{MANIFEST}.new"
+        fresh = root / f".{MANIFEST}.{os.getpid()}.new"      # ranks sharing the folder each fetch their own
         self.store.fetch(MANIFEST, None, None, fresh)
         try:
             new = json.loads(fresh.read_text(encoding="utf-8"))

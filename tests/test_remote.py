@@ -419,3 +419,17 @@ def test_sources_sharing_a_cache_folder_fetch_each_shard_once(bucket_data, tmp_p
         assert a.read(i) == b.read(i)
     a.close()
     b.close()
+
+
+def test_a_changed_remote_folder_is_not_read_from_stale_copies(one_off, s3fs_, dataset, tmp_path):
+    """The remote shards replaced under the same names (another dataset): the next open drops the cached
+    copies the new manifest does not list as they are, and reads the new samples."""
+    bucket, url = one_off
+    read_all(open_source(url, cache_dir=tmp_path))          # every shard of the raw set cached
+    for p in sorted((dataset / "raw").iterdir()):
+        s3fs_.rm_file(f"{url}/{p.name}")
+    put_folder(s3fs_, dataset / "png", url)                 # same file names, other bytes
+    source, local = open_source(url, cache_dir=tmp_path), open_source(dataset / "png")
+    assert source.encoding == "png"
+    for i in range(source.count):
+        assert source.read(i) == local.read(i)
