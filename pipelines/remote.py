@@ -184,6 +184,8 @@ class ObjectStore:
                                   f"{self.url}/") from None
             except NotImplementedError:
                 raise RemoteError(f"{url}: {self.scheme}:// is read-only here; upload to s3:// or gs://") from None
+            except FileNotFoundError as e:
+                raise RemoteError(f"{url}: no such bucket ({e}); create it first") from None
             except Exception as e:          # retried, as for downloads
                 last = f"{type(e).__name__}: {e}"
         raise RemoteError(f"{url}: upload failed {RETRIES} times (last: {last}); check the network and run the "

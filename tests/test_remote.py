@@ -264,6 +264,9 @@ def test_upload_writes_every_shard_then_the_manifest(tmp_path, dataset, s3fs_, m
     assert manifest["count"] == 37 and not list(remote.default_cache_dir().glob("upload-*up-*"))
     with pytest.raises(RemoteError, match=f"{url}/manifest.json exists"):
         upload_shards(dataset / "d.npz", url, encoding="raw", max_count=10, workers=1, progress=False)
+    nowhere = f"s3://{uuid.uuid4().hex[:12]}-missing/up"
+    with pytest.raises(RemoteError, match=f"{nowhere}/data-000000.tar: no such bucket"):
+        upload_shards(dataset / "d.npz", nowhere, encoding="raw", max_count=10, workers=1, progress=False)
     seed = int(np.random.default_rng().integers(1 << 30))
     a, b = make(url, seed=seed, cache_dir=tmp_path), make(dataset / "raw", seed=seed)
     for _ in range(4):
