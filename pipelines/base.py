@@ -5,6 +5,8 @@ latent patches arrive as float32 CHW, values as stored, and posterior ones (mean
 draw of the latent here, so latents never pass through uint8."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from pdiff.pipelines import Batch, PipelineStateError
@@ -12,7 +14,9 @@ from pdiff.pipelines.corrupt import CorruptPolicy, Replaced
 from pdiff.pipelines.order import RankStep, SamplePlan, latent_noise_seed
 from pdiff.pipelines.sample_source import LatentSpace, SampleSource
 
-STATE_VERSION = 1
+# 2: the plan reads one global stream of epochs (pipelines/order.py); version 1 states padded each
+# rank's part of an epoch, which reads the same samples whenever the world size divides the dataset.
+STATE_VERSION = 2
 
 
 def draw_latents(stored: torch.Tensor, eps: torch.Tensor, space: LatentSpace) -> torch.Tensor:
@@ -83,22 +87,45 @@ class PatchPipeline:
 
     # -- state
     def _guards(self) -> dict:
-        return {"world_size": self.world_size, "batch": self.schedule.batch,
+        return {"batch": self.schedule.batch,
                 "resolution": self.schedule.resolution, "seed": self.seed,
                 "dataset": self.source.fingerprint(), "count": self.source.count}
 
     def state_dict(self) -> dict:
-        """The same on every rank (the position is global): rank 0's state can be loaded by all."""
+        """The position is global (images seen) and the same on every rank; the damaged samples met
+        are this rank's. ``world_size`` is recorded, not checked: the plan derives every rank's
+        samples from images seen, whatever the number of ranks (pipelines/order.py)."""
         return {"kind": "pdiff-patch-pipeline", "version": STATE_VERSION, "images_seen": int(self.images_seen),
-                "backend": self.backend, "corrupt": self.corrupt.state_dict(), **self._guards()}
+                "backend": self.backend, "corrupt": self.corrupt.state_dict(), "world_size": self.world_size,
+                **self._guards()}
+
+    def regroup_states(self, states: list[dict]) -> dict:
+        """This rank's state from the states of the W ranks that saved a checkpoint, when this run has
+        another number of ranks (elastic resume): the position is theirs (the same on every rank), the
+        damaged samples met are all of theirs, and their replacement count goes to rank 0."""
+        if not states:
+            raise PipelineStateError("the checkpoint holds no data pipeline state")
+        positions = {s.get("images_seen") for s in states if isinstance(s, dict)}
+        if len(positions) != 1:
+            raise PipelineStateError(f"the {len(states)} ranks' pipeline states disagree on the images seen "
+                                     f"({sorted(map(str, positions))}): the checkpoint is inconsistent")
+        corrupt = [s.get("corrupt") or {} for s in states]
+        found = sorted({int(i) for c in corrupt for i in c.get("found", ())})
+        replaced = sum(int(c.get("replaced", 0)) for c in corrupt) if self.rank == 0 else 0
+        return {**states[0], "corrupt": {"found": found, "replaced": replaced}}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != "pdiff-patch-pipeline":
             raise PipelineStateError("not a pdiff pipeline state (expected the dict from pipe.state_dict())")
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise PipelineStateError(f"pipeline state version {state.get('version')} is not {STATE_VERSION}; "
                                      f"it was written by another pdiff version")
-        what = {"world_size": "world size", "batch": "global batch (train.batch)", "resolution": "resolution",
+        if state["version"] == 1 and state.get("count", 0) % state.get("world_size", 1):
+            print(f"pdiff: WARNING the data pipeline state was saved by an older pdiff with {state.get('world_size')} "
+                  f"processes, which do not divide the {state.get('count')} samples: from here on the samples "
+                  f"follow this version's order (each still read once per epoch from the next epoch on)",
+                  file=sys.stderr, flush=True)
+        what = {"batch": "global batch (train.batch)", "resolution": "resolution",
                 "seed": "seed (train.seed)", "dataset": "dataset (its fingerprint)", "count": "dataset size"}
         for key, value in self._guards().items():
             if state.get(key) != value:
@@ -106,8 +133,8 @@ class PatchPipeline:
                     f"cannot resume the data pipeline: the {what[key]} was {state.get(key)!r} when the state was "
                     f"saved and is {value!r} now; resume with the same setting (or start a new run)")
         n = int(state["images_seen"])
-        if n < 0 or n % self.world_size:
-            raise PipelineStateError(f"images_seen {n} in the state is not a multiple of the world size")
+        if n < 0:
+            raise PipelineStateError(f"images_seen {n} in the state is negative")
         self.close()
         self.images_seen = n
         self.corrupt.load_state_dict(state.get("corrupt"))     # absent in states saved before the policy

@@ -1,17 +1,19 @@
 """What every step reads: which samples, where each is cropped, all as pure functions.
 
-* Epoch e visits the samples in the order ``permutation(seed, e)``, shared by all ranks. Rank r of
-  W takes every W-th entry starting at r; when W does not divide N the permutation is padded by
-  wrapping around (as torch's DistributedSampler), so every rank has ceil(N / W) samples per epoch.
-* Each rank reads its part as one endless stream (epochs roll over). Every step consumes
-  ``batch_for(s) / W`` entries of each rank's stream, so after ``images_seen`` global images a rank
-  stands at position ``images_seen / W``: the position needs no state beyond images seen.
+* Epoch e visits the samples in the order ``permutation(seed, e)``. The epochs, one after another,
+  make one endless global stream of sample indices: position k is entry k mod N of epoch k // N.
+* The global step that starts after ``images_seen`` images reads stream positions ``images_seen ..
+  images_seen + batch_for(s) - 1`` in row order; rank r of W keeps rows r, r+W, ... So where each
+  rank stands needs no state beyond images seen, and it does not depend on W: W ranks read exactly
+  what one process with the same global batch reads, and a run checkpointed on W processes goes on
+  on W' processes with the same samples in the same rows (elastic resume).
 * Crop positions and flips of a step are drawn for the whole global step from a generator seeded
   with (seed, images_seen), uniform over 0..R-s with both ends included; rank r keeps rows r, r+W, ...
-  Its samples are rows r, r+W, ... of the global step too (within an epoch), so W ranks read exactly
-  what one process with the same global batch would read (when W divides the dataset size).
 * Posterior latents (pipelines/base.py) draw their noise for the global step from
   ``latent_noise_seed(seed, images_seen)`` and rank r keeps the same rows.
+
+(Before elastic resume each rank read a part of every epoch padded by wrapping around to ceil(N/W)
+samples; the stream is the same as that one whenever W divides N.)
 """
 from __future__ import annotations
 
@@ -26,34 +28,27 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, _ORDER_TAG]).permutation(num_samples)
 
 
-def rank_part(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """The samples rank ``rank`` reads in epoch ``epoch`` (ceil(N / W) of them, in order)."""
-    perm = epoch_permutation(num_samples, seed, epoch)
-    per_rank = -(-num_samples // world_size)
-    pad = per_rank * world_size - num_samples
-    if pad:
-        perm = np.concatenate([perm, np.resize(perm, pad)])
-    return perm[rank::world_size]
-
-
-def rank_stream(num_samples: int, seed: int, rank: int, world_size: int, start: int, count: int,
-                cache: dict | None = None) -> np.ndarray:
-    """Entries ``start .. start+count-1`` of the rank's endless stream of sample indices."""
-    per_rank = -(-num_samples // world_size)
-    out = np.empty(count, np.int64)
-    done = 0
-    while done < count:
-        epoch, at = divmod(start + done, per_rank)
-        part = cache.get(epoch) if cache is not None else None
-        if part is None:
-            part = rank_part(num_samples, seed, epoch, rank, world_size)
+def stream_indices(num_samples: int, seed: int, positions: np.ndarray, cache: dict | None = None) -> np.ndarray:
+    """The sample indices at ``positions`` (ascending) of the global stream (epoch k // N, entry k mod N);
+    ``cache`` keeps the newest epoch's permutation (the stream only moves forward)."""
+    epochs, at = np.divmod(positions, num_samples)
+    out = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs).tolist():
+        perm = cache.get(epoch) if cache is not None else None
+        if perm is None:
+            perm = epoch_permutation(num_samples, seed, epoch)
             if cache is not None:
-                cache.clear()           # the stream only moves forward: keep the current epoch
-                cache[epoch] = part
-        take = min(count - done, per_rank - at)
-        out[done:done + take] = part[at:at + take]
-        done += take
+                cache.clear()
+                cache[epoch] = perm
+        mine = epochs == epoch
+        out[mine] = perm[at[mine]]
     return out
+
+
+def rank_rows(images_seen: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
+    """The stream positions rank ``rank`` of ``world_size`` reads in the global step of ``global_batch``
+    samples that starts after ``images_seen`` images: rows r, r+W, ... of the step."""
+    return images_seen + np.arange(rank, global_batch, world_size, dtype=np.int64)
 
 
 def crop_positions(seed: int, images_seen: int, count: int, patch_size: int, resolution: int,
@@ -86,7 +81,8 @@ class RankStep:
 
 
 class SamplePlan:
-    """The steps of one rank: a pure function of (dataset size, schedule, seed, rank, world size)."""
+    """The steps of one rank: a pure function of (dataset size, schedule, seed, rank, world size) and the
+    images seen."""
 
     def __init__(self, num_samples: int, labels: np.ndarray, schedule, seed: int, rank: int,
                  world_size: int, xflip: bool = False):
@@ -112,12 +108,9 @@ class SamplePlan:
         return max(self.per_rank(s) for s in self.schedule.sizes)
 
     def step(self, images_seen: int) -> RankStep:
-        if images_seen % self.world_size:
-            raise ValueError(f"images_seen {images_seen} is not a multiple of the world size {self.world_size}")
         s = self.schedule.size_at(images_seen)
-        b = self.per_rank(s)
-        idx = rank_stream(self.num_samples, self.seed, self.rank, self.world_size,
-                          images_seen // self.world_size, b, self._cache)
+        positions = rank_rows(images_seen, self.schedule.batch_for(s), self.rank, self.world_size)
+        idx = stream_indices(self.num_samples, self.seed, positions, self._cache)
         offsets, flips = crop_positions(self.seed, images_seen, self.schedule.batch_for(s), s, self.resolution,
                                         self.xflip)
         offsets, flips = offsets[self.rank::self.world_size], flips[self.rank::self.world_size]

@@ -1,5 +1,5 @@
 """The patch pipeline, both backends: patches equal the source at their offsets, batch sizes follow
-the schedule, offsets reach both ends, rank parts are disjoint and cover the epoch, resume is exact."""
+the schedule, offsets reach both ends, W ranks read the rows of one process, resume is exact."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch
 from pdiff.config import load_config
 from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
-from pdiff.pipelines.order import SamplePlan, crop_positions, rank_part, rank_stream
+from pdiff.pipelines.order import SamplePlan, crop_positions, epoch_permutation
 from pdiff.pipelines.shards import ShardError, write_shards
 from pdiff.pipelines.shards.write import write_order
 from pdiff.pipelines.sample_source import SourceError
@@ -120,25 +120,33 @@ def test_offsets_uniform_over_all_valid_positions_both_ends():
     assert not np.array_equal(a, crop_positions(seed, 192, 10, 4, 16)[0])         # steps crop differently
 
 
-@pytest.mark.parametrize("n,world", [(30, 3), (31, 3), (37, 4), (5, 1)])
-def test_rank_parts_disjoint_and_cover_the_epoch(n, world):
-    seed = int(np.random.default_rng().integers(1 << 30))
-    parts = [rank_part(n, seed, 2, r, world) for r in range(world)]
-    per = -(-n // world)
-    assert all(len(p) == per for p in parts)
-    allv = np.concatenate(parts)
-    assert set(allv.tolist()) == set(range(n))
-    assert len(allv) - n == per * world - n < world            # only the wrap-around padding repeats
-    if n % world == 0:
-        assert len(set(allv.tolist())) == len(allv)             # disjoint
-    # a pure function of (seed, epoch, rank, world size); epochs differ
-    np.testing.assert_array_equal(parts[0], rank_part(n, seed, 2, 0, world))
-    if n > 4:
-        assert not np.array_equal(rank_part(n, seed, 2, 0, world), rank_part(n, seed, 3, 0, world))
-    # the endless stream rolls over epochs
-    stream = rank_stream(n, seed, 0, world, per - 2, 4)
-    np.testing.assert_array_equal(stream[:2], rank_part(n, seed, 0, 0, world)[-2:])
-    np.testing.assert_array_equal(stream[2:], rank_part(n, seed, 1, 0, world)[:2])
+@pytest.mark.parametrize("n,world", [(30, 3), (31, 3), (37, 4), (5, 2)])
+def test_ranks_read_the_rows_of_one_process_whatever_the_world_size(n, world):
+    """Interleaving the W ranks' steps (rows r, r+W, ...) gives the one-process step, sample for sample
+    and crop for crop, also when W does not divide the dataset size; so a run can resume on another
+    number of processes. The one-process stream visits every sample once per epoch."""
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 30))
+    sch = StochasticSchedule(R, world * int(rng.integers(1, 4)), sizes=[4, 8, 16], probs=[0.3, 0.3, 0.4], seed=seed)
+    labels = rng.integers(0, 10, n)
+    one = SamplePlan(n, labels, sch, seed, 0, 1, xflip=True)
+    ranks = [SamplePlan(n, labels, sch, seed, r, world, xflip=True) for r in range(world)]
+    seen, images_seen = [], 0
+    while len(seen) < 3 * n:                             # crosses two epoch boundaries
+        want = one.step(images_seen)
+        got = [p.step(images_seen) for p in ranks]
+        for field in ("indices", "offsets", "flips", "labels"):
+            merged = np.empty_like(getattr(want, field))
+            for r, g in enumerate(got):
+                assert g.patch_size == want.patch_size
+                merged[r::world] = getattr(g, field)
+            np.testing.assert_array_equal(merged, getattr(want, field), err_msg=field)
+        seen += want.indices.tolist()
+        images_seen += sch.batch_for(want.patch_size)
+    for epoch in range(3):
+        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+    np.testing.assert_array_equal(seen[:n], epoch_permutation(n, seed, 0))
+    assert seen[:n] != seen[n:2 * n]                      # epochs differ
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,6 +194,40 @@ def test_resume_gives_identical_batches(dataset, backend, tmp_path):
     resumed.close()
 
 
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_states_of_w_ranks_resume_on_another_number_of_ranks(dataset, before, after):
+    """Elastic resume of the data: the states W ranks saved (as a checkpoint holds them) give W' ranks
+    the rows an uninterrupted one-process pipeline reads next, patch for patch; the damaged samples any
+    rank had met are known to every new rank, and their replacements are counted once."""
+    root, _, _ = dataset
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ref, _, _ = make(root, "raw", "torch", batch=4, seed=seed, xflip=True)
+    want = [next(ref) for _ in range(9)]                  # crosses an epoch boundary (37 images)
+    ref.close()
+    old = [make(root, "raw", "torch", batch=4, world=before, rank=r, seed=seed, xflip=True)[0] for r in range(before)]
+    for _ in range(4):
+        for p in old:
+            next(p)
+    for r, p in enumerate(old):
+        p.corrupt.found, p.corrupt.replaced = {3 + r}, 1 + r     # as if each had met a damaged sample
+    states = [p.state_dict() for p in old]
+    for p in old:
+        p.close()
+    new = [make(root, "raw", "torch", batch=4, world=after, rank=r, seed=seed, xflip=True)[0] for r in range(after)]
+    for p in new:
+        p.load_state_dict(p.regroup_states(states))
+    assert all(p.corrupt.found == set(range(3, 3 + before)) for p in new)
+    assert sum(p.corrupt.replaced for p in new) == sum(range(1, before + 1))
+    for w in want[4:]:
+        got = [next(p) for p in new]
+        assert all(g.images_seen == w.images_seen and g.patch_size == w.patch_size for g in got)
+        for r, g in enumerate(got):
+            assert torch.equal(g.patches, w.patches[r::after]) and torch.equal(g.offsets, w.offsets[r::after])
+            assert torch.equal(g.labels, w.labels[r::after])
+    for p in new:
+        p.close()
+
+
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 def test_backends_agree_and_states_cross(dataset):
     root, _, _ = dataset
@@ -207,7 +249,7 @@ def test_state_mismatch_is_a_clear_error(dataset):
     pipe, _, _ = make(root, "raw", "torch", batch=4, world=1, seed=3)
     next(pipe)
     state = pipe.state_dict()
-    for kwargs, what in ((dict(world=2), "world size"), (dict(batch=8), "global batch"), (dict(seed=4), "seed")):
+    for kwargs, what in ((dict(batch=8), "global batch"), (dict(seed=4), "seed")):
         other, _, _ = make(root, "raw", "torch", **{"batch": 4, "seed": 3, **kwargs})
         with pytest.raises(PipelineStateError, match=what):
             other.load_state_dict(state)
