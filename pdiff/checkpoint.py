@@ -48,6 +48,7 @@ class CheckpointError(UserError):
 
 class ResumeError(UserError):
     """A checkpoint that is fine but does not fit the run that wants to resume from it."""
+    every_rank = True     # every rank checks the checkpoint rank 0 picked
 
 
 def folder_name(images_seen: int) -> str:
@@ -227,8 +228,10 @@ class CheckpointManager:
                               + f". Restore a good copy, or move {self.dir} away to start the run over")
 
 
-def check_resume_compatible(saved: dict, current_config: dict, world_size: int, where: Path) -> None:
-    """Refuse to resume when a RESUME_KEYS setting or the number of processes changed."""
+def check_resume_compatible(saved: dict, current_config: dict, where: Path) -> None:
+    """Refuse to resume when a RESUME_KEYS setting changed. The number of processes may change:
+    the global batch (train.batch) is a RESUME_KEYS setting, and every step's samples, crops and
+    noise follow from it and the images seen, not from the number of processes."""
     for key in RESUME_KEYS:
         a, b = saved["config"], current_config
         for part in key.split("."):
@@ -236,15 +239,13 @@ def check_resume_compatible(saved: dict, current_config: dict, world_size: int, 
         if a != b:
             raise ResumeError(f"cannot resume from {where}: {key} was {a} and is now {b}. Use the "
                               f"checkpoint's setting, or start a new run in another train.run_dir.")
-    if saved["world_size"] != world_size:
-        raise ResumeError(f"cannot resume from {where}: it was written by {saved['world_size']} "
-                          f"processes and this run has {world_size}. Restart with the same number "
-                          f"of processes (global batch and data order depend on it).")
 
 
 class EveryRank:
     """A part whose state is each rank's own (the data pipeline): saved as the list of every
-    rank's state, gathered to rank 0; each rank loads its entry."""
+    rank's state, gathered to rank 0. Each rank loads its entry when the checkpoint was written by
+    as many ranks as there are now; otherwise the part's ``regroup_states(states)`` derives this
+    rank's state from all of them (elastic resume)."""
 
     def __init__(self, part):
         self.part = part
@@ -253,7 +254,10 @@ class EveryRank:
         return distributed.all_gather_object(self.part.state_dict())
 
     def load_state_dict(self, states: list) -> None:
-        self.part.load_state_dict(states[distributed.rank()])
+        if len(states) == distributed.world_size():
+            self.part.load_state_dict(states[distributed.rank()])
+        else:
+            self.part.load_state_dict(self.part.regroup_states(states))
 
 
 class RunState:
@@ -263,11 +267,12 @@ class RunState:
     def __init__(self, run_dir: str | Path, config: dict, keep: int = 3, **parts):
         self.checkpoints = CheckpointManager(run_dir, keep)
         self.config, self.parts = config, parts
+        self.written_by: int | None = None     # the number of processes that wrote the checkpoint resumed from
 
     def resume(self) -> tuple[int, Path | None]:
         """Load the newest good checkpoint into the parts: (its images seen, its folder), or
         (0, None) when there is none. Rank 0 picks it (checksums, finite weights) and every rank
-        loads that one."""
+        loads that one, whatever number of processes wrote it (``written_by`` tells how many)."""
         found, problem = None, None
         if distributed.rank() == 0:
             try:
@@ -276,13 +281,16 @@ class RunState:
                 problem = str(e)
         path, problem = distributed.broadcast_object((str(found[0]) if found else None, problem))
         if problem:
-            raise CheckpointError(problem)
+            error = CheckpointError(problem)
+            error.every_rank = True     # rank 0's finding, broadcast
+            raise error
         if path is None:
             return 0, None
         path = Path(path)
         # The other ranks read the file rank 0 checked (marker, checksum, format version) without hashing it again.
         state = found[1] if found else read_state(path)
-        check_resume_compatible(state, self.config, distributed.world_size(), path)
+        check_resume_compatible(state, self.config, path)
+        self.written_by = int(state["world_size"])
         for name, part in self.parts.items():
             try:
                 part.load_state_dict(state[name])

@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState
-from .config import Config, advice, dump_yaml, load_config, save_config, to_dict
+from .config import Config, ConfigError, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal, hold_run
 from .ema import build_ema, save_snapshots
 from .latent import training_vae
@@ -36,6 +36,18 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+def check_batch_splits(cfg: Config, world: int) -> None:
+    """Every step's global batch (train.batch * R/s patches) must split evenly over the processes:
+    each takes global / world of them, whatever number of processes the run started on."""
+    schedule = PatchSchedule.from_config(cfg)
+    for s in sorted(schedule.sizes, reverse=True):       # the full size first: it carries train.batch itself
+        if schedule.batch_for(s) % world:
+            raise ConfigError(f"train.batch: a step of {s} px carries {schedule.batch_for(s)} patches (train.batch="
+                              f"{cfg.train.batch} x {schedule.multiplier(s)}), which {world} processes cannot share "
+                              f"evenly; run on a number of processes that divides {schedule.batch_for(s)}, or start "
+                              f"a new run with train.batch a multiple of {world}")
+
+
 def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None = None) -> int:
     """Train (or resume) the run cfg describes; 0 when it finished or stopped cleanly. Pass ``stop``
     to learn afterwards whether a signal stopped it (``stop.requested``). RunLocked when another
@@ -48,6 +60,7 @@ def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None 
         # their patch sizes and autoencoder).
         cfg, source, notes = open_dataset(cfg)
         info = distributed.init(device_preference)
+        check_batch_splits(cfg, info.world_size)
         if info.is_main:
             for line in notes + advice(cfg):
                 print(f"pdiff train: {line}", file=sys.stderr, flush=True)
@@ -81,7 +94,9 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         save_config(cfg, run_dir / "config.yaml")
         print(f"pdiff train: {cfg.name}, {count_parameters(model):,} parameters, {world} process(es) on "
               f"{device.type}, data backend {pipe.backend}, "
-              + (f"resuming at {images_seen:,} images from {latest}" if latest else "starting fresh"),
+              + (f"resuming at {images_seen:,} images from {latest}" if latest else "starting fresh")
+              + (f"; resumed on {world} process{'es' if world > 1 else ''} (written by {run_state.written_by})"
+                 if latest and run_state.written_by != world else ""),
               file=sys.stderr, flush=True)
     if images_seen >= cfg.train.duration_images:
         print(f"pdiff train: {run_dir} already reached {images_seen:,} images; nothing to do", file=sys.stderr)
