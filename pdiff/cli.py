@@ -16,6 +16,7 @@ COMMANDS = {
     "fid": ("pdiff.tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
     "bench": ("pdiff.tools.bench", "throughput: 'bench data|step|train|sample'; 'bench quality': patches vs full images"),
     "ema": ("pdiff.tools.ema", "post-hoc EMA (ema.mode=power runs): 'ema reconstruct', 'ema sweep'"),
+    "launch": ("pdiff.tools.launch", "torchrun's launcher (same options); a failed job ends with one line, no traceback"),
     "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
 }
 
@@ -98,7 +99,8 @@ def _dispatch(argv: list[str] | None) -> int:
     try:
         return int(module.main(rest) or 0)
     except UserError as e:  # the user's data, files or config: the message, not a traceback
-        print(f"pdiff {name}: {e}", file=sys.stderr)
+        if not e.every_rank or os.environ.get("RANK", "0") == "0":     # once per torchrun job
+            print(f"pdiff {name}: {e}", file=sys.stderr)
         return e.exit_code
 
 

@@ -29,6 +29,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class ConfigError(UserError, ValueError):
     """A config that cannot run: the message names the key, the file and the value."""
     exit_code = 2
+    every_rank = True     # every rank reads the same config
 
 
 def knob(default, meaning: str):

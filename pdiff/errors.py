@@ -11,5 +11,10 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake in the user's data, files or config: reported as its message alone."""
+    """A mistake in the user's data, files or config: reported as its message alone.
+
+    ``every_rank``: under torchrun every rank meets this error the same way (the config, a resume
+    check, the run lock, all decided alike or broadcast by rank 0), so rank 0 alone prints it; an
+    error one rank meets on its own (a damaged sample it read) is printed by that rank."""
     exit_code = 1
+    every_rank = False

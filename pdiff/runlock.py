@@ -39,6 +39,7 @@ HEARTBEAT_THREAD = "pdiff-run-lock"
 
 class RunLocked(UserError):
     """Another live trainer holds the run folder."""
+    every_rank = True     # rank 0 asks for the lock and every rank learns the answer
 
 
 def _boot_id() -> str:
