@@ -29,8 +29,8 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def stream_indices(num_samples: int, seed: int, positions: np.ndarray, cache: dict | None = None) -> np.ndarray:
-    """The sample indices at ``positions`` (ascending) of the global stream (epoch k // N, entry k mod N);
-    ``cache`` keeps the newest epoch's permutation (the stream only moves forward)."""
+    """The sample indices at ``positions`` of the global stream (epoch k // N, entry k mod N); ``cache``
+    keeps the two newest epochs' permutations (readers move forward, a look-ahead a little further)."""
     epochs, at = np.divmod(positions, num_samples)
     out = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs).tolist():
@@ -38,7 +38,8 @@ def stream_indices(num_samples: int, seed: int, positions: np.ndarray, cache: di
         if perm is None:
             perm = epoch_permutation(num_samples, seed, epoch)
             if cache is not None:
-                cache.clear()
+                if len(cache) >= 2:
+                    del cache[min(cache)]
                 cache[epoch] = perm
         mine = epochs == epoch
         out[mine] = perm[at[mine]]
@@ -49,6 +50,15 @@ def rank_rows(images_seen: int, global_batch: int, rank: int, world_size: int) -
     """The stream positions rank ``rank`` of ``world_size`` reads in the global step of ``global_batch``
     samples that starts after ``images_seen`` images: rows r, r+W, ... of the step."""
     return images_seen + np.arange(rank, global_batch, world_size, dtype=np.int64)
+
+
+def rank_stream(num_samples: int, seed: int, rank: int, world_size: int, start: int, count: int,
+                cache: dict | None = None) -> np.ndarray:
+    """Entries ``start .. start+count-1`` of the rank's endless stream: the global stream's positions
+    r, r+W, r+2W, ..., the rows the rank reads step after step (every step's global batch is a
+    multiple of W), so after ``images_seen`` images the rank stands at entry images_seen / W."""
+    positions = rank + world_size * np.arange(start, start + count, dtype=np.int64)
+    return stream_indices(num_samples, seed, positions, cache)
 
 
 def crop_positions(seed: int, images_seen: int, count: int, patch_size: int, resolution: int,

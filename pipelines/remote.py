@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdiff.pipelines.order import rank_part
+from pdiff.pipelines.order import rank_stream
 from pdiff.pipelines.sample_source import SourceError
 from pdiff.pipelines.shards.format import FORMAT, MANIFEST, load_manifest, shard_files
 from pdiff.pipelines.shards.reader import ShardSet
@@ -328,7 +328,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._where: tuple | None = None
         self._stopping = False
-        self._parts: dict[tuple, np.ndarray] = {}
+        self._parts: dict[int, np.ndarray] = {}     # order.rank_stream's cache
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="pdiff-fetch")
         self._thread = threading.Thread(target=self._run, name="pdiff-prefetch", daemon=True)
         self._thread.start()
@@ -348,20 +348,8 @@ class Prefetcher:
 
     def _stream(self, num: int, seed: int, rank: int, world: int, start: int, count: int) -> np.ndarray:
         """Entries start..start+count-1 of the rank's stream (pipelines/order.py's rank_stream), keeping
-        the two newest epochs' parts."""
-        per_rank = -(-num // world)
-        out = []
-        while count > 0:
-            epoch, at = divmod(start, per_rank)
-            key = (num, seed, rank, world, epoch)
-            if key not in self._parts:
-                if len(self._parts) >= 2:
-                    self._parts.pop(next(iter(self._parts)))
-                self._parts[key] = rank_part(num, seed, epoch, rank, world)
-            take = min(count, per_rank - at)
-            out.append(self._parts[key][at:at + take])
-            start, count = start + take, count - take
-        return np.concatenate(out)
+        the two newest epochs' permutations."""
+        return rank_stream(num, seed, rank, world, start, count, self._parts)
 
     def window(self, where: tuple) -> list[int]:
         """The shards read from ``where`` on, in order of first use, as many as the limit holds (at least one)."""

@@ -9,7 +9,7 @@ import torch
 from pdiff.config import load_config
 from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
-from pdiff.pipelines.order import SamplePlan, crop_positions, epoch_permutation
+from pdiff.pipelines.order import SamplePlan, crop_positions, epoch_permutation, rank_stream
 from pdiff.pipelines.shards import ShardError, write_shards
 from pdiff.pipelines.shards.write import write_order
 from pdiff.pipelines.sample_source import SourceError
@@ -131,10 +131,12 @@ def test_ranks_read_the_rows_of_one_process_whatever_the_world_size(n, world):
     labels = rng.integers(0, 10, n)
     one = SamplePlan(n, labels, sch, seed, 0, 1, xflip=True)
     ranks = [SamplePlan(n, labels, sch, seed, r, world, xflip=True) for r in range(world)]
-    seen, images_seen = [], 0
+    seen, images_seen, per_rank = [], 0, [[] for _ in range(world)]
     while len(seen) < 3 * n:                             # crosses two epoch boundaries
         want = one.step(images_seen)
         got = [p.step(images_seen) for p in ranks]
+        for r, g in enumerate(got):
+            per_rank[r] += g.indices.tolist()
         for field in ("indices", "offsets", "flips", "labels"):
             merged = np.empty_like(getattr(want, field))
             for r, g in enumerate(got):
@@ -147,6 +149,8 @@ def test_ranks_read_the_rows_of_one_process_whatever_the_world_size(n, world):
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
     np.testing.assert_array_equal(seen[:n], epoch_permutation(n, seed, 0))
     assert seen[:n] != seen[n:2 * n]                      # epochs differ
+    for r in range(world):              # the rank's own stream (the object-storage prefetcher reads it ahead)
+        assert per_rank[r] == rank_stream(n, seed, r, world, 0, len(per_rank[r])).tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
