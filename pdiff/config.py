@@ -104,6 +104,22 @@ class OptimConfig:
 
 
 @dataclass
+class ReprConfig:
+    """A representation loss on the activations of one network block, on the patch of each step
+    (docs/representation.md). Off by default."""
+    loss: Literal["none", "dispersive", "align"] = knob(
+        "none", "dispersive: Wang & He's spread-apart term; align: REPA's cosine alignment to the features "
+                "stored by `pdiff shard --encode-features`")
+    block: str = knob("", "the network module whose output it acts on, a name from named_modules() "
+                          "(e.g. enc.16x16_block0; `pdiff info --blocks` lists them)")
+    weight: float = knob(0.5, "the term's weight next to the EDM loss (dispersive: the paper's lambda, REPA: lambda)")
+    temperature: float = knob(0.5, "dispersive: tau of exp(-||z_i - z_j||^2 / (d tau))")
+    head_channels: int = knob(2048, "align: hidden width of the projection head (REPA's 3-layer SiLU MLP)")
+    until_images: int = knob(0, "switch the term off after this many images (0 = never)")
+    feature_channels: int = knob(0, "align: channels of the stored feature grids; default: the shards'")
+
+
+@dataclass
 class EMAConfig:
     # halflife: EDM's EMA (one average). power: EDM2's power-function EMAs, one per sigma_rel in
     # ``stds``, snapshotted every train.snapshot_every_images so that `pdiff ema reconstruct` can
@@ -181,6 +197,7 @@ class Config:
     patch: PatchConfig = field(default_factory=PatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    repr: ReprConfig = field(default_factory=ReprConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)
@@ -418,6 +435,10 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.weight_decay", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     ("optim.warmup_images", lambda v: v >= 0, "must be >= 0"),
     ("optim.grad_clip", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = no clipping)"),
+    ("repr.weight", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    ("repr.temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("repr.head_channels", lambda v: v >= 1, "must be at least 1"),
+    ("repr.until_images", lambda v: v >= 0, "must be >= 0 (0 = never switched off)"),
     ("ema.halflife_images", lambda v: v >= 0, "must be >= 0"),
     ("ema.rampup_ratio", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = off)"),
     ("train.batch", lambda v: v >= 1, "must be at least 1"),
@@ -501,7 +522,9 @@ def resolution_from_data(cfg: Config) -> bool:
 
 
 def check_resolution_dependent(cfg: Config, source: str) -> None:
-    """The settings that must fit data.resolution: the patch sizes and the sampling canvas."""
+    """The settings that must fit data.resolution: the patch sizes, the sampling canvas and repr.block
+    (the U-Nets name their blocks by resolution)."""
+    from .networks import network_blocks
     from .schedule import PatchSchedule
     try:
         PatchSchedule.from_config(cfg)      # patch.sizes / probs against each other and the resolution
@@ -517,6 +540,12 @@ def check_resolution_dependent(cfg: Config, source: str) -> None:
     if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
         raise ConfigError(f"{source}: sample.canvas: must be 0 or at least data.resolution ({cfg.data.resolution}), "
                           f"got {cfg.sample.canvas}")
+    if cfg.repr.loss != "none":
+        try:
+            network_blocks(cfg.network, cfg.data.resolution, cfg.data.channels, cfg.repr.block)
+        except ValueError as e:
+            raise ConfigError(f"{source}: repr.block: with repr.loss={cfg.repr.loss} at {cfg.data.resolution} px: "
+                              f"{e}") from None
 
 
 def advice(cfg: Config) -> list[str]:

@@ -15,7 +15,9 @@ from torch import nn
 
 from pdiff.kernels import build_net_input, edm_patch_loss
 
+from .networks import find_block
 from .precond import EDMPrecond, c_noise
+from .repr import BlockTap, ReprTerm, TappedNetwork, block_channels
 from .schedule import PatchSchedule
 
 
@@ -35,24 +37,32 @@ def net_dtype(precision: str) -> torch.dtype:
 
 class PatchLoss(nn.Module):
     def __init__(self, model: EDMPrecond, resolution: int, backend: str, net_dtype: torch.dtype,
-                 channels_last: bool = False):
+                 channels_last: bool = False, repr_term: ReprTerm | None = None, tap: BlockTap | None = None):
         super().__init__()
         self.model = model
         self.resolution = resolution
         self.backend = backend          # "triton" | "torch" (kernels.resolve_backend)
         self.net_dtype = net_dtype      # bf16 under autocast on CUDA, else fp32
         self.channels_last = channels_last  # the network input's memory layout (match the weights')
-        self.use_network(model.net)
+        # The representation term (pdiff/repr.py) and the tap on its block: the network then returns
+        # (F, the block's output), and forward returns (per-sample loss, weighted per-sample term).
+        self.repr_term = repr_term      # a submodule: DDP reduces its head's gradients with the model's
+        self.__dict__["tap"] = tap
+        self.use_network(TappedNetwork(model.net, tap) if tap is not None else model.net)
 
     def use_network(self, fn) -> None:
         """Run F through ``fn`` (e.g. torch.compile(model.net)); kept out of the submodules so the
         compiled wrapper's parameters are not registered twice."""
         self.__dict__["net_fn"] = fn
 
-    def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, images_seen: int):
+    def forward(self, patches, offsets, sigma, noise, class_labels, seed: int, images_seen: int,
+                features=None, repr_weight: float = 0.0):
         """Per-sample loss (B,) of uint8 (B, s, s, C) image patches or float (B, C, s, s) ones (the
         kernels read either). ``noise`` is given on the torch path; on the Triton path it is None and
-        both kernels regenerate the same Philox noise from (seed, images_seen)."""
+        both kernels regenerate the same Philox noise from (seed, images_seen). With a repr term:
+        (that loss, ``repr_weight`` x the term per sample); ``features`` are the batch's stored feature
+        grids (repr.loss=align). A weight of 0 (after repr.until_images) skips the dispersive term;
+        align's head still runs, times 0, so that DDP sees a gradient for each of its parameters."""
         sd = self.model.sigma_data
         kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=images_seen)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
@@ -62,7 +72,14 @@ class PatchLoss(nn.Module):
                     else contextlib.nullcontext())
         with autocast:
             F = self.net_fn(net_in, c_noise(sigma), class_labels)
-        return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        if self.repr_term is None:
+            return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        F, activation = F
+        loss = edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        align = self.repr_term.kind == "align"
+        if (align and features is None) or (not align and repr_weight == 0):
+            return loss, torch.zeros_like(loss)
+        return loss, self.repr_term(activation, features, offsets, patches.shape[2]) * repr_weight
 
 
 def synthetic_patches(n: int, channels: int, size: int, dtype: torch.dtype, device, generator=None) -> torch.Tensor:
@@ -119,7 +136,8 @@ class TrainingStep:
             sigma = torch.ones(n, device=device)
             noise = torch.zeros(n, self.channels, size, size, device=device) if self.loss.backend == "torch" else None
             labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
-            self.loss(patches, offsets, sigma, noise, labels, 0, 0).sum().backward()
+            loss = self.loss(patches, offsets, sigma, noise, labels, 0, 0)     # the network's graph: no repr term
+            (loss[0] if isinstance(loss, tuple) else loss).sum().backward()
         self.model.zero_grad(set_to_none=True)
         return compiled_graphs()
 
@@ -137,15 +155,23 @@ def build_step(cfg, device) -> TrainingStep:
     model = build_model(cfg).to(device)
     backend = resolve_backend(cfg.train.kernels, device)
     precision = resolve_precision(cfg.train.precision, device)
-    loss = PatchLoss(model, cfg.data.resolution, backend, net_dtype(precision), cfg.train.channels_last)
+    term = tap = None
+    if cfg.repr.loss != "none":
+        block = find_block(model.net, cfg.repr.block)
+        width = block_channels(model.net, block, cfg.data.channels, min(schedule.sizes), cfg.network.label_dim)
+        term = ReprTerm(cfg.repr, cfg.data.resolution, width, cfg.repr.feature_channels).to(device)
+        tap = BlockTap(block)
+    loss = PatchLoss(model, cfg.data.resolution, backend, net_dtype(precision), cfg.train.channels_last, term, tap)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         # One graph per (patch size, micro-batch size): allow them all without evictions.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(schedule.sizes))
-        loss.use_network(torch.compile(model.net, dynamic=False))
+        loss.use_network(torch.compile(loss.net_fn, dynamic=False))     # the network (with its tap, if any)
     o = cfg.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    # The repr head trains with the model (it is not part of it: no EMA, no snapshot).
+    trained = list(model.parameters()) + (list(term.parameters()) if term is not None else [])
+    optimizer = torch.optim.Adam(trained, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay,
                                  fused=device.type == "cuda")   # one kernel for the whole update on CUDA
     return TrainingStep(model, loss, optimizer, schedule, precision, cfg.data.channels,

@@ -87,8 +87,10 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
     # Resume from the newest good checkpoint, if any. No random-number state is saved: every
     # random draw of a step (patch size, samples, crops, sigma, noise, dropout) is derived from
     # (seed, images seen[, rank]), so the parts below are all a run needs to go on exactly.
+    # The repr projection head (repr.loss=align) trains with the model and is saved beside it.
+    head = {"repr_head": step.loss.repr_term} if step.loss.repr_term is not None and cfg.repr.loss == "align" else {}
     run_state = RunState(run_dir, to_dict(cfg), cfg.train.keep_checkpoints,
-                         model=model, ema=ema, optimizer=opt, pipeline=EveryRank(pipe))
+                         model=model, ema=ema, optimizer=opt, pipeline=EveryRank(pipe), **head)
     images_seen, latest = run_state.resume()
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -125,7 +127,8 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                       wall_budget_s=cfg.train.wall_budget_s, started=t_start)
     monitor.describe_run(to_dict(cfg), dump_yaml(cfg))
     clock = monitor.clock
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]   # with the repr head
+    repr_sum, repr_rows = torch.zeros((), device=device), 0      # the weighted repr term over the log interval
     images_at_start, steps_this_run = images_seen, 0
     snapshot = None
 
@@ -157,13 +160,22 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
             group["lr"] = lr
         chunks = micro_batches(b, cfg.train.grad_accum)
         per_sample = []
+        # The repr term (repr.loss) at its weight until repr.until_images, then 0.
+        repr_weight = cfg.repr.weight if not cfg.repr.until_images or images_seen < cfg.repr.until_images else 0.0
         for j, idx in enumerate(chunks):
             sync = contextlib.nullcontext() if (world == 1 or j == len(chunks) - 1) else ddp.no_sync()
             with sync:
                 loss = ddp(batch.patches[idx], batch.offsets[idx], sigma[idx],
                            None if noise is None else noise[idx], None if labels is None else labels[idx],
-                           derive_seed(cfg.train.seed, rank, j), images_seen)
-                (loss.sum() / b).backward()
+                           derive_seed(cfg.train.seed, rank, j), images_seen,
+                           None if batch.features is None else batch.features[idx], repr_weight)
+                term = 0
+                if isinstance(loss, tuple):
+                    loss, term = loss
+                    repr_sum += term.detach().sum()
+                    repr_rows += term.shape[0]
+                    term = term.sum()
+                ((loss.sum() + term) / b).backward()
             per_sample.append(loss.detach())
 
         # 4. Guard, clip, step, EMA: all on the device (no host sync unless nonfinite=skip).
@@ -204,6 +216,10 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                            images_seen_this_run=images_seen - images_at_start, **flops.figures(seconds))
             if compiles_after_warmup is not None:
                 figures["recompiles_after_warmup"] = compiled_graphs() - compiles_after_warmup
+            if repr_rows:
+                figures["repr/weighted_term"] = float(repr_sum) / repr_rows
+                repr_sum.zero_()
+                repr_rows = 0
             # Damaged samples met so far (replaced under data.on_corrupt=skip), counted once over all ranks.
             figures["data/corrupt_samples"] = len(set().union(*distributed.all_gather_object(pipe.corrupt.found)))
             monitor.scalars(images_seen, figures)

@@ -73,6 +73,8 @@ class Batch:
     labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
     patch_size: int
     images_seen: int          # global images seen before this step
+    features: torch.Tensor | None = None   # repr.loss=align: float32 (b, C_f, g, g), each row's stored feature
+                                           # grid of the whole image, flipped with its patch
 
     def float_patches(self) -> torch.Tensor:
         """float32 (b, C, s, s): images in [-1, 1] with the bits the training step's kernels use."""

@@ -14,10 +14,17 @@ Adding a network: write pdiff/networks/<file>.py with a builder
 whose module has the forward above and a ``downsample`` attribute, and add one line for it to
 NETWORKS below; ``network.arch=<name>`` then selects it (pdiff/config.py checks names against
 NETWORKS). Code outside the package registers with ``register_network``.
+
+Blocks: any module of a network is addressed by its ``named_modules()`` name (the U-Nets':
+``enc.16x16_block0``, ``dec.8x8_in0``, ...; ``pdiff info --blocks`` lists them); the representation
+losses (pdiff/repr.py, ``repr.block``) hook one. ``find_block`` resolves a name or says which are close.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable
+
+import torch
 
 from torch import nn
 
@@ -59,4 +66,35 @@ def build_network(cfg, resolution: int, channels: int) -> nn.Module:
     return net
 
 
-__all__ = ["NETWORKS", "DhariwalUNet", "SongUNet", "build_network", "register_network"]
+class BlockError(ValueError):
+    """A block name that is no module of the network."""
+
+
+def block_names(net: nn.Module) -> list[str]:
+    """The addressable blocks of ``net``: every named submodule (the root, named '', excluded)."""
+    return [name for name, _ in net.named_modules() if name]
+
+
+def find_block(net: nn.Module, name: str) -> nn.Module:
+    """The module ``name`` of ``net``; BlockError naming the closest names and the outer blocks."""
+    modules = dict(net.named_modules())
+    if name and name in modules:
+        return modules[name]
+    names = block_names(net)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    outer = [n for n in names if n.count(".") <= 1]
+    raise BlockError(f"{name!r} is not a module of the network" + (f"; did you mean {', '.join(close)}?" if close else "")
+                     + f" (its blocks: {', '.join(outer)}; `pdiff info --blocks` lists every name)")
+
+
+def network_blocks(cfg, resolution: int, channels: int, name: str | None = None) -> list[str]:
+    """The block names of the network ``cfg`` describes (built on the meta device: no memory, no
+    weights); with ``name``, BlockError unless it is one of them."""
+    with torch.device("meta"):
+        net = build_network(cfg, resolution, channels)
+    if name is not None:
+        find_block(net, name)
+    return block_names(net)
+
+
+__all__ = ["NETWORKS", "BlockError", "block_names", "find_block", "network_blocks", "DhariwalUNet", "SongUNet", "build_network", "register_network"]
