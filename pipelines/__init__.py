@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdiff.errors import UserError
 from pdiff.pipelines.sample_source import SampleSource, SourceError
@@ -119,10 +119,30 @@ def open_dataset(cfg):
         cfg, notes = fill_from_data(cfg, source.resolution, source.sample_channels, source.num_classes,
                                     str(cfg.data.path))
         cfg = with_data_defaults(cfg, source)   # latent shards: their patch sizes and autoencoder
+        cfg = with_feature_channels(cfg, source)
     except Exception:
         source.close()
         raise
     return cfg, source, notes
+
+
+def with_feature_channels(cfg, source: SampleSource):
+    """repr.loss=align: ``cfg`` with repr.feature_channels taken from the source's stored feature grids
+    (a value the user gave must agree); a SourceError when it stores none."""
+    if cfg.repr.loss != "align":
+        return cfg
+    feats = source.features
+    if not feats:
+        raise SourceError(f"{cfg.data.path}: repr.loss=align needs a frozen encoder's feature grids stored with the "
+                          f"samples: shard them with `pdiff shard SRC OUT --encode-features ENCODER` "
+                          f"(docs/representation.md), or use repr.loss=dispersive (no encoder)")
+    given = cfg.repr.feature_channels
+    if given and given != feats["channels"]:
+        raise SourceError(f"{cfg.data.path}: repr.feature_channels={given} but the stored grids have "
+                          f"{feats['channels']} channels (encoder {feats.get('source')}); remove the setting")
+    out = replace(cfg, repr=replace(cfg.repr, feature_channels=int(feats["channels"])))
+    out.given = cfg.given
+    return out
 
 
 def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,

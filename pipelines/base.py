@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from pdiff.pipelines import Batch, PipelineStateError
@@ -48,6 +49,8 @@ class PatchPipeline:
         self._running = False
         # what Batch.patches holds: uint8 HWC pixels, or the latents' float32 CHW values
         self.patch_dtype = torch.float32 if source.encoding == "latent" else torch.uint8
+        # repr.loss=align: each row's stored feature grid goes with its patch (Batch.features)
+        self.with_features = getattr(getattr(cfg, "repr", None), "loss", "none") == "align"
 
     # -- iteration
     def __iter__(self):
@@ -70,9 +73,22 @@ class PatchPipeline:
             patches[rows] = patches[rows].flip(2 if patches.dtype == torch.uint8 else 3)
         if self.source.latent is not None and self.source.latent.posterior:
             patches = draw_latents(patches, self._latent_noise(step), self.source.latent)
+        features = self._features(step) if self.with_features else None
         self.images_seen += self.schedule.batch_for(step.patch_size)
         return Batch(patches, torch.from_numpy(step.offsets).to(self.device),
-                     torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen)
+                     torch.from_numpy(step.labels).to(self.device), step.patch_size, step.images_seen, features)
+
+    def _features(self, step: RankStep) -> torch.Tensor:
+        """The stored feature grids (b, C_f, g, g) of the samples the step's rows hold (a replacement's
+        where one was damaged: ``step.indices`` says which), float32 on the device, mirrored where the
+        patch is: the training step samples them over the patch's region at its offsets
+        (pdiff.repr.feature_region), so a flipped patch meets the flip of the region it was read from."""
+        grids = torch.from_numpy(np.stack([self.source.read_features(int(i)) for i in step.indices]))
+        grids = grids.to(self.device, non_blocking=True).float()
+        if step.flips.any():
+            rows = torch.from_numpy(step.flips.nonzero()[0]).to(self.device)
+            grids[rows] = grids[rows].flip(3)
+        return grids
 
     def _latent_noise(self, step: RankStep) -> torch.Tensor:
         """Unit noise for this rank's posterior patches: drawn for the whole global step on the device

@@ -109,6 +109,7 @@ class SampleSource:
     num_classes: int = 0             # 0 when the dataset has no labels
     checksummed: bool = False        # read() checks a per-sample checksum (damage is caught before decoding)
     latent: LatentSpace | None = None   # latent sources: what the values are (None for images)
+    features: dict | None = None        # stored feature grids (`pdiff shard --encode-features`): grid, channels, ...
 
     @property
     def sample_channels(self) -> int:
@@ -128,6 +129,11 @@ class SampleSource:
         """The stored bytes of sample ``i``, in ``encoding``. A source that keeps checksums checks them
         here and raises `CorruptSample` for a damaged sample, so no decoder ever sees its bytes."""
         raise NotImplementedError
+
+    def read_features(self, i: int) -> np.ndarray:
+        """Sample ``i``'s stored feature grid (C_f, g, g) (repr.loss=align), checked like ``read``; only
+        sources with ``features`` have them."""
+        raise SourceError(f"{type(self).__name__} stores no feature grids (shard with `pdiff shard --encode-features`)")
 
     def describe(self, i: int) -> str:
         """Where sample ``i`` lives, for error messages."""

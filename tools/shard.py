@@ -86,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-vae", metavar="VAE",
                    help="encode the images with this AutoencoderKL (diffusers folder or hub id) into posterior latents")
     p.add_argument("--vae-batch", type=int, default=32, help="--encode-vae: images per encoder pass")
-    p.add_argument("--device", default="auto", help="--encode-vae: the encoder's device (auto: the GPU if any)")
+    p.add_argument("--encode-features", metavar="ENCODER",
+                   help="store a frozen encoder's feature grid per sample, for repr.loss=align: FILE.py:FACTORY, a "
+                        "TorchScript FILE.pt, or dinov2_vits14/b14/l14/g14 (docs/representation.md)")
+    p.add_argument("--features-batch", type=int, default=32, help="--encode-features: images per encoder pass")
+    p.add_argument("--device", default="auto",
+                   help="--encode-vae / --encode-features: the encoder's device (auto: the GPU if any)")
     p.add_argument("--layout", choices=LAYOUTS, default="nhwc", help="latent: the array's axis order")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="latent: stored element type")
     p.add_argument("--latent-scale", type=float, default=None,

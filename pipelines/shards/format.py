@@ -10,7 +10,11 @@ last. Sample k (a global index, zero-padded to 9 digits, no dots) has the member
   pipelines/sample_source.py): png, jpg, webp, raw (R x R x C uint8) or lat (R x R x C little-endian
   float16/float32; see "Latent shards" below);
 * ``KKKKKKKKK.cls``: the label as decimal text (WebDataset's convention: the `webdataset` library
-  decodes it to an int), ``-1`` when the dataset has none.
+  decodes it to an int), ``-1`` when the dataset has none;
+* ``KKKKKKKKK.feat`` (`pdiff shard --encode-features` only): a frozen encoder's feature grid of the
+  image, C_f x g x g little-endian float16 (channels first); the manifest's ``features`` record names
+  the encoder (its spec and the sha256 of its weights), ``grid``, ``channels``, ``dtype``, ``layout``.
+  It is a member like the others: the sample's CRC-32 covers it (docs/representation.md).
 
 The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byte sizes, sha256s, and
 ``crc32``: one CRC-32 per sample, over its members' bytes in the order written, as 8 hex digits each).
@@ -51,6 +55,7 @@ FORMAT_VERSION = 3
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}   # encoding -> member extension
 LABEL_EXT = "cls"
+FEATURE_EXT = "feat"                     # a stored feature grid (--encode-features), after the label
 LEGACY_LABEL_EXT = "lbl"                 # versions 1 and 2: a 4-byte little-endian int32
 _LEGACY_LABEL_DTYPE = np.dtype("<i4")
 _MAX_LABEL_BYTES = 20                    # "-1" .. the largest int64 in decimal
@@ -94,9 +99,28 @@ def decode_label(ext: str, data: bytes) -> int:
     return int(data)
 
 
-def sample_members(encoding: str, data: bytes, label: int) -> list[tuple[str, bytes]]:
+def sample_members(encoding: str, data: bytes, label: int, features: bytes | None = None) -> list[tuple[str, bytes]]:
     """The tar members of one sample, as (extension, bytes), in the order they are written."""
-    return [(IMAGE_EXTS[encoding], data), (LABEL_EXT, encode_label(label))]
+    members = [(IMAGE_EXTS[encoding], data), (LABEL_EXT, encode_label(label))]
+    return members + ([(FEATURE_EXT, features)] if features is not None else [])
+
+
+def member_exts(manifest: dict) -> tuple[str, ...]:
+    """The members a sample has after its data and label, in the order written (and CRC-checked)."""
+    return (FEATURE_EXT,) if manifest.get("features") else ()
+
+
+def feature_record(manifest: dict, path) -> dict | None:
+    """The ``features`` record of a folder written with --encode-features (None without), checked."""
+    rec = manifest.get("features")
+    if rec is None:
+        return None
+    ok = (isinstance(rec, dict) and all(isinstance(rec.get(k), int) and rec[k] > 0 for k in ("grid", "channels"))
+          and rec.get("dtype") == "float16" and rec.get("layout") == "chw" and isinstance(rec.get("sha256"), str))
+    if not ok:
+        raise ShardError(f"{path}: the 'features' record is damaged (expected grid, channels, dtype float16, layout "
+                         f"chw and the encoder's sha256); restore {MANIFEST} or re-create the shards")
+    return rec
 
 
 def sample_crc(*member_bytes) -> int:
@@ -194,10 +218,11 @@ def parse_index(data: bytes, path: str | Path) -> list[dict[str, tuple[int, int]
     return out
 
 
-def sample_offsets(root: Path, rec: dict, encoding: str, label: str) -> np.ndarray:
-    """(count, 4) int64: offset and size of each sample's data member and of its label member (extension
-    ``label``) in the shard's tar, from its index. The index is checked against the manifest's sha256
-    first (it is small next to its tar): a damaged offset would hand a decoder the wrong bytes."""
+def sample_offsets(root: Path, rec: dict, encoding: str, label: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+    """(count, 4 + 2 len(extra)) int64: offset and size of each sample's data member, of its label member
+    (extension ``label``) and of each ``extra`` member (member_exts) in the shard's tar, from its index.
+    The index is checked against the manifest's sha256 first (it is small next to its tar): a damaged
+    offset would hand a decoder the wrong bytes."""
     path, ext = root / rec["index"], IMAGE_EXTS[encoding]
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != rec["index_sha256"]:
@@ -206,15 +231,15 @@ def sample_offsets(root: Path, rec: dict, encoding: str, label: str) -> np.ndarr
     entries = parse_index(data, path)
     if len(entries) != rec["count"]:
         raise ShardError(f"{path}: {len(entries)} samples, the manifest says {rec['count']}")
-    out = np.empty((len(entries), 4), np.int64)
+    out = np.empty((len(entries), 4 + 2 * len(extra)), np.int64)
     for k, e in enumerate(entries):
-        if ext not in e or label not in e:
-            raise ShardError(f"{path}: sample #{k} lacks .{ext} or .{label}")
+        if ext not in e or label not in e or any(x not in e for x in extra):
+            raise ShardError(f"{path}: sample #{k} lacks .{ext}, .{label}" + "".join(f" or .{x}" for x in extra))
         size = e[label][1]
         fits = size == _LEGACY_LABEL_DTYPE.itemsize if label == LEGACY_LABEL_EXT else 1 <= size <= _MAX_LABEL_BYTES
         if not fits:
             raise ShardError(f"{path}: sample #{k} has a {size}-byte .{label} label")
-        out[k] = *e[ext], *e[label]
+        out[k] = *e[ext], *e[label], *(v for x in extra for v in e[x])
     return out
 
 
@@ -348,6 +373,7 @@ def load_manifest(root: str | Path) -> dict:
     _check_fields(manifest, path)
     if manifest["encoding"] == "latent":
         _check_latent_fields(manifest, path)
+    feature_record(manifest, path)
     if label_ext(manifest) not in (LABEL_EXT, LEGACY_LABEL_EXT):
         raise ShardError(f"{path}: label member .{label_ext(manifest)} is neither .{LABEL_EXT} nor .{LEGACY_LABEL_EXT}")
     return manifest

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pdiff.pipelines.sample_source import CorruptSample, SampleSource
-from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, label_ext,
-                                           latent_space, load_manifest, parse_crcs, sample_crc, sample_dtype,
+from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, feature_record,
+                                           label_ext, latent_space, load_manifest, member_exts, parse_crcs, sample_crc, sample_dtype,
                                            sample_offsets, sample_place, verify_hint)
 
 
@@ -33,12 +33,15 @@ class ShardSet(SampleSource):
         self.num_classes = int(m.get("num_classes") or 0)
         self.image_ext, self.label_ext = IMAGE_EXTS[self.encoding], label_ext(m)
         self.tars = [str(self.root / rec["tar"]) for rec in m["shards"]]
-        tables = [sample_offsets(self.root, rec, self.encoding, self.label_ext) for rec in m["shards"]]
+        # --encode-features: each sample's stored feature grid (format.py), covered by its CRC-32
+        self.features = feature_record(m, self.root / "manifest.json")
+        tables = [sample_offsets(self.root, rec, self.encoding, self.label_ext, member_exts(m)) for rec in m["shards"]]
         self.shard = np.concatenate([np.full(len(t), s, np.int32) for s, t in enumerate(tables)])
         self.first = np.cumsum([0] + [len(t) for t in tables])[:-1]      # global index of each shard's sample #0
         if len(self.shard) != self.count:
             raise ShardError(f"{self.root}: indexes list {len(self.shard)} samples, the manifest says {self.count}")
-        self.img_off, self.img_size, self.lbl_off, self.lbl_size = np.concatenate(tables).T.copy()
+        self.img_off, self.img_size, self.lbl_off, self.lbl_size, *feat = np.concatenate(tables).T.copy()
+        self.feat_off, self.feat_size = feat if feat else (None, None)
         crcs = [parse_crcs(rec, self.root / "manifest.json") for rec in m["shards"]]
         self.checksummed = all(c is not None for c in crcs)
         self.crc = np.concatenate(crcs) if self.checksummed else None
@@ -90,10 +93,17 @@ class ShardSet(SampleSource):
     def _label_bytes(self, i: int) -> bytes:
         return self._pread(i, int(self.lbl_off[i]), int(self.lbl_size[i]), "label")
 
+    def _feature_bytes(self, i: int) -> bytes:
+        return self._pread(i, int(self.feat_off[i]), int(self.feat_size[i]), "features")
+
     def read(self, i: int) -> bytes:
         off, size = int(self.img_off[i]), int(self.img_size[i])
         if self.crc is None:
             return self._pread(i, off, size, "data")
+        if self.features is not None:    # the CRC spans the feature member too
+            data, label = self._pread(i, off, size, "data"), self._label_bytes(i)
+            self._check(i, sample_crc(data, label, self._feature_bytes(i)))
+            return data
         gap = int(self._gap[i])
         if gap < 0:                      # not the order this writer uses: two reads
             data, label = self._pread(i, off, size, "data"), self._label_bytes(i)
@@ -109,7 +119,8 @@ class ShardSet(SampleSource):
         if out.nbytes != size:
             raise ShardError(f"{self.describe(i)}: {size} bytes, expected {out.nbytes}")
         view = memoryview(out).cast("B")
-        tail = bytearray(gap + int(self.lbl_size[i]) if self.crc is not None and gap >= 0 else 0)
+        tail = bytearray(gap + int(self.lbl_size[i]) if self.crc is not None and gap >= 0 and self.features is None
+                         else 0)
         want = size + len(tail)
         got = os.preadv(self._fd(int(self.shard[i])), [view, tail] if tail else [view], int(self.img_off[i]))
         if got != want:
@@ -117,7 +128,23 @@ class ShardSet(SampleSource):
                                    f"points outside the archive); {self.damage_hint()}")
         if self.crc is not None:
             label = bytes(tail[gap:]) if tail else self._label_bytes(i)
-            self._check(i, sample_crc(view, label))
+            extra = (self._feature_bytes(i),) if self.features is not None else ()
+            self._check(i, sample_crc(view, label, *extra))
+
+    def read_features(self, i: int) -> np.ndarray:
+        """The stored feature grid of sample ``i``, float16 (C_f, g, g), after the sample's CRC-32 check
+        (which spans its data, label and features: all three are read)."""
+        if self.features is None:
+            raise ShardError(f"{self.root}: written without --encode-features: no feature grids stored")
+        feat = self._feature_bytes(i)
+        if self.crc is not None:
+            data = self._pread(i, int(self.img_off[i]), int(self.img_size[i]), "data")
+            self._check(i, sample_crc(data, self._label_bytes(i), feat))
+        g, c = self.features["grid"], self.features["channels"]
+        if len(feat) != 2 * c * g * g:
+            raise CorruptSample(i, f"{self.describe(i)}: its feature member holds {len(feat)} bytes, expected "
+                                   f"{2 * c * g * g} ({c} x {g} x {g} float16); {self.damage_hint()}")
+        return np.frombuffer(feat, "<f2").reshape(c, g, g)
 
     def read_region(self, i: int, x0: int, y0: int, size: int, out: np.ndarray) -> None:
         """Raw (and latents in shards without CRC-32s): only the rows the region spans, one ``pread``,

@@ -16,7 +16,7 @@ import numpy as np
 
 from pdiff.pipelines.sample_source import SourceError, decode_sample
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, MANIFEST, check_shard, decode_label, label_ext, load_manifest,
-                                           parse_crcs, sample_crc, sample_dtype, sample_offsets, sample_place)
+                                           member_exts, parse_crcs, sample_crc, sample_dtype, sample_offsets, sample_place)
 from pdiff.progress import Progress
 
 SHOW_PROBLEMS = 50          # damaged samples listed in the message (all are counted)
@@ -36,7 +36,8 @@ def verify(root: str | Path, workers: int = 0, progress: bool = False) -> tuple[
         return False, str(e)
     facts = {"encoding": manifest["encoding"], "resolution": int(manifest["resolution"]),
              "channels": int(manifest["channels"]), "dtype": sample_dtype(manifest).str,
-             "label_ext": label_ext(manifest), "num_classes": int(manifest.get("num_classes") or 0)}
+             "label_ext": label_ext(manifest), "num_classes": int(manifest.get("num_classes") or 0),
+             "extra": member_exts(manifest)}
     first = np.cumsum([0] + [rec["count"] for rec in manifest["shards"]])
     jobs = [(str(root), rec, facts, int(first[k])) for k, rec in enumerate(manifest["shards"])]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -86,11 +87,13 @@ def _verify_shard(root: Path, rec: dict, facts: dict, first: int) -> tuple[int, 
     """-> (samples, problems, damaged samples) of one shard, read front to back once."""
     tar = root / rec["tar"]
     encoding, ext, lab_ext = facts["encoding"], IMAGE_EXTS[facts["encoding"]], facts["label_ext"]
-    table = sample_offsets(root, rec, encoding, lab_ext)     # the index, against its sha256
+    table = sample_offsets(root, rec, encoding, lab_ext, facts["extra"])     # the index, against its sha256
     crcs = parse_crcs(rec, root / MANIFEST)
-    # Every member in the order it lies in the tar: (offset, size, sample number, 0 = data / 1 = label).
-    members = sorted([(int(o), int(s), k, 0) for k, (o, s, _, _) in enumerate(table)]
-                     + [(int(o), int(s), k, 1) for k, (_, _, o, s) in enumerate(table)])
+    # Every member in the order it lies in the tar: (offset, size, sample number, 0 = data / 1 = label /
+    # 2.. = the extra members, member_exts).
+    n_members = table.shape[1] // 2
+    members = sorted((int(row[2 * m]), int(row[2 * m + 1]), k, m) for k, row in enumerate(table)
+                     for m in range(n_members))
     h = hashlib.sha256()
     problems: list[str] = []
     damaged: set[int] = set()
@@ -112,7 +115,7 @@ def _verify_shard(root: Path, rec: dict, facts: dict, first: int) -> tuple[int, 
             while pos < offset:
                 take(min(_CHUNK, offset - pos))
             data = take(size)
-            parts.setdefault(k, [None, None])[which] = data
+            parts.setdefault(k, [None] * n_members)[which] = data
             if None not in parts[k]:
                 problem = _check_sample(parts.pop(k), crcs, k, first, tar, table, facts, ext, lab_ext)
                 if problem:
@@ -127,12 +130,12 @@ def _verify_shard(root: Path, rec: dict, facts: dict, first: int) -> tuple[int, 
 
 
 def _check_sample(members, crcs, k, first, tar, table, facts, ext, lab_ext) -> str | None:
-    data, label = members
+    data, label = members[:2]
     where = sample_place(tar, first + k, k, ext, int(table[k, 0]), int(table[k, 1]))
-    if len(data) != table[k, 1] or len(label) != table[k, 3]:
+    if any(len(m) != table[k, 2 * j + 1] for j, m in enumerate(members)):
         return f"{where}: cut short (the tar ends inside it)"
-    if crcs is not None and sample_crc(data, label) != int(crcs[k]):
-        return f"{where}: fails its CRC-32 check (stored {int(crcs[k]):08x}, read {sample_crc(data, label):08x})"
+    if crcs is not None and sample_crc(*members) != int(crcs[k]):
+        return f"{where}: fails its CRC-32 check (stored {int(crcs[k]):08x}, read {sample_crc(*members):08x})"
     try:
         sample = decode_sample(data, facts["encoding"], facts["resolution"], facts["channels"], facts["dtype"])
     except Exception as e:

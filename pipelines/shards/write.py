@@ -87,7 +87,9 @@ class Options:
     latent_scale: float | None = None     # latent: the factor the latents already carry (recorded only); None: 1
     encode_vae: str | None = None         # images -> this VAE's posterior (a diffusers folder or hub id)
     vae_batch: int = 32                   # encode_vae: images per encoder pass
-    device: str = "auto"                  # encode_vae: the encoder's device (auto: the GPU where there is one)
+    encode_features: str | None = None    # a frozen encoder (encode_features.py) whose feature grid is stored per sample
+    features_batch: int = 32              # encode_features: images per encoder pass
+    device: str = "auto"                  # encode_vae / encode_features: the encoder's device (auto: the GPU if any)
     quality: int = 95                     # jpeg / webp (webp 100 = lossless)
     max_count: int = 10_000               # samples per shard at most
     max_bytes: int = 1 << 30              # bytes per shard at most (one sample larger than this still gets a shard)
@@ -121,6 +123,12 @@ class Options:
                                       f"converted); drop --channels")
             if self.vae_batch < 1:
                 raise ShardInputError(f"vae batch must be positive, got {self.vae_batch}")
+        if self.encode_features:
+            if self.encoding == "latent":
+                raise ShardInputError("--encode-features stores features of images: not with --encode-vae or "
+                                      "--format latent yet (shard the images, or see docs/representation.md)")
+            if self.features_batch < 1:
+                raise ShardInputError(f"features batch must be positive, got {self.features_batch}")
         if self.transform not in TRANSFORMS:
             raise ShardInputError(f"transform {self.transform!r} is not one of {', '.join(TRANSFORMS)}")
         if self.encoding not in ENCODINGS:
@@ -202,6 +210,11 @@ def _write_locked(source: str | Path, out_dir: str | Path, opts: Options, on_sha
         settings.update(dtype=opts.dtype, vae=vae.record)
     elif opts.encoding == "latent":
         settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
+    if opts.encode_features:        # torch, only with --encode-features
+        from pdiff.pipelines.shards.encode_features import FeatureEncoder, load_feature_encoder
+        encoder = FeatureEncoder(load_feature_encoder(opts.encode_features, opts.device), opts.encode_features,
+                                 resolution, channels, opts.encoding, opts.features_batch)
+        settings.update(features=encoder.record)
     fingerprint = dict(settings, source=str(Path(source).resolve()), kind=src.kind, per_shard=per_shard,
                        max_bytes=opts.max_bytes, name=opts.name, n_items=len(items), shuffle_seed=opts.shuffle_seed,
                        tool_version=TOOL_VERSION)
@@ -374,7 +387,10 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
                     log.warn(f"skipped {item.path}: {reason}")
                     shard_skipped.append({"path": item.path, "reason": reason})
                     continue
-                members = sample_members(opts.encoding, data, item.label)
+                features = None
+                if isinstance(data, tuple):      # --encode-features: (sample bytes, its feature grid's bytes)
+                    data, features = data
+                members = sample_members(opts.encoding, data, item.label, features)
                 sizes = [len(d) for _, d in members]
                 if shard is not None and (len(shard.entries) >= per_shard or shard.projected(sizes) > opts.max_bytes):
                     done.append(journal.close_shard(shard, out, items, shard_start, pos, shard_skipped, done))
@@ -419,6 +435,8 @@ def _manifest(source, out_dir, opts: Options, src, settings: dict, done: list[di
         "ignored": {"count": len(src.ignored), "files": src.ignored[:MAX_IGNORED]},
         "fingerprint": fingerprint,
     }
+    if settings.get("features"):     # the stored feature grids' encoder and shape (format.py)
+        manifest["features"] = settings["features"]
     if settings.get("vae"):      # the posterior of the images (R x R) in the VAE's latent space
         vae = settings["vae"]
         r, c = settings["resolution"] // vae["downsample"], 2 * vae["latent_channels"]
