@@ -300,3 +300,30 @@ def test_kill9_resume_with_align_is_bitwise(tmp_path, feature_shards):
     rows = [r for r in log_rows(tmp_path / "killed") if r["images_seen"] > killed_at]
     assert rows and all(ref_rows[r["images_seen"]]["loss"] == r["loss"] for r in rows)
     assert all(ref_rows[r["images_seen"]].get("repr/weighted_term") == r.get("repr/weighted_term") for r in rows)
+
+
+def test_info_lists_the_block_names(capsys):
+    from pdiff.tools.info import main
+    assert main(["tiny", "--blocks"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "enc.32x32_block0" in names and "dec.8x8_in0" in names and "" not in names
+
+
+def test_the_block_tap_compiles_into_the_networks_graph():
+    """The hook runs inside the compiled network: one graph, no break, and the tapped output is the
+    block's output of an eager run."""
+    from pdiff.model import build_model
+    from pdiff.networks import find_block
+    from pdiff.repr import BlockTap, TappedNetwork
+    cfg = load_config("tiny", ["network.model_channels=8", "network.channel_mult=[1,2]", "data.resolution=16",
+                               "data.channels=1"])
+    net = build_model(cfg).net
+    tapped = TappedNetwork(net, BlockTap(find_block(net, "enc.8x8_block0")))
+    x, c = torch.randn(3, 3, 8, 8), torch.randn(3)
+    explained = torch._dynamo.explain(tapped)(x, c, None)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    kept = []
+    hook = find_block(net, "enc.8x8_block0").register_forward_hook(lambda m, a, out: kept.append(out))
+    out, block = tapped(x, c, None)
+    hook.remove()
+    assert torch.equal(block, kept[-1]) and torch.equal(out, net(x, c, None))

@@ -1,6 +1,7 @@
 """`pdiff info CONFIG [key=value ...] [--card H100] [--mfu 0.4]`: parameters, FLOPs per image and per
 step at each patch size, the expected training cost per image of the patch schedule relative to full
-images, and the images/s a card would train at a given model FLOP utilisation (bf16)."""
+images, and the images/s a card would train at a given model FLOP utilisation (bf16). `--blocks`: the
+names repr.block takes (every module of the network)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from pathlib import Path
 from pdiff.bench.flops import CARDS, describe, device_card, find_card
 from pdiff.cli import HelpFormatter
 from pdiff.config import load_config
+from pdiff.networks import network_blocks
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +25,7 @@ def main(argv: list[str]) -> int:
                          f"(default: this machine's GPU, else H100 SXM)")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for the images/s figure (default 0.4)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--blocks", action="store_true", help="list the network's block names (for repr.block)")
     args = ap.parse_args(argv)
     if not 0 < args.mfu <= 1:
         ap.error(f"--mfu {args.mfu}: give a share of the peak in (0, 1], e.g. 0.4")
@@ -38,6 +41,9 @@ def main(argv: list[str]) -> int:
         source.close()
         for line in notes:
             print(f"pdiff info: {line}", file=sys.stderr)
+    if args.blocks:
+        print("\n".join(network_blocks(cfg.network, cfg.data.resolution, cfg.data.channels)))
+        return 0
     d = describe(cfg, card, args.mfu)
     if args.json:
         print(json.dumps(d, indent=2))
