@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 LOSSES = ("none", "dispersive", "align")
 
 
@@ -123,11 +122,11 @@ def feature_region(grid: torch.Tensor, offsets: torch.Tensor, patch_size: int, r
     grid = grid.float()
     x0, x1, fx = _sample_axis(offsets[:, 0].long(), patch_size, resolution, g, count)
     y0, y1, fy = _sample_axis(offsets[:, 1].long(), patch_size, resolution, g, count)
-    rows = lambda idx: grid.gather(2, idx[:, None, :, None].expand(b, c, count, g))   # noqa: E731
-    top, bottom = rows(y0), rows(y1)
+    top = grid.gather(2, y0[:, None, :, None].expand(b, c, count, g))
+    bottom = grid.gather(2, y1[:, None, :, None].expand(b, c, count, g))
     along_y = top + fy[:, None, :, None] * (bottom - top)                  # (b, C, count, g)
-    cols = lambda idx: along_y.gather(3, idx[:, None, None, :].expand(b, c, count, count))  # noqa: E731
-    left, right = cols(x0), cols(x1)
+    left = along_y.gather(3, x0[:, None, None, :].expand(b, c, count, count))
+    right = along_y.gather(3, x1[:, None, None, :].expand(b, c, count, count))
     out = left + fx[:, None, None, :] * (right - left)                     # (b, C, count, count)
     if ratio > 1:
         out = out.view(b, c, out_size, ratio, out_size, ratio).mean((3, 5))

@@ -13,23 +13,22 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_train import PY, REPO, final_state, log_rows, run_train, write_config
-
-from pdiff.checkpoint import CheckpointManager
-from pdiff.config import ConfigError, load_config
 from pdiff.pipelines import build_pipeline, open_dataset
 from pdiff.pipelines.sample_source import CorruptSample
 from pdiff.pipelines.shards import verify, write_shards
 from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights_sha256
 from pdiff.pipelines.shards.reader import ShardSet
+from PIL import Image
+from test_train import PY, REPO, final_state, log_rows, run_train, write_config
+
+from pdiff.checkpoint import CheckpointManager
+from pdiff.config import ConfigError, load_config
 from pdiff.repr import dispersive_loss, feature_region
 from pdiff.schedule import PatchSchedule
 
@@ -93,7 +92,7 @@ def _bilinear_roi_align(grid, x0, y0, s, R, n):
 
     def at(v, u):                          # bilinear value at grid coordinates (row v, column u), clamped
         v, u = min(max(v, 0.0), g - 1.0), min(max(u, 0.0), g - 1.0)
-        i, j = min(int(math.floor(v)), g - 1), min(int(math.floor(u)), g - 1)
+        i, j = min(math.floor(v), g - 1), min(math.floor(u), g - 1)
         fi, fj = v - i, u - j
         i1, j1 = min(i + 1, g - 1), min(j + 1, g - 1)
         return ((1 - fi) * (1 - fj) * grid[:, i, j] + (1 - fi) * fj * grid[:, i, j1]

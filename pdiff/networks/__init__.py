@@ -83,7 +83,8 @@ def find_block(net: nn.Module, name: str) -> nn.Module:
     names = block_names(net)
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     outer = [n for n in names if n.count(".") <= 1]
-    raise BlockError(f"{name!r} is not a module of the network" + (f"; did you mean {', '.join(close)}?" if close else "")
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise BlockError(f"{name!r} is not a module of the network{hint}"
                      + f" (its blocks: {', '.join(outer)}; `pdiff info --blocks` lists every name)")
 
 
@@ -97,4 +98,5 @@ def network_blocks(cfg, resolution: int, channels: int, name: str | None = None)
     return block_names(net)
 
 
-__all__ = ["NETWORKS", "BlockError", "block_names", "find_block", "network_blocks", "DhariwalUNet", "SongUNet", "build_network", "register_network"]
+__all__ = ["NETWORKS", "BlockError", "DhariwalUNet", "SongUNet", "block_names", "build_network", "find_block",
+           "network_blocks", "register_network"]

@@ -25,17 +25,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from pdiff.pipelines.shards.format import FEATURE_EXT
+from pdiff.pipelines.shards.inputs import ShardInputError
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-
-from pdiff.pipelines.shards.format import FEATURE_EXT
-from pdiff.pipelines.shards.inputs import ShardInputError
 
 Result = tuple[int, "bytes | tuple | None", "str | None"]      # (input position, sample bytes, bad-input reason)
 DINOV2 = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
@@ -159,8 +158,8 @@ class FeatureEncoder:
         for k, grid in zip(rows, grids):
             stored = grid.astype("<f2")
             if not np.isfinite(stored).all():
-                out[k] = (results[k][0], None, "non-finite features: the encoder gave NaN or inf (or past float16's "
-                                               "range) for this image")
+                why = "non-finite features: the encoder gave NaN or inf (or past float16's range) for this image"
+                out[k] = (results[k][0], None, why)
             else:
                 out[k] = (results[k][0], (results[k][1], stored.tobytes()), None)
         return out

@@ -13,8 +13,8 @@ import numpy as np
 
 from pdiff.pipelines.sample_source import CorruptSample, SampleSource
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, ShardError, check_files, decode_label, feature_record,
-                                           label_ext, latent_space, load_manifest, member_exts, parse_crcs, sample_crc, sample_dtype,
-                                           sample_offsets, sample_place, verify_hint)
+                                           label_ext, latent_space, load_manifest, member_exts, parse_crcs, sample_crc,
+                                           sample_dtype, sample_offsets, sample_place, verify_hint)
 
 
 class ShardSet(SampleSource):

@@ -16,7 +16,8 @@ import numpy as np
 
 from pdiff.pipelines.sample_source import SourceError, decode_sample
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, MANIFEST, check_shard, decode_label, label_ext, load_manifest,
-                                           member_exts, parse_crcs, sample_crc, sample_dtype, sample_offsets, sample_place)
+                                           member_exts, parse_crcs, sample_crc, sample_dtype, sample_offsets,
+                                           sample_place)
 from pdiff.progress import Progress
 
 SHOW_PROBLEMS = 50          # damaged samples listed in the message (all are counted)

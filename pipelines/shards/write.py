@@ -87,7 +87,7 @@ class Options:
     latent_scale: float | None = None     # latent: the factor the latents already carry (recorded only); None: 1
     encode_vae: str | None = None         # images -> this VAE's posterior (a diffusers folder or hub id)
     vae_batch: int = 32                   # encode_vae: images per encoder pass
-    encode_features: str | None = None    # a frozen encoder (encode_features.py) whose feature grid is stored per sample
+    encode_features: str | None = None    # a frozen encoder (encode_features.py): its grid is stored per sample
     features_batch: int = 32              # encode_features: images per encoder pass
     device: str = "auto"                  # encode_vae / encode_features: the encoder's device (auto: the GPU if any)
     quality: int = 95                     # jpeg / webp (webp 100 = lossless)
