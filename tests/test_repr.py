@@ -25,7 +25,7 @@ from pdiff.pipelines.shards import verify, write_shards
 from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights_sha256
 from pdiff.pipelines.shards.reader import ShardSet
 from PIL import Image
-from test_train import PY, REPO, final_state, log_rows, run_train, write_config
+from test_train import PY, REPO, final_state, free_port, log_rows, run_train, write_config
 
 from pdiff.checkpoint import CheckpointManager
 from pdiff.config import ConfigError, load_config
@@ -266,6 +266,27 @@ def test_training_with_each_term_and_its_switch_off(tmp_path, feature_shards, lo
     from safetensors.torch import load_file
     snap = load_file(str(next((tmp_path / "run" / "snapshots").glob("*.safetensors"))))
     assert not any("head" in k for k in snap)
+
+
+def test_align_with_two_processes_matches_one_process(tmp_path, feature_shards):
+    """torchrun with 2 gloo processes: DDP reduces the head's gradients with the model's, before and
+    after the switch-off (the head runs at weight 0 then, so every parameter still has a gradient), and
+    the run ends where one process with the same global batch ends (align is a per-sample term)."""
+    common = dict(network=REPR_NET, train={"duration_images": 160, "ckpt_every_images": 160}, data={"xflip": True},
+                  repr={"loss": "align", "block": "enc.8x8_block0", "head_channels": 16, "until_images": 96})
+    one = write_config(tmp_path, feature_shards, run="one", **common)
+    two = write_config(tmp_path, feature_shards, run="two", **common)
+    run_train(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "pdiff.cli", "train", "--config", str(two), "--device", "cpu"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert b["world_size"] == 2 and a["images_seen"] == b["images_seen"] >= 160
+    for part in ("model", "repr_head"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_kill9_resume_with_align_is_bitwise(tmp_path, feature_shards):
