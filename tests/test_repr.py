@@ -192,7 +192,8 @@ def test_encode_features_round_trip(feature_shards, encoder_file, tmp_path):
         x = torch.from_numpy(img)[None, None].float() / 127.5 - 1
         stored = src.read_features(int(i))
         assert stored.dtype == np.float16 and stored.shape == (5, 4, 4)
-        np.testing.assert_array_equal(stored, enc(x)[0].detach().numpy().astype(np.float16))
+        # the writer encoded batches of 7: float32 sums in another order, so within one float16 step
+        np.testing.assert_allclose(stored.astype(np.float32), enc(x)[0].detach().numpy(), rtol=1e-3, atol=1e-5)
     # damage one byte of sample 3's feature member in a copy
     copy = tmp_path / "copy"
     shutil.copytree(feature_shards, copy)
