@@ -23,6 +23,7 @@ from .checkpoint import EveryRank, RunState
 from .config import Config, ConfigError, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal, hold_run
 from .ema import build_ema, save_snapshots
+from .helpformat import HelpFormatter
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
@@ -260,7 +261,6 @@ def report_nonfinite_after_resume(loss: torch.Tensor, latest: Path, policy: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="pdiff train", description=__doc__.split("\n\n")[0],
                                  epilog="Every config key, its type, default and meaning: `pdiff config`.",
                                  formatter_class=HelpFormatter)
@@ -287,8 +287,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# patch schedule ({cfg.patch.mode}): {plan}")
         return 0
     return train(cfg, args.device)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["train", *sys.argv[1:]]))

@@ -185,8 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         from pdiff.bench.quality import plot_quality
         print(f"wrote {plot_quality(res, args.plot or path.with_suffix('.png'))}")
     return 0
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["bench", *sys.argv[1:]]))

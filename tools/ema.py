@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
+
+from pdiff.helpformat import HelpFormatter
 
 
 def cmd_reconstruct(args) -> int:
@@ -80,7 +81,6 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
     from pdiff.tools.fid import add_inception_arg
     from pdiff.tools.sample import add_sampler_args
     p = argparse.ArgumentParser(prog="pdiff ema", description=__doc__, formatter_class=HelpFormatter)
@@ -114,8 +114,3 @@ def main(argv: list[str]) -> int:
         sp.add_argument("--at", type=int, help="images seen of the snapshot time to reconstruct at (default: the newest)")
     args = p.parse_args(argv)
     return {"reconstruct": cmd_reconstruct, "sweep": cmd_sweep}[args.cmd](args)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["ema", *sys.argv[1:]]))

@@ -17,7 +17,6 @@ import argparse
 import functools
 import io
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from pdiff.fid import FIDError
+from pdiff.helpformat import HelpFormatter
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -264,7 +264,6 @@ def cmd_gen(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
     from pdiff.tools.sample import add_model_args, add_sampler_args
     p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{ref,calc,gen}")
@@ -304,8 +303,3 @@ def main(argv: list[str]) -> int:
                         help="score against a reference of another image size anyway")
     args = p.parse_args(argv)
     return {"ref": cmd_ref, "calc": cmd_calc, "gen": cmd_gen}[args.cmd](args)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["fid", *sys.argv[1:]]))

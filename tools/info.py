@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from pdiff.bench.flops import CARDS, describe, device_card, find_card
-from pdiff.cli import HelpFormatter
 from pdiff.config import load_config
+from pdiff.helpformat import HelpFormatter
 
 
 def main(argv: list[str]) -> int:

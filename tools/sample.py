@@ -24,6 +24,7 @@ import numpy as np
 
 from pdiff import distributed
 from pdiff.errors import UserError
+from pdiff.helpformat import HelpFormatter
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +129,6 @@ def make_grid(images_nhwc: np.ndarray, cols: int = 0) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
     p = argparse.ArgumentParser(prog="pdiff sample", description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     add_sampler_args(p)
@@ -230,8 +230,3 @@ def gather_kept(kept: dict, info, near: Path) -> dict:
             f.unlink()
     distributed.barrier()
     return merged
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["sample", *sys.argv[1:]]))
