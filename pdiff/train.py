@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState
 from .config import Config, ConfigError, advice, dump_yaml, load_config, save_config, to_dict
 from .distributed import StopSignal, hold_run
 from .ema import build_ema, save_snapshots
+from .flops import FlopCounter, device_card, train_flops_by_size
 from .helpformat import HelpFormatter
 from .latent import training_vae
 from .loss import sample_sigma

@@ -354,7 +354,7 @@ def test_tensorboard_has_scalars_and_samples(tmp_path, digits_shards):
     assert "perf/tflop_per_s" in scalars and "perf/mfu" not in scalars      # MFU is n/a on a CPU (null in the log)
     # TFLOP/s per images/s is the interval's training FLOPs per image: its steps (the schedule's, a
     # pure function of images seen) times their patches' FLOPs, counted by the FLOP model.
-    from pdiff.bench.flops import train_flops_by_size
+    from pdiff.flops import train_flops_by_size
     from pdiff.schedule import PatchSchedule
     run_cfg = load_config(cfg)
     flops, sched, before = train_flops_by_size(run_cfg), PatchSchedule.from_config(run_cfg), 0

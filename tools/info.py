@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from pdiff.bench.flops import CARDS, describe, device_card, find_card
+from pdiff.flops import CARDS, describe, device_card, find_card
 from pdiff.config import load_config
 from pdiff.helpformat import HelpFormatter
 

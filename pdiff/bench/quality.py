@@ -7,7 +7,7 @@ or FLOPs), in chunks: a chunk trains up to the next evaluation point and checkpo
 scored, and the next chunk resumes from the checkpoint (resumption is exact, so the chunks are one
 run). Device time is the training loop's own, from its log: wall-clock on a GPU, the process's CPU
 time on a CPU (so that other work on a shared machine does not count), without start-up,
-checkpoints or evaluations. FLOPs are the FLOP model's (pdiff.bench.flops) summed over the steps
+checkpoints or evaluations. FLOPs are the FLOP model's (pdiff.flops) summed over the steps
 the schedule takes (a pure function of the seed and images seen).
 
 The metric is FID when Inception weights are given; otherwise the Frechet distance in the
@@ -149,7 +149,7 @@ class FlopCounter:
 
 
 def arm_flop_counter(cfg) -> FlopCounter:
-    from .flops import train_flops_by_size
+    from pdiff.flops import train_flops_by_size
     return FlopCounter(PatchSchedule.from_config(cfg), train_flops_by_size(cfg))
 
 

@@ -179,7 +179,7 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     from pdiff.loss import sample_sigma
     from pdiff.model import count_parameters
     from pdiff.step import build_step, synthetic_patches
-    from .flops import describe, device_card
+    from pdiff.flops import describe, device_card
     overrides = [f"train.compile={str(compile_).lower()}", f"train.kernels={kernels}"]
     if precision:
         overrides.append(f"train.precision={precision}")
@@ -435,7 +435,7 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     figures = measured["pdiff"]
     t = figures["seconds_per_batch"]
     evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
-    from .flops import device_card, forward_flops_by_size, mfu
+    from pdiff.flops import device_card, forward_flops_by_size, mfu
     tflop_per_s = forward_flops_by_size(cfg, [canvas])[canvas] * evals * batch / t / 1e12
     card = device_card(device)
     out = {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,
