@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.path and (args.kind != "data" or not args.online_vae):
             # what the shards know (resolution, channels, classes; latent shards: their patch sizes and
             # VAE), as pdiff train takes it; --online-vae's pixel shards describe the images, not the model
-            from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
+            from pdiff.dataset import open_dataset      # a data error: pdiff.cli prints it
             cfg, source, notes = open_dataset(cfg)
             source.close()
             for line in notes:

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     if cfg.data.path and Path(cfg.data.path).exists():     # the resolution, channels and classes of the shards
-        from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
+        from pdiff.dataset import open_dataset      # a data error: pdiff.cli prints it
         cfg, source, notes = open_dataset(cfg)
         source.close()
         for line in notes:

@@ -1,0 +1,25 @@
+"""A run's dataset: the samples at ``data.path`` and the config completed from them. Above both the
+pipelines (which read samples and know nothing of the config's defaults) and pdiff.latent (what
+latent shards add to a run)."""
+from __future__ import annotations
+
+from .config import fill_from_data
+from .latent import with_data_defaults
+from .pipelines import open_data
+
+
+def open_dataset(cfg):
+    """Open the samples at ``cfg.data.path`` (through the source registry, pipelines/sources.py;
+    shards are checked against their manifest) and complete the config from what they know:
+    (cfg with data.resolution, data.channels and network.label_dim filled in, and for latent shards
+    what pdiff.latent.with_data_defaults takes; the source; lines saying what was taken). A value the
+    user gave that contradicts the data is a ConfigError."""
+    source = open_data(cfg.data)
+    try:
+        cfg, notes = fill_from_data(cfg, source.resolution, source.sample_channels, source.num_classes,
+                                    str(cfg.data.path))
+        cfg = with_data_defaults(cfg, source)   # latent shards: their patch sizes and autoencoder
+    except Exception:
+        source.close()
+        raise
+    return cfg, source, notes
