@@ -121,13 +121,13 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
         from pdiff.pipelines.dali_loader import DaliPatchPipeline   # and DALI
         return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     if backend == "torch":
-        from pdiff.pipelines.torch_loader import TorchPatchPipeline
+        from pdiff.pipelines.torch_loader import TorchPatchPipeline   # torch
         return TorchPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
 
 
 def __getattr__(name):
-    if name == "PatchPipeline":     # imported lazily: the shard writer uses this package without torch
-        from pdiff.pipelines.base import PatchPipeline
+    if name == "PatchPipeline":
+        from pdiff.pipelines.base import PatchPipeline   # torch: the shard writer uses this package without it
         return PatchPipeline
     raise AttributeError(name)
