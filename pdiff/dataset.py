@@ -1,6 +1,6 @@
 """A run's dataset: the samples at ``data.path`` and the config completed from them. Above both the
-pipelines (which read samples and know nothing of the config's defaults) and pdiff.latent (what
-latent shards add to a run)."""
+pipelines (which read the samples) and pdiff.latent (what latent shards add to a run, which opens
+samples through the pipelines' registry itself)."""
 from __future__ import annotations
 
 from .config import fill_from_data
