@@ -26,7 +26,6 @@ from .config import STD_MAX
 from .snapshot import save_snapshot, snapshot_name
 
 
-
 def gamma_to_std(gamma: float) -> float:
     """sigma_rel of the power profile with exponent gamma (EDM2 eq. 123)."""
     g = float(gamma)

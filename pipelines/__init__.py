@@ -93,7 +93,7 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
     """The patch pipeline over the samples at ``cfg.data.path`` (opened through the source registry,
     pipelines/sources.py; shards are checked against their manifest first), or over ``source``
     when it is already open (``pdiff.dataset.open_dataset``)."""
-    import torch
+    import torch      # here, not at the top: the shard writer uses this package without torch
     data = cfg.data
     source = open_data(data) if source is None else source
     if not source.checksummed and rank == 0:
