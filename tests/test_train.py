@@ -560,12 +560,12 @@ def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path, digits_sha
 def test_the_checkpoint_comes_before_the_sample_grid_at_a_boundary(tmp_path, digits_shards, monkeypatch, one_thread):
     """A sample grid (or snapshot, or FID) that fails at an interval boundary loses no training:
     the checkpoint of that boundary is already written."""
-    import pdiff.generate
+    import pdiff.train
     from pdiff.train import train
 
     def broken_grid(*a, **k):
         raise RuntimeError("the sampler broke")
-    monkeypatch.setattr(pdiff.generate, "sample_grid", broken_grid)
+    monkeypatch.setattr(pdiff.train, "sample_grid", broken_grid)     # the name the trainer calls
     cfg = load_config(str(write_config(tmp_path, digits_shards, train={"duration_images": 128, "ckpt_every_images": 64,
                                                                        "sample_every_images": 64})))
     with pytest.raises(RuntimeError, match="the sampler broke"):
