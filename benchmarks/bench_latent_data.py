@@ -2,7 +2,7 @@
 the encoder runs once, offline) against pixel shards with the VAE encoder run on every batch, as
 the official Patch Diffusion code does. Images/s and images per CPU-second of each data path, their
 ratio, and what the one offline encoding cost. Writes JSON naming the machine under
-benchmarks/results/ (the README table reads it: benchmarks/make_table.py).
+benchmarks/results/ (docs/benchmarks.md's table reads it: benchmarks/make_table.py).
 
     python benchmarks/bench_latent_data.py                     # 256x256 images, the SD VAE's architecture
     python benchmarks/bench_latent_data.py --vae stabilityai/sd-vae-ft-mse --device cuda

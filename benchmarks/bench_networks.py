@@ -22,7 +22,7 @@ import types
 import torch
 
 from pdiff.bench import device_sync, machine, machine_name, resolve_device, save_json, timed
-from pdiff.bench.flops import TRAIN_FLOPS_PER_FORWARD, device_card, forward_flops, mfu
+from pdiff.flops import TRAIN_FLOPS_PER_FORWARD, device_card, forward_flops, mfu
 from pdiff.networks import build_network
 
 NETS = {

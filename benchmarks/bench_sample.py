@@ -1,7 +1,7 @@
 """Sampler throughput: images/s of `pdiff sample`'s path (seed-addressed noise, deterministic Heun,
 fp32 as in EDM) at 35 and 79 network evaluations (18 and 40 steps), with the TFLOP/s that rate
 means (forward FLOPs of the network on the full canvas x evaluations) and its MFU against the card's
-dense TF32 peak (pdiff.bench.flops; "n/a" on a CPU).
+dense TF32 peak (pdiff.flops; "n/a" on a CPU).
 
     python benchmarks/bench_sample.py --out benchmarks/results [--quick] [--device cpu|cuda]
 
@@ -55,7 +55,7 @@ def bench_one(model, cfg, nfe: int, batch: int, batches: int, device) -> dict:
     sync()
     seconds = time.perf_counter() - start
     n = batch * batches
-    from pdiff.bench.flops import device_card, forward_flops_by_size, mfu
+    from pdiff.flops import device_card, forward_flops_by_size, mfu
     tflop_per_s = forward_flops_by_size(cfg, [res])[res] * nfe * n / seconds / 1e12
     return {"nfe": nfe, "steps": NFE_STEPS[nfe], "batch": batch, "images": n, "seconds": round(seconds, 4),
             "images_per_s": round(n / seconds, 3), "tflop_per_s": tflop_per_s,

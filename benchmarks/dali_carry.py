@@ -1,22 +1,23 @@
-"""Carry NVIDIA DALI to a GPU machine that cannot reach a package index, in parts small enough for
-one device call each.
+"""Carry NVIDIA DALI to a GPU machine without a package index, in parts small enough for one transfer
+each.
 
 DALI's wheel (~200 MB) and the packages it needs that the GPU image lacks are larger than what one
-call may carry (64 MiB with the working tree). Here, with PyPI: fetch the wheels, split their bytes
-into parts under an ignored folder (.dali/), and print the device calls. There: each call carries one
-part (with the small manifest) and checks it; parts brought by earlier calls stay on the warm
-machine (they are ignored paths), so the last call joins them, checks every wheel against its
-sha256 and installs them with pip into a folder that benchmarks/gpu_suite.sh puts on PYTHONPATH.
+transfer to that machine may carry (64 MiB with the working tree). Here, with PyPI: fetch the wheels,
+split their bytes into parts under an ignored folder (.dali/), and print the commands to run there, one
+transfer each. There: each run brings one part (with the small manifest) and checks it; parts brought
+earlier stay on the machine while it is held (they are ignored paths), so the last run joins them,
+checks every wheel against its sha256 and installs them with pip into a folder that
+benchmarks/gpu_suite.sh puts on PYTHONPATH.
 
     python benchmarks/dali_carry.py fetch        # here: pip download (cp312, x86_64 manylinux) into .dali/wheels
     python benchmarks/dali_carry.py split        # here: .dali/part-NN (< 64 MiB with the tree) and .dali/manifest.json
-    python benchmarks/dali_carry.py plan         # here: the device calls to make, in order (--json for a list)
-    python3 benchmarks/dali_carry.py check       # there, in each call: the parts that arrived are whole
-    python3 benchmarks/dali_carry.py install     # there, last call: join, verify, pip install --target /tmp/pdiff-dali
+    python benchmarks/dali_carry.py plan         # here: the runs to make there, in order (--json for a list)
+    python3 benchmarks/dali_carry.py check       # there, in each run: the parts that arrived are whole
+    python3 benchmarks/dali_carry.py install     # there, last run: join, verify, pip install --target /tmp/pdiff-dali
 
 Only the standard library is used, so the script runs on the GPU machine before anything is
 installed. The GPU image (Python 3.12, torch 2.11 + CUDA 13, numpy, packaging, six, pyyaml, typing-
-extensions) has the rest of DALI's requirements (/work/.library/device/KINDS.md's package list).
+extensions) has the rest of DALI's requirements.
 """
 from __future__ import annotations
 

@@ -28,9 +28,11 @@
 #
 # DALI: used where it imports; benchmarks/dali_carry.py installs it into /tmp/pdiff-dali on a machine
 # without a package index, and this script puts that folder (DALI_SITE) on PYTHONPATH when it holds
-# nvidia/dali. Needs python3 with torch, triton, numpy, pyyaml, pillow, safetensors, pytest. Run from
-# anywhere; the repo need not be pip-installed (PYTHONPATH is set to the repo). PYTHON=... picks the
-# interpreter.
+# nvidia/dali. Needs python3 with torch, triton, numpy, pyyaml, pillow, safetensors, pytest and setuptools.
+# Run from anywhere: pdiff runs installed (pdiff.kernels, pdiff.pipelines and pdiff.tools are folders of the
+# checkout mapped by pyproject.toml), so the suite first installs the checkout it runs from into PYTHON's
+# environment, editable and without fetching anything (--no-deps --no-build-isolation: the GPU machine has
+# no package index). PYTHON=... picks the interpreter.
 #
 # OUTDIR gets suite.log (everything printed), summary.md and one file per stage (cuda_tests.log,
 # kernels.json, step.json, sample.json, pipeline.json, train.json, pipeline256.json,
@@ -46,10 +48,21 @@ PY="${PYTHON:-python3}"
 OUT="${1:-benchmarks/results/gpu-suite-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# This checkout, installed editable where PY looks (unless it is already): pdiff.kernels must resolve to
+# $REPO/kernels. pip refuses a distribution-managed Python without --break-system-packages (older pips do
+# not know that option, and do not need it).
+installed_here() {
+    "$PY" -c "import os, sys, pdiff.kernels as k; sys.exit(os.path.realpath(k.__file__) != os.path.realpath('$REPO/kernels/__init__.py'))" 2>/dev/null
+}
+if ! installed_here; then
+    echo "gpu_suite: installing $REPO (pip install --no-deps --no-build-isolation -e)"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e "$REPO" \
+        || "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e "$REPO"
+    installed_here || { echo "gpu_suite: could not install $REPO into $PY's environment (see pip's message above)" >&2; exit 1; }
+fi
 DALI_SITE="${DALI_SITE:-/tmp/pdiff-dali}"
 if [[ -d "$DALI_SITE/nvidia/dali" ]]; then    # carried by benchmarks/dali_carry.py
-    export PYTHONPATH="$PYTHONPATH:$DALI_SITE"
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DALI_SITE"
     for lib in nvidia/cu13/lib nvidia/nvimgcodec nvidia/libnvcomp/lib64; do
         [[ -d "$DALI_SITE/$lib" ]] && export LD_LIBRARY_PATH="$DALI_SITE/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     done

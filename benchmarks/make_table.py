@@ -1,6 +1,6 @@
-"""The README's results table, generated from the JSON under benchmarks/results/ (never typed by hand).
+"""docs/benchmarks.md's results table, generated from the JSON under benchmarks/results/ (never typed by hand).
 
-    python benchmarks/make_table.py                           # rewrite README.md between the markers
+    python benchmarks/make_table.py                           # rewrite docs/benchmarks.md between the markers
     python benchmarks/make_table.py --print                   # the table on stdout only
     python benchmarks/make_table.py --summary OUTDIR [--stages FILE]
                                                               # gpu_suite.sh: OUTDIR/summary.md, printed
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # benchmarks/kernels_offline.py's reports; results written before it moved out of kernels/ name the old module.
 OFFLINE_TOOLS = ("kernels_offline", "kernels.offline")
@@ -274,14 +274,14 @@ def markdown(rows: list[dict], skipped: list[str], source: str) -> str:
     return "\n".join(out)
 
 
-def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
+def write_table(doc: Path, table: str) -> None:
+    text = doc.read_text()
     if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{readme}: no '{BEGIN}' ... '{END}' lines to put the table between; add them "
+        raise SystemExit(f"{doc}: no '{BEGIN}' ... '{END}' lines to put the table between; add them "
                          f"where the table belongs (the end of the Benchmarks section)")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 # ---- gpu_suite.sh's summary
@@ -316,8 +316,9 @@ def summary(outdir: Path, stages: Path | None) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS), help="folder of result JSON (searched recursively)")
-    ap.add_argument("--readme", default=str(README))
-    ap.add_argument("--print", action="store_true", help="print the table, leave the README alone")
+    ap.add_argument("--doc", "--readme", dest="doc", default=str(DOC),
+                    help="the Markdown file whose table is rewritten")
+    ap.add_argument("--print", action="store_true", help="print the table, leave the file alone")
     ap.add_argument("--summary", metavar="OUTDIR", help="write OUTDIR/summary.md (gpu_suite.sh) and print it")
     ap.add_argument("--stages", default=None, help="with --summary: the suite's stage statuses (TSV)")
     args = ap.parse_args(argv)
@@ -339,8 +340,8 @@ def main(argv=None) -> int:
     if args.print:
         print(table)
         return 0
-    write_readme(Path(args.readme), table)
-    print(f"make_table: {len(rows)} row(s) written to {args.readme}")
+    write_table(Path(args.doc), table)
+    print(f"make_table: {len(rows)} row(s) written to {args.doc}")
     return 0
 
 

@@ -1,11 +1,14 @@
 """`pdiff SUBCOMMAND ...`: each subcommand lives in its own module with a ``main(argv) -> int``."""
 from __future__ import annotations
 
-import argparse
 import importlib
+import importlib.metadata as md
 import os
 import signal
 import sys
+
+from . import __version__
+from .errors import UserError
 
 COMMANDS = {
     "train": ("pdiff.train", "train (or resume) a model: pdiff train --config FILE [key=value ...]"),
@@ -21,20 +24,6 @@ COMMANDS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written, and each option's default at the end of its help (when it has a
-    default worth showing and its help does not name one already)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        shown = action.option_strings and not (default is None or default is False or default == []
-                                                or default is argparse.SUPPRESS)
-        if shown and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def usage() -> str:
     lines = ["usage: pdiff COMMAND [args...]     (pdiff COMMAND --help for its options; pdiff --version)",
              "", "commands:"]
@@ -44,8 +33,6 @@ def usage() -> str:
 
 def version() -> str:
     """pdiff's version and what it runs on."""
-    import importlib.metadata as md
-    from pdiff import __version__
     parts = []
     for dist in ("torch", "triton", "nvidia-dali-cuda120", "nvidia-dali-cuda130"):
         try:
@@ -95,7 +82,6 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"pdiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from .errors import UserError
     try:
         return int(module.main(rest) or 0)
     except UserError as e:  # the user's data, files or config: the message, not a traceback

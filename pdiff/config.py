@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Literal
 import yaml
 
 from .errors import UserError
+from .schedule import SCHEDULES, PatchSchedule
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -101,6 +102,11 @@ class OptimConfig:
     grad_clip: float = knob(0.0, "clip the gradient's global norm to this (0 = no clipping)")
     nonfinite: Literal["zero", "skip"] = knob(
         "zero", "a step whose gradient is not finite: zero it (no host sync) or skip it (one host sync a step)")
+
+
+# A power EMA's sigma_rel is at most sqrt(1/12) = 0.2887 (gamma -> 0: the plain average of all weights so
+# far): ema.stds are checked against it here, and pdiff.ema's profile arithmetic uses it.
+STD_MAX = math.sqrt(1 / 12)
 
 
 @dataclass
@@ -481,8 +487,7 @@ def _value(cfg: Config, key: str):
 def validate(cfg: Config, source: str = "<config>") -> None:
     """The checks of values (VALUE_RULES), of what spans fields and of what needs a registry; each
     field's type and closed set of choices were checked while loading."""
-    from .networks import NETWORKS
-    from .schedule import SCHEDULES
+    from .networks import NETWORKS     # torch (seconds): a config loads and prints without it
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
@@ -501,7 +506,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not resolution_from_data(cfg):
         check_resolution_dependent(cfg, source)
     if cfg.ema.mode == "power":
-        from .ema import STD_MAX
         if not cfg.ema.stds or any(not 0 < s < STD_MAX for s in cfg.ema.stds) or len(set(cfg.ema.stds)) < len(cfg.ema.stds):
             bad("ema.stds", f"{cfg.ema.stds}: give one or more distinct sigma_rel values in (0, {STD_MAX:.4f}) "
                             "(EDM2 tracks [0.05, 0.1])")
@@ -510,7 +514,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.sample.sigma_max <= cfg.sample.sigma_min:
         bad("sample.sigma_max", f"must be above sample.sigma_min ({cfg.sample.sigma_min}), got {cfg.sample.sigma_max}")
     if cfg.train.kernels == "triton":
-        from pdiff.kernels import triton_available
+        from pdiff.kernels import triton_available     # torch and Triton: only when train.kernels=triton
         if not triton_available():
             bad("train.kernels", "triton, but Triton cannot be imported here: install it (pip install triton), "
                                  "or use auto (Triton where it is installed, on CUDA) or torch")
@@ -524,8 +528,6 @@ def resolution_from_data(cfg: Config) -> bool:
 def check_resolution_dependent(cfg: Config, source: str) -> None:
     """The settings that must fit data.resolution: the patch sizes, the sampling canvas and repr.block
     (the U-Nets name their blocks by resolution)."""
-    from .networks import network_blocks
-    from .schedule import PatchSchedule
     try:
         PatchSchedule.from_config(cfg)      # patch.sizes / probs against each other and the resolution
     except ValueError as e:
@@ -541,6 +543,7 @@ def check_resolution_dependent(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: sample.canvas: must be 0 or at least data.resolution ({cfg.data.resolution}), "
                           f"got {cfg.sample.canvas}")
     if cfg.repr.loss != "none":
+        from .networks import network_blocks    # torch (seconds): a config loads and prints without it
         try:
             network_blocks(cfg.network, cfg.data.resolution, cfg.data.channels, cfg.repr.block)
         except ValueError as e:
@@ -621,8 +624,7 @@ def fill_from_data(cfg: Config, resolution: int, channels: int, num_classes: int
 
 def _registries() -> dict[str, list[str]]:
     """The open sets of names, keyed by the field that takes them."""
-    from .networks import NETWORKS
-    from .schedule import SCHEDULES
+    from .networks import NETWORKS     # torch (seconds): `pdiff config` prints without it
     return {"network.arch": list(NETWORKS), "patch.mode": list(SCHEDULES)}
 
 

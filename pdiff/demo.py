@@ -16,11 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from pdiff.config import load_config
+from pdiff.model import one_hot_labels
+from pdiff.monitor import image_grid, save_png
+from pdiff.sampler import SeedNoise, sample_images
+from pdiff.snapshot import load_snapshot
+from pdiff.tools.shard import main as shard_main
+from pdiff.train import train
 
 
 def digits_npz(path: Path, resolution: int) -> Path:
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits    # scikit-learn: the demo's extra, needed here only
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC))
@@ -40,14 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)  # the demo always starts from scratch
     out.mkdir(parents=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    from pdiff.config import load_config
-    from pdiff.monitor import image_grid, save_png
-    from pdiff.model import one_hot_labels
-    from pdiff.sampler import SeedNoise, sample_images
-    from pdiff.snapshot import load_snapshot
-    from pdiff.train import train
-    from pdiff.tools.shard import main as shard_main
 
     t0 = time.time()
     cfg = load_config(args.config, [f"data.path={out / 'shards'}", f"train.run_dir={out / 'run'}",

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# sigma_rel is at most sqrt(1/12) = 0.2887 (gamma -> 0: the plain average of all weights so far).
-STD_MAX = math.sqrt(1 / 12)
+from .config import STD_MAX
+from .snapshot import save_snapshot, snapshot_name
 
 
 def gamma_to_std(gamma: float) -> float:
@@ -166,16 +166,9 @@ def build_ema(cfg, model: torch.nn.Module, images_per_step: float) -> EMA | Powe
     return EMA(model, cfg.ema.halflife_images, cfg.ema.rampup_ratio, images_per_step)
 
 
-def ema_weights(entry: dict) -> dict:
-    """The model state_dict of a checkpoint's ``ema`` entry: the half-life EMA's, or the first
-    power EMA's."""
-    return entry["profiles"][0] if "profiles" in entry else entry
-
-
 def save_snapshots(ema: EMA | PowerEMA, folder: str | Path, cfg, images_seen: int) -> list[Path]:
     """Each average of ``ema`` as a snapshot: ``ema-<images>.safetensors`` (half-life) or
     ``ema-<images>-<std>.safetensors`` per power EMA, written by ``pdiff.snapshot.save_snapshot``.
     Returns the files written, one per average."""
-    from .snapshot import save_snapshot, snapshot_name
     return [save_snapshot(Path(folder) / snapshot_name(images_seen, suffix), average, cfg, images_seen, meta)
             for suffix, average, meta in ema.snapshots()]

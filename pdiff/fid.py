@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import UserError
+from .generate import SampleOptions, iter_uint8
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -346,7 +348,6 @@ class FeatureStats:
             self.features = self.features + [f.cpu()] if self.count <= self.keep else None
 
     def all_reduce(self) -> None:
-        from . import distributed
         if not distributed.active():
             return
         count = torch.tensor([self.count], dtype=torch.float64, device=self.total.device)
@@ -462,7 +463,6 @@ def sample_stats(model, seeds, batch: int, resolution: int, channels: int, label
     """Feature statistics of the images of ``seeds`` (this process's share under torchrun: the
     caller splits the seeds, this all-reduces the sums). No image is written. A latent model's
     samples are decoded by ``vae`` (a ``pdiff.vae.VAE``) first."""
-    from .generate import iter_uint8
     stats = FeatureStats(device=device)
     for chunk, images, _ in iter_uint8(model, seeds, batch, resolution, channels, label_dim, options, device,
                                        vae=vae):
@@ -544,8 +544,6 @@ class FIDEvaluator:
         """FID of ``model``'s samples of this evaluator's seeds (this rank's share); ``progress``
         (a progress bar) is told of every chunk sampled. A latent model without a VAE is refused
         with ``no_vae_hint`` (what the user should do)."""
-        from . import distributed
-        from .generate import SampleOptions
         options = self.options or SampleOptions(sampler=cfg.sample, canvas=cfg.sample.canvas)
         resolution = cfg.data.resolution
         check_decodable(cfg.data.channels, self.vae, no_vae_hint)

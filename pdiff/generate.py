@@ -15,6 +15,7 @@ import torch
 from .allocator import keep_freed_memory
 from .config import SamplerConfig
 from .model import one_hot_labels
+from .monitor import image_grid
 from .sampler import SeedNoise, sample_images
 
 
@@ -113,7 +114,6 @@ def sample_grid(model, cfg, device, count: int = 36, vae=None):
     """A grid (HWC uint8) of seeds 0..count-1 exactly as `pdiff sample --seeds 0-(count-1)` draws
     them: a latent model's samples decoded by ``vae`` (without one, the latents' first three
     channels)."""
-    from .monitor import image_grid
     x, _ = generate(model, list(range(count)), cfg.data.resolution, cfg.data.channels,
                     cfg.network.label_dim, SampleOptions(sampler=cfg.sample), device)
     if vae is not None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from pdiff.pipelines import SourceError, open_source
+
 from .config import Config, ConfigError, VAEConfig
 from .schedule import latent_patch_sizes
+from .vae import VAEError, describe_record, load_run_vae
 
 
 def with_data_defaults(cfg: Config, source=None) -> Config:
@@ -23,7 +26,6 @@ def with_data_defaults(cfg: Config, source=None) -> Config:
     if source is not None:
         space = source.latent
     else:
-        from pdiff.pipelines import SourceError, open_source
         if not cfg.data.path:
             return cfg
         try:
@@ -49,7 +51,6 @@ def with_data_defaults(cfg: Config, source=None) -> Config:
     record = space.vae or {}
     if record:
         if vae.sha256 and vae.sha256 != record["sha256"]:
-            from .vae import describe_record
             raise ConfigError(f"vae.sha256 names the VAE {describe_record(dataclasses.asdict(vae))}, but the latents "
                               f"at {where} were encoded with {describe_record(record)}; drop vae.sha256 (and "
                               f"vae.source) or use shards encoded with that VAE")
@@ -64,7 +65,6 @@ def training_vae(cfg: Config, device, needed: bool = True):
     latents' first channels (in-training FID turns itself off), and this says why."""
     if not cfg.vae.source or not needed:
         return None
-    from .vae import VAEError, load_run_vae
     try:
         return load_run_vae(cfg, device=device)
     except VAEError as e:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from .config import Config
+from .networks import build_network
 from .precond import EDMPrecond
 
 
 def build_model(cfg: Config) -> EDMPrecond:
-    from .networks import build_network
     net = build_network(cfg.network, cfg.data.resolution, cfg.data.channels)
     return EDMPrecond(net, cfg.loss.sigma_data)
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import all_reduce_, world_size
+from .progress import hms, interval_s
+
 # Loss per noise level: bins of ln(sigma) over where training puts its mass (P_mean +- 3 P_std).
 SIGMA_BIN_EDGES = [-4.8, -3.0, -1.8, -1.2, -0.6, 0.6, 2.4]
 SIGMA_BIN_NAMES = (["<" + str(SIGMA_BIN_EDGES[0])]
@@ -52,7 +55,6 @@ class StepStats:
 
     def reduce(self) -> dict:
         """Sum over ranks and turn into plain numbers (this is the one host sync)."""
-        from .distributed import all_reduce_, world_size
         packed = torch.cat([self.loss_by_size, self.count_by_size, self.loss_by_bin,
                             self.count_by_bin, self.grad_norm_sum, self.steps, self.nonfinite])
         all_reduce_(packed)
@@ -148,7 +150,6 @@ class Monitor:
 
     def __init__(self, run_dir: str | Path, enabled: bool, total_images: int, start_images: int,
                  console: bool = True, wall_budget_s: float = 0.0, started: float | None = None):
-        from .progress import interval_s
         self.enabled = enabled
         self.total, self.start_images = total_images, start_images
         self.t0 = time.time()
@@ -211,7 +212,6 @@ class Monitor:
         return eta
 
     def _line(self, images_seen: int, middle: str) -> None:
-        from .progress import hms
         pct = min(100.0, 100.0 * images_seen / max(self.total, 1))
         print(f"[{pct:5.1f}%] {images_seen:>12,d} img  {middle}  ETA {hms(self.eta_seconds(images_seen))}",
               file=sys.stderr, flush=True)
@@ -256,7 +256,6 @@ class Monitor:
 def run_summary(images_seen: int, images_this_run: int, seconds: float, snapshot: Path | None,
                 checkpoint: Path | None) -> str:
     """The last lines of a run: what it did, where its outputs are and how to sample from them."""
-    from .progress import hms
     lines = [f"{images_seen:,} images seen ({images_this_run:,} in this run, {hms(seconds)}, "
              f"{images_this_run / max(seconds, 1e-9):.1f} img/s overall)"]
     if snapshot is not None:

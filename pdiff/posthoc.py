@@ -23,6 +23,7 @@ import torch
 
 from .ema import STD_MAX, gamma_to_std, std_to_gamma
 from .errors import UserError
+from .snapshot import _build, _config_from, read_metadata, read_tensors, save_snapshot, snapshot_name
 
 
 class PosthocError(UserError, ValueError):
@@ -66,7 +67,6 @@ class PowerSnapshot:
 
 def power_snapshots(run_dir: str | os.PathLike) -> list[PowerSnapshot]:
     """The power-EMA snapshots in RUN/snapshots (metadata ema_mode=power), by images seen and std."""
-    from .snapshot import read_metadata
     folder = Path(run_dir) / "snapshots"
     if not folder.is_dir():
         raise PosthocError(f"{run_dir}: no snapshots/ folder; give the run folder of a run trained with "
@@ -116,7 +116,6 @@ class Reconstruction:
 def reconstruct(snapshots: list[PowerSnapshot], std: float, at: int | None = None) -> Reconstruction:
     """The power-function EMA of width ``std`` at ``at`` images (default: the newest snapshot)
     from a run's power snapshots: sum_i c_i snapshot_i accumulated in float64."""
-    from .snapshot import _config_from, read_metadata, read_tensors
     if not 0 < std < STD_MAX:
         raise PosthocError(f"--std {std}: a sigma_rel must lie in (0, {STD_MAX:.4f}) (EDM2 tracks 0.05 and 0.1)")
     gamma = std_to_gamma(std)
@@ -141,13 +140,11 @@ def reconstruct(snapshots: list[PowerSnapshot], std: float, at: int | None = Non
 def reconstruction_path(run_dir: str | os.PathLike, images_seen: int, std: float) -> Path:
     """RUN/posthoc/ema-<images>-<std>.safetensors: outside snapshots/, so that reconstructions are
     never taken for tracked snapshots."""
-    from .snapshot import snapshot_name
     return Path(run_dir) / "posthoc" / snapshot_name(images_seen, f"-{std:.3f}")
 
 
 def save_reconstruction(rec: Reconstruction, path: str | os.PathLike) -> Path:
     """A snapshot `pdiff sample` and `pdiff fid` read, written by pdiff.snapshot.save_snapshot."""
-    from .snapshot import _build, save_snapshot
     model = _build(rec.cfg, rec.state, str(path), "cpu")
     return save_snapshot(path, model, rec.cfg, rec.images_seen, rec.metadata())
 

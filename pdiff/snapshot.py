@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import MARKER, STATE_FILE, CheckpointError, complete_checkpoints, load_state
 from .checksum import ChecksumError, save_verified, verify
 from .config import Config, ConfigError, from_dict, to_dict
 from .errors import UserError
+from .model import build_model
 
 FORMAT = "pdiff-snapshot-1"
 
@@ -58,7 +60,6 @@ def _unwrap(state: dict) -> dict:
 
 
 def _build(cfg: Config, state: dict, source: str, device) -> torch.nn.Module:
-    from .model import build_model  # lazy: the networks are heavy imports
     state = _unwrap(state)
     model = build_model(cfg)
     want = model.state_dict()
@@ -149,7 +150,6 @@ def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Modul
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder itself, or a run folder -> its newest COMPLETE checkpoint."""
-    from .checkpoint import MARKER, STATE_FILE, complete_checkpoints
     path = Path(path)
     if path.name == STATE_FILE and path.is_file():
         path = path.parent
@@ -167,12 +167,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def ema_weights(entry: dict) -> dict:
+    """The model state_dict of a checkpoint's ``ema`` entry (pdiff.ema's state_dict): the half-life
+    EMA's, or the first power EMA's."""
+    return entry["profiles"][0] if "profiles" in entry else entry
+
+
 def load_checkpoint(path: str | os.PathLike, device="cpu", weights: str = "ema"
                     ) -> tuple[torch.nn.Module, Config, dict]:
     """The model of a training checkpoint (EMA weights by default: with ema.mode=power, the first
     tracked profile's) from a checkpoint or run folder."""
-    from .checkpoint import STATE_FILE, CheckpointError, load_state
-    from .ema import ema_weights
     ckpt = find_checkpoint(path)
     try:
         state = load_state(ckpt)

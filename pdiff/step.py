@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pdiff.kernels import build_net_input, edm_patch_loss
+from pdiff.kernels import build_net_input, edm_patch_loss, resolve_backend
 
+from .model import build_model
 from .networks import find_block
 from .precond import EDMPrecond, c_noise
 from .repr import BlockTap, ReprTerm, TappedNetwork, block_channels
@@ -147,8 +148,6 @@ def build_step(cfg, device) -> TrainingStep:
     train.seed), the kernels backend (train.kernels), the precision (train.precision), PatchLoss,
     channels_last weights (train.channels_last), torch.compile of the network (train.compile) and
     Adam (fused on CUDA)."""
-    from pdiff.kernels import resolve_backend
-    from .model import build_model
     device = torch.device(device)
     schedule = PatchSchedule.from_config(cfg)
     torch.manual_seed(cfg.train.seed)

@@ -17,12 +17,18 @@ from pathlib import Path
 
 import torch
 
+from pdiff.pipelines import build_pipeline
+
 from . import distributed
-from .bench.flops import FlopCounter, device_card, train_flops_by_size
 from .checkpoint import EveryRank, RunState
 from .config import Config, ConfigError, advice, dump_yaml, load_config, save_config, to_dict
+from .dataset import open_dataset
 from .distributed import StopSignal, hold_run
 from .ema import build_ema, save_snapshots
+from .fid import FIDEvaluator
+from .flops import FlopCounter, device_card, train_flops_by_size
+from .generate import sample_grid
+from .helpformat import HelpFormatter
 from .latent import training_vae
 from .loss import sample_sigma
 from .model import count_parameters, one_hot_labels
@@ -52,7 +58,6 @@ def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None 
     """Train (or resume) the run cfg describes; 0 when it finished or stopped cleanly. Pass ``stop``
     to learn afterwards whether a signal stopped it (``stop.requested``). RunLocked when another
     trainer holds the run folder."""
-    from pdiff.pipelines import open_dataset
     t_start = time.time()
     with stop or StopSignal() as stop:
         # The inputs first, so that a mistake is reported before anything is created: the data, and
@@ -81,7 +86,6 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
     step = build_step(cfg, device)
     model, opt, schedule = step.model, step.optimizer, step.schedule
     ema = build_ema(cfg, model, schedule.ema_images_per_step())
-    from pdiff.pipelines import build_pipeline
     pipe = build_pipeline(cfg, schedule, rank=rank, world_size=world, device=device, source=source)
 
     # Resume from the newest good checkpoint, if any. No random-number state is saved: every
@@ -116,7 +120,6 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
     vae = training_vae(cfg, device, needed=info.is_main or cfg.eval.fid_every_images > 0)   # latents -> images
     fid = None
     if cfg.eval.fid_every_images > 0:
-        from .fid import FIDEvaluator
         fid = FIDEvaluator.maybe(cfg.eval.fid_ref, cfg.eval.inception, num_images=cfg.eval.fid_images,
                                  batch=cfg.eval.fid_batch, device=device, vae=vae,
                                  channels=cfg.data.channels)
@@ -242,7 +245,6 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                 paths = save_snapshots(ema, run_dir / "snapshots", cfg, images_seen)     # power EMAs: one per sigma_rel
                 said.detail, snapshot = ", ".join(map(str, paths)), paths[0]
         if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
-            from .generate import sample_grid
             grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"
             with monitor.pause("sample", images_seen, f"grid {grid_file}"):
                 grid = sample_grid(ema.model, cfg, device, vae=vae)
@@ -276,7 +278,6 @@ def report_nonfinite_after_resume(loss: torch.Tensor, latest: Path, policy: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="pdiff train", description=__doc__.split("\n\n")[0],
                                  epilog="Every config key, its type, default and meaning: `pdiff config`.",
                                  formatter_class=HelpFormatter)
@@ -291,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         notes = []
         if cfg.data.path:
-            from pdiff.pipelines import open_dataset
             cfg, source, notes = open_dataset(cfg)
             source.close()
         print(dump_yaml(cfg))
@@ -303,8 +303,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# patch schedule ({cfg.patch.mode}): {plan}")
         return 0
     return train(cfg, args.device)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["train", *sys.argv[1:]]))

@@ -45,41 +45,22 @@ or with ``data.on_corrupt=skip`` is replaced by the next good one (pipelines/cor
 Because nothing random lives inside the loaders, the resumable state is the number of images seen
 (plus guards: world size, batch, resolution, seed, dataset); DALI's own checkpointing is not needed,
 and both backends give the same samples and crops (bit-identical patches for PNG and raw).
+
+This __init__ imports no torch: the shard writer (pipelines/shards) and its worker processes use the
+package without it, and build_pipeline imports the backend it builds (torch; DALI for dali_loader.py).
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, replace
 
-from pdiff.errors import UserError
+from pdiff.pipelines.batch import Batch, PipelineStateError
 from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import ShardError
 from pdiff.pipelines.sources import SOURCES, open_source, register_source
 
-__all__ = ["build_pipeline", "open_dataset", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
+__all__ = ["build_pipeline", "open_data", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
            "SourceError", "dali_available", "open_source", "register_source"]
-
-
-class PipelineStateError(UserError, RuntimeError):
-    """A saved pipeline state that does not fit the pipeline it is loaded into."""
-
-
-@dataclass
-class Batch:
-    patches: torch.Tensor     # images: uint8 (b, s, s, C) in [0, 255]; latents: float32 (b, C, s, s),
-                              # the stored values or a posterior's draw
-    offsets: torch.Tensor     # int64 (b, 2) = (x0, y0)
-    labels: torch.Tensor      # int64 (b,), -1 where the dataset has no labels
-    patch_size: int
-    images_seen: int          # global images seen before this step
-    features: torch.Tensor | None = None   # repr.loss=align: float32 (b, C_f, g, g), each row's stored feature
-                                           # grid of the whole image, flipped with its patch
-
-    def float_patches(self) -> torch.Tensor:
-        """float32 (b, C, s, s): images in [-1, 1] with the bits the training step's kernels use."""
-        from pdiff.kernels.net_input import patches_to_float
-        return patches_to_float(self.patches)
 
 
 _DALI: list[bool] = []
@@ -98,7 +79,8 @@ def dali_available() -> bool:
     return _DALI[0]
 
 
-def _open(data) -> SampleSource:
+def open_data(data) -> SampleSource:
+    """The samples at ``data.path`` (the config's data section), through the source registry."""
     if not data.path:
         raise SourceError("data.path is empty: set it to a folder written by `pdiff shard` (in the config "
                           "file, or data.path=FOLDER on the command line)")
@@ -106,53 +88,14 @@ def _open(data) -> SampleSource:
                        cache_dir=getattr(data, "cache_dir", ""), cache_limit_gb=getattr(data, "cache_limit_gb", 0.0))
 
 
-def open_dataset(cfg):
-    """Open the samples at ``cfg.data.path`` (through the source registry, pipelines/sources.py;
-    shards are checked against their manifest) and complete the config from what they know:
-    (cfg with data.resolution, data.channels and network.label_dim filled in, and for latent shards
-    what pdiff.latent.with_data_defaults takes; the source; lines saying what was taken). A value the
-    user gave that contradicts the data is a ConfigError."""
-    from pdiff.config import fill_from_data
-    from pdiff.latent import with_data_defaults
-    source = _open(cfg.data)
-    try:
-        cfg, notes = fill_from_data(cfg, source.resolution, source.sample_channels, source.num_classes,
-                                    str(cfg.data.path))
-        cfg = with_data_defaults(cfg, source)   # latent shards: their patch sizes and autoencoder
-        cfg = with_feature_channels(cfg, source)
-    except Exception:
-        source.close()
-        raise
-    return cfg, source, notes
-
-
-def with_feature_channels(cfg, source: SampleSource):
-    """repr.loss=align: ``cfg`` with repr.feature_channels taken from the source's stored feature grids
-    (a value the user gave must agree); a SourceError when it stores none."""
-    if cfg.repr.loss != "align":
-        return cfg
-    feats = source.features
-    if not feats:
-        raise SourceError(f"{cfg.data.path}: repr.loss=align needs a frozen encoder's feature grids stored with the "
-                          f"samples: shard them with `pdiff shard SRC OUT --encode-features ENCODER` "
-                          f"(docs/representation.md), or use repr.loss=dispersive (no encoder)")
-    given = cfg.repr.feature_channels
-    if given and given != feats["channels"]:
-        raise SourceError(f"{cfg.data.path}: repr.feature_channels={given} but the stored grids have "
-                          f"{feats['channels']} channels (encoder {feats.get('source')}); remove the setting")
-    out = replace(cfg, repr=replace(cfg.repr, feature_channels=int(feats["channels"])))
-    out.given = cfg.given
-    return out
-
-
 def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
                    device: torch.device | str = "cpu", source: SampleSource | None = None) -> PatchPipeline:
     """The patch pipeline over the samples at ``cfg.data.path`` (opened through the source registry,
     pipelines/sources.py; shards are checked against their manifest first), or over ``source``
-    when it is already open (``open_dataset``)."""
-    import torch
+    when it is already open (``pdiff.dataset.open_dataset``)."""
+    import torch      # here, not at the top: the shard writer uses this package without torch
     data = cfg.data
-    source = _open(data) if source is None else source
+    source = open_data(data) if source is None else source
     if not source.checksummed and rank == 0:
         print(f"pdiff: WARNING {data.path}: the samples carry no checksums, so a damaged one is caught only if it "
               f"fails to decode (and may crash DALI's decoder); shards written by `pdiff shard` before format "
@@ -166,7 +109,7 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
         raise SourceError(f"{data.path}: {what} but data.channels is {data.channels}; "
                           f"set data.channels={source.sample_channels}")
     if data.cache != "none":             # the in-memory mode decodes with the source itself, whatever the backend
-        from pdiff.pipelines.memory import MemoryPatchPipeline
+        from pdiff.pipelines.memory import MemoryPatchPipeline      # the backends import torch (below too)
         return MemoryPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source, data.cache)
     backend = data.backend
     if backend == "auto":
@@ -175,16 +118,16 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
         if not dali_available():
             raise ImportError("data.backend=dali but NVIDIA DALI is not installed (pip install 'pdiff[dali-cuda12]' "
                               "or 'pdiff[dali-cuda13]' for your CUDA version, or set data.backend=torch)")
-        from pdiff.pipelines.dali_loader import DaliPatchPipeline
+        from pdiff.pipelines.dali_loader import DaliPatchPipeline   # and DALI
         return DaliPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     if backend == "torch":
-        from pdiff.pipelines.torch_loader import TorchPatchPipeline
+        from pdiff.pipelines.torch_loader import TorchPatchPipeline   # torch
         return TorchPatchPipeline(cfg, schedule, rank, world_size, torch.device(device), source)
     raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
 
 
 def __getattr__(name):
-    if name == "PatchPipeline":     # imported lazily: the shard writer uses this package without torch
-        from pdiff.pipelines.base import PatchPipeline
+    if name == "PatchPipeline":
+        from pdiff.pipelines.base import PatchPipeline   # torch: the shard writer uses this package without it
         return PatchPipeline
     raise AttributeError(name)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from pdiff.pipelines import Batch, PipelineStateError
+from pdiff.pipelines.batch import Batch, PipelineStateError
 from pdiff.pipelines.corrupt import CorruptPolicy, Replaced
 from pdiff.pipelines.order import RankStep, SamplePlan, latent_noise_seed
 from pdiff.pipelines.sample_source import LatentSpace, SampleSource

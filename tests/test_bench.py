@@ -1,4 +1,4 @@
-"""`pdiff bench`, the benchmark arithmetic, the README table and the GPU suite's plumbing.
+"""`pdiff bench`, the benchmark arithmetic, the results table (docs/benchmarks.md) and the GPU suite's plumbing.
 
 The arithmetic is checked with a fake clock (per-size step costs) and a stubbed training run (log
 rows made from known per-patch costs); the real quick runs check that every command runs on the CPU
@@ -279,7 +279,7 @@ def test_prewarm_runs_every_patch_size():
 
 
 # ---------------------------------------------------------------------------------------------
-# The README table and the suite
+# The benchmarks table (docs/benchmarks.md) and the suite
 
 def load_make_table():
     import importlib.util
@@ -297,9 +297,9 @@ def test_make_table_between_markers(quick_results, tmp_path):
     for p in out.glob("*.json"):
         (results / "sub" / p.name).write_text(p.read_text())
     (results / "odd.json").write_text(json.dumps({"something": [1, 2]}))
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks.md"
     readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{make_table.BEGIN}\nold\n{make_table.END}\n\n## After\nkeep\n")
-    assert make_table.main(["--results", str(results), "--readme", str(readme)]) == 0
+    assert make_table.main(["--results", str(results), "--doc", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# x\n\n## Benchmarks\n\ntext\n\n") and text.endswith(f"{make_table.END}\n\n## After\nkeep\n")
     table = text.split(make_table.BEGIN)[1].split(make_table.END)[0]
@@ -310,11 +310,11 @@ def test_make_table_between_markers(quick_results, tmp_path):
     train_row = next(r for r in rows if r.startswith("| pdiff bench train"))
     ratio = json.loads((out / "train.json").read_text())["results"]["comparison"]["cost_per_image_vs_full"]
     assert f"{ratio:.2f} of full" in train_row
-    make_table.main(["--results", str(results), "--readme", str(readme)])
+    make_table.main(["--results", str(results), "--doc", str(readme)])
     assert readme.read_text() == text                                        # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="results:begin"):
-        make_table.main(["--results", str(results), "--readme", str(readme)])
+        make_table.main(["--results", str(results), "--doc", str(readme)])
 
 
 def test_bench_networks_rows_carry_their_flop_rate_and_the_table_their_mfu(tmp_path):

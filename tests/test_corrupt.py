@@ -46,7 +46,7 @@ def damaged(tmp_path_factory):
     """Clean shards in png, jpeg, raw and the old format, and a damaged copy per case: -> (root, the
     damaged sample per case, labels in stored order)."""
     from pdiff.pipelines.shards import ShardSet, write_shards
-    from pdiff.pipelines.shards.write import write_order
+    from pdiff.pipelines.shards.options import write_order
     from test_shard import legacy_shards
     root = tmp_path_factory.mktemp("corrupt")
     rng = np.random.default_rng()

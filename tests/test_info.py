@@ -2,7 +2,7 @@
 import math
 
 from pdiff.config import load_config
-from pdiff.bench.flops import describe
+from pdiff.flops import describe
 from pdiff.tools.info import main
 
 
@@ -24,7 +24,7 @@ def test_info_celeba64_counts_and_cost(capsys):
 def test_ddpmpp64_training_flops_match_the_reference_and_the_mfu_figure(capsys):
     """DDPM++ 64x64 trains at about 250 GFLOP per full image (the issue's reference), so one H100
     at 40% MFU trains about 1,600 full images/s; pdiff info prints GFLOP per step and that figure."""
-    from pdiff.bench.flops import find_card
+    from pdiff.flops import find_card
     d = describe(load_config("celeba64"), find_card("H100"), 0.4)
     full = d["train_gflops_per_image"][64]
     assert 240 < full < 260
@@ -43,7 +43,7 @@ def test_ddpmpp64_training_flops_match_the_reference_and_the_mfu_figure(capsys):
 
 
 def test_cards_are_found_by_the_names_torch_reports():
-    from pdiff.bench.flops import find_card
+    from pdiff.flops import find_card
     names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
              "NVIDIA H200": "H200", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA A100-SXM4-80GB": "A100",
              "NVIDIA A100 80GB PCIe": "A100", "NVIDIA L40S": "L40S", "h100": "H100 SXM", "H100-SXM5": "H100 SXM"}
@@ -57,7 +57,7 @@ def test_flop_counter_rates_and_mfu():
     """The trainer's FLOP count: patches x FLOPs per patch of their size, over the interval's seconds;
     MFU over the peak of all devices; n/a (None) without a card; each reading starts afresh."""
     import random
-    from pdiff.bench.flops import FlopCounter, find_card
+    from pdiff.flops import FlopCounter, find_card
     flops = {8: random.randint(1, 10**9), 16: random.randint(1, 10**10)}
     steps = [(random.choice([8, 16]), random.randint(1, 64)) for _ in range(20)]
     seconds = random.uniform(0.5, 5)

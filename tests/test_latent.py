@@ -18,7 +18,7 @@ from pdiff.pipelines.order import SamplePlan
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
 from pdiff.cli import main as pdiff_cli
 from pdiff.pipelines.shards.format import FORMAT_VERSION
-from pdiff.pipelines.shards.write import write_order
+from pdiff.pipelines.shards.options import write_order
 from pdiff.tools.shard import main as shard_main
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),

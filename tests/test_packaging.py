@@ -44,3 +44,15 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=site, env={"PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[True, True, True, False, False, False]"
+
+
+def test_the_checkout_is_not_part_of_the_package():
+    """pdiff resolves kernels, pipelines and tools through the installation's package-dir mapping only:
+    the checkout's other folders (tests, benchmarks, pdiff itself) are no subpackages of it."""
+    probe = ("import importlib.util as u, pdiff; "
+             "print(len(pdiff.__path__), [u.find_spec(n) is not None for n in ('pdiff.kernels', 'pdiff.pipelines', "
+             "'pdiff.tools', 'pdiff.tests', 'pdiff.benchmarks', 'pdiff.pdiff', 'pdiff.docs')])")
+    for cwd in (REPO, REPO / "tests"):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert out == "1 [True, True, True, False, False, False, False]", cwd

@@ -11,7 +11,7 @@ from pdiff.schedule import StochasticSchedule
 from pdiff.pipelines import PipelineStateError, build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan, crop_positions, epoch_permutation, rank_stream
 from pdiff.pipelines.shards import ShardError, write_shards
-from pdiff.pipelines.shards.write import write_order
+from pdiff.pipelines.shards.options import write_order
 from pdiff.pipelines.sample_source import SourceError
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),

@@ -116,7 +116,7 @@ def test_crossovers_of_two_lines_and_the_table_at_equal_cost():
 def test_hours_budget_loop_probes_then_lands_on_the_points(tmp_path, monkeypatch):
     """A stubbed trainer at a known images per device-second: a probe chunk, then one chunk per
     evaluation point, each ending at its share of the budget; the metric is scored once per point."""
-    import pdiff.snapshot
+    import pdiff.bench.quality
     cfg = load_config("tiny", TINY + [f"data.path={tmp_path}"])
     rate = float(rng().uniform(50, 200))          # images per CPU second
     log: list[dict] = []
@@ -132,7 +132,7 @@ def test_hours_budget_loop_probes_then_lands_on_the_points(tmp_path, monkeypatch
                 break
         log.append({"images_seen": end, "images_per_s": 2 * rate, "cpu_seconds": (end - start) / rate})
         return list(log)
-    monkeypatch.setattr(pdiff.snapshot, "load_checkpoint", lambda run_dir, device: (None, cfg, {}))
+    monkeypatch.setattr(pdiff.bench.quality, "load_checkpoint", lambda run_dir, device: (None, cfg, {}))
     scored = []
 
     class Metric:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pdiff.pipelines import build_pipeline, open_dataset
+from pdiff.dataset import open_dataset
+from pdiff.pipelines import build_pipeline
 from pdiff.pipelines.sample_source import CorruptSample
 from pdiff.pipelines.shards import verify, write_shards
 from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights_sha256

@@ -19,7 +19,7 @@ from pdiff.pipelines import dali_available
 from pdiff.pipelines.shards import ShardError, ShardInputError, ShardSet, read_index, verify, write_shards
 from pdiff.pipelines.shards import inputs, preprocess, write
 from pdiff.pipelines.shards.format import sha256_file
-from pdiff.pipelines.shards.write import write_order
+from pdiff.pipelines.shards.options import write_order
 from pdiff.tools.shard import main as shard_main
 
 

@@ -354,7 +354,7 @@ def test_tensorboard_has_scalars_and_samples(tmp_path, digits_shards):
     assert "perf/tflop_per_s" in scalars and "perf/mfu" not in scalars      # MFU is n/a on a CPU (null in the log)
     # TFLOP/s per images/s is the interval's training FLOPs per image: its steps (the schedule's, a
     # pure function of images seen) times their patches' FLOPs, counted by the FLOP model.
-    from pdiff.bench.flops import train_flops_by_size
+    from pdiff.flops import train_flops_by_size
     from pdiff.schedule import PatchSchedule
     run_cfg = load_config(cfg)
     flops, sched, before = train_flops_by_size(run_cfg), PatchSchedule.from_config(run_cfg), 0
@@ -560,12 +560,12 @@ def test_every_rank_of_a_torchrun_job_is_refused_a_held_run(tmp_path, digits_sha
 def test_the_checkpoint_comes_before_the_sample_grid_at_a_boundary(tmp_path, digits_shards, monkeypatch, one_thread):
     """A sample grid (or snapshot, or FID) that fails at an interval boundary loses no training:
     the checkpoint of that boundary is already written."""
-    import pdiff.generate
+    import pdiff.train
     from pdiff.train import train
 
     def broken_grid(*a, **k):
         raise RuntimeError("the sampler broke")
-    monkeypatch.setattr(pdiff.generate, "sample_grid", broken_grid)
+    monkeypatch.setattr(pdiff.train, "sample_grid", broken_grid)     # the name the trainer calls
     cfg = load_config(str(write_config(tmp_path, digits_shards, train={"duration_images": 128, "ckpt_every_images": 64,
                                                                        "sample_every_images": 64})))
     with pytest.raises(RuntimeError, match="the sampler broke"):

@@ -27,7 +27,7 @@ from pdiff.pipelines.sample_source import SourceError
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
 from pdiff.pipelines.shards.format import ShardError, load_manifest
 from pdiff.pipelines.shards.preprocess import _prepare
-from pdiff.pipelines.shards.write import write_order
+from pdiff.pipelines.shards.options import write_order
 from pdiff.schedule import StochasticSchedule
 from pdiff.vae import VAEError, load_vae, weights_sha256
 

@@ -35,6 +35,10 @@ import torch
 from pdiff.bench import (BenchError, bench_data, bench_data_online_vae, bench_sample, bench_step, bench_train,
                          compare_train, default_interval_images, machine, machine_name, print_data, print_quality,
                          print_sample, print_step, print_train, resolve_device, save_json, synthetic_shards, variant)
+from pdiff.bench.quality import Budget, bench_quality, make_metric, parse_patch_sets, plot_quality, quality_arms
+from pdiff.config import load_config, to_dict
+from pdiff.dataset import open_dataset
+from pdiff.vae import load_vae
 
 KINDS = ("data", "step", "train", "sample", "compare", "quality")
 
@@ -87,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def quality(cfg, args, device: torch.device, work_dir: Path) -> dict:
-    from pdiff.bench.quality import Budget, bench_quality, make_metric, parse_patch_sets, quality_arms
     quick = args.quick
     given = [(k, v) for k, v in (("hours", args.budget_hours), ("images", args.budget_images), ("flops", args.budget_flops))
              if v is not None]
@@ -115,7 +118,6 @@ def quality(cfg, args, device: torch.device, work_dir: Path) -> dict:
 def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
     quick = args.quick
     if kind == "data" and args.online_vae:
-        from pdiff.vae import load_vae
         vae = load_vae(args.online_vae, device)
         res = bench_data_online_vae(cfg, vae, device, steps=args.steps or (1 if quick else 5),
                                     repeats=args.repeats or 1, warmup_steps=1)
@@ -153,7 +155,6 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
-    from pdiff.config import load_config, to_dict
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
     info = machine()
@@ -168,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.path and (args.kind != "data" or not args.online_vae):
             # what the shards know (resolution, channels, classes; latent shards: their patch sizes and
             # VAE), as pdiff train takes it; --online-vae's pixel shards describe the images, not the model
-            from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
             cfg, source, notes = open_dataset(cfg)
             source.close()
             for line in notes:
@@ -182,11 +182,5 @@ def main(argv: list[str] | None = None) -> int:
     path = save_json(payload, args.out, args.kind)
     print(f"wrote {path}")
     if args.kind == "quality":
-        from pdiff.bench.quality import plot_quality
         print(f"wrote {plot_quality(res, args.plot or path.with_suffix('.png'))}")
     return 0
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["bench", *sys.argv[1:]]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from pdiff.cli import HelpFormatter
 from pdiff.config import ConfigError, reference, reference_rows
+from pdiff.helpformat import HelpFormatter
 
 
 def main(argv: list[str]) -> int:

@@ -15,13 +15,21 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
+from pdiff import distributed
+from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats
+from pdiff.helpformat import HelpFormatter
+from pdiff.posthoc import (parse_stds, power_snapshots, reconstruct, reconstruction_path, save_reconstruction,
+                           snapshots_until)
+from pdiff.snapshot import _build
+from pdiff.tools.fid import add_inception_arg
+from pdiff.tools.sample import add_sampler_args, progress_bar, sample_options
+from pdiff.vae import load_run_vae
+
 
 def cmd_reconstruct(args) -> int:
-    from pdiff.posthoc import power_snapshots, reconstruct, reconstruction_path, save_reconstruction
     snaps = power_snapshots(args.run)
     start = time.perf_counter()
     rec = reconstruct(snaps, args.std, args.at)
@@ -32,13 +40,6 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pdiff import distributed
-    from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats
-    from pdiff.vae import load_run_vae
-    from pdiff.posthoc import (parse_stds, power_snapshots, reconstruct, reconstruction_path,
-                               save_reconstruction, snapshots_until)
-    from pdiff.snapshot import _build
-    from pdiff.tools.sample import progress_bar, sample_options
     stds = parse_stds(args.stds)
     snaps = power_snapshots(args.run)
     _, at = snapshots_until(snaps, args.at)
@@ -80,9 +81,6 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
-    from pdiff.tools.fid import add_inception_arg
-    from pdiff.tools.sample import add_sampler_args
     p = argparse.ArgumentParser(prog="pdiff ema", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{reconstruct,sweep}")
     sub_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
@@ -114,8 +112,3 @@ def main(argv: list[str]) -> int:
         sp.add_argument("--at", type=int, help="images seen of the snapshot time to reconstruct at (default: the newest)")
     args = p.parse_args(argv)
     return {"reconstruct": cmd_reconstruct, "sweep": cmd_sweep}[args.cmd](args)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["ema", *sys.argv[1:]]))

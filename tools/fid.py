@@ -17,7 +17,6 @@ import argparse
 import functools
 import io
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,18 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pdiff.fid import FIDError
+from pdiff import distributed
+from pdiff.distributed import resolve_device
+from pdiff.fid import (NO_VAE_GIVEN, FeatureStats, FIDError, FIDEvaluator, check_resolution, frechet_distance,
+                       inception_features, load_inception, load_stats, save_stats, seed_sets, summarize)
+from pdiff.helpformat import HelpFormatter
+from pdiff.pipelines.sample_source import SourceError
+from pdiff.pipelines.shards.encode_vae import EncodedImages
+from pdiff.pipelines.shards.inputs import ShardInputError
+from pdiff.pipelines.sources import open_source
+from pdiff.snapshot import load_model
+from pdiff.tools.sample import add_model_args, add_sampler_args, progress_bar, sample_options
+from pdiff.vae import load_run_vae
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -101,8 +111,6 @@ def npz_source(path: Path, limit: int | None) -> ImageSource:
 def shard_source(root: Path, limit: int | None) -> ImageSource:
     """A `pdiff shard` folder (or another registered sample source), every image in index order,
     decoded by the pipelines' reader."""
-    from pdiff.pipelines.sample_source import SourceError
-    from pdiff.pipelines.sources import open_source
     try:
         source = open_source(root)
     except (SourceError, KeyError) as e:
@@ -124,8 +132,6 @@ def shard_source(root: Path, limit: int | None) -> ImageSource:
 def encoded_images_source(root: Path, manifest: dict, limit: int | None) -> ImageSource:
     """The images a `pdiff shard --encode-vae` folder was encoded from, as the encoder saw them (its
     manifest's source through the same transform): reference statistics come from images, not latents."""
-    from pdiff.pipelines.shards.encode_vae import EncodedImages
-    from pdiff.pipelines.shards.inputs import ShardInputError
     try:
         images = EncodedImages(manifest)
     except ShardInputError as e:
@@ -164,8 +170,6 @@ def add_inception_arg(p: argparse.ArgumentParser) -> None:
 
 def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
     """FeatureStats of every image of a source."""
-    from pdiff.fid import FeatureStats, inception_features
-    from pdiff.tools.sample import progress_bar
     stats = FeatureStats(device=device)
     bar = progress_bar(src.count, progress, "features")
     try:
@@ -179,8 +183,6 @@ def source_stats(src: ImageSource, net, batch: int, device, progress: bool):
 
 
 def cmd_ref(args) -> int:
-    from pdiff.distributed import resolve_device
-    from pdiff.fid import load_inception, save_stats
     device = resolve_device(args.device)
     net = load_inception(args.inception, device)
     src = open_images(args.data, args.max_images)
@@ -194,8 +196,6 @@ def cmd_ref(args) -> int:
 
 
 def cmd_calc(args) -> int:
-    from pdiff.distributed import resolve_device
-    from pdiff.fid import check_resolution, frechet_distance, load_inception, load_stats
     device = resolve_device(args.device)
     ref = load_stats(args.ref)
     p = Path(args.images)
@@ -223,11 +223,6 @@ def cmd_calc(args) -> int:
 
 
 def cmd_gen(args) -> int:
-    from pdiff.fid import NO_VAE_GIVEN, FIDEvaluator, load_inception, load_stats, seed_sets, summarize
-    from pdiff import distributed
-    from pdiff.snapshot import load_model
-    from pdiff.tools.sample import progress_bar, sample_options
-    from pdiff.vae import load_run_vae
     ref = load_stats(args.ref)
     info = distributed.init(args.device)
     try:
@@ -264,8 +259,6 @@ def cmd_gen(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
-    from pdiff.tools.sample import add_model_args, add_sampler_args
     p = argparse.ArgumentParser(prog="pdiff fid", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{ref,calc,gen}")
     sub_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
@@ -304,8 +297,3 @@ def main(argv: list[str]) -> int:
                         help="score against a reference of another image size anyway")
     args = p.parse_args(argv)
     return {"ref": cmd_ref, "calc": cmd_calc, "gen": cmd_gen}[args.cmd](args)
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["fid", *sys.argv[1:]]))

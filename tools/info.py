@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from pdiff.bench.flops import CARDS, describe, device_card, find_card
-from pdiff.cli import HelpFormatter
 from pdiff.config import load_config
+from pdiff.dataset import open_dataset
+from pdiff.flops import CARDS, describe, device_card, find_card
+from pdiff.helpformat import HelpFormatter
 from pdiff.networks import network_blocks
 
 
@@ -36,7 +37,6 @@ def main(argv: list[str]) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     if cfg.data.path and Path(cfg.data.path).exists():     # the resolution, channels and classes of the shards
-        from pdiff.pipelines import open_dataset      # a data error: pdiff.cli prints it
         cfg, source, notes = open_dataset(cfg)
         source.close()
         for line in notes:

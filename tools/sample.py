@@ -24,6 +24,11 @@ import numpy as np
 
 from pdiff import distributed
 from pdiff.errors import UserError
+from pdiff.generate import SampleOptions, iter_uint8, parse_seeds
+from pdiff.helpformat import HelpFormatter
+from pdiff.progress import Progress
+from pdiff.snapshot import load_model
+from pdiff.vae import load_run_vae
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +78,6 @@ def _interval(text: str) -> list[float]:
 def sample_options(args, cfg):
     """The sampler settings: the run's ``sample`` section with the flags given on top, checked
     against the model (a UserError names the flag and says what to do)."""
-    from pdiff.generate import SampleOptions
     s = cfg.sample
     updates = {"steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
                "rho": args.rho, "s_churn": args.churn, "s_min": args.s_min, "s_max": args.s_max,
@@ -101,7 +105,6 @@ def sample_options(args, cfg):
 
 def progress_bar(total: int, enabled: bool, desc: str):
     """A bar on a terminal; a line every PDIFF_PROGRESS_SECONDS in a log (pdiff.progress)."""
-    from pdiff.progress import Progress
     return Progress(total, desc, "img", enabled=enabled)
 
 
@@ -128,7 +131,6 @@ def make_grid(images_nhwc: np.ndarray, cols: int = 0) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    from pdiff.cli import HelpFormatter
     p = argparse.ArgumentParser(prog="pdiff sample", description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     add_sampler_args(p)
@@ -145,9 +147,6 @@ def main(argv: list[str]) -> int:
     if not (args.outdir or args.npz or args.grid):
         p.error("nothing to write: give --outdir, --npz and/or --grid")
 
-    from pdiff.generate import iter_uint8, parse_seeds
-    from pdiff.snapshot import load_model
-    from pdiff.vae import load_run_vae
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
@@ -230,8 +229,3 @@ def gather_kept(kept: dict, info, near: Path) -> dict:
             f.unlink()
     distributed.barrier()
     return merged
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["sample", *sys.argv[1:]]))

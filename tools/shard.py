@@ -44,7 +44,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdiff.cli import HelpFormatter
+from pdiff.helpformat import HelpFormatter
 from pdiff.pipelines.sample_source import ENCODINGS
 from pdiff.pipelines.remote import is_url, upload_shards
 from pdiff.pipelines.shards import LAYOUTS, TRANSFORMS, info, verify, write_shards
@@ -157,8 +157,3 @@ def main(argv: list[str]) -> int:
     write = upload_shards if is_url(out) else write_shards      # a URL: staged locally, uploaded shard by shard
     write(src, out, progress=False if quiet else None, command=["pdiff", "shard"] + argv, **opts)
     return 0
-
-
-if __name__ == "__main__":
-    from pdiff.cli import main as cli
-    sys.exit(cli(["shard", *sys.argv[1:]]))

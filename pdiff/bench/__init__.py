@@ -5,13 +5,14 @@
                  figures of a training run from its log rows (pure functions: tested with a fake clock)
     runs.py      the runs: the data pipeline, the training step (pdiff.step.build_step, as the trainer
                  builds it), the real training loop (full images against the patch schedule), the sampler
-    flops.py     the FLOP model: parameters, FLOPs per patch size, the schedule's cost per image, the
-                 cards' dense peaks (MFU) and the trainer's host-side FLOP count
     quality.py   quality against cost: full images, the schedule, other patch sets and p under one
                  budget (chunked training runs, FID or a learned-feature distance, crossovers, plot)
     features.py  the learned-feature distance: a small network trained on the user's data
     plot.py      line charts as PNG (Pillow only)
     report.py    the printed tables
+
+The FLOP model (parameters, FLOPs per patch size, the cards' dense peaks, MFU) is pdiff/flops.py,
+below both this package and the trainer, whose log reports MFU.
 
 Warm-up (pipeline start, compilation) is excluded and figures are medians over repeats.
 """

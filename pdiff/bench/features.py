@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdiff.pipelines.sources import open_source
+
 FEATURES = 64
 
 
@@ -105,7 +107,6 @@ class DataFeatures:
 def load_images(path, max_images: int = 20000) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 NHWC images and int labels (or None) of a dataset pdiff reads (data.path), at most
     ``max_images`` spread evenly over it."""
-    from pdiff.pipelines.sources import open_source
     source = open_source(path)
     if source.encoding == "latent":
         raise ValueError(f"{path} holds latents: the quality benchmark's feature network needs images "

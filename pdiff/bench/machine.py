@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from pdiff.pipelines import dali_available
+
 
 def _cpu_model() -> str:
     try:
@@ -39,7 +41,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2 ** 30, 1), gpu_count=torch.cuda.device_count())
-    from pdiff.pipelines import dali_available
     if dali_available():
         info["versions"]["dali"] = _version("nvidia.dali")
     return info

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
 
@@ -55,7 +57,6 @@ def tick_label(v: float) -> str:
 
 
 def _font(size: int):
-    from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
     except TypeError:            # Pillow < 10.1: the fixed bitmap font
@@ -120,7 +121,6 @@ def draw_panel(draw, box: tuple[int, int, int, int], panel: Panel, fonts) -> Non
 def save_chart(path: str | Path, panels: list[Panel], title: str = "", note: str = "",
                panel_size: tuple[int, int] = (620, 440)) -> Path:
     """The panels side by side under ``title`` with ``note`` (small print) at the bottom."""
-    from PIL import Image, ImageDraw
     w, h = panel_size
     head, foot = (30 if title else 0), (22 if note else 0)
     img = Image.new("RGB", (w * len(panels), h + head + foot), "white")

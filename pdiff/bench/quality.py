@@ -7,7 +7,7 @@ or FLOPs), in chunks: a chunk trains up to the next evaluation point and checkpo
 scored, and the next chunk resumes from the checkpoint (resumption is exact, so the chunks are one
 run). Device time is the training loop's own, from its log: wall-clock on a GPU, the process's CPU
 time on a CPU (so that other work on a shared machine does not count), without start-up,
-checkpoints or evaluations. FLOPs are the FLOP model's (pdiff.bench.flops) summed over the steps
+checkpoints or evaluations. FLOPs are the FLOP model's (pdiff.flops) summed over the steps
 the schedule takes (a pure function of the seed and images seen).
 
 The metric is FID when Inception weights are given; otherwise the Frechet distance in the
@@ -26,8 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdiff.fid import (FeatureStats, FIDEvaluator, RefStats, frechet_distance, inception_features, load_inception,
+                       load_stats)
+from pdiff.flops import train_flops_by_size
+from pdiff.generate import SampleOptions, iter_uint8
 from pdiff.schedule import PatchSchedule
+from pdiff.snapshot import load_checkpoint
+from pdiff.vae import load_run_vae
 
+from .features import data_features, load_images, to_nchw
+from .plot import Panel, Series, save_chart
 from .runs import NEVER, base_overrides, default_interval_images, run_training, variant
 from .timing import BenchError
 
@@ -149,7 +157,6 @@ class FlopCounter:
 
 
 def arm_flop_counter(cfg) -> FlopCounter:
-    from .flops import train_flops_by_size
     return FlopCounter(PatchSchedule.from_config(cfg), train_flops_by_size(cfg))
 
 
@@ -183,8 +190,6 @@ class FeatureMetric:
                             f"FID or across datasets")
 
     def score(self, model, cfg) -> float:
-        from pdiff.fid import frechet_distance
-        from pdiff.generate import iter_uint8
         net = self.feats.net.to(self.device)
         feats = [net.features(images) for _, images, _ in iter_uint8(
             model, list(range(self.images)), self.batch, cfg.data.resolution, cfg.data.channels,
@@ -211,7 +216,6 @@ class InceptionMetric:
 
 
 def sample_options(cfg, steps: int):
-    from pdiff.generate import SampleOptions
     return SampleOptions(sampler=dataclasses.replace(cfg.sample, steps=steps), canvas=0)
 
 
@@ -220,27 +224,21 @@ def make_metric(cfg, device, images: int, batch: int, steps: int, inception: str
     """FID when Inception weights are given (reference statistics from --fid-ref, or computed here
     from data.path); else the learned-feature distance, its network trained here on data.path."""
     if inception:
-        from pdiff.fid import FeatureStats, inception_features, load_inception, load_stats
         net = load_inception(inception, device)
         if fid_ref:
             ref, source = load_stats(fid_ref), fid_ref
         else:
-            from .features import load_images, to_nchw
             data, _ = load_images(cfg.data.path, max_data_images)
             stats = FeatureStats(device=device)
             for part in to_nchw(data).split(100):
                 stats.update(inception_features(net, part))
-            from pdiff.fid import RefStats
             mu, sigma = stats.mean_cov()
             ref, source = RefStats(mu, sigma, stats.count, cfg.data.resolution), f"{stats.count} images of {cfg.data.path}"
-        from pdiff.fid import FIDEvaluator
-        from pdiff.vae import load_run_vae
         vae = load_run_vae(cfg, None, device)              # a latent run's decoder (None for pixels)
         evaluator = FIDEvaluator(ref, net, images, batch, options=sample_options(cfg, steps), device=device, vae=vae)
         return InceptionMetric(evaluator, images, steps, source)
     if fid_ref:
         raise BenchError("--fid-ref without --inception: FID needs the Inception weights its statistics were made with")
-    from .features import data_features
     return FeatureMetric(data_features(cfg.data.path, feature_steps, max_data_images, cfg.train.seed), images, batch, steps, device)
 
 
@@ -266,7 +264,6 @@ def run_arm(cfg, arm: Arm, device: torch.device, work_dir: Path, budget: Budget,
             runner=run_training, on_point=None, probe_steps: int = 4) -> dict:
     """Train one arm in chunks up to each of ``evals`` evenly spaced points of the budget and score
     its EMA at each: the points' images, device/wall/CPU seconds, FLOPs and metric."""
-    from pdiff.snapshot import load_checkpoint
     slug = re.sub(r"[^A-Za-z0-9.=]+", "_", arm.name).strip("_")
     arm_cfg = variant(cfg, [*arm.overrides, *quality_overrides(Path(work_dir) / slug)])
     if depends_on_duration(arm_cfg):
@@ -384,7 +381,6 @@ def summarize(results: list[dict], budget: Budget, evals: int) -> dict:
 def plot_quality(res: dict, path: str | Path) -> Path:
     """Metric vs device-hours and vs FLOPs, one line per arm, the schedule's crossover(s) with
     full images marked."""
-    from .plot import Panel, Series, save_chart
     hours_label = "GPU-hours" if res["device"].startswith("cuda") else "CPU-hours (process CPU time)"
     flops_all = [p["flops"] for r in res["arms"] for p in r["points"]]
     scale, unit = next(((10 ** e, u) for e, u in ((18, "EFLOP"), (15, "PFLOP"), (12, "TFLOP"), (9, "GFLOP"))

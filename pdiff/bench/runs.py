@@ -5,15 +5,29 @@ from __future__ import annotations
 import gc
 import json
 import math
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from pdiff.sampler import network_evaluations
-from pdiff.schedule import PatchSchedule, StochasticSchedule
+from pdiff.allocator import keep_freed_memory
+from pdiff.config import apply_overrides, from_dict, parse_override, to_dict, validate
+from pdiff.coords import canvas_grid, random_offsets
+from pdiff.distributed import StopSignal
+from pdiff.flops import describe, device_card, forward_flops_by_size, mfu
+from pdiff.loss import sample_sigma
+from pdiff.model import build_model, count_parameters, one_hot_labels
+from pdiff.pipelines import build_pipeline, open_source
+from pdiff.pipelines.shards import write_shards
+from pdiff.sampler import SeedNoise, network_evaluations, patch_denoiser, sample_images
+from pdiff.schedule import FullImageSchedule, PatchSchedule, StochasticSchedule
+from pdiff.step import build_step, synthetic_patches
+from pdiff.train import train
 
 from .machine import device_sync
 from .timing import (BenchError, add_flop_figures, compare_figures, schedule_figures, summarize_log, time_sizes,
@@ -37,7 +51,6 @@ class BenchInterrupted(RuntimeError):
 
 def variant(cfg, overrides: list[str]):
     """A copy of ``cfg`` with dotted overrides applied (checked like the command line's)."""
-    from pdiff.config import apply_overrides, from_dict, parse_override, to_dict, validate
     out = from_dict(apply_overrides(to_dict(cfg), list(overrides)), "<bench>")
     out.given = {**cfg.given, **{".".join(parse_override(o)[0]): "<bench>" for o in overrides}}
     validate(out, "<bench>")
@@ -48,9 +61,6 @@ def synthetic_shards(out_dir: str | Path, count: int, resolution: int, channels:
                      encoding: str = "png", seed: int = 0, min_shards: int = 4, workers: int = 1) -> Path:
     """``count`` random images (smooth colour fields plus noise, so PNG/JPEG sizes are natural)
     written as pdiff shards in ``out_dir``."""
-    import numpy as np
-    from PIL import Image
-    from pdiff.pipelines.shards import write_shards
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -78,7 +88,6 @@ def bench_data(cfg, device: torch.device, steps: int = 20, repeats: int = 3, war
     patches/s on one process; both are reported under their own names. CPU seconds are this
     process's (all its threads; DataLoader worker processes are not counted: use data.workers=0 to
     count everything)."""
-    from pdiff.pipelines import build_pipeline
     sched = PatchSchedule.from_config(cfg)
     r, batch = cfg.data.resolution, cfg.train.batch
     plans = [(f"s={s}", s, StochasticSchedule(r, batch, sizes=[s], probs=[1.0], seed=cfg.train.seed))
@@ -109,8 +118,6 @@ def bench_data_online_vae(cfg, vae, device: torch.device, steps: int = 5, repeat
     pipeline as full images, each batch of cfg.train.batch encoded by ``vae`` (a pdiff.vae.VAE) and
     one latent drawn per image. The latents' own patch schedule does not change the cost per image:
     every image is encoded whole. Figures as ``bench_data``'s, under "online-vae"."""
-    from pdiff.pipelines import build_pipeline
-    from pdiff.schedule import FullImageSchedule
     r, batch = cfg.data.resolution, cfg.train.batch
     if r % vae.downsample:
         raise BenchError(f"images of {r}x{r} do not divide into the VAE's {vae.downsample}x{vae.downsample} pixels")
@@ -165,7 +172,6 @@ def delivered_patch_dtype(cfg) -> torch.dtype:
     the data's manifest when data.path is set; without data, images unless the channel count is not
     an image's (1 or 3)."""
     if cfg.data.path:
-        from pdiff.pipelines import open_source
         return torch.float32 if open_source(cfg.data.path).encoding == "latent" else torch.uint8
     return torch.uint8 if cfg.data.channels in (1, 3) else torch.float32
 
@@ -175,11 +181,6 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
     """Training-step cost at each patch size of the config's schedule (and R) with its batch
     multiplier (B full images -> B R/s patches), PatchLoss forward + backward + Adam, and the
     schedule's cost per image against full images, measured and from the FLOP model."""
-    from pdiff.coords import random_offsets
-    from pdiff.loss import sample_sigma
-    from pdiff.model import count_parameters
-    from pdiff.step import build_step, synthetic_patches
-    from .flops import describe, device_card
     overrides = [f"train.compile={str(compile_).lower()}", f"train.kernels={kernels}"]
     if precision:
         overrides.append(f"train.precision={precision}")
@@ -253,7 +254,6 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
     runs get this from the trainer's own warm-up.) Returns the seconds it took."""
     if not force and (device.type != "cuda" or cfg.train.compile):
         return 0.0
-    from pdiff.step import build_step
     t = time.perf_counter()
     step = build_step(variant(cfg, ["train.compile=false"]), device)
     step.warm_up(1, patch_dtype=delivered_patch_dtype(cfg))
@@ -268,8 +268,6 @@ def prewarm_kernels(cfg, device: torch.device, force: bool = False) -> float:
 def run_training(cfg, device: torch.device) -> list[dict]:
     """One run of pdiff.train.train in this process; its log rows. A SIGTERM/SIGUSR1 during the run
     stops the run cleanly (the trainer's handler) and then raises BenchInterrupted here."""
-    from pdiff.distributed import StopSignal
-    from pdiff.train import train
     try:
         prewarm_kernels(cfg, device)
     except Exception as e:            # only a warm-up: the run itself says what is wrong, if anything
@@ -369,7 +367,6 @@ def edm_reference_sampler(net, latents: torch.Tensor, randn_like, num_steps: int
 def cpu_usage() -> dict:
     """This process's CPU seconds in user and kernel (system) mode and its minor page faults so far
     (every thread's): the kernel's share is where freshly mapped memory gets zeroed."""
-    import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
     return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "minor_faults": r.ru_minflt}
 
@@ -403,10 +400,6 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     (throughput does not depend on them), with the CPU time it spends in user and system mode, and
     EDM's reference loop (``edm_reference_sampler``) on the same network and noise, the two
     alternating batch by batch. One warm-up batch of 2 steps first."""
-    from pdiff.allocator import keep_freed_memory
-    from pdiff.model import build_model, count_parameters, one_hot_labels
-    from pdiff.sampler import SeedNoise, patch_denoiser, sample_images
-    from pdiff.coords import canvas_grid
     r, c, s = cfg.data.resolution, cfg.data.channels, cfg.sample
     canvas = s.canvas or r
     if device.type == "cpu":
@@ -435,7 +428,6 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     figures = measured["pdiff"]
     t = figures["seconds_per_batch"]
     evals = network_evaluations(s, guided=labels is not None and s.guidance != 1)
-    from .flops import device_card, forward_flops_by_size, mfu
     tflop_per_s = forward_flops_by_size(cfg, [canvas])[canvas] * evals * batch / t / 1e12
     card = device_card(device)
     out = {"config": cfg.name, "parameters": count_parameters(model), "resolution": r, "canvas": canvas,

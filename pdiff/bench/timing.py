@@ -6,6 +6,8 @@ import statistics
 import time
 from typing import Callable, Iterable
 
+import numpy as np
+
 from pdiff.errors import UserError
 
 
@@ -99,7 +101,6 @@ def expected_mix(intervals: list[dict], schedule) -> dict | None:
     their step counts per size, and the cost per image with the schedule's own mix of sizes
     (``step_shares``) in place of the mix a short run happened to draw. None when the fit is not
     determined (a size never drawn, too few intervals) or not meaningful (a non-positive fitted cost)."""
-    import numpy as np
     sizes = list(schedule.sizes)
     if not intervals:
         return None

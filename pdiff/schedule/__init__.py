@@ -14,14 +14,14 @@ selects it (pdiff/config.py checks names against SCHEDULES). Code outside the pa
 """
 from __future__ import annotations
 
-from .base import PatchSchedule, Step, default_patch_sizes, latent_patch_sizes
+from .base import SCHEDULES, PatchSchedule, Step, default_patch_sizes, latent_patch_sizes
 from .full import FullImageSchedule
 from .progressive import ProgressiveSchedule
 from .stochastic import StochasticSchedule
 
-# patch.mode -> schedule class: the one place a schedule is registered.
-SCHEDULES: dict[str, type[PatchSchedule]] = {
-    s.mode: s for s in (StochasticSchedule, ProgressiveSchedule, FullImageSchedule)}
+# patch.mode -> schedule class (the dict is base.py's, which from_config reads): the one place a
+# schedule is registered.
+SCHEDULES.update({s.mode: s for s in (StochasticSchedule, ProgressiveSchedule, FullImageSchedule)})
 
 
 def register_schedule(schedule: type[PatchSchedule]) -> None:

@@ -72,7 +72,6 @@ class PatchSchedule:
     @staticmethod
     def from_config(cfg) -> "PatchSchedule":
         """The schedule cfg.patch.mode names (``pdiff.schedule.SCHEDULES``), for the run cfg describes."""
-        from pdiff.schedule import SCHEDULES
         p = cfg.patch
         return SCHEDULES[p.mode](cfg.data.resolution, cfg.train.batch, p.real_p, p.sizes, p.probs,
                                  cfg.train.seed, cfg.train.duration_images)
@@ -142,3 +141,9 @@ class PatchSchedule:
 
     def summary(self) -> dict:
         return {"mode": self.mode, "sizes": list(self.sizes), "probs": list(self.probs)}
+
+
+# patch.mode -> schedule class. It lives beside the base class so that from_config needs no import of
+# the package; pdiff/schedule/__init__.py registers the built-in schedules in it (``register_schedule``
+# from outside the package).
+SCHEDULES: dict[str, type[PatchSchedule]] = {}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pdiff.pipelines.shards.inputs import ShardInputError, open_inputs
+from pdiff.pipelines.shards.options import Options, write_order
 from pdiff.pipelines.shards.preprocess import BadInput, _prepare, _prepare_latent
 
 Result = tuple[int, "bytes | None", "str | None"]        # (input position, sample bytes, bad-input reason)
@@ -69,7 +70,6 @@ class EncodedImages:
     skipped (the manifest lists them)."""
 
     def __init__(self, manifest: dict):
-        from pdiff.pipelines.shards.write import Options, write_order
         given = manifest["source"]          # as typed when the shards were written; the fingerprint holds it resolved
         self.root, self.count = manifest.get("fingerprint", {}).get("source") or given, int(manifest["count"])
         self.resolution, channels = int(manifest["image_resolution"]), int(manifest.get("image_channels", 3))

@@ -25,7 +25,7 @@ import numpy as np
 from pdiff.errors import UserError
 
 if TYPE_CHECKING:
-    from pdiff.pipelines.shards.write import Options
+    from pdiff.pipelines.shards.options import Options
 
 
 class ShardInputError(UserError, ValueError):

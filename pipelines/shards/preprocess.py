@@ -17,7 +17,7 @@ from pdiff.pipelines.shards.inputs import IMAGE_SUFFIXES, Inputs, ShardInputErro
 from pdiff.schedule import default_patch_sizes
 
 if TYPE_CHECKING:
-    from pdiff.pipelines.shards.write import Options
+    from pdiff.pipelines.shards.options import Options
 
 TRANSFORMS = ("none", "center-crop", "center-crop-dhariwal", "resize")
 GRAY_MODES = {"1", "L", "LA", "La"}

@@ -18,6 +18,7 @@ from pdiff.pipelines.sample_source import SourceError, decode_sample
 from pdiff.pipelines.shards.format import (IMAGE_EXTS, MANIFEST, check_shard, decode_label, label_ext, load_manifest,
                                            member_exts, parse_crcs, sample_crc, sample_dtype, sample_offsets,
                                            sample_place)
+from pdiff.pipelines.shards.write import pool_context
 from pdiff.progress import Progress
 
 SHOW_PROBLEMS = 50          # damaged samples listed in the message (all are counted)
@@ -49,7 +50,6 @@ def verify(root: str | Path, workers: int = 0, progress: bool = False) -> tuple[
         pool = None
         try:
             if workers > 1:
-                from pdiff.pipelines.shards.write import pool_context
                 pool = pool_context().Pool(workers)
                 results = pool.imap_unordered(_verify_job, jobs)
             else:
