@@ -15,6 +15,8 @@ from torch import nn
 
 from pdiff.kernels import build_net_input, edm_patch_loss
 
+from .loss import learned_weighting
+from .networks.edm2 import force_weight_norm_
 from .precond import EDMPrecond, c_noise
 from .schedule import PatchSchedule
 
@@ -31,6 +33,16 @@ def resolve_precision(mode: str, device) -> str:
 
 def net_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def learning_rate(optim, images: int) -> float:
+    """optim.lr after a linear warm-up over optim.warmup_images; with optim.schedule=inv_sqrt (EDM2's
+    learning_rate_schedule), divided by sqrt(max(images / optim.ref_images, 1)) as well. ``images``:
+    the images seen once the step is done (patch steps count batch * R/s)."""
+    lr = optim.lr * min(1.0, images / max(optim.warmup_images, 1))
+    if optim.schedule == "inv_sqrt":
+        lr /= max(images / optim.ref_images, 1.0) ** 0.5
+    return lr
 
 
 class PatchLoss(nn.Module):
@@ -62,7 +74,10 @@ class PatchLoss(nn.Module):
                     else contextlib.nullcontext())
         with autocast:
             F = self.net_fn(net_in, c_noise(sigma), class_labels)
-        return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        loss = edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        if self.model.logvar is not None:       # loss.weighting=learned, on the kernel's per-sample output
+            loss = learned_weighting(loss, self.model.logvar(c_noise(sigma)))
+        return loss
 
 
 def synthetic_patches(n: int, channels: int, size: int, dtype: torch.dtype, device, generator=None) -> torch.Tensor:
@@ -100,6 +115,10 @@ class TrainingStep:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def after_optimizer_step(self) -> None:
+        """Forced weight normalization (EDM2) of the MP layers the model has (none: nothing to do)."""
+        force_weight_norm_(self.model)
+
     def warm_up(self, world: int = 1, stop=None, patch_dtype: torch.dtype = torch.uint8) -> int:
         """Run every shape the run will see (one per patch size and micro-batch size of this rank)
         once before the first real step, so no step stalls on a compile or a kernel's first launch;
@@ -135,6 +154,7 @@ def build_step(cfg, device) -> TrainingStep:
     schedule = PatchSchedule.from_config(cfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
+    force_weight_norm_(model)       # MP layers start at unit norm, as after every step
     backend = resolve_backend(cfg.train.kernels, device)
     precision = resolve_precision(cfg.train.precision, device)
     loss = PatchLoss(model, cfg.data.resolution, backend, net_dtype(precision), cfg.train.channels_last)
