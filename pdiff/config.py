@@ -23,7 +23,7 @@ import yaml
 
 from .errors import UserError
 from .knobs import knob
-from .networks import NETWORKS, NetworkConfig, arches_with_key, common_keys
+from .network_config import NetworkConfig, common_keys
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -37,10 +37,17 @@ class ConfigError(UserError, ValueError):
 DEFAULT_ARCH = "ddpmpp"
 
 
+def _networks() -> dict:
+    """pdiff.networks.NETWORKS: network.arch -> its config class and builder. Imported on use: the
+    networks import torch, and pdiff.config stays importable without it (the shard writer reads it)."""
+    from .networks import NETWORKS
+    return NETWORKS
+
+
 def default_network() -> NetworkConfig:
     """The network section's default: DDPM++ with its config's defaults. Each network's keys live in
     its own dataclass, registered with it (pdiff/networks/: NETWORKS maps network.arch to it)."""
-    return NETWORKS[DEFAULT_ARCH].config(arch=DEFAULT_ARCH)
+    return _networks()[DEFAULT_ARCH].config(arch=DEFAULT_ARCH)
 
 
 @dataclass
@@ -284,6 +291,7 @@ def _build_network(value, where: str) -> NetworkConfig:
     an error naming the arches that have it."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping with arch and its keys, got {value!r}")
+    NETWORKS = _networks()
     arch = value.get("arch", DEFAULT_ARCH)
     if not isinstance(arch, str) or arch not in NETWORKS:
         raise ConfigError(f"{where}.arch: {arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
@@ -291,7 +299,7 @@ def _build_network(value, where: str) -> NetworkConfig:
     keys = NETWORKS[arch].keys()
     for key in value:
         if key not in keys:
-            owners = arches_with_key(key)
+            owners = [a for a, spec in NETWORKS.items() if key in spec.keys()]
             has = (f"it is a key of network.arch={' | '.join(owners)}" if owners else "no network has it")
             raise ConfigError(f"{where}.{key}: not a key of network.arch={arch} ({has}); the keys of {arch}: "
                               f"{', '.join(keys)} (`pdiff config network` lists every arch's)")
@@ -490,6 +498,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     field's type and closed set of choices were checked while loading; the network's rules are its
     config class's (``rules``)."""
     from .schedule import SCHEDULES
+    NETWORKS = _networks()
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
@@ -636,7 +645,7 @@ def fill_from_data(cfg: Config, resolution: int, channels: int, num_classes: int
 def _registries() -> dict[str, list[str]]:
     """The open sets of names, keyed by the field that takes them."""
     from .schedule import SCHEDULES
-    return {"network.arch": list(NETWORKS), "patch.mode": list(SCHEDULES)}
+    return {"network.arch": list(_networks()), "patch.mode": list(SCHEDULES)}
 
 
 def _type_text(tp, key: str, registries: dict) -> str:
@@ -665,6 +674,7 @@ def reference_rows(cfg: Config | None = None) -> list[tuple[str, str, str, str]]
     config class together), their meaning led by "[arch]"."""
     cfg = cfg or Config()
     registries = _registries()
+    NETWORKS = _networks()
     rows = []
 
     def walk(node, prefix: str, only=None, tag: str = ""):

@@ -8,7 +8,7 @@
 multiple of.
 
 Adding a network: write pdiff/networks/<file>.py with its config, a dataclass deriving from
-``NetworkConfig`` (spec.py: the keys every network shares) that adds the network's own knobs, and a
+``NetworkConfig`` (pdiff/network_config.py: the keys every network shares) that adds the network's own knobs, and a
 builder
 
     def build(cfg: MyConfig, resolution: int, channels: int) -> nn.Module
@@ -24,16 +24,15 @@ Blocks: every network names its blocks for forward hooks (representation losses,
 """
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
 from . import adm, edm2, songunet
 from .adm import ADMConfig, DhariwalUNet
 from .edm2 import EDM2Config, EDM2UNet
-from .layers import UNetConfig
+from pdiff.network_config import NetworkConfig, UNetConfig, common_keys
+
 from .songunet import SongUNet, SongUNetConfig
-from .spec import Builder, NetworkConfig, NetworkSpec, common_keys
+from .spec import Builder, NetworkSpec
 
 # network.arch -> (its config dataclass, its builder): the one place a network is registered.
 NETWORKS: dict[str, NetworkSpec] = {
@@ -61,11 +60,6 @@ def network_config(arch: str, **keys) -> NetworkConfig:
     return NETWORKS[arch].config(arch=arch, **keys)
 
 
-def arches_with_key(key: str) -> list[str]:
-    """The registered networks whose config has ``key``."""
-    return [a for a, spec in NETWORKS.items() if key in {f.name for f in dataclasses.fields(spec.config)}]
-
-
 def build_network(cfg, resolution: int, channels: int) -> nn.Module:
     """The network ``cfg.arch`` (its config, checked by pdiff.config) for ``resolution`` x
     ``resolution`` training images with ``channels`` channels; its input has ``channels + 2`` channels."""
@@ -82,5 +76,5 @@ def build_network(cfg, resolution: int, channels: int) -> nn.Module:
 
 
 __all__ = ["NETWORKS", "ADMConfig", "DhariwalUNet", "EDM2Config", "EDM2UNet", "NetworkConfig", "NetworkSpec",
-           "SongUNet", "SongUNetConfig", "UNetConfig", "arches_with_key", "build_network", "common_keys",
+           "SongUNet", "SongUNetConfig", "UNetConfig", "build_network", "common_keys",
            "network_config", "register_network"]

@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBase, UNetConfig, \
-    add_decoder, add_encoder, drop_labels, run_decoder, unet_settings
+from pdiff.network_config import UNetConfig
+
+from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBase, add_decoder, \
+    add_encoder, drop_labels, run_decoder, unet_settings
 
 
 @dataclass
 class ADMConfig(UNetConfig):
-    """network.arch=adm: EDM's U-Net knobs (layers.UNetConfig; the defaults are DDPM++'s, as the one
+    """network.arch=adm: EDM's U-Net knobs (pdiff.network_config.UNetConfig; the defaults are DDPM++'s, as the one
     flat network section had them: the published ADM sizes are in the imagenet256_latent preset)."""
 
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdiff.knobs import knob
+from pdiff.network_config import NetworkConfig, Rule
 
 from .layers import CoordFeatures, UNetBase, drop_labels
-from .spec import NetworkConfig, Rule
 
 
 @dataclass

@@ -9,16 +9,11 @@ without autocast).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdiff.knobs import knob
-
-from .spec import NetworkConfig, Rule
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
@@ -282,28 +277,8 @@ class CoordFeatures(nn.Module):
 # --------------------------------------------------------------------------------------------
 # What the U-Nets share: their settings, encoder, decoder, input contract and label dropout
 
-@dataclass
-class UNetConfig(NetworkConfig):
-    """The knobs of EDM's U-Nets (DDPM++, NCSN++, ADM: songunet.py and adm.py derive their configs from
-    it), with DDPM++'s values as defaults."""
-    model_channels: int = knob(128, "base channels")
-    channel_mult: list[int] = knob([1, 2, 2, 2], "channels of each resolution level, in multiples of model_channels")
-    num_blocks: int = knob(4, "residual blocks per resolution")
-    attn_resolutions: list[int] = knob([16], "resolutions (feature map sides) with self-attention")
-    dropout: float = knob(0.10, "dropout probability in the residual blocks")
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        ("model_channels", lambda v: v >= 1, "must be at least 1"),
-        ("channel_mult", lambda v: len(v) >= 1 and min(v) >= 1,
-         "must list at least one positive channel multiplier (one per resolution level)"),
-        ("num_blocks", lambda v: v >= 1, "must be at least 1"),
-        ("attn_resolutions", lambda v: all(r >= 1 for r in v), "must list positive resolutions"),
-        ("dropout", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
-    )
-
-
 def unet_settings(cfg, resolution: int, channels: int) -> dict:
-    """The constructor arguments both U-Nets take from a ``UNetConfig``."""
+    """The constructor arguments both U-Nets take from a ``UNetConfig`` (pdiff/network_config.py)."""
     if len(cfg.channel_mult) < 1:
         raise ValueError("network.channel_mult: a U-Net needs at least one level")
     return dict(img_resolution=resolution, img_channels=channels, label_dim=cfg.label_dim,

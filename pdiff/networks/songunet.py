@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdiff.network_config import UNetConfig
+
 from .layers import Conv2d, CoordFeatures, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, \
-    UNetBase, UNetConfig, add_decoder, add_encoder, drop_labels, run_decoder, unet_settings
+    UNetBase, add_decoder, add_encoder, drop_labels, run_decoder, unet_settings
 
 
 @dataclass
 class SongUNetConfig(UNetConfig):
-    """network.arch=ddpmpp | ncsnpp: EDM's U-Net knobs (layers.UNetConfig); the two differ by fixed
+    """network.arch=ddpmpp | ncsnpp: EDM's U-Net knobs (pdiff.network_config.UNetConfig); the two differ by fixed
     settings (the builders below), not by keys."""
 
 
