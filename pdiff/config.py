@@ -23,6 +23,8 @@ import yaml
 
 from .errors import UserError
 from .schedule import SCHEDULES, PatchSchedule
+from .knobs import knob
+from .network_config import NetworkConfig, common_keys
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -33,26 +35,20 @@ class ConfigError(UserError, ValueError):
     every_rank = True     # every rank reads the same config
 
 
-def knob(default, meaning: str):
-    """A config field and its one-line meaning, which `pdiff config` prints (lists get a fresh copy
-    per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": meaning})
-    return field(default=default, metadata={"doc": meaning})
+DEFAULT_ARCH = "ddpmpp"
 
 
-@dataclass
-class NetworkConfig:
-    arch: str = knob("ddpmpp", "the network, a name in pdiff.networks.NETWORKS")
-    model_channels: int = knob(128, "base channels")
-    channel_mult: list[int] = knob([1, 2, 2, 2], "channels of each resolution level, in multiples of model_channels")
-    num_blocks: int = knob(4, "residual blocks per resolution")
-    attn_resolutions: list[int] = knob([16], "resolutions (feature map sides) with self-attention")
-    dropout: float = knob(0.10, "dropout probability in the residual blocks")
-    label_dim: int = knob(0, "number of classes (0 = unconditional); default: the shards' classes")
-    label_dropout: float = knob(0.0, "probability of dropping the label in training (classifier-free guidance)")
-    coord_embed: Literal["none", "fourier"] = knob("none", "coordinate channels as given, or sin/cos features of them")
-    coord_freqs: int = knob(4, "fourier: frequencies 2^0 .. 2^(k-1)")
+def _networks() -> dict:
+    """pdiff.networks.NETWORKS: network.arch -> its config class and builder. Imported on use: the
+    networks import torch, and pdiff.config stays importable without it (the shard writer reads it)."""
+    from .networks import NETWORKS     # torch (seconds): a config loads and prints without it
+    return NETWORKS
+
+
+def default_network() -> NetworkConfig:
+    """The network section's default: DDPM++ with its config's defaults. Each network's keys live in
+    its own dataclass, registered with it (pdiff/networks/: NETWORKS maps network.arch to it)."""
+    return _networks()[DEFAULT_ARCH].config(arch=DEFAULT_ARCH)
 
 
 @dataclass
@@ -83,6 +79,8 @@ class PatchConfig:
     real_p: float = knob(0.5, "share of full-size steps, the paper's p (with patch.probs given: their full-size entry)")
     sizes: list[int] = knob([], "patch sizes; empty: {R/4, R/2, R} from 64 px, {R/2, R} below (docs/patch_defaults.md)")
     probs: list[float] = knob([], "probability of each of patch.sizes; empty: (2/5 (1-p), 3/5 (1-p), p), or (1-p, p)")
+    p_mean: list[float] = knob([], "per patch size (aligned with patch.sizes): mean of ln(sigma); empty: loss.p_mean")
+    p_std: list[float] = knob([], "per patch size (aligned with patch.sizes): std of ln(sigma); empty: loss.p_std")
 
 
 @dataclass
@@ -90,11 +88,18 @@ class LossConfig:
     p_mean: float = knob(-1.2, "mean of ln(sigma) of the training noise levels (EDM's P_mean)")
     p_std: float = knob(1.2, "standard deviation of ln(sigma) (EDM's P_std)")
     sigma_data: float = knob(0.5, "standard deviation of the data (EDM's sigma_data)")
+    weighting: Literal["edm", "learned"] = knob(
+        "edm", "edm: lambda(sigma) alone; learned: EDM2's uncertainty u(sigma) (an MLP over c_noise), "
+               "loss / exp(u) + u")
+    logvar_channels: int = knob(128, "loss.weighting=learned: Fourier features of c_noise the u(sigma) MLP reads")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = knob(2e-4, "Adam's learning rate after the warm-up")
+    lr: float = knob(2e-4, "Adam's learning rate after the warm-up (inv_sqrt: EDM2's ref_lr)")
+    schedule: Literal["warmup", "inv_sqrt"] = knob(
+        "warmup", "warmup: lr after a linear warm-up; inv_sqrt: then lr / sqrt(max(images / ref_images, 1)) (EDM2)")
+    ref_images: int = knob(143_360_000, "inv_sqrt: images after which the decay starts (EDM2: 70k x 2048)")
     betas: list[float] = knob([0.9, 0.999], "Adam's beta1, beta2")
     eps: float = knob(1e-8, "Adam's epsilon")
     weight_decay: float = knob(0.0, "Adam's L2 weight decay")
@@ -198,7 +203,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = knob("default", "the run's name (printed and stored with it)")
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: NetworkConfig = field(default_factory=default_network)
     data: DataConfig = field(default_factory=DataConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -285,6 +290,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if tp is NetworkConfig:
+        return _build_network(value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -302,10 +309,41 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def _build_network(value, where: str) -> NetworkConfig:
+    """The network section into the config dataclass of its arch (NETWORKS): a key of another arch is
+    an error naming the arches that have it."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping with arch and its keys, got {value!r}")
+    NETWORKS = _networks()
+    arch = value.get("arch", DEFAULT_ARCH)
+    if not isinstance(arch, str) or arch not in NETWORKS:
+        raise ConfigError(f"{where}.arch: {arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
+                          "a new one is added in pdiff/networks/__init__.py)")
+    keys = NETWORKS[arch].keys()
+    for key in value:
+        if key not in keys:
+            owners = [a for a, spec in NETWORKS.items() if key in spec.keys()]
+            has = (f"it is a key of network.arch={' | '.join(owners)}" if owners else "no network has it")
+            raise ConfigError(f"{where}.{key}: not a key of network.arch={arch} ({has}); the keys of {arch}: "
+                              f"{', '.join(keys)} (`pdiff config network` lists every arch's)")
+    return _build(NETWORKS[arch].config, {**value, "arch": arch}, where)
+
+
+def _switch_arch(network: dict, arch) -> dict:
+    """The network section under one that sets ``arch``: kept when the arch stays, cut to the keys
+    every network shares when it changes (the other arch's keys, and its defaults, do not carry over)."""
+    if arch is None or arch == network.get("arch", DEFAULT_ARCH):
+        return network
+    return {k: v for k, v in network.items() if k in common_keys()}
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if k == "network" and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(_switch_arch(out[k], v.get("arch")), v)
+        else:
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -375,8 +413,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = json.loads(json.dumps(data))
+    # network.arch first: a change of arch drops the other arch's keys, not the keys given with it.
+    overrides = sorted(overrides, key=lambda text: parse_override(text)[0] != ["network", "arch"])
     for text in overrides:
         keys, value = parse_override(text)
+        if keys == ["network", "arch"] and isinstance(data.get("network"), dict):
+            data["network"] = _switch_arch(data["network"], value)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -417,14 +459,6 @@ def _finite(v) -> bool:
 # Each field's allowed values beyond its type: (key, test, what it must be). The tests see the
 # coerced value (ints for int fields, floats for float fields; NaN fails every comparison).
 VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("network.model_channels", lambda v: v >= 1, "must be at least 1"),
-    ("network.channel_mult", lambda v: len(v) >= 1 and min(v) >= 1,
-     "must list at least one positive channel multiplier (one per resolution level)"),
-    ("network.num_blocks", lambda v: v >= 1, "must be at least 1"),
-    ("network.attn_resolutions", lambda v: all(r >= 1 for r in v), "must list positive resolutions"),
-    ("network.dropout", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
-    ("network.label_dim", lambda v: v >= 0, "must be >= 0 (0 = unconditional)"),
-    ("network.label_dropout", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
     ("data.resolution", lambda v: v >= 2, "must be at least 2"),
     ("data.channels", lambda v: v >= 1, "must be at least 1"),
     ("data.workers", lambda v: v >= 0, "must be >= 0"),
@@ -440,6 +474,8 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
     ("optim.weight_decay", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     ("optim.warmup_images", lambda v: v >= 0, "must be >= 0"),
+    ("optim.ref_images", lambda v: v >= 1, "must be at least 1"),
+    ("loss.logvar_channels", lambda v: v >= 1, "must be at least 1"),
     ("optim.grad_clip", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = no clipping)"),
     ("repr.weight", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     ("repr.temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
@@ -486,8 +522,9 @@ def _value(cfg: Config, key: str):
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """The checks of values (VALUE_RULES), of what spans fields and of what needs a registry; each
-    field's type and closed set of choices were checked while loading."""
-    from .networks import NETWORKS     # torch (seconds): a config loads and prints without it
+    field's type and closed set of choices were checked while loading; the network's rules are its
+    config class's (``rules``)."""
+    NETWORKS = _networks()
 
     def bad(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
@@ -495,9 +532,24 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         value = _value(cfg, key)
         if not ok(value):
             bad(key, f"{must}, got {value!r}")
+    for name, ok, must in type(cfg.network).all_rules():
+        if not ok(getattr(cfg.network, name)):
+            bad(f"network.{name}", f"{must}, got {getattr(cfg.network, name)!r}")
     if cfg.network.arch not in NETWORKS:
         bad("network.arch", f"{cfg.network.arch!r} is not a registered network (registered: {', '.join(NETWORKS)}; "
                             "a new one is added in pdiff/networks/__init__.py)")
+    if not isinstance(cfg.network, NETWORKS[cfg.network.arch].config):
+        bad("network.arch", f"{cfg.network.arch} takes a {NETWORKS[cfg.network.arch].config.__name__}, the network "
+                            f"section holds a {type(cfg.network).__name__}: build it with "
+                            f"pdiff.networks.network_config({cfg.network.arch!r}, ...)")
+    p = cfg.patch
+    for key in ("p_mean", "p_std"):
+        values = getattr(p, key)
+        if values and len(values) != len(p.sizes):
+            bad(f"patch.{key}", f"{values}: give one value per patch size of patch.sizes ({p.sizes or 'not given'}), "
+                                f"in its order, or none to use loss.{key} for every size")
+        if not all(math.isfinite(v) for v in values) or (key == "p_std" and any(v < 0 for v in values)):
+            bad(f"patch.{key}", f"{values}: must be finite numbers" + (" >= 0" if key == "p_std" else ""))
     if cfg.patch.mode not in SCHEDULES:
         bad("patch.mode", f"{cfg.patch.mode!r} is not a registered patch schedule (registered: "
                           f"{', '.join(SCHEDULES)}; a new one is added in pdiff/schedule/__init__.py)")
@@ -624,8 +676,7 @@ def fill_from_data(cfg: Config, resolution: int, channels: int, num_classes: int
 
 def _registries() -> dict[str, list[str]]:
     """The open sets of names, keyed by the field that takes them."""
-    from .networks import NETWORKS     # torch (seconds): `pdiff config` prints without it
-    return {"network.arch": list(NETWORKS), "patch.mode": list(SCHEDULES)}
+    return {"network.arch": list(_networks()), "patch.mode": list(SCHEDULES)}
 
 
 def _type_text(tp, key: str, registries: dict) -> str:
@@ -649,20 +700,35 @@ def _default_text(value) -> str:
 
 
 def reference_rows(cfg: Config | None = None) -> list[tuple[str, str, str, str]]:
-    """(key, type or choices, default, meaning) of every config key, in declaration order."""
+    """(key, type or choices, default, meaning) of every config key, in declaration order; the
+    network section: the keys every network shares, then each arch's own (the arches that share a
+    config class together), their meaning led by "[arch]"."""
     cfg = cfg or Config()
     registries = _registries()
+    NETWORKS = _networks()
     rows = []
 
-    def walk(node, prefix: str):
+    def walk(node, prefix: str, only=None, tag: str = ""):
         hints = typing.get_type_hints(type(node))
         for f in dataclasses.fields(node):
             value, key = getattr(node, f.name), prefix + f.name
-            if dataclasses.is_dataclass(value):
+            if only is not None and f.name not in only:
+                continue
+            if isinstance(value, NetworkConfig):
+                walk(value, key + ".", only=common_keys())
+                groups: dict[str, list[str]] = {}       # arches whose own keys read the same: one set of rows
+                for arch, spec in NETWORKS.items():
+                    own = [(f.name, f.metadata.get("doc"), getattr(spec.config(arch=arch), f.name))
+                           for f in dataclasses.fields(spec.config) if f.name not in common_keys()]
+                    groups.setdefault(repr(own), []).append(arch)
+                for arches in groups.values():
+                    walk(NETWORKS[arches[0]].config(arch=arches[0]), key + ".",
+                         only=set(NETWORKS[arches[0]].keys()) - common_keys(), tag=f"[{', '.join(arches)}] ")
+            elif dataclasses.is_dataclass(value):
                 walk(value, key + ".")
             else:
                 rows.append((key, _type_text(hints[f.name], key, registries), _default_text(value),
-                             f.metadata.get("doc", "")))
+                             tag + f.metadata.get("doc", "")))
     walk(cfg, "")
     return rows
 

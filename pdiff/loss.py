@@ -12,13 +12,52 @@ weigh the same; the batch loss is the mean of the per-sample losses. The two mem
 fused kernels (pdiff.kernels.build_net_input, pdiff.kernels.edm_patch_loss); their plain-torch
 references, net_input_ref and edm_loss_ref, sit beside them in kernels/net_input.py and
 kernels/edm_loss.py. pdiff.step.PatchLoss puts the step together.
+
+loss.weighting=learned (EDM2, eq. 21): a small MLP u(sigma) over c_noise (``Uncertainty``, kept on the
+model as ``model.logvar`` so it trains, checkpoints and resumes with it) turns each per-sample loss L
+into L / exp(u) + u. It is applied to the fused kernel's per-sample output: the kernel's backward
+scales its saved dL/dF by the per-sample gradient it receives (exp(-u) here), so the weighting
+composes with it exactly and the kernels need no second variant. EDM2 sums the elements where pdiff
+takes their mean; mean(w (D - y)^2) / exp(u) + u is its per-element loss averaged, the same optimum.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .networks.edm2 import MPConv, MPFourier
 
 
 def sample_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2,
                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """ln(sigma) ~ Normal(P_mean, P_std), one sigma per sample (EDM Sec. 5)."""
     return (torch.randn(batch, generator=generator, device=device) * p_std + p_mean).exp()
+
+
+def noise_distribution(cfg, patch_size: int) -> tuple[float, float]:
+    """(P_mean, P_std) of ln(sigma) for a step of ``patch_size``: patch.p_mean / patch.p_std where given
+    (one per patch.sizes entry), else loss.p_mean / loss.p_std."""
+    p, i = cfg.patch, None
+    if (p.p_mean or p.p_std) and patch_size in p.sizes:
+        i = p.sizes.index(patch_size)
+    mean = p.p_mean[i] if i is not None and p.p_mean else cfg.loss.p_mean
+    std = p.p_std[i] if i is not None and p.p_std else cfg.loss.p_std
+    return mean, std
+
+
+class Uncertainty(nn.Module):
+    """EDM2's learned uncertainty u(sigma) (its Precond's logvar): magnitude-preserving Fourier
+    features of c_noise into one bias-free, weight-normalized linear output."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.fourier = MPFourier(channels)
+        self.linear = MPConv(channels, 1)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.fourier(c_noise.to(torch.float32))).reshape(-1)
+
+
+def learned_weighting(loss: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss L weighted by the learned uncertainty u: L / exp(u) + u (EDM2 eq. 21)."""
+    return loss * torch.exp(-u.to(loss.dtype)) + u.to(loss.dtype)

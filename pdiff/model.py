@@ -5,12 +5,14 @@ import torch
 
 from .config import Config
 from .networks import build_network
+from .loss import Uncertainty
 from .precond import EDMPrecond
 
 
 def build_model(cfg: Config) -> EDMPrecond:
     net = build_network(cfg.network, cfg.data.resolution, cfg.data.channels)
-    return EDMPrecond(net, cfg.loss.sigma_data)
+    logvar = Uncertainty(cfg.loss.logvar_channels) if cfg.loss.weighting == "learned" else None
+    return EDMPrecond(net, cfg.loss.sigma_data, logvar)
 
 
 def one_hot_labels(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:

@@ -38,12 +38,16 @@ def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class EDMPrecond(nn.Module):
     """Denoiser wrapper. ``net(net_input, c_noise, class_labels)`` is the raw network F, whose input
-    has C + 2 channels (image + coordinates) and whose output has C."""
+    has C + 2 channels (image + coordinates) and whose output has C. ``logvar``: the learned loss
+    weighting's u (None for EDM's weighting)."""
 
-    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA):
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, logvar: nn.Module | None = None):
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
+        # loss.weighting=learned: u(c_noise), the loss's learned uncertainty (pdiff.loss.Uncertainty);
+        # trained and saved with the network, unused when sampling.
+        self.logvar = logvar
 
     def net_input(self, x: torch.Tensor, sigma: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """[c_in(s) x, coords]: what F sees."""

@@ -17,6 +17,8 @@ from pdiff.kernels import build_net_input, edm_patch_loss, resolve_backend
 
 from .model import build_model
 from .networks import find_block
+from .loss import learned_weighting
+from .networks.edm2 import force_weight_norm_
 from .precond import EDMPrecond, c_noise
 from .repr import BlockTap, ReprTerm, TappedNetwork, block_channels
 from .schedule import PatchSchedule
@@ -34,6 +36,16 @@ def resolve_precision(mode: str, device) -> str:
 
 def net_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def learning_rate(optim, images: int) -> float:
+    """optim.lr after a linear warm-up over optim.warmup_images; with optim.schedule=inv_sqrt (EDM2's
+    learning_rate_schedule), divided by sqrt(max(images / optim.ref_images, 1)) as well. ``images``:
+    the images seen once the step is done (patch steps count batch * R/s)."""
+    lr = optim.lr * min(1.0, images / max(optim.warmup_images, 1))
+    if optim.schedule == "inv_sqrt":
+        lr /= max(images / optim.ref_images, 1.0) ** 0.5
+    return lr
 
 
 class PatchLoss(nn.Module):
@@ -73,10 +85,13 @@ class PatchLoss(nn.Module):
                     else contextlib.nullcontext())
         with autocast:
             F = self.net_fn(net_in, c_noise(sigma), class_labels)
-        if self.repr_term is None:
-            return edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
-        F, activation = F
+        if self.repr_term is not None:
+            F, activation = F
         loss = edm_patch_loss(F, patches, sigma, sigma_data=sd, backend=self.backend, **kw)
+        if self.model.logvar is not None:       # loss.weighting=learned, on the kernel's per-sample output
+            loss = learned_weighting(loss, self.model.logvar(c_noise(sigma)))
+        if self.repr_term is None:
+            return loss
         align = self.repr_term.kind == "align"
         if (align and features is None) or (not align and repr_weight == 0):
             return loss, torch.zeros_like(loss)
@@ -118,6 +133,10 @@ class TrainingStep:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def after_optimizer_step(self) -> None:
+        """Forced weight normalization (EDM2) of the MP layers the model has (none: nothing to do)."""
+        force_weight_norm_(self.model)
+
     def warm_up(self, world: int = 1, stop=None, patch_dtype: torch.dtype = torch.uint8) -> int:
         """Run every shape the run will see (one per patch size and micro-batch size of this rank)
         once before the first real step, so no step stalls on a compile or a kernel's first launch;
@@ -152,6 +171,7 @@ def build_step(cfg, device) -> TrainingStep:
     schedule = PatchSchedule.from_config(cfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
+    force_weight_norm_(model)       # MP layers start at unit norm, as after every step
     backend = resolve_backend(cfg.train.kernels, device)
     precision = resolve_precision(cfg.train.precision, device)
     term = tap = None

@@ -30,11 +30,11 @@ from .flops import FlopCounter, device_card, train_flops_by_size
 from .generate import sample_grid
 from .helpformat import HelpFormatter
 from .latent import training_vae
-from .loss import sample_sigma
+from .loss import noise_distribution, sample_sigma
 from .model import count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, run_summary, save_png
 from .schedule import PatchSchedule
-from .step import build_step, compiled_graphs, derive_seed, micro_batches
+from .step import build_step, compiled_graphs, derive_seed, learning_rate, micro_batches
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -150,7 +150,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         # processes train like one process with the same global batch (on the torch path).
         torch.manual_seed(derive_seed(cfg.train.seed, rank, images_seen, 1))   # dropout, label dropout
         gen = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, images_seen, 2))
-        sigma = sample_sigma(global_b, cfg.loss.p_mean, cfg.loss.p_std, gen, device)[rank::world]
+        sigma = sample_sigma(global_b, *noise_distribution(cfg, size), gen, device)[rank::world]
         noise = None
         if step.loss.backend == "torch":
             shape = (global_b, step.channels, size, size)
@@ -158,7 +158,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         labels = one_hot_labels(batch.labels.to(device), cfg.network.label_dim)
 
         # 3. Forward/backward in micro-batches; DDP all-reduces on the last one only.
-        lr = cfg.optim.lr * min(1.0, (images_seen + global_b) / max(cfg.optim.warmup_images, 1))
+        lr = learning_rate(cfg.optim, images_seen + global_b)
         for group in opt.param_groups:
             group["lr"] = lr
         chunks = micro_batches(b, cfg.train.grad_accum)
@@ -193,6 +193,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
             torch._foreach_mul_(grads, (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).nan_to_num(0.0))
         if not skip:
             opt.step()
+            step.after_optimizer_step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, images_seen, images_seen + global_b)
         stats.add(size, torch.cat(per_sample), sigma, grad_norm, finite)

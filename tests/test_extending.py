@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from PIL import Image
 from torch import nn
 
 from pdiff.config import ConfigError, load_config
+from pdiff.knobs import knob
+from pdiff.networks import NetworkConfig
 from pdiff.pipelines import SOURCES, SampleSource, SourceError, build_pipeline, dali_available, register_source
 from pdiff.pipelines.order import SamplePlan
 from pdiff.schedule import SCHEDULES, PatchSchedule, StochasticSchedule, register_schedule
@@ -29,6 +32,12 @@ from test_train import final_state, log_rows, write_config
 
 # ---------------------------------------------------------------------------------------------
 # A network: what a newcomer's pdiff/networks/toy.py would hold.
+
+@dataclass
+class ToyConfig(NetworkConfig):
+    """network.arch=toy: the keys every network has (NetworkConfig) and the toy's own."""
+    width: int = knob(16, "hidden channels of the toy")
+
 
 class ToyNet(nn.Module):
     """Two 3x3 convolutions over the image and coordinate channels, the hidden features scaled by
@@ -46,16 +55,16 @@ class ToyNet(nn.Module):
         return self.conv_out(F.silu(h))
 
 
-def build_toy(cfg, resolution: int, channels: int) -> nn.Module:
-    return ToyNet(channels, cfg.model_channels)
+def build_toy(cfg: ToyConfig, resolution: int, channels: int) -> nn.Module:
+    return ToyNet(channels, cfg.width)
 
 
 @pytest.fixture
 def toy_network():
-    """The registration line: in the package it is `"toy": toy.build_toy,` in NETWORKS
-    (pdiff/networks/__init__.py); from outside the package, register_network."""
+    """The registration line: in the package it is `"toy": NetworkSpec(toy.ToyConfig, toy.build_toy),`
+    in NETWORKS (pdiff/networks/__init__.py); from outside the package, register_network."""
     from pdiff.networks import NETWORKS, register_network
-    register_network("toy", build_toy)
+    register_network("toy", build_toy, ToyConfig)
     yield
     NETWORKS.pop("toy")
 
@@ -71,8 +80,14 @@ def test_add_a_network(tmp_path, digits_shards, toy_network):  # noqa: F811  (di
     # Chosen by name through the config loader (which checks names against the registry). In
     # process, so no global deterministic mode is switched on for the tests that follow.
     path = write_config(tmp_path, digits_shards, train={"duration_images": 192, "ckpt_every_images": 192})
-    cfg = load_config(path, ["network.arch=toy", "network.model_channels=16", "train.deterministic=false"])
-    assert cfg.network.arch == "toy"
+    cfg = load_config(path, ["network.width=16", "network.arch=toy", "train.deterministic=false"])
+    assert cfg.network.arch == "toy" and isinstance(cfg.network, ToyConfig) and cfg.network.width == 16
+    # The config takes the toy's keys (the U-Net keys under it went with the arch change), not another arch's.
+    with pytest.raises(ConfigError, match=r"network.model_channels: not a key of network.arch=toy .*"
+                                          r"network.arch=ddpmpp \| ncsnpp \| adm \| edm2"):
+        load_config(path, ["network.arch=toy", "network.model_channels=16"])
+    from pdiff.config import reference
+    assert "[toy] hidden channels of the toy" in reference(keys=["network.width"])
     assert train(cfg, "cpu") == 0
 
     run = Path(cfg.train.run_dir)

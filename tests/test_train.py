@@ -168,21 +168,28 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path, digits_shards):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("ema_mode", ["halflife", pytest.param("power", marks=pytest.mark.slow)])
-def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_mode):
+@pytest.mark.parametrize("ema_mode, arch", [("halflife", "ddpmpp"),
+                                            pytest.param("power", "ddpmpp", marks=pytest.mark.slow),
+                                            ("power", "edm2")])
+def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_mode, arch):
     """kill -9 mid-run, re-run the same command: the trajectory (losses at every log point from the
     checkpoint on), the final parameters and every EMA (with ema.mode=power: both tracked averages
     and every snapshot of them) equal an uninterrupted run's bit for bit, and the data pipeline
     resumes exactly where the checkpoint was (no sample repeated or skipped). Dropout and label
-    dropout are on: their masks must follow images seen, not the steps of this process."""
+    dropout are on: their masks must follow images seen, not the steps of this process. edm2: with
+    EDM2's dynamics (learned weighting, inv_sqrt learning rate, forced weight normalization)."""
     long = {"duration_images": 640}   # leaves a wide window between the first checkpoint and the end
     if ema_mode == "power":
         long["snapshot_every_images"] = 128
-    net = {"dropout": 0.2, "label_dim": 10, "label_dropout": 0.3}
+    net = {"arch": arch, "dropout": 0.2, "label_dim": 10, "label_dropout": 0.3}
     ema = {"mode": ema_mode, "halflife_images": 200}
-    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net, ema=ema)
+    more = {}
+    if arch == "edm2":
+        more = dict(loss={"weighting": "learned"}, optim={"lr": 1e-2, "schedule": "inv_sqrt", "ref_images": 128,
+                                                         "betas": [0.9, 0.99]})
+    ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net, ema=ema, **more)
     run_train(ref_cfg)
-    cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net, ema=ema)
+    cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net, ema=ema, **more)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

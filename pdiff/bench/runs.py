@@ -203,6 +203,7 @@ def bench_step(cfg, device: torch.device, compile_: bool = False, precision: str
         def train_step():
             step.loss(y, off, sigma, noise, labels, 1, 2).mean().backward()
             opt.step()
+            step.after_optimizer_step()     # as the trainer (EDM2's forced weight normalization)
             opt.zero_grad(set_to_none=True)
         return train_step, n
 

@@ -7,55 +7,70 @@
 (B, label_dim) or None (= unconditional). ``net.downsample`` is the factor every patch size must be a
 multiple of.
 
-Adding a network: write pdiff/networks/<file>.py with a builder
+Adding a network: write pdiff/networks/<file>.py with its config, a dataclass deriving from
+``NetworkConfig`` (pdiff/network_config.py: the keys every network shares) that adds the network's own knobs, and a
+builder
 
-    def build(cfg: pdiff.config.NetworkConfig, resolution: int, channels: int) -> nn.Module
+    def build(cfg: MyConfig, resolution: int, channels: int) -> nn.Module
 
-whose module has the forward above and a ``downsample`` attribute, and add one line for it to
-NETWORKS below; ``network.arch=<name>`` then selects it (pdiff/config.py checks names against
-NETWORKS). Code outside the package registers with ``register_network``.
+whose module has the forward above and a ``downsample`` attribute, and add one line for the pair to
+NETWORKS below; ``network.arch=<name>`` then selects it and the ``network:`` section takes the keys of
+its config (pdiff/config.py loads it by arch, `pdiff config` lists the keys per arch). Code outside
+the package registers with ``register_network``.
 
-Blocks: any module of a network is addressed by its ``named_modules()`` name (the U-Nets':
-``enc.16x16_block0``, ``dec.8x8_in0``, ...; ``pdiff info --blocks`` lists them); the representation
-losses (pdiff/repr.py, ``repr.block``) hook one. ``find_block`` resolves a name or says which are close.
+Blocks: every network names its blocks for forward hooks (representation losses, probes):
+``net.block_names()`` lists them in forward order as paths for ``net.get_submodule`` (the U-Nets:
+"enc.16x16_block0", "dec.8x8_in0", ...; layers.UNetBase). Any module is also addressed by its
+``named_modules()`` name (``pdiff info --blocks`` lists them); the representation losses
+(pdiff/repr.py, ``repr.block``) hook one. ``find_block`` resolves a name or says which are close.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable
 
 import torch
 
 from torch import nn
 
-from . import adm, songunet
-from .adm import DhariwalUNet
-from .songunet import SongUNet
+from . import adm, edm2, songunet
+from .adm import ADMConfig, DhariwalUNet
+from .edm2 import EDM2Config, EDM2UNet
+from pdiff.network_config import NetworkConfig, UNetConfig, common_keys
 
-Builder = Callable[..., nn.Module]        # (NetworkConfig, resolution, channels) -> the network
+from .songunet import SongUNet, SongUNetConfig
+from .spec import Builder, NetworkSpec
 
-# network.arch -> builder: the one place a network is registered.
-NETWORKS: dict[str, Builder] = {
-    "ddpmpp": songunet.build_ddpmpp,
-    "ncsnpp": songunet.build_ncsnpp,
-    "adm": adm.build,
+# network.arch -> (its config dataclass, its builder): the one place a network is registered.
+NETWORKS: dict[str, NetworkSpec] = {
+    "ddpmpp": NetworkSpec(SongUNetConfig, songunet.build_ddpmpp),
+    "ncsnpp": NetworkSpec(SongUNetConfig, songunet.build_ncsnpp),
+    "adm": NetworkSpec(ADMConfig, adm.build),
+    "edm2": NetworkSpec(EDM2Config, edm2.build),
 }
 
 
-def register_network(name: str, build: Builder) -> None:
-    """Add a network from outside this package (a plugin, a test) to NETWORKS under ``name``."""
+def register_network(name: str, build: Builder, config: type = UNetConfig) -> None:
+    """Add a network from outside this package (a plugin, a test) to NETWORKS under ``name``, with
+    its config dataclass (a ``NetworkConfig`` subclass; default: the U-Nets' keys, which every
+    network had before networks had their own configs)."""
     if name in NETWORKS:
-        raise ValueError(f"network {name!r} is already registered (to {NETWORKS[name].__module__}); "
+        raise ValueError(f"network {name!r} is already registered (to {NETWORKS[name].build.__module__}); "
                          "pick another name")
-    NETWORKS[name] = build
+    NETWORKS[name] = NetworkSpec(config, build)
+
+
+def network_config(arch: str, **keys) -> NetworkConfig:
+    """The config of network ``arch`` with ``keys`` set and the arch's defaults elsewhere."""
+    if arch not in NETWORKS:
+        raise ValueError(f"network.arch: {arch!r} is not a registered network ({', '.join(NETWORKS)})")
+    return NETWORKS[arch].config(arch=arch, **keys)
 
 
 def build_network(cfg, resolution: int, channels: int) -> nn.Module:
-    """The network ``cfg.arch`` (a ``pdiff.config.NetworkConfig``, checked by pdiff.config) for
-    ``resolution`` x ``resolution`` training images with ``channels`` channels; its input has
-    ``channels + 2`` channels."""
+    """The network ``cfg.arch`` (its config, checked by pdiff.config) for ``resolution`` x
+    ``resolution`` training images with ``channels`` channels; its input has ``channels + 2`` channels."""
     try:
-        build = NETWORKS[cfg.arch]
+        build = NETWORKS[cfg.arch].build
     except KeyError:
         raise ValueError(f"network.arch: {cfg.arch!r} is not a registered network ({', '.join(NETWORKS)})") from None
     net = build(cfg, resolution, channels)
@@ -98,5 +113,6 @@ def network_blocks(cfg, resolution: int, channels: int, name: str | None = None)
     return block_names(net)
 
 
-__all__ = ["NETWORKS", "BlockError", "DhariwalUNet", "SongUNet", "block_names", "build_network", "find_block",
-           "network_blocks", "register_network"]
+__all__ = ["NETWORKS", "ADMConfig", "BlockError", "DhariwalUNet", "EDM2Config", "EDM2UNet", "NetworkConfig",
+           "NetworkSpec", "SongUNet", "SongUNetConfig", "UNetConfig", "block_names", "build_network", "common_keys",
+           "find_block", "network_blocks", "network_config", "register_network"]

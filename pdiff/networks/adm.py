@@ -10,13 +10,22 @@ by level index (level i is resolution R >> i of the training resolution R), as i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdiff.network_config import UNetConfig
+
 from .layers import Conv2d, CoordFeatures, GroupNorm, Linear, PositionalEmbedding, UNetBase, add_decoder, \
     add_encoder, drop_labels, run_decoder, unet_settings
+
+
+@dataclass
+class ADMConfig(UNetConfig):
+    """network.arch=adm: EDM's U-Net knobs (pdiff.network_config.UNetConfig; the defaults are DDPM++'s, as the one
+    flat network section had them: the published ADM sizes are in the imagenet256_latent preset)."""
 
 
 class DhariwalUNet(UNetBase):
@@ -77,5 +86,5 @@ class DhariwalUNet(UNetBase):
 
 
 def build(cfg, resolution: int, channels: int) -> DhariwalUNet:
-    """ADM for a ``pdiff.config.NetworkConfig`` (registered as "adm" in pdiff/networks/__init__.py)."""
+    """ADM for an ``ADMConfig`` (registered as "adm" in pdiff/networks/__init__.py)."""
     return DhariwalUNet(**unet_settings(cfg, resolution, channels))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
@@ -277,7 +278,7 @@ class CoordFeatures(nn.Module):
 # What the U-Nets share: their settings, encoder, decoder, input contract and label dropout
 
 def unet_settings(cfg, resolution: int, channels: int) -> dict:
-    """The constructor arguments both U-Nets take from a ``pdiff.config.NetworkConfig``."""
+    """The constructor arguments both U-Nets take from a ``UNetConfig`` (pdiff/network_config.py)."""
     if len(cfg.channel_mult) < 1:
         raise ValueError("network.channel_mult: a U-Net needs at least one level")
     return dict(img_resolution=resolution, img_channels=channels, label_dim=cfg.label_dim,
@@ -353,8 +354,10 @@ def run_decoder(dec: nn.ModuleDict, plan: tuple, x: torch.Tensor, skips: list, e
 
 
 class UNetBase(nn.Module):
-    """What both U-Nets keep about their input (C + 2 channels, patch sizes a multiple of
-    ``downsample``) and labels, and the check of a forward call against it."""
+    """What the U-Nets keep about their input (C + 2 channels, patch sizes a multiple of
+    ``downsample``) and labels, the check of a forward call against it, and the names of their
+    blocks (``block_names``)."""
+    block_types: tuple = ()         # the modules in ``enc``/``dec`` that block_names lists (set below)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, label_dropout: float, levels: int):
         super().__init__()
@@ -363,6 +366,15 @@ class UNetBase(nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.downsample = 2 ** (levels - 1)
+
+    def block_names(self) -> list[str]:
+        """The network's blocks in forward order, each a path for ``get_submodule``: "enc.16x16_block0",
+        "enc.8x8_down", "dec.8x8_in0", "dec.16x16_up", "dec.32x32_block3"... (the stem conv, NCSN++'s
+        residual input path and the output layers are not blocks). A forward hook on one sees its
+        output activations, (B, width, s >> level, s >> level) for a patch of side s at the level whose
+        full-image side the name gives."""
+        return [f"{part}.{name}" for part in ("enc", "dec") for name, module in getattr(self, part).items()
+                if isinstance(module, self.block_types)]
 
     def check_input(self, x: torch.Tensor, noise_labels: torch.Tensor,
                     class_labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -388,6 +400,9 @@ class UNetBase(nn.Module):
             raise ValueError(f"class_labels must be one-hot of shape ({x.shape[0]}, {label_dim}); "
                              f"got {tuple(class_labels.shape)}")
         return class_labels
+
+
+UNetBase.block_types = (UNetBlock,)
 
 
 def drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:

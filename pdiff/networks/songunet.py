@@ -17,13 +17,22 @@ through exactly the same blocks and weights as a full R x R image.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdiff.network_config import UNetConfig
+
 from .layers import Conv2d, CoordFeatures, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, \
     UNetBase, add_decoder, add_encoder, drop_labels, run_decoder, unet_settings
+
+
+@dataclass
+class SongUNetConfig(UNetConfig):
+    """network.arch=ddpmpp | ncsnpp: EDM's U-Net knobs (pdiff.network_config.UNetConfig); the two differ by fixed
+    settings (the builders below), not by keys."""
 
 
 class SongUNet(UNetBase):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pdiff.config import NetworkConfig
+from pdiff.network_config import UNetConfig
 from pdiff.pipelines.sample_source import LATENT_DTYPES
 from pdiff.pipelines.shards.inputs import IMAGE_SUFFIXES, Inputs, ShardInputError, latent_shape
 from pdiff.schedule import default_patch_sizes
@@ -253,7 +253,7 @@ def _several_sizes(root: str, sizes: dict[int, list[str]], not_square: list[str]
 # Which resolutions train with the defaults: the default patch sizes (`default_patch_sizes`: {R/2, R}
 # below 64 px, {R/4, R/2, R} from 64; docs/patch_defaults.md) must each divide R, and the default
 # network downsamples by 2 ** (len(network.channel_mult) - 1), which must divide every patch size.
-DEFAULT_DOWNSAMPLE = 2 ** (len(NetworkConfig().channel_mult) - 1)
+DEFAULT_DOWNSAMPLE = 2 ** (len(UNetConfig().channel_mult) - 1)    # the default network, DDPM++, is a U-Net
 
 
 def trains_with_defaults(resolution: int) -> bool:

@@ -109,8 +109,8 @@ def _write_locked(source: str | Path, out_dir: str | Path, opts: Options, on_sha
         settings.update(dtype=opts.dtype, vae=vae.record)
     elif opts.encoding == "latent":
         settings.update(layout=opts.layout, dtype=opts.dtype, scale=float(opts.latent_scale))
-    if opts.encode_features:        # torch, only with --encode-features
-        from pdiff.pipelines.shards.encode_features import FeatureEncoder, load_feature_encoder
+    if opts.encode_features:
+        from pdiff.pipelines.shards.encode_features import FeatureEncoder, load_feature_encoder  # torch: only here
         encoder = FeatureEncoder(load_feature_encoder(opts.encode_features, opts.device), opts.encode_features,
                                  resolution, channels, opts.encoding, opts.features_batch)
         settings.update(features=encoder.record)
