@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         from pdiff.pipelines import open_dataset
         cfg, source, notes = open_dataset(cfg)
         source.close()
-        check_fits(cfg, distributed.resolve_device(args.device))
+        check_fits(cfg, distributed.resolve_device(args.device, 0))     # as the run (one process) resolves it
         print(dump_yaml(cfg))
         for line in notes + conditioning(cfg, source) + advice(cfg):
             print(f"# {line}")
