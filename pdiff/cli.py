@@ -14,7 +14,8 @@ COMMANDS = {
     "shard": ("pdiff.tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
     "sample": ("pdiff.tools.sample", "generate images from a snapshot or checkpoint"),
     "fid": ("pdiff.tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
-    "bench": ("pdiff.tools.bench", "throughput: 'bench data|step|train|sample|compare'; 'bench quality': patches vs full images"),
+    "bench": ("pdiff.tools.bench",
+              "throughput: 'bench data|step|train|sample|compare'; 'bench quality': patches vs full images"),
     "ema": ("pdiff.tools.ema", "post-hoc EMA (ema.mode=power runs): 'ema reconstruct', 'ema sweep'"),
     "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
 }

@@ -2,11 +2,11 @@
 
     cfg = load_config("pdiff/presets/tiny.yaml", ["train.batch=64", "patch.real_p=0.25"])
 
-Unknown keys and values of the wrong type are errors naming the key and the file; so is a value
-outside a closed set of choices (a ``Literal`` field). Open sets that grow by registration are
-checked against their registries: network.arch against ``pdiff.networks.NETWORKS``, patch.mode
-against the patch schedules. Progress is counted in images seen (EDM2): every duration and interval
-below is in images.
+Unknown keys (with a did-you-mean), keys given twice and values of the wrong type are errors naming
+the key and the file; so is a value outside a closed set of choices (a ``Literal`` field). Open
+sets that grow by registration are checked against their registries: network.arch against
+``pdiff.networks.NETWORKS``, patch.mode against the patch schedules. Progress is counted in images
+seen (EDM2): every duration and interval below is in images.
 """
 from __future__ import annotations
 

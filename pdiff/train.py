@@ -3,8 +3,8 @@
 Each step takes one patch-size batch from the pipeline, builds the network input and the weighted
 EDM loss (fused kernels on CUDA), runs forward/backward under DDP, steps Adam with a warm-up counted
 in images, and updates the EMA. One trainer holds the run folder (pdiff/runlock.py). Re-running the
-same command resumes from the newest good checkpoint; SIGTERM/SIGUSR1 or the wall-clock budget
-finish the step, checkpoint and exit 0.
+same command resumes from the newest good checkpoint; SIGTERM/SIGINT/SIGUSR1 or the wall-clock budget
+finish the step, checkpoint and exit 0 (a second SIGTERM/SIGINT exits at once).
 Everything is counted in images seen: a step of patch size s counts batch * R/s images.
 """
 from __future__ import annotations
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="check the inputs, print the resolved config and the plan, then exit")
     ap.add_argument("--device", default="auto",
-                    help="auto (CUDA where there is a GPU) | cpu | cuda | cuda:N; cuda is cuda:LOCAL_RANK under torchrun")
+                    help="auto (CUDA where there is a GPU) | cpu | cuda | cuda:N (cuda:LOCAL_RANK under torchrun)")
     args = ap.parse_intermixed_args(argv)     # overrides before and after the flags
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:        # what the run checks before its first step, without creating anything

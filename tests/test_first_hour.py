@@ -561,7 +561,8 @@ def test_dry_run_checks_what_the_run_checks_before_its_first_step(tmp_path, shar
     if not torch.cuda.is_available():
         assert rc == 1 and "--device cuda:0: " in err and "use --device cpu" in err, err
     # Patch sizes the network cannot take (a U-Net of 3 levels halves twice: sizes must be multiples of 4).
-    deep = ["network.channel_mult=[1,2,2]", "network.attn_resolutions=[]", "patch.sizes=[2,16]", "patch.probs=[0.5,0.5]"]
+    deep = ["network.channel_mult=[1,2,2]", "network.attn_resolutions=[]", "patch.sizes=[2,16]",
+            "patch.probs=[0.5,0.5]"]
     for extra in (["--dry-run"], ["--device", "cpu"]):
         rc, _, err = run(capsys, "train", "--config", mine, *deep, *extra)
         assert rc == 2 and "patch sizes [2] are not multiples of the ddpmpp network's downsampling factor 4" in err, err
@@ -676,8 +677,16 @@ def test_readme_error_examples_match_what_is_printed(tmp_path, capsys):
     """Each message README's troubleshooting quotes for a trainer is what the trainer prints (the
     folder names as the README's user has them)."""
     from PIL import Image
+    def words(text: str) -> str:
+        return " ".join(text.split())
     readme = (REPO / "README.md").read_text()
-    quoted = {line.strip() for line in readme.splitlines() if line.strip().startswith("pdiff ")}
+    blocks, block = [], None
+    for line in readme.splitlines():
+        if line.strip().startswith("```"):
+            block = [] if block is None else blocks.append(" ".join(block))
+        elif block is not None:
+            block.append(line)
+    quoted = [words(b) for b in blocks if b.strip().startswith("pdiff train: ")]
     os.chdir(tmp_path)
     try:
         (tmp_path / "photos").mkdir()
@@ -691,9 +700,8 @@ def test_readme_error_examples_match_what_is_printed(tmp_path, capsys):
                      ["--config", "tiny", "data.path=shards/photos", "patch.sizes=[8,16,32]"]):
             rc, _, err = run(capsys, "train", *argv, "--dry-run")
             assert rc != 0, err
-            printed.append(err.splitlines()[0])
+            printed.append(words(err))
     finally:
         os.chdir(REPO)
-    for line in printed:        # the README wraps long messages: its first line is a prefix of what is printed
-        assert any(line.startswith(q.rstrip(":")) or q.startswith(line) for q in quoted if q.startswith("pdiff train:")), \
-            (line, sorted(quoted))
+    for message in printed:        # the README wraps long messages where the terminal does not
+        assert any(message == q for q in quoted), (message, quoted)
