@@ -177,8 +177,8 @@ class StopSignal:
         self._wake.shutdown(socket.SHUT_RDWR)       # the watcher's recv returns: it ends
 
     def _watch(self, wake: socket.socket) -> None:
-        """The second SIGTERM/SIGINT, seen from a thread (see __enter__)."""
-        seen = 0
+        """The first signal said and the second SIGTERM/SIGINT acted on, from a thread (see __enter__)."""
+        said, count = False, 0
         while True:
             try:
                 data = wake.recv(64)
@@ -187,8 +187,14 @@ class StopSignal:
             if not data:
                 return
             for signum in data:
-                seen += signum in self.ABORT_ON_SECOND
-                if seen >= 2:
+                if signum not in self.SIGNALS:
+                    continue
+                if not said and int(os.environ.get("RANK", "0")) == 0:    # here: the main thread may be in C
+                    os.write(2, f"pdiff train: {signal.Signals(signum).name}: finishing the step, then a checkpoint "
+                                f"and snapshot; a second SIGTERM or Ctrl-C stops at once\n".encode())
+                said = True
+                count += signum in self.ABORT_ON_SECOND
+                if count >= 2:
                     self._abort(signum)
 
     @staticmethod
@@ -204,12 +210,8 @@ class StopSignal:
             if signum != signal.SIGINT:
                 os._exit(128 + signum)
             return
-        name = signal.Signals(signum).name
         if self.requested and signum in self.ABORT_ON_SECOND:
             self._abort(signum)
-        if not self.requested and int(os.environ.get("RANK", "0")) == 0:
-            os.write(2, f"pdiff train: {name}: finishing the step, then a checkpoint and snapshot; {name} again "
-                        f"stops at once\n".encode())
         self.requested = True
 
     def should_stop(self, over_budget: bool, steps: int, device: torch.device) -> bool:

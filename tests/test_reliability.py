@@ -454,6 +454,7 @@ def slow_compile(fn, **kw):
             seen.add(tuple(x.shape))
             print(f"compiling {tuple(x.shape)}", file=sys.stderr, flush=True)
             time.sleep(SLOW) if HOW == "python" else os.system(f"sleep {SLOW}")
+            print(f"compiled {tuple(x.shape)}", file=sys.stderr, flush=True)
         return fn(x, *a)
     return compiled
 torch.compile = slow_compile
@@ -506,8 +507,7 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes(tmp_path, random_shards):
     assert p.returncode == 0 and f"resuming at {images:,} images from {ckpt}" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("sig, how", [(signal.SIGINT, "python"), (signal.SIGTERM, "python"), (signal.SIGTERM, "c")],
-                         ids=["SIGINT", "SIGTERM", "SIGTERM-main-thread-in-C"])
+@pytest.mark.parametrize("sig, how", [(signal.SIGINT, "python"), (signal.SIGTERM, "python")], ids=["SIGINT", "SIGTERM"])
 def test_a_second_signal_inside_a_long_compile_exits_at_once(tmp_path, random_shards, sig, how):
     """A compile that will not finish for ten minutes: the first signal asks for a clean stop
     (acted on after that compile), the second ends the process at once, without a traceback, with
@@ -524,6 +524,7 @@ def test_a_second_signal_inside_a_long_compile_exits_at_once(tmp_path, random_sh
     err += rest
     assert proc.returncode == 128 + sig, err
     assert f"second {signal.Signals(sig).name}: stopping now" in err and "Traceback" not in err
+    assert "compiled (" not in err            # both signals were acted on inside the compile
     assert CheckpointManager(tmp_path / "run").latest() is None
 
 
