@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from pdiff.errors import UserError
+
 from ._common import interpreting
 from ._triton import AVAILABLE as _TRITON, WHY_MISSING
 from ._philox import philox_noise, rng_args, torch_backend_noise
@@ -38,6 +40,10 @@ def triton_available() -> bool:
     return _TRITON
 
 
+class KernelsUnavailable(UserError, RuntimeError):
+    """train.kernels=triton where the Triton kernels cannot run (no Triton, or no GPU)."""
+
+
 def resolve_backend(mode: str, device) -> str:
     """train.kernels -> "triton" | "torch": 'auto' is Triton on CUDA (where Triton is installed) and the
     torch references elsewhere; 'triton' off CUDA needs TRITON_INTERPRET=1. (pdiff.config checks the
@@ -50,10 +56,10 @@ def resolve_backend(mode: str, device) -> str:
     if mode != "triton":
         raise ValueError(f"kernel backend must be one of auto, triton, torch (config key train.kernels), got {mode!r}")
     if not triton_available():
-        raise RuntimeError(f"train.kernels=triton but Triton cannot be imported ({WHY_MISSING}); install it "
+        raise KernelsUnavailable(f"train.kernels=triton but Triton cannot be imported ({WHY_MISSING}); install it "
                            f"(pip install triton) or use train.kernels=auto|torch")
     if dev.type != "cuda" and not interpreting():
-        raise RuntimeError(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
+        raise KernelsUnavailable(f"train.kernels=triton needs a CUDA device (got {dev}); set TRITON_INTERPRET=1 "
                            "to run the kernels in Triton's CPU interpreter (slow, for tests), or use "
                            "train.kernels=auto|torch")
     return "triton"

@@ -97,17 +97,30 @@ def read_state(path: str | Path, map_location="cpu") -> dict:
 
 
 def load_state(path: str | Path, map_location="cpu") -> dict:
-    """The state of the checkpoint folder ``path``: refused while it is incomplete or when state.pt
-    does not match its checksum (one without a checksum, from an older pdiff, loads unverified)."""
+    """The state of the checkpoint folder ``path``: refused while it is incomplete, when state.pt
+    does not match its checksum, or when its checksum is missing though the marker says one was
+    written (one without a checksum from a pdiff before the marker said so loads unverified)."""
     path = Path(path)
     if not (path / MARKER).exists():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was being "
                               f"written when the run stopped; use an older one")
     try:
-        checksum.verify(path / STATE_FILE)
+        verified = checksum.verify(path / STATE_FILE)
     except (checksum.ChecksumError, OSError) as e:
         raise CheckpointError(str(e)) from None
+    if not verified and marker_records_checksum(path):
+        raise CheckpointError(f"{checksum.sidecar(path / STATE_FILE)} is missing, but {path / MARKER} says it was "
+                              f"written: {path / STATE_FILE} cannot be verified and counts as damaged")
     return read_state(path, map_location)
+
+
+def marker_records_checksum(path: Path) -> bool:
+    """Whether the checkpoint's COMPLETE marker says a checksum was written with state.pt (every
+    pdiff that writes the marker's ``sha256`` line; older ones wrote only the images seen)."""
+    try:
+        return any(line.startswith("sha256 ") for line in (path / MARKER).read_text().splitlines())
+    except OSError:
+        return False
 
 
 def nonfinite_entries(state: dict, parts=FINITE_PARTS, limit: int = 3) -> list[str]:
@@ -129,6 +142,17 @@ def nonfinite_entries(state: dict, parts=FINITE_PARTS, limit: int = 3) -> list[s
     for part in parts:
         walk(state.get(part), part)
     return bad
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it needs, give or take its index)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _warn(text: str) -> None:
@@ -158,13 +182,22 @@ class CheckpointManager:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        checksum.save_verified(tmp / STATE_FILE, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+        try:
+            digest = checksum.save_verified(tmp / STATE_FILE,
+                                            lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+        except checksum.WriteFailed as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            need, free = tensor_bytes(state), shutil.disk_usage(self.dir).free
+            raise CheckpointError(f"the checkpoint at {images_seen:,} images could not be written: {e}. "
+                                  f"{STATE_FILE} needs about {need / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are "
+                                  f"free in {self.dir}; free space there (or lift the file size limit), then run "
+                                  f"the same command to resume from {self.latest() or 'the start'}") from None
         if final.exists():  # an incomplete leftover of a crash at this very count, or one that failed to load
             shutil.rmtree(final)
         os.replace(tmp, final)
         checksum.fsync_dir(self.dir)
         with open(final / MARKER, "w") as f:
-            f.write(f"{images_seen}\n")
+            f.write(f"{images_seen}\nsha256 {digest}\n")     # says a checksum was written: its loss is damage
             f.flush()
             os.fsync(f.fileno())
         checksum.fsync_dir(final)
@@ -228,6 +261,19 @@ class CheckpointManager:
                               + f". Restore a good copy, or move {self.dir} away to start the run over")
 
 
+def config_changes(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value before, value after) of every setting that differs between two config
+    dicts; a key only one side has counts as changed (None on the other)."""
+    changes = []
+    for k in list(before) + [k for k in after if k not in before]:
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changes.append((f"{prefix}{k}", a, b))
+    return changes
+
+
 def check_resume_compatible(saved: dict, current_config: dict, where: Path) -> None:
     """Refuse to resume when a RESUME_KEYS setting changed. The number of processes may change:
     the global batch (train.batch) is a RESUME_KEYS setting, and every step's samples, crops and
@@ -237,8 +283,11 @@ def check_resume_compatible(saved: dict, current_config: dict, where: Path) -> N
         for part in key.split("."):
             a, b = a[part], b[part]
         if a != b:
-            raise ResumeError(f"cannot resume from {where}: {key} was {a} and is now {b}. Use the "
-                              f"checkpoint's setting, or start a new run in another train.run_dir.")
+            diff = "; ".join(f"{k} was {x!r} and is now {y!r}" for k, x, y in
+                             (config_changes(a, b, key + ".") if isinstance(a, dict) and isinstance(b, dict)
+                              else [(key, a, b)]))
+            raise ResumeError(f"cannot resume from {where}: {diff}. Use the checkpoint's setting, or start a "
+                              f"new run in another train.run_dir.")
 
 
 class EveryRank:
@@ -268,6 +317,7 @@ class RunState:
         self.checkpoints = CheckpointManager(run_dir, keep)
         self.config, self.parts = config, parts
         self.written_by: int | None = None     # the number of processes that wrote the checkpoint resumed from
+        self.resumed_config: dict | None = None    # the config in the checkpoint resumed from
 
     def resume(self) -> tuple[int, Path | None]:
         """Load the newest good checkpoint into the parts: (its images seen, its folder), or
@@ -291,6 +341,7 @@ class RunState:
         state = found[1] if found else read_state(path)
         check_resume_compatible(state, self.config, path)
         self.written_by = int(state["world_size"])
+        self.resumed_config = state["config"]
         for name, part in self.parts.items():
             try:
                 part.load_state_dict(state[name])

@@ -22,6 +22,26 @@ class ChecksumError(UserError):
     """A file whose bytes do not match the checksum written with it."""
 
 
+class WriteFailed(UserError):
+    """A file that could not be written (a full disk, a file size limit, a read-only folder): the
+    temporary file is gone, the previous file is untouched."""
+
+    def __init__(self, message: str, path: Path, written: int):
+        super().__init__(message)
+        self.path, self.written = path, written
+
+
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError ``e`` is or was raised while handling (torch.save reports a failed write of its
+    file object as "unexpected pos" RuntimeError, with the OSError as its context)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def sidecar(path: str | os.PathLike) -> Path:
     """Where the checksum of ``path`` lives: ``path`` + ".sha256"."""
     path = Path(path)
@@ -32,11 +52,13 @@ class _HashingWriter:
     """A file object that hashes what passes through it, so the checksum costs no second read."""
 
     def __init__(self, f: BinaryIO):
-        self.f, self.hash = f, hashlib.sha256()
+        self.f, self.hash, self.written = f, hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.hash.update(data)
-        return self.f.write(data)
+        n = self.f.write(data)
+        self.written += len(data)
+        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -51,12 +73,22 @@ def fsync_dir(path: Path) -> None:
 
 
 def _write_durably(path: Path, write: Callable[[BinaryIO], None]) -> str:
-    """Write ``path`` with ``write(f)`` and flush it to disk; the sha256 of what was written."""
-    with open(path, "wb") as f:
-        w = _HashingWriter(f)
-        write(w)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``path`` with ``write(f)`` and flush it to disk; the sha256 of what was written.
+    WriteFailed when the file system refuses the bytes (ENOSPC, EFBIG, EACCES, ...)."""
+    w = None
+    try:
+        with open(path, "wb") as f:
+            w = _HashingWriter(f)
+            write(w)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        written = w.written if w is not None else 0
+        raise WriteFailed(f"cannot write {path}: {cause.strerror or cause} after {written / 2**20:.1f} MiB",
+                          path, written) from None
     return w.hash.hexdigest()
 
 

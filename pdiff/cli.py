@@ -17,7 +17,8 @@ COMMANDS = {
     "shard": ("pdiff.tools.shard", "write a dataset as WebDataset shards; 'shard verify', 'shard info'"),
     "sample": ("pdiff.tools.sample", "generate images from a snapshot or checkpoint"),
     "fid": ("pdiff.tools.fid", "FID: 'fid ref', 'fid calc', 'fid gen'"),
-    "bench": ("pdiff.tools.bench", "throughput: 'bench data|step|train|sample'; 'bench quality': patches vs full images"),
+    "bench": ("pdiff.tools.bench",
+              "throughput: 'bench data|step|train|sample|compare'; 'bench quality': patches vs full images"),
     "ema": ("pdiff.tools.ema", "post-hoc EMA (ema.mode=power runs): 'ema reconstruct', 'ema sweep'"),
     "launch": ("pdiff.tools.launch", "torchrun's launcher (same options); a failed job ends with one line, no traceback"),
     "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
@@ -88,6 +89,9 @@ def _dispatch(argv: list[str] | None) -> int:
         if not e.every_rank or os.environ.get("RANK", "0") == "0":     # once per torchrun job
             print(f"pdiff {name}: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:   # Ctrl-C (training itself stops cleanly on it): no traceback
+        print(f"pdiff {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

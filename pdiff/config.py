@@ -2,17 +2,19 @@
 
     cfg = load_config("pdiff/presets/tiny.yaml", ["train.batch=64", "patch.real_p=0.25"])
 
-Unknown keys and values of the wrong type are errors naming the key and the file; so is a value
-outside a closed set of choices (a ``Literal`` field). Open sets that grow by registration are
-checked against their registries: network.arch against ``pdiff.networks.NETWORKS``, patch.mode
-against the patch schedules. Progress is counted in images seen (EDM2): every duration and interval
-below is in images.
+Unknown keys (with a did-you-mean), keys given twice and values of the wrong type are errors naming
+the key and the file; so is a value outside a closed set of choices (a ``Literal`` field). Open
+sets that grow by registration are checked against their registries: network.arch against
+``pdiff.networks.NETWORKS``, patch.mode against the patch schedules. Progress is counted in images
+seen (EDM2): every duration and interval below is in images.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,7 +154,8 @@ class TrainConfig:
     log_every_images: int = knob(100_000, "log (console, log.jsonl, TensorBoard) every this many images")
     ckpt_every_images: int = knob(5_000_000, "checkpoint every this many images")
     snapshot_every_images: int = knob(5_000_000, "write an EMA snapshot every this many images")
-    sample_every_images: int = knob(5_000_000, "write a sample grid every this many images")
+    sample_every_images: int = knob(5_000_000, "write a sample grid every this many images and at the end; "
+                                               "-1: at the end only; 0: never")
     keep_checkpoints: int = knob(3, "newest complete checkpoints kept")
     compile: bool = knob(True, "torch.compile the network (one graph per patch size)")
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU")
@@ -270,7 +273,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}")
+            example = "[8,16,32]" if item is int else "[0.9,0.999]" if item is float else "[a,b]"
+            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}; write a list in "
+                              f"brackets, e.g. {where}={example}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         number = _number(value)
@@ -304,7 +309,9 @@ def _build(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+            hint = _did_you_mean(str(key), names, where)
+            raise ConfigError(f"{where or 'the top level'}: unknown key {key!r}{hint} "
+                              f"(known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -337,6 +344,30 @@ def _switch_arch(network: dict, arch) -> dict:
     return {k: v for k, v in network.items() if k in common_keys()}
 
 
+def _did_you_mean(key: str, names: set[str], where: str) -> str:
+    """", did you mean 'lr'?" for a misspelled key: a close spelling (difflib), the initials of a
+    long name (learning_rate -> lr), a word of it (batch_size -> batch), or the same key in another
+    section (train.lr -> optim.lr); "" when nothing is near."""
+    words = [w for w in key.lower().split("_") if w]
+    near = difflib.get_close_matches(key.lower(), sorted(names), n=1, cutoff=0.6)
+    near = near or [n for n in sorted(names) if n == "".join(w[0] for w in words) or (len(words) > 1 and n in words)]
+    if near:
+        return f", did you mean {(where + '.' if where else '') + near[0]!r}?"
+    elsewhere = [k for k in _all_keys(Config()) if k.rsplit(".", 1)[-1] == key and k.rsplit(".", 1)[0] != where]
+    return f", did you mean {elsewhere[0]!r}?" if elsewhere else ""
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a config tree (sections and their fields)."""
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, prefix + f.name + ".")
+    return keys
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -361,6 +392,11 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
 def resolve_path(path: str | Path) -> Path:
     """A config file path, or the name of a preset (``tiny``, ``celeba64``...)."""
     p = Path(path)
+    if p.is_dir():
+        inside = p / "config.yaml"
+        hint = (f"; {inside} is the config of the run in it: --config {inside}" if inside.is_file()
+                else "; give a YAML file or a preset name")
+        raise ConfigError(f"config {path}: is a folder, not a YAML file{hint}")
     if p.exists():
         return p
     preset = PRESET_DIR / f"{path}.yaml"
@@ -389,9 +425,9 @@ def _read_yaml(path: Path, seen: tuple = (), given: dict | None = None) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back on itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml(path.read_text(), str(path)) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -404,11 +440,49 @@ def _read_yaml(path: Path, seen: tuple = (), given: dict | None = None) -> dict:
     return data
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding a key twice (PyYAML keeps the last value, so a
+    repeated key or section silently drops the other). Every YAML pdiff reads goes through it."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":      # `<<: *base`: overriding it is its purpose
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise DuplicateKey(key, line, first[key])
+                    first[key] = line
+                except TypeError:       # an unhashable key: SafeLoader's own error says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(key, line, first_line)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def load_yaml(text: str, where: str):
+    """The YAML document in ``text`` (read from ``where``, a file or "the command line"): ConfigError
+    for invalid YAML or a key given twice in one mapping, naming the file, the line and the key."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{where}:{e.line}: duplicate key {e.key!r} (first given on line {e.first_line}); "
+                          f"give each key and section once") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.batch=64")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), load_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -489,7 +563,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.log_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
     ("train.ckpt_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
     ("train.snapshot_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
-    ("train.sample_every_images", lambda v: v >= 0, "must be >= 0 (0 = at the end only)"),
+    ("train.sample_every_images", lambda v: v >= -1, "must be >= -1 (-1 = at the end only, 0 = never)"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be at least 1"),
     ("train.wall_budget_s", lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
     ("sample.steps", lambda v: v >= 1, "must be at least 1"),
@@ -764,4 +838,8 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(cfg))
+    """Write ``cfg`` as YAML at ``path`` atomically (a crash leaves the old file or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_yaml(cfg))
+    os.replace(tmp, path)

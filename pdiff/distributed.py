@@ -7,13 +7,15 @@ import datetime
 import gc
 import os
 import signal
+import socket
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
-from .runlock import RunLock, RunLocked
+from .runlock import RunFolderError, RunLock, RunLocked
 
 
 class DeviceError(UserError, RuntimeError):
@@ -130,30 +132,86 @@ def barrier() -> None:
 
 
 class StopSignal:
-    """While training, SIGTERM / SIGUSR1 ask for a clean stop: finish the step, checkpoint, exit 0.
+    """While training, SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 ask for a clean stop: finish the step,
+    checkpoint, exit 0. A second SIGTERM or SIGINT ends the process at once (exit status 128 + the
+    signal's number, no traceback): a stop that cannot wait, e.g. inside a long compile.
 
     A context manager: on leaving, the previous handlers come back, so a process that goes on after
     training (the demo samples, tests, notebooks) can be terminated again, and processes it forks
     later (a multiprocessing pool's workers) do not inherit a handler that ignores terminate()."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    ABORT_ON_SECOND = (signal.SIGTERM, signal.SIGINT)
     CHECK_EVERY = 16    # steps between the ranks' agreement on a stop (a host sync), world > 1
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "StopSignal":
+        global _watched
+        self._pid = os.getpid()
         for sig in self.SIGNALS:
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                continue        # started with Ctrl-C ignored (nohup, `cmd &`): leave it so
             self._previous[sig] = signal.signal(sig, self._handle)
+        # Python runs a handler only between bytecodes of the main thread; one stuck in a C call (a
+        # compile waiting on its workers) would not see a second signal. The C-level handler also
+        # writes the signal's number to a wake-up socket, which a thread watches.
+        self._wake, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        self._previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self._wake_w, _watched = wake_w, True
+        threading.Thread(target=self._watch, args=(self._wake,), name="pdiff-stop-signal", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        global _watched
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        signal.set_wakeup_fd(self._previous_wakeup)
+        _watched = False
+        self._wake_w.close()
+        self._wake.shutdown(socket.SHUT_RDWR)       # the watcher's recv returns: it ends
+
+    def _watch(self, wake: socket.socket) -> None:
+        """The first signal said and the second SIGTERM/SIGINT acted on, from a thread (see __enter__)."""
+        said, count = False, 0
+        while True:
+            try:
+                data = wake.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                if not said and int(os.environ.get("RANK", "0")) == 0:    # here: the main thread may be in C
+                    os.write(2, f"pdiff train: {signal.Signals(signum).name}: finishing the step, then a checkpoint "
+                                f"and snapshot; a second SIGTERM or Ctrl-C stops at once\n".encode())
+                said = True
+                count += signum in self.ABORT_ON_SECOND
+                if count >= 2:
+                    self._abort(signum)
+
+    @staticmethod
+    def _abort(signum: int) -> None:
+        os.write(2, f"pdiff train: second {signal.Signals(signum).name}: stopping now, without a checkpoint; "
+                    f"run the same command to resume from the last one\n".encode())
+        os._exit(128 + signum)      # at once: no cleanup that could hang (a compile, a collective)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker) inherits the handler: Ctrl-C reaches the whole
+            # process group, and the trainer decides; TERM ends the child as it would by default.
+            if signum != signal.SIGINT:
+                os._exit(128 + signum)
+            return
+        if self.requested and signum in self.ABORT_ON_SECOND:
+            self._abort(signum)
         self.requested = True
 
     def should_stop(self, over_budget: bool, steps: int, device: torch.device) -> bool:
@@ -164,6 +222,22 @@ class StopSignal:
         if active():
             stopping = steps % self.CHECK_EVERY == 0 and any_rank(stopping, device)
         return stopping
+
+
+_watched = False     # a StopSignal's wake-up socket is set in this process
+
+
+def _forget_wakeup_in_child() -> None:
+    """A forked child (a DataLoader worker) must not write its signals to the parent's wake-up
+    socket: Ctrl-C reaches both, and the parent would count two."""
+    if _watched:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:      # forked from a thread other than the main one: nothing was inherited there
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_in_child)
 
 
 @torch.no_grad()
@@ -199,11 +273,11 @@ def hold_run(run_dir: str | os.PathLike):
     if rank() == 0:
         try:
             lock = RunLock(run_dir).acquire()
-        except RunLocked as e:
-            refusal = str(e)
+        except (RunLocked, RunFolderError) as e:
+            refusal = (type(e).__name__, str(e))
     refusal = broadcast_object(refusal)
     if refusal:
-        raise RunLocked(refusal)
+        raise (RunLocked if refusal[0] == "RunLocked" else RunFolderError)(refusal[1])
     try:
         yield lock
     finally:

@@ -37,6 +37,10 @@ _RECORD_BYTES = 1024     # the record is rewritten in place, padded to this size
 HEARTBEAT_THREAD = "pdiff-run-lock"
 
 
+class RunFolderError(UserError):
+    """The run folder cannot be written (its lock cannot be created)."""
+
+
 class RunLocked(UserError):
     """Another live trainer holds the run folder."""
     every_rank = True     # rank 0 asks for the lock and every rank learns the answer
@@ -128,8 +132,13 @@ class RunLock:
 
     # -- taking and giving back ---------------------------------------------------------------
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:        # read-only, not ours, a file in the way
+            raise RunFolderError(f"cannot take the lock {self.path}: {e.strerror or e}; pdiff writes its output "
+                                 f"into {self.path.parent}: give a folder this user can write (for a run: "
+                                 f"train.run_dir=...) or fix its permissions") from None
         try:
             self._take()
         except BaseException:

@@ -129,7 +129,22 @@ def find_snapshot(path: str | os.PathLike) -> Path:
     if not found:
         raise SnapshotError(f"{path}: no snapshot (*.safetensors) in {folder}; pdiff train writes them as "
                             f"RUN/snapshots/ema-<images>.safetensors (train.snapshot_every_images)")
-    return found[-1]
+    newest = [p for p in found if _images_in_name(p) == _images_in_name(found[-1])]
+    return _first_average(newest) if len(newest) > 1 else found[-1]
+
+
+def _first_average(same_count: list[Path]) -> Path:
+    """Of the power EMAs' snapshots at one count (ema-<images>-<sigma_rel>), the one the run itself
+    samples with, ema.stds[0]; the newest file when the metadata does not say."""
+    for p in same_count:
+        try:
+            meta = read_metadata(p)
+            first = json.loads(meta["config"])["ema"]["stds"][0]
+        except (SnapshotError, KeyError, IndexError, TypeError, ValueError):
+            continue
+        if "ema_std" in meta and float(meta["ema_std"]) == float(f"{first:.6g}"):
+            return p
+    return same_count[-1]
 
 
 def load_snapshot(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, Config, dict]:

@@ -3,24 +3,26 @@
 Each step takes one patch-size batch from the pipeline, builds the network input and the weighted
 EDM loss (fused kernels on CUDA), runs forward/backward under DDP, steps Adam with a warm-up counted
 in images, and updates the EMA. One trainer holds the run folder (pdiff/runlock.py). Re-running the
-same command resumes from the newest good checkpoint; SIGTERM/SIGUSR1 or the wall-clock budget
-finish the step, checkpoint and exit 0.
+same command resumes from the newest good checkpoint; SIGTERM/SIGINT/SIGUSR1 or the wall-clock budget
+finish the step, checkpoint and exit 0 (a second SIGTERM/SIGINT exits at once).
 Everything is counted in images seen: a step of patch size s counts batch * R/s images.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pdiff.kernels import resolve_backend
 from pdiff.pipelines import build_pipeline
 
 from . import distributed
-from .checkpoint import EveryRank, RunState
+from .checkpoint import EveryRank, RunState, config_changes
 from .config import Config, ConfigError, advice, dump_yaml, load_config, save_config, to_dict
 from .dataset import open_dataset
 from .distributed import StopSignal, hold_run
@@ -31,7 +33,7 @@ from .generate import sample_grid
 from .helpformat import HelpFormatter
 from .latent import training_vae
 from .loss import noise_distribution, sample_sigma
-from .model import count_parameters, one_hot_labels
+from .model import build_model, count_parameters, one_hot_labels
 from .monitor import Monitor, StepStats, peak_memory_bytes, run_summary, save_png
 from .schedule import PatchSchedule
 from .step import build_step, compiled_graphs, derive_seed, learning_rate, micro_batches
@@ -66,13 +68,63 @@ def train(cfg: Config, device_preference: str = "auto", stop: StopSignal | None 
         cfg, source, notes = open_dataset(cfg)
         info = distributed.init(device_preference)
         check_batch_splits(cfg, info.world_size)
+        check_fits(cfg, info.device)
         if info.is_main:
-            for line in notes + advice(cfg):
+            for line in notes + conditioning(cfg, source) + advice(cfg):
                 print(f"pdiff train: {line}", file=sys.stderr, flush=True)
         with hold_run(cfg.train.run_dir):
             code = _train(cfg, info, stop, source, t_start)
         distributed.shutdown()    # after _train's DDP (its reducer holds communication work) is gone
         return code
+
+
+def check_fits(cfg: Config, device: torch.device) -> None:
+    """What would otherwise fail at the first step, checked before anything is created (the run
+    and --dry-run): the kernels backend on this device, and the patch sizes against the network."""
+    resolve_backend(cfg.train.kernels, device)
+    with torch.device("meta"):          # the network's shape facts without allocating its weights
+        try:
+            net = build_model(cfg).net
+        except ValueError as e:         # a resolution the network cannot take
+            raise ConfigError(str(e)) from None
+    sizes = PatchSchedule.from_config(cfg).sizes
+    bad = [s for s in sizes if s % net.downsample]
+    if bad:
+        raise ConfigError(f"patch sizes {bad} are not multiples of the {cfg.network.arch} network's downsampling "
+                          f"factor {net.downsample}: give patch.sizes that are (with patch.probs), or a network "
+                          f"with fewer resolution levels (network.channel_mult)")
+
+
+def record_config(cfg: Config, run_dir: Path, images_seen: int, before: dict | None) -> None:
+    """config.yaml: the config in effect now. Its history: config-<images seen>.yaml, the config that
+    took effect at that count (a fresh start, and each resume that changes a setting), and for a
+    change a log.jsonl row and a console line per key with both values."""
+    now = to_dict(cfg)
+    changes = config_changes(before, now) if before is not None else []
+    save_config(cfg, run_dir / "config.yaml")
+    if before is not None and not changes:
+        return
+    save_config(cfg, run_dir / f"config-{images_seen:012d}.yaml")
+    if changes:
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"images_seen": images_seen, "time": time.time(),
+                                "config_changed": {k: [a, b] for k, a, b in changes}}) + "\n")
+        print(f"pdiff train: resuming with {len(changes)} changed setting(s), in effect from {images_seen:,} images "
+              f"(recorded in {run_dir / f'config-{images_seen:012d}.yaml'} and log.jsonl):", file=sys.stderr)
+        for k, a, b in changes:
+            print(f"pdiff train:   {k}: {a!r} -> {b!r}", file=sys.stderr, flush=True)
+
+
+def conditioning(cfg: Config, source) -> list[str]:
+    """A start line saying that labelled data makes a class-conditional model, when the classes came
+    from the data (network.label_dim not given)."""
+    n = cfg.network.label_dim
+    if not n or "network.label_dim" in cfg.given:
+        return []
+    names = [str(c) for c in (getattr(source, "manifest", None) or {}).get("classes") or []]
+    where = (f"from the folder names ({', '.join(names[:4])}{', ...' if n > 4 else ''})"
+             if names and names != [str(i) for i in range(len(names))] else f"in the labels of {cfg.data.path}")
+    return [f"{n} classes {where}: training class-conditional; network.label_dim=0 for unconditional"]
 
 
 def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_start: float) -> int:
@@ -97,7 +149,7 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
                          model=model, ema=ema, optimizer=opt, pipeline=EveryRank(pipe), **head)
     images_seen, latest = run_state.resume()
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        record_config(cfg, run_dir, images_seen, run_state.resumed_config)
         print(f"pdiff train: {cfg.name}, {count_parameters(model):,} parameters, {world} process(es) on "
               f"{device.type}, data backend {pipe.backend}, "
               + (f"resuming at {images_seen:,} images from {latest}" if latest else "starting fresh")
@@ -230,7 +282,8 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
         monitor.heartbeat(images_seen)
         if done or stopping:
             monitor.say(f"{'reached' if done else 'stopping at'} {images_seen:,} images: writing the last "
-                        + ("checkpoint, snapshot and sample grid" if done else "checkpoint and snapshot"))
+                        + ("checkpoint, snapshot and sample grid" if done and cfg.train.sample_every_images != 0
+                           else "checkpoint and snapshot"))
         # The checkpoint first: a snapshot, sample grid or FID that fails loses no training.
         if crossed(before, images_seen, cfg.train.ckpt_every_images) or done or stopping:
             with monitor.pause("checkpoint", images_seen) as said:
@@ -245,8 +298,11 @@ def _train(cfg: Config, info: distributed.DistInfo, stop: StopSignal, source, t_
             with monitor.pause("snapshot", images_seen) as said:
                 paths = save_snapshots(ema, run_dir / "snapshots", cfg, images_seen)     # power EMAs: one per sigma_rel
                 said.detail, snapshot = ", ".join(map(str, paths)), paths[0]
-        if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images) or done):
+        if info.is_main and (crossed(before, images_seen, cfg.train.sample_every_images)
+                             or (done and cfg.train.sample_every_images != 0)):
             grid_file = run_dir / "samples" / f"samples-{images_seen:012d}.png"
+            monitor.say(f"sampling a grid of 36 images ({2 * cfg.sample.steps - 1} network evaluations each) on "
+                        f"{device.type} for {grid_file.name}; train.sample_every_images=0 turns grids off")
             with monitor.pause("sample", images_seen, f"grid {grid_file}"):
                 grid = sample_grid(ema.model, cfg, device, vae=vae)
                 grid_file.parent.mkdir(exist_ok=True)
@@ -286,17 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch=64 patch.real_p=0.25")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the inputs, print the resolved config and the plan, then exit")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: CUDA where there is a GPU (cuda:LOCAL_RANK under torchrun)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default="auto",
+                    help="auto (CUDA where there is a GPU) | cpu | cuda | cuda:N (cuda:LOCAL_RANK under torchrun)")
+    args = ap.parse_intermixed_args(argv)     # overrides before and after the flags
     cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        notes = []
-        if cfg.data.path:
-            cfg, source, notes = open_dataset(cfg)
-            source.close()
+    if args.dry_run:        # what the run checks before its first step, without creating anything
+        cfg, source, notes = open_dataset(cfg)
+        source.close()
+        check_fits(cfg, distributed.resolve_device(args.device, 0))     # as the run (one process) resolves it
         print(dump_yaml(cfg))
-        for line in notes + advice(cfg):
+        for line in notes + conditioning(cfg, source) + advice(cfg):
             print(f"# {line}")
         sch = PatchSchedule.from_config(cfg)
         plan = ", ".join(f"{s}px p={p:.2f} x{sch.multiplier(s)} ({sch.batch_for(s)} patches)"

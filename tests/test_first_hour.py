@@ -75,17 +75,19 @@ def small_runs(one_thread):
 # ---------------------------------------------------------------------------------------------
 # 1. Numbers
 
-def test_float_fields_take_any_float_literal_and_ints_take_integral_ones(tmp_path, capsys):
+def test_float_fields_take_any_float_literal_and_ints_take_integral_ones(tmp_path, shards, capsys):
     """PyYAML reads 1e-4 as a string: every spelling of a number is a number in the config."""
     path = tmp_path / "my.yaml"
-    path.write_text("base: tiny\noptim: {lr: 1e-4, eps: 1E-9}\ntrain: {duration_images: 2e8}\n")
+    path.write_text(f"base: tiny\ndata: {{path: {shards}}}\noptim: {{lr: 1e-4, eps: 1E-9}}\n"
+                    f"train: {{duration_images: 2e8}}\n")
     rc, out, err = run(capsys, "train", "--config", path, "--dry-run")
     assert rc == 0, err
     printed = yaml.safe_load(out)            # the plan lines are YAML comments
     assert printed["optim"]["lr"] == 1e-4 and printed["optim"]["eps"] == 1e-9
     assert printed["train"]["duration_images"] == 200_000_000
     for text in ("1e-4", "1E-4", "1e-04", "+1.0e-4"):
-        rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run", f"optim.lr={text}", "train.batch=6.4e1")
+        rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run", f"optim.lr={text}", "train.batch=6.4e1",
+                           f"data.path={shards}")
         assert rc == 0, (text, err)
         assert yaml.safe_load(out)["optim"]["lr"] == 1e-4 and yaml.safe_load(out)["train"]["batch"] == 64
     rc, _, err = run(capsys, "train", "--config", "tiny", "--dry-run", "train.batch=2.5")
@@ -151,8 +153,9 @@ def test_a_given_p_that_explicit_probs_contradict_is_a_message(tmp_path, shards,
     assert rc == 2 and f"patch.real_p=0.5 (given in the command line) but patch.probs [{1 - full:g}, {full:g}] gives " \
                        f"the full size (32 px) probability {full:g}" in err, err
     for agreeing in (["patch.real_p=" + f"{full:g}"], []):       # p agrees with the probs, or is not given
-        rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run", "patch.sizes=[16,32]", probs, *agreeing)
-        assert rc == 0 and f"32px p={full:.2f}" in out, err
+        rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run", "patch.sizes=[8,16]", probs, *agreeing,
+                           f"data.path={shards}")
+        assert rc == 0 and f"16px p={full:.2f}" in out, err
 
 
 def test_a_warmup_longer_than_the_run_is_reported(tmp_path, shards, capsys, small_runs):
@@ -530,3 +533,175 @@ def test_snapshots_are_readable_as_the_umask_allows(tmp_path, run_folder, umask,
     assert path.stat().st_mode & 0o777 == mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors", "s.safetensors.sha256"]  # no temp file left
     assert (tmp_path / "s.safetensors.sha256").stat().st_mode & 0o777 == mode
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #23: the first hour again
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory):
+    """Images in two class folders (cat, dog), as pdiff shards: the classes have names."""
+    from PIL import Image
+    from pdiff.pipelines.shards import write_shards
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng()
+    for name in ("cat", "dog"):
+        (root / "photos" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "photos" / name / f"{i}.png")
+    write_shards(root / "photos", root / "shards", workers=1, progress=False)
+    return root / "shards"
+
+
+def test_dry_run_checks_what_the_run_checks_before_its_first_step(tmp_path, shards, capsys):
+    rc, out, err = run(capsys, "train", "--config", "tiny", "--dry-run")
+    assert rc == 1 and "data.path is empty: set it to a folder written by `pdiff shard`" in err and not out
+    mine = user_config(tmp_path, shards)
+    rc, _, err = run(capsys, "train", "--config", mine, "--dry-run", "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert rc == 1 and "--device cuda:0: " in err and "use --device cpu" in err, err
+    # Patch sizes the network cannot take (a U-Net of 3 levels halves twice: sizes must be multiples of 4).
+    deep = ["network.channel_mult=[1,2,2]", "network.attn_resolutions=[]", "patch.sizes=[2,16]",
+            "patch.probs=[0.5,0.5]"]
+    for extra in (["--dry-run"], ["--device", "cpu"]):
+        rc, _, err = run(capsys, "train", "--config", mine, *deep, *extra)
+        assert rc == 2 and "patch sizes [2] are not multiples of the ddpmpp network's downsampling factor 4" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_class_folders_make_a_conditional_model_and_the_start_lines_say_so(tmp_path, folder_shards, shards, capsys):
+    line = ("2 classes from the folder names (cat, dog): training class-conditional; network.label_dim=0 "
+            "for unconditional")
+    rc, out, err = run(capsys, "train", "--config", user_config(tmp_path, folder_shards), "--dry-run")
+    assert rc == 0 and f"# {line}" in out, out
+    rc, out, _ = run(capsys, "train", "--config", user_config(tmp_path, shards), "--dry-run")     # labels of an .npz
+    assert rc == 0 and f"4 classes in the labels of {shards}: training class-conditional" in out
+    rc, out, _ = run(capsys, "train", "--config", user_config(tmp_path, folder_shards), "--dry-run",
+                     "network.label_dim=0")
+    assert rc == 0 and "training class-conditional" not in out
+
+
+def test_sample_of_a_run_folder_takes_the_average_the_run_uses(tmp_path, capsys):
+    """A power-EMA run writes one snapshot per sigma_rel at each count; `--snapshot RUN` takes
+    ema.stds[0]'s (the run's own sample grids and FID use it), whichever file was written last."""
+    from pdiff.ema import build_ema, save_snapshots
+    from pdiff.model import build_model
+    rng = np.random.default_rng()
+    stds = [float(s) for s in rng.choice([0.05, 0.08, 0.1, 0.12], size=2, replace=False)]
+    cfg = load_config("tiny", [f"network.{k}={v}".replace(" ", "") for k, v in NET.items()]
+                      + ["data.resolution=16", "data.channels=1", "sample.steps=2", "ema.mode=power",
+                         f"ema.stds=[{stds[0]},{stds[1]}]"])
+    ema = build_ema(cfg, build_model(cfg), 4)
+    paths = save_snapshots(ema, tmp_path / "run" / "snapshots", cfg, 64)
+    os.utime(paths[0], (time.time() - 60, time.time() - 60))     # written before the others, as a run does
+    rc, _, err = run(capsys, "sample", "--snapshot", tmp_path / "run", "--seeds", "0", "--npz", tmp_path / "a.npz",
+                     "--device", "cpu", "--no-progress")
+    assert rc == 0 and f"the newest snapshot in {tmp_path / 'run'}: {paths[0]}" in err, err
+
+
+def conditional_snapshot(folder: Path, data_path, label_dropout: float) -> Path:
+    from pdiff.model import build_model
+    from pdiff.snapshot import save_snapshot
+    cfg = load_config("tiny", [f"network.{k}={v}".replace(" ", "") for k, v in NET.items()]
+                      + ["data.resolution=16", "data.channels=1", "sample.steps=2", "network.label_dim=2",
+                         f"network.label_dropout={label_dropout}", f"data.path={data_path}"])
+    return save_snapshot(folder / "ema-000000000064.safetensors", build_model(cfg), cfg, 64)
+
+
+def test_sample_class_by_name_and_guidance_without_label_dropout(tmp_path, folder_shards, capsys):
+    snap = conditional_snapshot(tmp_path, folder_shards, 0.0)
+    common = ["sample", "--snapshot", snap, "--seeds", "0-1", "--device", "cpu", "--no-progress"]
+    rc, _, err = run(capsys, *common, "--class", "dog", "--npz", tmp_path / "by_name.npz")
+    assert rc == 0, err
+    rc, _, err = run(capsys, *common, "--class", "1", "--npz", tmp_path / "by_number.npz")
+    assert rc == 0, err
+    assert np.array_equal(np.load(tmp_path / "by_name.npz")["images"], np.load(tmp_path / "by_number.npz")["images"])
+    assert list(np.load(tmp_path / "by_name.npz")["labels"]) == [1, 1]
+    rc, _, err = run(capsys, *common, "--class", "cow", "--npz", tmp_path / "x.npz")
+    assert rc == 1 and "--class cow: not a class of the run's shards" in err and "0=cat, 1=dog" in err, err
+    rc, _, err = run(capsys, *common, "--guidance", "2", "--npz", tmp_path / "g.npz")
+    assert rc == 0 and "WARNING --guidance 2: the model was trained without label dropout" in err, err
+    dropped = conditional_snapshot(tmp_path / "dropped", folder_shards, 0.1)
+    rc, _, err = run(capsys, "sample", "--snapshot", dropped, "--seeds", "0", "--device", "cpu", "--no-progress",
+                     "--guidance", "2", "--npz", tmp_path / "h.npz")
+    assert rc == 0 and "WARNING" not in err, err
+
+
+def test_the_sample_grid_announces_itself_and_can_be_switched_off(tmp_path, shards, capsys, small_runs):
+    for every, grids in ((0, 0), (-1, 1)):
+        mine = user_config(tmp_path, shards, name=f"grid{every}", train={"sample_every_images": every,
+                                                                         "duration_images": 24})
+        rc, _, err = run(capsys, "train", "--config", mine, "--device", "cpu")
+        assert rc == 0, err
+        written = list((tmp_path / "runs" / f"grid{every}").glob("samples/*.png"))
+        assert len(written) == grids, err
+        if grids:
+            announced = err.index(f"sampling a grid of 36 images (3 network evaluations each) on cpu for "
+                                  f"{written[0].name}; train.sample_every_images=0 turns grids off")
+            assert announced < err.index(f"sample grid {written[0]} (")
+        else:
+            assert "sampling a grid" not in err and "sample grid" not in err
+    rc, _, err = run(capsys, "train", "--config", "tiny", "--dry-run", "train.sample_every_images=-2")
+    assert rc == 2 and "(-1 = at the end only, 0 = never)" in err
+
+
+def test_one_cli_convention(tmp_path, shards, capsys):
+    mine = user_config(tmp_path, shards)
+    rc, out, _ = run(capsys, "info", "--config", mine, "train.batch=8")       # as every other subcommand takes it
+    assert rc == 0 and "ddpmpp at 16x16x1" in out and "train.batch=8" in out
+    rc, out2, _ = run(capsys, "info", mine, "train.batch=8")
+    assert rc == 0 and out2 == out
+    # --device takes the same values everywhere: cuda:N in train as in sample
+    rc, _, err = run(capsys, "train", "--config", mine, "--dry-run", "--device", "cuda:7")
+    assert "invalid choice" not in err and (rc == 1 and "--device cuda:7: " in err or torch.cuda.device_count() > 7)
+    rc, _, err = run(capsys, "train", "--config", mine, "--dry-run", "--device", "tpu")
+    assert rc == 1 and "--device tpu: not a device name; use auto, cpu, cuda or cuda:N" in err
+    # overrides before and after the flags
+    rc, _, err = run(capsys, "train", "--config", mine, "train.batch=8", "--dry-run", "optim.lr=1e-4")
+    assert rc == 0, err
+    rc, _, err = run(capsys, "train", "--config", mine, "--dry-run", "patch.sizes=8,16")
+    assert rc == 2 and "patch.sizes: expected a list of int, got '8,16'; write a list in brackets, e.g. " \
+                       "patch.sizes=[8,16,32]" in err, err
+    for wrong, right in (("optim.learning_rate", "optim.lr"), ("train.batch_size", "train.batch"),
+                         ("train.lr", "optim.lr"), ("optim.warmup_imgs", "optim.warmup_images"),
+                         ("optimizer.lr", "optim")):
+        rc, _, err = run(capsys, "train", "--config", mine, "--dry-run", f"{wrong}=1")
+        assert rc == 2 and f"did you mean {right!r}?" in err, (wrong, err)
+    from pdiff.tools.bench import KINDS
+    top = cli.usage()
+    assert all(kind in top for kind in KINDS), top
+
+
+def test_readme_error_examples_match_what_is_printed(tmp_path, capsys):
+    """Each message the troubleshooting (docs/runs.md) quotes for a trainer is what the trainer prints (the
+    folder names as the README's user has them)."""
+    from PIL import Image
+    def words(text: str) -> str:
+        return " ".join(text.split())
+    readme = (REPO / "docs" / "runs.md").read_text()       # README links its troubleshooting there
+    blocks, block = [], None
+    for line in readme.splitlines():
+        if line.strip().startswith("```"):
+            block = [] if block is None else blocks.append(" ".join(block))
+        elif block is not None:
+            block.append(line)
+    quoted = [words(b) for b in blocks if b.strip().startswith("pdiff train: ")]
+    os.chdir(tmp_path)
+    try:
+        (tmp_path / "photos").mkdir()
+        for i in range(4):
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+        from pdiff.pipelines.shards import write_shards
+        write_shards(Path("photos"), Path("shards/photos"), workers=1, progress=False)
+        (tmp_path / "my.yaml").write_text("base: tiny\ndata: {path: shards/photos, resolution: 64}\n")
+        printed = []
+        for argv in (["--config", "tiny", "data.path=photos"], ["--config", "my.yaml"],
+                     ["--config", "tiny", "data.path=shards/photos", "patch.sizes=[8,16,32]"]):
+            rc, _, err = run(capsys, "train", *argv, "--dry-run")
+            assert rc != 0, err
+            printed.append(words(err))
+    finally:
+        os.chdir(REPO)
+    for message in printed:        # the README wraps long messages where the terminal does not
+        assert any(message == q for q in quoted), (message, quoted)

@@ -147,13 +147,14 @@ DAMAGES = [(how, True) for how in ("flipped byte", "truncated", "random bytes", 
 @pytest.mark.parametrize("how,with_checksum", DAMAGES, ids=[f"{h}-{'sha256' if c else 'no sha256'}" for h, c in DAMAGES])
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, how, with_checksum):
     """The newest checkpoint damaged (COMPLETE kept): the resume takes the one before, with a
-    warning naming the bad one; with no checksum file (an older pdiff's checkpoint) torch.load's
-    failure is caught the same way."""
+    warning naming the bad one; with no checksum file (an older pdiff's checkpoint, whose marker
+    holds only the images seen) torch.load's failure is caught the same way."""
     rng = np.random.default_rng()
     saved = save_three(tmp_path)
     bad = tmp_path / "checkpoints" / "ckpt-000000000030" / "state.pt"
     if not with_checksum:
         checksum.sidecar(bad).unlink()
+        (bad.parent / "COMPLETE").write_text("30\n")
     damage(bad, how, rng)
     part = Part(0)
     images, path = run_state(tmp_path, part).resume()
@@ -165,6 +166,37 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, ho
     if how == "pickled code" and not with_checksum:
         assert "weights_only" in err and "posix.system" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flip", [True, False], ids=["flipped byte", "intact"])
+def test_a_deleted_checksum_counts_as_damage(tmp_path, capsys, flip):
+    """A checkpoint written with a checksum (its marker says so) whose .sha256 is gone cannot be
+    verified: the resume falls back to the one before, as for a mismatch, whether or not its bytes
+    were changed too (a flipped byte would otherwise load as different weights, silently)."""
+    rng = np.random.default_rng()
+    saved = save_three(tmp_path)
+    bad = tmp_path / "checkpoints" / "ckpt-000000000030" / "state.pt"
+    checksum.sidecar(bad).unlink()
+    if flip:
+        flip_a_byte(bad, rng)
+    part = Part(0)
+    images, path = run_state(tmp_path, part).resume()
+    assert images == 20 and path.name == "ckpt-000000000020"
+    assert all(torch.equal(part.state_dict()[k], v) for k, v in saved[20].items())
+    err = capsys.readouterr().err
+    assert f"{checksum.sidecar(bad)} is missing" in err and "counts as damaged" in err
+    assert "trying the checkpoint before it" in err
+
+
+def test_a_checkpoint_of_an_older_pdiff_without_checksum_loads_with_a_warning(tmp_path, capsys):
+    saved = save_three(tmp_path)
+    newest = tmp_path / "checkpoints" / "ckpt-000000000030"
+    checksum.sidecar(newest / "state.pt").unlink()
+    (newest / "COMPLETE").write_text("30\n")       # the marker an older pdiff wrote
+    part = Part(0)
+    assert run_state(tmp_path, part).resume()[0] == 30
+    assert all(torch.equal(part.state_dict()[k], v) for k, v in saved[30].items())
+    assert "has no checksum (written before pdiff wrote them): not verified" in capsys.readouterr().err
 
 
 def test_resume_refuses_when_no_checkpoint_is_good(tmp_path, capsys):
@@ -386,3 +418,268 @@ def test_a_data_error_in_train_is_reported_without_a_traceback(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and "no-such-shards" in p.stderr and "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C as SIGTERM, a second signal at once, also inside a long compile (issue #23)
+
+def small_config(tmp_path: Path, shards: Path, **train) -> Path:
+    """A small run on ``shards`` (16x16 RGB) that would go on for long unless stopped."""
+    import yaml
+    cfg = {"base": "tiny",
+           "network": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [],
+                       "dropout": 0.0},
+           "data": {"path": str(shards), "backend": "torch", "workers": 1},
+           "optim": {"warmup_images": 16},
+           "train": {"run_dir": str(tmp_path / "run"), "batch": 4, "duration_images": 10**7, "log_every_images": 8,
+                     "ckpt_every_images": 10**7, "snapshot_every_images": 10**7, "sample_every_images": 0,
+                     "compile": False, **train},
+           "sample": {"steps": 2}}
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# The CLI with torch.compile replaced by a wrapper whose first call of each shape prints a line and
+# then blocks for SLOW seconds, as a long compile under load does. How it blocks is the second
+# argument: "python" (a sleep: Python's handlers run during it) or "c" (os.system: the main thread
+# waits inside C, where Python runs no handler until it returns).
+SLOW_COMPILE = """
+import os, sys, time, torch
+SLOW, HOW = float(sys.argv[1]), sys.argv[2]
+seen = set()
+def slow_compile(fn, **kw):
+    def compiled(x, *a):
+        if tuple(x.shape) not in seen:
+            seen.add(tuple(x.shape))
+            print(f"compiling {tuple(x.shape)}", file=sys.stderr, flush=True)
+            time.sleep(SLOW) if HOW == "python" else os.system(f"sleep {SLOW}")
+            print(f"compiled {tuple(x.shape)}", file=sys.stderr, flush=True)
+        return fn(x, *a)
+    return compiled
+torch.compile = slow_compile
+from pdiff.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def start_trainer(config: Path, *extra, slow: float | None = None, how: str = "python") -> subprocess.Popen:
+    """`pdiff train` in its own process group (a terminal's Ctrl-C reaches the whole group: the
+    trainer and its DataLoader workers)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PDIFF_PROGRESS_SECONDS": "0"}
+    argv = ["train", "--config", str(config), "--device", "cpu", *extra]
+    cmd = [PY, "-c", SLOW_COMPILE, str(slow), how, *argv] if slow is not None else [PY, "-m", "pdiff.cli", *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen, pattern: str) -> str:
+    """stderr up to and including the first line holding ``pattern``."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if pattern in line:
+            return "".join(seen)
+    raise AssertionError(f"the trainer ended (rc {proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}")
+
+
+def test_ctrl_c_stops_like_sigterm_and_the_run_resumes(tmp_path, random_shards):
+    """Ctrl-C in a terminal (SIGINT to the trainer and its data workers): the step is finished, a
+    checkpoint and a snapshot are written, exit 0 with the resume hint; the same command resumes."""
+    config = small_config(tmp_path, random_shards)
+    proc = start_trainer(config)
+    try:
+        err = read_until(proc, "img/s")             # training: a log line
+        os.killpg(proc.pid, signal.SIGINT)
+        _, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    err += rest
+    assert proc.returncode == 0, err
+    assert "SIGINT: finishing the step" in err and "stop signal: stopped at" in err
+    assert "run the same command to resume" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    (ckpt,) = CheckpointManager(tmp_path / "run").complete()
+    images = int(ckpt.name.split("-")[1])
+    assert images > 0 and (tmp_path / "run" / "snapshots" / f"ema-{images:012d}.safetensors").exists()
+    p = subprocess.run([PY, "-m", "pdiff.cli", "train", "--config", str(config), "--device", "cpu",
+                        f"train.duration_images={images + 8}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and f"resuming at {images:,} images from {ckpt}" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig, how", [(signal.SIGINT, "python"), (signal.SIGTERM, "python")], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_inside_a_long_compile_exits_at_once(tmp_path, random_shards, sig, how):
+    """A compile that will not finish for ten minutes: the first signal asks for a clean stop
+    (acted on after that compile), the second ends the process at once, without a traceback, with
+    the status a shell reports for the signal (128 + its number); nothing is left half-written."""
+    proc = start_trainer(small_config(tmp_path, random_shards), "train.compile=true", slow=600, how=how)
+    try:
+        err = read_until(proc, "compiling")
+        proc.send_signal(sig)
+        err += read_until(proc, "finishing the step")
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=60)      # far less than the compile's 600 s
+    finally:
+        proc.kill()
+    err += rest
+    assert proc.returncode == 128 + sig, err
+    assert f"second {signal.Signals(sig).name}: stopping now" in err and "Traceback" not in err
+    assert "compiled (" not in err            # both signals were acted on inside the compile
+    assert CheckpointManager(tmp_path / "run").latest() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming with changed settings: said, and kept in the run's history (issue #23)
+
+def cli_run(capsys, *argv) -> tuple[int, str, str]:
+    from pdiff import cli
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_resume_with_changed_settings_says_so_and_keeps_the_history(tmp_path, random_shards, capsys, one_thread):
+    import yaml
+    config = small_config(tmp_path, random_shards, duration_images=16, ckpt_every_images=16)
+    rc, _, err = cli_run(capsys, "train", "--config", config, "--device", "cpu", "data.workers=0")
+    assert rc == 0, err
+    run = tmp_path / "run"
+    (first,) = run.glob("config-*.yaml")                     # the config of a fresh start, at 0 images
+    assert first.name == "config-000000000000.yaml" and first.read_text() == (run / "config.yaml").read_text()
+    images = int(CheckpointManager(run).latest().name.split("-")[1])
+    rng = np.random.default_rng()
+    lr = float(rng.choice([3e-4, 5e-4, 7e-4]))
+    rc, _, err = cli_run(capsys, "train", "--config", config, "--device", "cpu", "data.workers=0",
+                         f"optim.lr={lr}", f"train.duration_images={images + 8}")
+    assert rc == 0, err
+    assert "resuming with 2 changed setting(s)" in err
+    assert f"optim.lr: 0.001 -> {lr!r}" in err and f"train.duration_images: 16 -> {images + 8}" in err
+    current = yaml.safe_load((run / "config.yaml").read_text())
+    assert current["optim"]["lr"] == lr
+    assert yaml.safe_load((run / f"config-{images:012d}.yaml").read_text()) == current
+    assert yaml.safe_load(first.read_text())["optim"]["lr"] == 0.001          # the first part's value stays on record
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (change,) = [r for r in rows if "config_changed" in r]
+    assert change["images_seen"] == images
+    assert change["config_changed"] == {"optim.lr": [0.001, lr], "train.duration_images": [16, images + 8]}
+    # The same settings again: nothing new is recorded.
+    rc, _, err = cli_run(capsys, "train", "--config", config, "--device", "cpu", "data.workers=0",
+                         f"optim.lr={lr}", f"train.duration_images={images + 8}")
+    assert rc == 0 and "changed setting" not in err and len(list(run.glob("config-*.yaml"))) == 2
+    # A refused change of the network names the keys that differ, not the whole section.
+    rc, _, err = cli_run(capsys, "train", "--config", config, "--device", "cpu", "network.model_channels=16",
+                         "network.dropout=0.1")
+    assert rc == 1 and "network.model_channels was 8 and is now 16" in err, err
+    assert "network.dropout was 0.0 and is now 0.1" in err and "'arch'" not in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML keys given twice (issue #23)
+
+@pytest.mark.parametrize("text, line, key", [
+    ("base: tiny\noptim:\n  lr: 1e-4\n  eps: 1e-8\n  lr: 2e-4\n", 5, "lr"),
+    ("base: tiny\ntrain: {batch: 8}\noptim: {lr: 1e-4}\ntrain:\n  seed: 3\n", 4, "train"),
+    ("base: tiny\nbase: celeba64\n", 2, "base"),
+    ("base: tiny\ntrain: {batch: 8, batch: 16}\n", 2, "batch"),
+], ids=["key", "section", "base", "flow mapping"])
+def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path, capsys, text, line, key):
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    rc, _, err = cli_run(capsys, "train", "--config", path, "--dry-run")
+    assert rc == 2 and f"{path}:{line}: duplicate key {key!r}" in err and "Traceback" not in err, err
+
+
+def test_a_key_given_twice_in_a_base_file_is_refused(tmp_path, capsys):
+    (tmp_path / "common.yaml").write_text("base: tiny\nema:\n  halflife_images: 100\n\n  halflife_images: 200\n")
+    (tmp_path / "my.yaml").write_text("base: common.yaml\noptim: {lr: 1e-4}\n")
+    rc, _, err = cli_run(capsys, "train", "--config", tmp_path / "my.yaml", "--dry-run")
+    assert rc == 2 and f"{tmp_path / 'common.yaml'}:5: duplicate key 'halflife_images'" in err, err
+    rc, _, err = cli_run(capsys, "train", "--config", "tiny", "--dry-run", "optim={lr: 1, lr: 2}")
+    assert rc == 2 and "duplicate key 'lr'" in err, err
+
+
+def test_every_preset_loads_through_the_duplicate_checking_loader():
+    from pdiff.config import PRESET_DIR
+    for preset in PRESET_DIR.glob("*.yaml"):
+        load_config(preset.stem)
+
+
+# ----------------------------------------------------------------------------------------------
+# User errors that came with a traceback (issue #23)
+
+def test_config_naming_a_folder_is_a_message(tmp_path, capsys):
+    rc, _, err = cli_run(capsys, "train", "--config", tmp_path, "--dry-run")
+    assert rc == 2 and f"config {tmp_path}: is a folder, not a YAML file" in err and "Traceback" not in err
+    (tmp_path / "config.yaml").write_text("base: tiny\n")       # a run folder: its config is named
+    rc, _, err = cli_run(capsys, "info", "--config", tmp_path)
+    assert rc == 2 and f"--config {tmp_path / 'config.yaml'}" in err, err
+
+
+def test_a_run_folder_that_cannot_be_written_is_a_message(tmp_path, random_shards, capsys, monkeypatch):
+    """Tests run as root, who may write anywhere: the read-only folder is simulated by making the
+    lock file's creation fail as it does for another user (PermissionError)."""
+    import pdiff.runlock as runlock
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if str(path).endswith(LOCK_FILE) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(runlock.os, "open", read_only)
+    rc, _, err = cli_run(capsys, "train", "--config", small_config(tmp_path, random_shards), "--device", "cpu")
+    assert rc == 1 and f"cannot take the lock {tmp_path / 'run' / LOCK_FILE}: Permission denied" in err
+    assert "train.run_dir" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("errno_", ["EFBIG", "ENOSPC"])
+def test_a_disk_filling_up_during_a_checkpoint_is_a_message_and_leaves_no_temporary_folder(tmp_path, errno_,
+                                                                                       monkeypatch):
+    """The file system refuses the bytes half way through state.pt (torch.save then raises its
+    'unexpected pos' RuntimeError): the error names the file, the size needed and the space free; the
+    temporary folder is removed and the previous checkpoint stays the newest."""
+    import errno
+    part = Part(int(np.random.default_rng().integers(1 << 30)))
+    rs = run_state(tmp_path, part)
+    rs.save(10)
+    limit = int(np.random.default_rng().integers(100, 800))
+    real_write = checksum._HashingWriter.write
+
+    def full_disk(self, data):
+        if self.written + len(data) > limit:
+            raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+        return real_write(self, data)
+    monkeypatch.setattr(checksum._HashingWriter, "write", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        rs.save(20)
+    msg = str(e.value)
+    assert "the checkpoint at 20 images could not be written" in msg and os.strerror(getattr(errno, errno_)) in msg
+    assert "state.pt needs about" in msg and "MiB are free in" in msg and "ckpt-000000000010" in msg
+    assert ".tmp-ckpt-000000000020" in msg          # the file it was writing
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-000000000010"]
+    assert CheckpointManager(tmp_path).latest().name == "ckpt-000000000010"
+
+
+def test_a_disk_filling_up_during_training_is_reported_without_a_traceback(tmp_path, random_shards, capsys,
+                                                                          monkeypatch, one_thread):
+    import errno
+
+    def full_disk(self, data):
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(checksum._HashingWriter, "write", full_disk)
+    rc, _, err = cli_run(capsys, "train", "--config", small_config(tmp_path, random_shards, duration_images=8),
+                         "--device", "cpu", "data.workers=0")
+    assert rc == 1 and "could not be written" in err and "File too large" in err and "Traceback" not in err
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]
+
+
+def test_triton_kernels_on_a_cpu_are_a_message(tmp_path, random_shards, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)        # conftest sets it for the kernel tests
+    import pdiff.kernels
+    monkeypatch.setattr(pdiff.kernels, "triton_available", lambda: True)   # installed, as on a CPU machine with pip
+    config = small_config(tmp_path, random_shards)
+    for extra in ([], ["--dry-run"]):
+        rc, _, err = cli_run(capsys, "train", "--config", config, "--device", "cpu", "train.kernels=triton", *extra)
+        assert rc == 1 and "train.kernels=triton needs a CUDA device (got cpu)" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()              # refused before anything was created

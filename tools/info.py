@@ -1,4 +1,4 @@
-"""`pdiff info CONFIG [key=value ...] [--card H100] [--mfu 0.4]`: parameters, FLOPs per image and per
+"""`pdiff info [--config] CONFIG [key=value ...] [--card H100] [--mfu 0.4]`: parameters, FLOPs per image and per
 step at each patch size, the expected training cost per image of the patch schedule relative to full
 images, and the images/s a card would train at a given model FLOP utilisation (bf16). `--blocks`: the
 names repr.block takes (every module of the network)."""
@@ -18,8 +18,10 @@ from pdiff.networks import network_blocks
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pdiff info", description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("config", help="YAML file or preset name (with data.path set to existing shards, their "
-                                   "resolution, channels and classes)")
+    ap.add_argument("config", nargs="?", help="YAML file or preset name (with data.path set to existing shards, "
+                                              "their resolution, channels and classes); or --config")
+    ap.add_argument("--config", dest="config_flag", metavar="CONFIG",
+                    help="the same, as the other subcommands take it")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.resolution=32 patch.real_p=0.25")
     ap.add_argument("--card", default=None,
                     help=f"GPU for the images/s at --mfu: {', '.join(c.name for c in CARDS)} "
@@ -27,7 +29,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for the images/s figure (default 0.4)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--blocks", action="store_true", help="list the network's block names (for repr.block)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
+    if args.config_flag:        # then a positional word is the first override
+        args.overrides = ([args.config] if args.config else []) + args.overrides
+        args.config = args.config_flag
+    elif not args.config:
+        ap.error("give a config: pdiff info --config FILE|PRESET [key=value ...]")
     if not 0 < args.mfu <= 1:
         ap.error(f"--mfu {args.mfu}: give a share of the peak in (0, 1], e.g. 0.4")
     card = find_card(args.card) if args.card else (device_card("cuda") or find_card("H100 SXM"))

@@ -29,6 +29,7 @@ from pdiff.helpformat import HelpFormatter
 from pdiff.progress import Progress
 from pdiff.snapshot import load_model
 from pdiff.vae import load_run_vae
+from pdiff.pipelines.shards.format import load_manifest
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,8 +55,9 @@ def add_sampler_args(p: argparse.ArgumentParser, seeds: bool = True) -> None:
     g.add_argument("--s-min", type=float, help="S_tmin: churn only for sigma >= this")
     g.add_argument("--s-max", type=float, help="S_tmax: churn only for sigma <= this")
     g.add_argument("--s-noise", type=float, help="S_noise")
-    g.add_argument("--class", dest="class_label", type=int,
-                   help="class for every seed (class-conditional models; default: random per seed)")
+    g.add_argument("--class", dest="class_label",
+                   help="class for every seed, a number or a name in the shards' manifest (class folders); "
+                        "class-conditional models; default: random per seed")
     g.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale (1 = off; class-conditional models trained with label dropout)")
     g.add_argument("--guidance-interval", type=_interval, metavar="LO,HI",
@@ -85,22 +87,47 @@ def sample_options(args, cfg):
     s = dataclasses.replace(s, **{k: v for k, v in updates.items() if v is not None})
     canvas = args.canvas if args.canvas is not None else s.canvas
     label_dim = cfg.network.label_dim
+    label = class_index(args.class_label, cfg)
     if canvas and canvas < cfg.data.resolution:
         raise UserError(f"--canvas {canvas} is smaller than the training resolution "
                         f"{cfg.data.resolution}; use 0 or a size >= {cfg.data.resolution}")
     if s.steps < 1:
         raise UserError(f"--steps must be at least 1, got {s.steps}")
-    if args.class_label is not None and label_dim == 0:
+    if label is not None and label_dim == 0:
         raise UserError(f"--class {args.class_label}: the model is unconditional (network.label_dim=0 "
                         f"in its config); leave --class out")
-    if args.class_label is not None and not 0 <= args.class_label < label_dim:
+    if label is not None and not 0 <= label < label_dim:
         raise UserError(f"--class {args.class_label}: the model has {label_dim} classes; give one "
                         f"of 0..{label_dim - 1}")
     if args.guidance is not None and args.guidance != 1 and label_dim == 0:
         raise UserError(f"--guidance {args.guidance:g}: classifier-free guidance needs a class-conditional "
                         f"model trained with label dropout; this one is unconditional (network.label_dim=0): "
                         f"leave --guidance out")
-    return SampleOptions(sampler=s, class_label=args.class_label, canvas=canvas or 0)
+    if args.guidance is not None and args.guidance != 1 and cfg.network.label_dropout == 0:
+        print(f"pdiff: WARNING --guidance {args.guidance:g}: the model was trained without label dropout "
+              f"(network.label_dropout=0), so its unconditional branch, which guidance mixes in, never trained; "
+              f"expect poor samples (train with network.label_dropout=0.1 for guidance)", file=sys.stderr)
+    return SampleOptions(sampler=s, class_label=label, canvas=canvas or 0)
+
+
+def class_index(text: str | None, cfg) -> int | None:
+    """--class as a number, or as a class name looked up in the manifest of the run's shards
+    (data.path: the class folders' names)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        names = [str(c) for c in load_manifest(cfg.data.path).get("classes") or []]
+    except (UserError, OSError, ValueError) as e:
+        raise UserError(f"--class {text}: not a number, and the class names of the run's shards cannot be read "
+                        f"(data.path={cfg.data.path!r}: {e}); give the class number") from None
+    if text not in names:
+        raise UserError(f"--class {text}: not a class of the run's shards ({cfg.data.path}: "
+                        f"{', '.join(f'{i}={n}' for i, n in enumerate(names)) or 'no class names'})")
+    return names.index(text)
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
