@@ -1,0 +1,152 @@
+"""The DiT backbone (pdiff/networks/dit.py): sizes, full-canvas positions of a window's tokens,
+a full window is the full-canvas forward, and MaskDiT's token masking."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdiff.coords import canvas_grid, coord_grid, crop
+from pdiff.networks.dit import DIT_SIZES, DiT, sincos_2d, token_positions
+
+
+def official_dit_parameters(depth, hidden, p, channels, classes, learn_sigma, tokens, mlp_ratio=4):
+    """Parameters of facebookresearch/DiT's models.py DiT, counted from its layers: PatchEmbed conv,
+    the timestep MLP (256 -> D -> D), the label table with its null row, per block qkv + proj + MLP +
+    adaLN (6D), the final layer (adaLN 2D + linear to p*p*out) and the frozen pos_embed Parameter."""
+    d, m = hidden, int(hidden * mlp_ratio)
+    out = channels * (2 if learn_sigma else 1)
+    patch = channels * p * p * d + d
+    t_emb = 256 * d + d + d * d + d
+    y_emb = (classes + 1) * d
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d) + (d * 6 * d + 6 * d)
+    final = (d * 2 * d + 2 * d) + (d * p * p * out + p * p * out)
+    return patch + t_emb + y_emb + depth * block + final + tokens * d
+
+
+def test_formula_reproduces_the_official_xl2_count():
+    # DiT-XL/2 on 32x32x4 latents with 1000 classes: the count facebookresearch/DiT prints.
+    assert official_dit_parameters(28, 1152, 2, 4, 1000, learn_sigma=True, tokens=256) == 675_129_632
+
+
+@pytest.mark.parametrize("size,paper_m", [("S", 33), ("B", 130), ("XL", 675)])
+def test_parameter_counts_equal_dits(size, paper_m):
+    """pdiff's DiT-{S,B,XL}/2 has DiT's layers less the two things EDM preconditioning changes: the
+    output has C channels (no learned sigma), and positions are computed, not a frozen Parameter.
+    With those put back the count is the paper's, to its rounding (33M, 130M, 675M)."""
+    depth, hidden, heads = DIT_SIZES[size]
+    with torch.device("meta"):
+        net = DiT(32, 4, label_dim=1000, label_dropout=0.1, depth=depth, hidden=hidden, heads=heads, token_size=2)
+    ours = sum(p.numel() for p in net.parameters())
+    assert ours == official_dit_parameters(depth, hidden, 2, 4, 1000, learn_sigma=False, tokens=0)
+    official = official_dit_parameters(depth, hidden, 2, 4, 1000, learn_sigma=True, tokens=256)
+    assert abs(official / 1e6 - paper_m) < 0.6   # the paper's table rounds (B/2: 130.5M -> 130M)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_window_tokens_get_the_full_canvas_positions(p):
+    R, s = 32, 16
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    offsets = torch.randint(0, R - s + 1, (5, 2), generator=g)
+    offsets[0] = torch.tensor([0, 0])
+    offsets[1] = torch.tensor([R - s, R - s])
+    for dtype in (torch.float32, torch.bfloat16):
+        px, py = token_positions(coord_grid(offsets, s, R, dtype), R, p)
+        for i, (x0, y0) in enumerate(offsets.tolist()):
+            for a in range(s // p):          # row of tokens
+                for b in range(s // p):      # column of tokens
+                    # the token's top-left pixel is (x0 + b p, y0 + a p): its position in token units
+                    assert px[i, a, b].item() == (x0 + b * p) / p
+                    assert py[i, a, b].item() == (y0 + a * p) / p
+    # The full canvas: token (a, b) sits at (b, a), DiT's table.
+    px, py = token_positions(canvas_grid(1, R, R), R, p)
+    n = R // p
+    assert torch.equal(px[0], torch.arange(n).float().expand(n, n))
+    assert torch.equal(py[0], torch.arange(n).float()[:, None].expand(n, n))
+
+
+def test_sincos_matches_dits_table():
+    """At integer positions the 2-D table is DiT's get_2d_sincos_pos_embed (w first, sin then cos)."""
+    import numpy as np
+    dim, n = 16, 4
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    ys, xs = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    ref = np.concatenate([np.sin(xs.reshape(-1, 1) * omega), np.cos(xs.reshape(-1, 1) * omega),
+                          np.sin(ys.reshape(-1, 1) * omega), np.cos(ys.reshape(-1, 1) * omega)], axis=1)
+    ours = sincos_2d(torch.tensor(xs.reshape(-1)), torch.tensor(ys.reshape(-1)), dim)
+    torch.testing.assert_close(ours, torch.tensor(ref, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def _trained_dit(rope=False, decoder_depth=0, label_dim=3):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    net = DiT(16, 3, label_dim=label_dim, depth=2, hidden=32, heads=2, token_size=2, rope=rope,
+              decoder_depth=decoder_depth).eval()
+    for prm in net.parameters():   # DiT starts as zero output: give every weight a value
+        prm.data.normal_(0, 0.2)
+    return net
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_full_window_is_the_full_canvas_forward(rope):
+    net = _trained_dit(rope)
+    R = 16
+    x = torch.randn(2, 3, R, R)
+    noise = torch.randn(2)
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
+    window = torch.cat([x, coord_grid(torch.zeros(2, 2, dtype=torch.long), R, R)], 1)
+    canvas = torch.cat([x, canvas_grid(2, R, R)], 1)
+    torch.testing.assert_close(net(window, noise, labels), net(canvas, noise, labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_window_tokens_are_embedded_at_their_canvas_positions(rope):
+    """The embedded tokens of a window equal the full image's embedded tokens at those places (the
+    first layer sees exactly what it would see in the full canvas); and the window's output depends
+    on its offset (a window is not a small image)."""
+    net = _trained_dit(rope)
+    R, s, p = 16, 8, 2
+    img = torch.randn(1, 3, R, R)
+    off = torch.tensor([[4, 6]])
+    window = crop(img, off, s)
+    pw_x, pw_y = token_positions(coord_grid(off, s, R), R, p)
+    pc_x, pc_y = token_positions(canvas_grid(1, R, R), R, p)
+    emb = lambda im, px, py: (net.x_embedder(im).flatten(2).transpose(1, 2)  # noqa: E731
+                              + sincos_2d(px.reshape(1, -1), py.reshape(1, -1), net.hidden)).reshape(1, *px.shape[1:], -1)
+    full = emb(img, pc_x, pc_y)
+    part = emb(window, pw_x, pw_y)
+    torch.testing.assert_close(part, full[:, 3:3 + s // p, 2:2 + s // p], rtol=1e-5, atol=1e-5)
+    noise = torch.randn(1)
+    a = net(torch.cat([window, coord_grid(off, s, R)], 1), noise, None)
+    b = net(torch.cat([window, coord_grid(off + 2, s, R)], 1), noise, None)
+    assert not torch.allclose(a, b)
+
+
+def test_dropped_label_uses_the_null_row():
+    net = _trained_dit()
+    c_none = net.conditioning(torch.zeros(2), torch.zeros(2, 3))
+    c_null = net.t_embedder(net.timestep_embedding(torch.zeros(2))) + net.y_embedder[-1]
+    torch.testing.assert_close(c_none, c_null)
+    c1 = net.conditioning(torch.zeros(1), torch.tensor([[0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(c1, net.t_embedder(net.timestep_embedding(torch.zeros(1))) + net.y_embedder[1])
+
+
+def test_masked_forward_encodes_only_kept_tokens():
+    """With keep given, the encoder blocks run on the kept tokens alone (changing a dropped token's
+    pixels does not change the kept tokens' encodings), and the decoder returns a full window."""
+    net = _trained_dit(decoder_depth=1, label_dim=0)
+    R, s = 16, 8
+    off = torch.tensor([[2, 4], [8, 0]])
+    x = torch.cat([torch.randn(2, 3, s, s), coord_grid(off, s, R)], 1)
+    t = (s // 2) ** 2
+    keep = torch.stack([torch.randperm(t)[: t // 2].sort().values for _ in range(2)])
+    seen = []
+    hook = net.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    noise = torch.randn(2)
+    out = net(x, noise, None, keep=keep)
+    assert out.shape == (2, 3, s, s) and seen[0].shape == (2, t // 2, net.hidden)
+    dropped = sorted(set(range(t)) - set(keep[0].tolist()))[0]
+    a, b = divmod(dropped, s // 2)
+    x2 = x.clone()
+    x2[0, :3, 2 * a:2 * a + 2, 2 * b:2 * b + 2] += 1.0
+    net(x2, noise, None, keep=keep)
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
+    hook.remove()
