@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .networks.edm2 import MPConv, MPFourier
+from .precond import c_in, c_out, c_skip, loss_weight
 
 
 def sample_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2,
@@ -61,3 +62,31 @@ class Uncertainty(nn.Module):
 def learned_weighting(loss: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per-sample loss L weighted by the learned uncertainty u: L / exp(u) + u (EDM2 eq. 21)."""
     return loss * torch.exp(-u.to(loss.dtype)) + u.to(loss.dtype)
+
+
+def token_pixel_mask(keep: torch.Tensor, tokens_per_side: int, p: int) -> torch.Tensor:
+    """(B, 1, s, s) float: 1 on the pixels of the tokens in ``keep`` (B, K) (row-major token
+    indices of an n x n window of p x p tokens), 0 elsewhere."""
+    b = keep.shape[0]
+    kept = torch.zeros(b, tokens_per_side * tokens_per_side, device=keep.device)
+    kept.scatter_(1, keep, 1.0)
+    kept = kept.reshape(b, 1, tokens_per_side, tokens_per_side)
+    return kept.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+
+
+def masked_patch_loss(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                      kept: torch.Tensor, mae_weight: float, sigma_data: float = 0.5) -> torch.Tensor:
+    """MaskDiT's per-sample loss (Zheng et al. 2024) on a window whose tokens were partly dropped:
+    the EDM loss lambda (D - y)^2 averaged over the KEPT pixels, plus ``mae_weight`` times the
+    masked tokens' reconstruction of the network's noisy input c_in (y + sigma n) averaged over the
+    DROPPED pixels. ``kept``: (B, 1, s, s) 0/1 (token_pixel_mask); y, noise float32 (B, C, s, s)."""
+    s = sigma.float().reshape(-1, 1, 1, 1)
+    x = y + s * noise.float()
+    d = c_skip(s, sigma_data) * x + c_out(s, sigma_data) * F.float()
+    channels = y.shape[1]
+    per_pixel = loss_weight(s, sigma_data) * (d - y) ** 2
+    dsm = (per_pixel * kept).flatten(1).sum(1) / (kept.flatten(1).sum(1) * channels).clamp_min(1)
+    dropped = 1 - kept
+    mae = ((F.float() - c_in(s, sigma_data) * x) ** 2 * dropped).flatten(1).sum(1)
+    mae = mae / (dropped.flatten(1).sum(1) * channels).clamp_min(1)
+    return dsm + mae_weight * mae

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pdiff.kernels import build_net_input, edm_patch_loss, resolve_backend
+from pdiff.kernels import build_net_input, edm_patch_loss, resolve_backend, torch_backend_noise
+from pdiff.kernels.net_input import patches_to_float
 
+from .loss import learned_weighting, masked_patch_loss, token_pixel_mask
 from .model import build_model
 from .networks import find_block
-from .loss import learned_weighting
 from .networks.edm2 import force_weight_norm_
 from .precond import EDMPrecond, c_noise
 from .repr import BlockTap, ReprTerm, TappedNetwork, block_channels
@@ -77,6 +78,9 @@ class PatchLoss(nn.Module):
         grids (repr.loss=align). A weight of 0 (after repr.until_images) skips the dispersive term;
         align's head still runs, times 0, so that DDP sees a gradient for each of its parameters."""
         sd = self.model.sigma_data
+        keep = self.token_keep(patches.shape[0], patches.shape[-2], images_seen)
+        if keep is not None:
+            return self.masked(patches, offsets, sigma, noise, class_labels, seed, images_seen, keep)
         kw = dict(noise=noise) if noise is not None else dict(seed=seed, images_seen=images_seen)
         net_in = build_net_input(patches, sigma, offsets, self.resolution, sigma_data=sd,
                                  out_dtype=self.net_dtype, channels_last=self.channels_last,
@@ -96,6 +100,47 @@ class PatchLoss(nn.Module):
         if (align and features is None) or (not align and repr_weight == 0):
             return loss, torch.zeros_like(loss)
         return loss, self.repr_term(activation, features, offsets, patches.shape[2]) * repr_weight
+
+    def token_keep(self, batch: int, size: int, images_seen: int) -> torch.Tensor | None:
+        """MaskDiT (network.mask_ratio > 0, a network with a ``keep`` argument): the sorted indices
+        of the tokens each sample keeps this step, drawn from torch's generator (which the trainer
+        seeds from (seed, rank, images seen)); None when the step is not masked (no masking, or the
+        unmasked phase from network.unmask_after_images on)."""
+        net = self.model.net
+        ratio = getattr(net, "mask_ratio", 0.0)
+        until = getattr(net, "unmask_after_images", 0)
+        if ratio <= 0 or (until and images_seen >= until):
+            return None
+        tokens = (size // net.p) ** 2
+        kept = max(1, round(tokens * (1 - ratio)))
+        device = next(net.parameters()).device
+        return torch.rand(batch, tokens, device=device).argsort(dim=1)[:, :kept].sort(dim=1).values
+
+    def masked(self, patches, offsets, sigma, noise, class_labels, seed, images_seen, keep):
+        """A masked step: the noise is materialised (both backends take it as given), the network
+        sees the kept tokens, and masked_patch_loss weighs the kept pixels' EDM loss and the dropped
+        ones' reconstruction. The loss is computed in torch: the fused loss kernel has no mask."""
+        sd, net = self.model.sigma_data, self.model.net
+        y = patches_to_float(patches)
+        if noise is None:
+            noise = torch_backend_noise(seed, images_seen, y.shape, patches.device)
+        net_in = build_net_input(patches, sigma, offsets, self.resolution, noise=noise, sigma_data=sd,
+                                 out_dtype=self.net_dtype, channels_last=self.channels_last, backend=self.backend)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.net_dtype == torch.bfloat16
+                    else contextlib.nullcontext())
+        with autocast:
+            F = self.net_fn(net_in, c_noise(sigma), class_labels, keep)
+        kept = token_pixel_mask(keep, y.shape[-1] // net.p, net.p)
+        loss = masked_patch_loss(F, y, sigma, noise, kept, net.mae_weight, sd)
+        if self.model.logvar is not None:       # loss.weighting=learned, as on the unmasked path
+            loss = learned_weighting(loss, self.model.logvar(c_noise(sigma)))
+        return loss
+
+    def phases(self) -> list[int]:
+        """An images-seen value in each phase whose step differs in its graphs (masked, then
+        unmasked), so that warm_up compiles them all."""
+        until = getattr(self.model.net, "unmask_after_images", 0)
+        return [0, until] if getattr(self.model.net, "mask_ratio", 0.0) > 0 and until else [0]
 
 
 def synthetic_patches(n: int, channels: int, size: int, dtype: torch.dtype, device, generator=None) -> torch.Tensor:
@@ -148,7 +193,7 @@ class TrainingStep:
         shapes = [(size, n) for size in self.schedule.sizes
                   for n in sorted({sl.stop - sl.start
                                    for sl in micro_batches(self.schedule.batch_for(size) // world, self.grad_accum)})]
-        for size, n in shapes:
+        for (size, n), phase in [(shape, phase) for shape in shapes for phase in self.loss.phases()]:
             if stop is not None and stop.requested:
                 break
             patches = synthetic_patches(n, self.channels, size, patch_dtype, device)
@@ -156,7 +201,7 @@ class TrainingStep:
             sigma = torch.ones(n, device=device)
             noise = torch.zeros(n, self.channels, size, size, device=device) if self.loss.backend == "torch" else None
             labels = torch.zeros(n, self.label_dim, device=device) if self.label_dim else None
-            loss = self.loss(patches, offsets, sigma, noise, labels, 0, 0)     # the network's graph: no repr term
+            loss = self.loss(patches, offsets, sigma, noise, labels, 0, phase)   # the network's graph: no repr term
             (loss[0] if isinstance(loss, tuple) else loss).sum().backward()
         self.model.zero_grad(set_to_none=True)
         return compiled_graphs()

@@ -150,3 +150,44 @@ def test_masked_forward_encodes_only_kept_tokens():
     net(x2, noise, None, keep=keep)
     torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
     hook.remove()
+
+
+def test_masked_step_loss_is_on_the_right_tokens():
+    """PatchLoss of a masked step: the number of kept tokens is round(T (1 - ratio)); the loss equals
+    masked_patch_loss written out over the kept and dropped pixels; the gradient reaches F only
+    through those terms (a dropped token's EDM term and a kept token's reconstruction do not count)."""
+    from pdiff.loss import token_pixel_mask
+    from pdiff.precond import EDMPrecond, c_in, c_out, c_skip, loss_weight
+    from pdiff.step import PatchLoss
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    net = DiT(16, 3, depth=1, hidden=32, heads=2, token_size=2, decoder_depth=1, mask_ratio=0.75, mae_weight=0.3)
+    for prm in net.parameters():
+        prm.data.normal_(0, 0.2)
+    loss_mod = PatchLoss(EDMPrecond(net), 16, "torch", torch.float32)
+    b, s = 3, 8
+    patches = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8)
+    offsets = torch.randint(0, 9, (b, 2))
+    sigma = torch.rand(b) * 2 + 0.1
+    noise = torch.randn(b, 3, s, s)
+    torch.manual_seed(7)
+    keep = loss_mod.token_keep(b, s, 0)
+    assert keep.shape == (b, round(16 * 0.25)) and all(len(set(k.tolist())) == keep.shape[1] for k in keep)
+    torch.manual_seed(7)
+    got = loss_mod(patches, offsets, sigma, noise, None, 0, 0)
+    # Written out: the same keep (same seed), the network's output, and the two means.
+    y = (patches.permute(0, 3, 1, 2).float() - 127.5) / 127.5
+    x = y + sigma.reshape(-1, 1, 1, 1) * noise
+    sg = sigma.reshape(-1, 1, 1, 1)
+    net_in = torch.cat([x * c_in(sg), coord_grid(offsets, s, 16)], 1)
+    F = net(net_in, sigma.log() / 4, None, keep)
+    kept = token_pixel_mask(keep, s // 2, 2)
+    assert kept.sum().item() == b * keep.shape[1] * 4
+    per = loss_weight(sg) * (c_skip(sg) * x + c_out(sg) * F - y) ** 2
+    want = []
+    for i in range(b):
+        k = kept[i, 0].bool()
+        want.append(per[i][:, k].mean() + 0.3 * ((F[i] - c_in(sg[i]) * x[i]) ** 2)[:, ~k].mean())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+    # The unmasked phase: no keep, the plain EDM loss.
+    net.unmask_after_images = 1000
+    assert loss_mod.token_keep(b, s, 1000) is None and loss_mod.phases() == [0, 1000]

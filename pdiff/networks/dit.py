@@ -147,7 +147,8 @@ class DiT(nn.Module):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, label_dropout: float = 0.0,
                  depth: int = 12, hidden: int = 384, heads: int = 6, token_size: int = 2, mlp_ratio: float = 4.0,
-                 rope: bool = False, decoder_depth: int = 0):
+                 rope: bool = False, decoder_depth: int = 0, mask_ratio: float = 0.0, mae_weight: float = 0.1,
+                 unmask_after_images: int = 0):
         super().__init__()
         if hidden % heads or (hidden // heads) % 4 and rope:
             raise ValueError(f"DiT: hidden width {hidden} must split into {heads} heads (of a multiple of 4 "
@@ -158,6 +159,10 @@ class DiT(nn.Module):
         self.label_dim, self.label_dropout = label_dim, label_dropout
         self.p = self.downsample = token_size
         self.hidden, self.heads, self.rope = hidden, heads, rope
+        # MaskDiT's training policy, read by pdiff.step.PatchLoss (token_keep, masked).
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"DiT: mask_ratio {mask_ratio} must be in [0, 1)")
+        self.mask_ratio, self.mae_weight, self.unmask_after_images = mask_ratio, mae_weight, unmask_after_images
         self.x_embedder = nn.Conv2d(img_channels, hidden, token_size, stride=token_size)
         self.t_embedder = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         # DiT's table has one row per class and a last "null" row that dropped labels use.
@@ -231,6 +236,10 @@ class DiT(nn.Module):
         c = self.conditioning(noise_labels, class_labels).to(tokens.dtype)
         rope = rope_angles(pos_x, pos_y, self.hidden // self.heads) if self.rope else None
         if keep is None:
+            if self.mask_token is not None:
+                # The mask token is unused without masking: a zero term keeps it in the graph, so DDP
+                # (which wants a gradient for every parameter) runs the unmasked phase too.
+                tokens = tokens + 0 * self.mask_token.to(tokens.dtype)
             for block in [*self.blocks, *self.decoder]:
                 tokens = block(tokens, c, rope)
         else:
@@ -288,4 +297,5 @@ def build(cfg, resolution: int, channels: int) -> DiT:
     depth, hidden, heads = dit_dims(cfg)
     return DiT(resolution, channels, label_dim=cfg.label_dim, label_dropout=cfg.label_dropout, depth=depth,
                hidden=hidden, heads=heads, token_size=cfg.token_size, mlp_ratio=cfg.mlp_ratio, rope=cfg.rope,
-               decoder_depth=cfg.decoder_depth)
+               decoder_depth=cfg.decoder_depth, mask_ratio=cfg.mask_ratio, mae_weight=cfg.mae_weight,
+               unmask_after_images=cfg.unmask_after_images)
