@@ -668,6 +668,9 @@ def check_resolution_dependent(cfg: Config, source: str) -> None:
     if cfg.sample.canvas and cfg.sample.canvas < cfg.data.resolution:
         raise ConfigError(f"{source}: sample.canvas: must be 0 or at least data.resolution ({cfg.data.resolution}), "
                           f"got {cfg.sample.canvas}")
+    if cfg.repr.loss != "none" and getattr(cfg.network, "mask_ratio", 0) > 0:
+        raise ConfigError(f"{source}: repr.loss={cfg.repr.loss} with network.mask_ratio={cfg.network.mask_ratio}: a "
+                          f"block of a masked window holds only the kept tokens; turn one of them off")
     if cfg.repr.loss != "none":
         from .networks import network_blocks    # torch (seconds): a config loads and prints without it
         try:

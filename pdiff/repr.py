@@ -14,6 +14,8 @@ The block is a module of the network addressed by its ``named_modules()`` name (
 a forward hook keeps its output while PatchLoss runs the network (``BlockTap``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -133,6 +135,18 @@ def feature_region(grid: torch.Tensor, offsets: torch.Tensor, patch_size: int, r
     return out
 
 
+def feature_map(activation: torch.Tensor) -> torch.Tensor:
+    """A block's output as a (B, C, h, w) map: a U-Net block's as it is; a transformer block's tokens
+    (B, T, D) of a square window (row-major, as pdiff.networks.dit lays them out) as (B, D, n, n)."""
+    if activation.ndim != 3:
+        return activation
+    b, t, d = activation.shape
+    n = math.isqrt(t)
+    if n * n != t:
+        raise ValueError(f"repr.block: {t} tokens do not form a square window (token masking is on?)")
+    return activation.transpose(1, 2).reshape(b, d, n, n)
+
+
 class ReprTerm(nn.Module):
     """The repr term of a step: built from the config's `repr` section and the network; holds the
     projection head (align), which trains with the model but is no part of it (not in the EMA or
@@ -146,6 +160,7 @@ class ReprTerm(nn.Module):
                      if self.kind == "align" else None)
 
     def forward(self, activation, features, offsets, patch_size: int) -> torch.Tensor:
+        activation = feature_map(activation)
         if self.kind == "dispersive":
             return dispersive_loss(activation, self.temperature).expand(activation.shape[0])
         projected = self.head(activation.float())
@@ -163,6 +178,6 @@ def block_channels(net: nn.Module, block: nn.Module, in_channels: int, resolutio
         labels = torch.zeros(1, label_dim, device=p.device) if label_dim else None
         with torch.no_grad():
             net(x, torch.zeros(1, device=p.device), labels)
-        return int(tap.kept[-1].shape[1])
+        return int(feature_map(tap.kept[-1]).shape[1])
     finally:
         tap.handle.remove()

@@ -191,3 +191,102 @@ def test_masked_step_loss_is_on_the_right_tokens():
     # The unmasked phase: no keep, the plain EDM loss.
     net.unmask_after_images = 1000
     assert loss_mod.token_keep(b, s, 1000) is None and loss_mod.phases() == [0, 1000]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a DiT on the demo's data (scikit-learn's digits at 16x16): windows {4, 8, 16} of 2x2 tokens.
+
+def dit_config(tmp_path, shards, run, network=None, **sections):
+    import yaml
+    from test_train import write_config
+    path = write_config(tmp_path, shards, run=run, **sections)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["network"] = {"arch": "dit", "depth": 2, "hidden": 32, "heads": 2, "token_size": 2, "label_dim": 0,
+                      **(network or {})}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_kill9_resume_of_a_masked_dit_is_bitwise(tmp_path, digits_shards):
+    """A class-conditional DiT with MaskDiT masking (and its unmasked phase from 384 images on) is
+    killed mid-run and re-run: losses from the checkpoint on, the final weights and the EMA equal an
+    uninterrupted run's bit for bit (the kept tokens follow images seen, as every other draw)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pdiff.checkpoint import CheckpointManager
+    from test_train import PY, REPO, final_state, log_rows, run_train
+    net = {"label_dim": 10, "label_dropout": 0.3, "mask_ratio": 0.5, "decoder_depth": 1, "unmask_after_images": 384}
+    train = {"duration_images": 640}
+    run_train(dit_config(tmp_path, digits_shards, "ref", net, train=train))
+    cfg = dit_config(tmp_path, digits_shards, "killed", net, train=train)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = CheckpointManager(tmp_path / "killed")
+    deadline = time.time() + 300
+    while ckpts.latest() is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(ckpts.latest().name.split("-")[1])
+    assert 0 < killed_at < 640
+    run_train(cfg)
+    ref, res = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
+    assert "mask_token" in ref["model"] or any("mask_token" in k for k in ref["model"])
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], res["model"][k]), k
+        assert torch.equal(ref["ema"][k], res["ema"][k]), k
+    ref_rows = {r["images_seen"]: r["loss"] for r in log_rows(tmp_path / "ref")}
+    res_rows = [r for r in log_rows(tmp_path / "killed") if r["images_seen"] > killed_at]
+    assert res_rows and all(ref_rows[r["images_seen"]] == r["loss"] for r in res_rows)
+
+
+def test_compiled_dit_over_two_window_sizes_has_no_recompiles(tmp_path, digits_shards):
+    """torch.compile of a DiT trained on windows {8, 16}: each window size compiles once in the
+    warm-up and no step compiles again."""
+    from test_train import log_rows, run_train
+    cfg = dit_config(tmp_path, digits_shards, "run", patch={"sizes": [8, 16], "probs": [0.5, 0.5]},
+                     train={"compile": True, "duration_images": 128, "log_every_images": 32})
+    run_train(cfg)
+    rows = log_rows(tmp_path / "run")
+    assert [r["recompiles_after_warmup"] for r in rows] == [0] * len(rows)
+
+
+def test_window_sizes_must_be_multiples_of_the_token_size(tmp_path, digits_shards, capsys):
+    """patch.sizes that the DiT's tokens do not tile are refused before a run starts, naming them."""
+    from pdiff import cli
+    cfg = dit_config(tmp_path, digits_shards, "run", {"token_size": 4}, patch={"sizes": [6, 16], "probs": [0.5, 0.5]})
+    rc = cli.main(["train", "--config", str(cfg), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "6" in err and "Traceback" not in err, err
+
+
+def test_representation_losses_on_dit_tokens():
+    """repr on a DiT block: its tokens (B, T, D) are the block's feature map (B, D, n, n), row-major as
+    the window's tokens; align's head and the patch embedding before the tap gets gradients; and repr with
+    token masking is refused."""
+    from pdiff.config import ConfigError, load_config
+    from pdiff.repr import feature_map
+    from pdiff.step import build_step
+    over = ["data.resolution=16", "data.channels=1", "network.depth=2", "network.hidden=32", "network.heads=2",
+            "repr.loss=align", "repr.block=blocks.0", "repr.feature_channels=8", "repr.head_channels=16"]
+    cfg = load_config("tiny_dit", over)
+    step = build_step(cfg, "cpu")
+    tokens = torch.randn(3, 16, 5)
+    fmap = feature_map(tokens)
+    assert fmap.shape == (3, 5, 4, 4) and torch.equal(fmap[1, :, 2, 3], tokens[1, 2 * 4 + 3])
+    b, s = 4, 8
+    patches = torch.randint(0, 256, (b, s, s, 1), dtype=torch.uint8)
+    offsets = torch.randint(0, 9, (b, 2))
+    loss, term = step.loss(patches, offsets, torch.rand(b) + 0.1, torch.randn(b, 1, s, s), None, 0, 0,
+                           features=torch.randn(b, 8, 4, 4), repr_weight=0.5)
+    assert loss.shape == term.shape == (b,) and torch.isfinite(term).all()
+    (loss + term).sum().backward()
+    head = step.loss.repr_term.head
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert step.model.net.x_embedder.weight.grad.abs().sum() > 0      # (adaLN-Zero: the gates start at 0)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_config("tiny_dit", over + ["network.mask_ratio=0.5"])

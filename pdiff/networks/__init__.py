@@ -32,8 +32,9 @@ import torch
 
 from torch import nn
 
-from . import adm, edm2, songunet
+from . import adm, dit, edm2, songunet
 from .adm import ADMConfig, DhariwalUNet
+from .dit import DiT, DiTConfig
 from .edm2 import EDM2Config, EDM2UNet
 from pdiff.network_config import NetworkConfig, UNetConfig, common_keys
 
@@ -46,6 +47,7 @@ NETWORKS: dict[str, NetworkSpec] = {
     "ncsnpp": NetworkSpec(SongUNetConfig, songunet.build_ncsnpp),
     "adm": NetworkSpec(ADMConfig, adm.build),
     "edm2": NetworkSpec(EDM2Config, edm2.build),
+    "dit": NetworkSpec(DiTConfig, dit.build),
 }
 
 
@@ -113,6 +115,6 @@ def network_blocks(cfg, resolution: int, channels: int, name: str | None = None)
     return block_names(net)
 
 
-__all__ = ["NETWORKS", "ADMConfig", "BlockError", "DhariwalUNet", "EDM2Config", "EDM2UNet", "NetworkConfig",
+__all__ = ["NETWORKS", "ADMConfig", "BlockError", "DhariwalUNet", "DiT", "DiTConfig", "EDM2Config", "EDM2UNet", "NetworkConfig",
            "NetworkSpec", "SongUNet", "SongUNetConfig", "UNetConfig", "block_names", "build_network", "common_keys",
            "find_block", "network_blocks", "network_config", "register_network"]

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pdiff.knobs import knob
+from pdiff.network_config import NetworkConfig, Rule
 
 # DiT's sizes (depth, hidden width, heads); token sizes p in {2, 4, 8}: DiT-S/2, B/4, XL/2, ...
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -270,25 +274,40 @@ class DiT(nn.Module):
 
 
 @dataclass
-class DiTConfig:
-    """The DiT's knobs (``network.arch: dit``)."""
-    size: str = "S"                  # S | B | L | XL: DiT's (depth, hidden, heads); depth/hidden/heads override
-    token_size: int = 2              # p: a token is a p x p patch of the image (DiT: 2, 4, 8)
-    depth: int = 0                   # 0: the size's
-    hidden: int = 0                  # 0: the size's
-    heads: int = 0                   # 0: the size's
-    mlp_ratio: float = 4.0
-    rope: bool = False               # 2-D rotary positions in attention, on top of the sin-cos table
-    mask_ratio: float = 0.0          # MaskDiT: share of a window's tokens dropped in training (0 = off)
-    decoder_depth: int = 0           # MaskDiT's light decoder (blocks after the encoder); needs mask_ratio
-    mae_weight: float = 0.1          # MaskDiT: weight of the masked tokens' reconstruction term
-    unmask_after_images: int = 0     # no masking from this many images seen on (0 = mask throughout)
+class DiTConfig(NetworkConfig):
+    """network.arch=dit: a DiT on windows of the token canvas (docs/dit.md)."""
+    arch: str = knob("dit", "the network, a name in pdiff.networks.NETWORKS; the other network.* keys are its own")
+    size: str = knob("S", "DiT's size: S (12 blocks, 384 wide, 6 heads), B (12, 768, 12), L (24, 1024, 16), "
+                          "XL (28, 1152, 16); depth/hidden/heads override it")
+    token_size: int = knob(2, "p: a token is a p x p patch of the image (DiT: 2, 4, 8); patch sizes must be multiples")
+    depth: int = knob(0, "transformer blocks (0 = the size's)")
+    hidden: int = knob(0, "token width (0 = the size's)")
+    heads: int = knob(0, "attention heads (0 = the size's)")
+    mlp_ratio: float = knob(4.0, "MLP width in multiples of the token width")
+    rope: bool = knob(False, "2-D rotary positions in attention, on top of the sin-cos table")
+    mask_ratio: float = knob(0.0, "MaskDiT: share of a window's tokens dropped in training (0 = off)")
+    decoder_depth: int = knob(0, "MaskDiT: blocks of the light decoder after the encoder (run on every token)")
+    mae_weight: float = knob(0.1, "MaskDiT: weight of the dropped tokens' reconstruction of the noisy input")
+    unmask_after_images: int = knob(0, "MaskDiT: no masking from this many images seen on (0 = mask throughout)")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        ("coord_embed", lambda v: v == "none", "must be none: the DiT reads its token positions from the "
+                                                 "coordinates (Fourier features are the U-Nets')"),
+        ("size", lambda v: v in DIT_SIZES, f"must be one of {', '.join(DIT_SIZES)}"),
+        ("token_size", lambda v: v >= 1, "must be at least 1 (DiT: 2, 4 or 8)"),
+        ("depth", lambda v: v >= 0, "must be >= 0 (0 = the size's)"),
+        ("hidden", lambda v: v >= 0 and v % 4 == 0, "must be >= 0 and a multiple of 4 (0 = the size's)"),
+        ("heads", lambda v: v >= 0, "must be >= 0 (0 = the size's)"),
+        ("mlp_ratio", lambda v: v > 0, "must be > 0"),
+        ("mask_ratio", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        ("decoder_depth", lambda v: v >= 0, "must be >= 0"),
+        ("mae_weight", lambda v: v >= 0, "must be >= 0"),
+        ("unmask_after_images", lambda v: v >= 0, "must be >= 0 (0 = mask throughout)"),
+    )
 
 
 def dit_dims(cfg) -> tuple[int, int, int]:
     """(depth, hidden, heads) of a DiT config: the named size's, each overridden where set."""
-    if cfg.size not in DIT_SIZES:
-        raise ValueError(f"network.size: {cfg.size!r} is not a DiT size ({', '.join(DIT_SIZES)})")
     depth, hidden, heads = DIT_SIZES[cfg.size]
     return cfg.depth or depth, cfg.hidden or hidden, cfg.heads or heads
 
