@@ -158,6 +158,9 @@ class TrainConfig:
                                                "-1: at the end only; 0: never")
     keep_checkpoints: int = knob(3, "newest complete checkpoints kept")
     compile: bool = knob(True, "torch.compile the network (one graph per patch size)")
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = knob(
+        "inductor", "torch.compile's backend: inductor generates kernels; aot_eager traces the same graphs "
+                    "without generating code (debugging; the CPU tests of recompiles)")
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU")
     channels_last: bool = knob(False, "channels_last weights and activations")
     kernels: Literal["auto", "triton", "torch"] = knob("auto", "auto: the Triton kernels on CUDA, their torch references elsewhere")

@@ -231,7 +231,8 @@ def build_step(cfg, device) -> TrainingStep:
     if cfg.train.compile:
         # One graph per (patch size, micro-batch size): allow them all without evictions.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(schedule.sizes))
-        loss.use_network(torch.compile(loss.net_fn, dynamic=False))     # the network (with its tap, if any)
+        # the network (with its tap, if any)
+        loss.use_network(torch.compile(loss.net_fn, dynamic=False, backend=cfg.train.compile_backend))
     o = cfg.optim
     # The repr head trains with the model (it is not part of it: no EMA, no snapshot).
     trained = list(model.parameters()) + (list(term.parameters()) if term is not None else [])

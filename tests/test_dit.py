@@ -249,7 +249,8 @@ def test_compiled_dit_over_two_window_sizes_has_no_recompiles(tmp_path, digits_s
     warm-up and no step compiles again."""
     from test_train import log_rows, run_train
     cfg = dit_config(tmp_path, digits_shards, "run", patch={"sizes": [8, 16], "probs": [0.5, 0.5]},
-                     train={"compile": True, "duration_images": 128, "log_every_images": 32})
+                     train={"compile": True, "compile_backend": "aot_eager", "duration_images": 128,
+                            "log_every_images": 32})    # dynamo's graphs and guards, without inductor's codegen
     run_train(cfg)
     rows = log_rows(tmp_path / "run")
     assert [r["recompiles_after_warmup"] for r in rows] == [0] * len(rows)
