@@ -242,8 +242,8 @@ def test_network_section_takes_the_keys_of_its_arch(tmp_path):
     with pytest.raises(ConfigError, match=r"network.label_balance: not a key of network.arch=ddpmpp "
                                           r"\(it is a key of network.arch=edm2\)"):
         load_config("tiny", ["network.label_balance=0.3"])
-    with pytest.raises(ConfigError, match="network.heads: not a key of network.arch=edm2 .no network has it"):
-        load_config("tiny_edm2", ["network.heads=4"])
+    with pytest.raises(ConfigError, match="network.num_layers: not a key of network.arch=edm2 .no network has it"):
+        load_config("tiny_edm2", ["network.num_layers=4"])
     # switching arch on top of a preset keeps the shared keys and takes the new arch's defaults
     switched = load_config("tiny", ["network.arch=edm2", "network.label_dropout=0.1"])
     assert switched.network.channel_mult == [1, 2, 3, 4] and switched.network.label_dropout == 0.1
