@@ -144,7 +144,8 @@ def targets_met(rows, copy_gbps) -> list[dict]:
             for prov in ("triton", "triton_philox"):
                 for key in ("gpu_gbps", "wall_gbps"):
                     share = get("large", op, prov, key) / copy_gbps
-                    targets.append(dict(target=f"large {op} {prov} {key.split('_')[0]}: >= {TARGET_COPY_SHARE:.0%} of copy",
+                    targets.append(dict(target=f"large {op} {prov} {key.split('_')[0]}: >= "
+                                               f"{TARGET_COPY_SHARE:.0%} of copy",
                                         value=round(share, 3), met=share >= TARGET_COPY_SHARE))
     for op in ("net_input", "loss_fwbw"):
         for name in sorted({r["shape"] for r in rows} - {"large"}):
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
         os.replace(path + ".tmp", path)
 
     rows = []
-    header = f"{'shape':16s} {'op':11s} {'provider':16s} {'wall ms':>9s} {'GB/s':>7s} {'gpu ms':>9s} {'GB/s':>7s} {'%copy':>6s}"
+    header = (f"{'shape':16s} {'op':11s} {'provider':16s} {'wall ms':>9s} {'GB/s':>7s} {'gpu ms':>9s} {'GB/s':>7s} "
+              f"{'%copy':>6s}")
     print(header)
     print("-" * len(header))
     for name, b, c, s, res, uint8, dtype in shapes(args.batch, args.quick):

@@ -196,16 +196,19 @@ def compare_before(results: list[dict], before: dict, path: str) -> dict:
     for r in results:
         b = earlier.get((r["backend"], r["format"], r["config"]))
         if b and b.get("images_per_s_per_core"):
-            ratio[f"{r['backend']}-{r['format']} {r['config']}"] = r["images_per_s_per_core"] / b["images_per_s_per_core"]
+            ratio[f"{r['backend']}-{r['format']} "
+                  f"{r['config']}"] = r["images_per_s_per_core"] / b["images_per_s_per_core"]
     m = before.get("machine", {})
-    return {"file": str(path), "commit": m.get("commit"), "machine": m, "args": before.get("args"), "per_core_ratio": ratio}
+    return {"file": str(path), "commit": m.get("commit"), "machine": m, "args": before.get("args"),
+            "per_core_ratio": ratio}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2048, help="synthetic images in the dataset")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64, help="global batch of full images (a step of size s has batch*R/s patches)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="global batch of full images (a step of size s has batch*R/s patches)")
     p.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DALI threads / DataLoader workers")
     p.add_argument("--formats", default="png,jpeg,raw")
@@ -285,7 +288,8 @@ def main(argv=None) -> int:
     if a.before:
         payload["before"] = compare_before(results, json.loads(Path(a.before).read_text()), a.before)
         print("images/s per core relative to the earlier run: "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in payload["before"]["per_core_ratio"].items() if k.endswith("schedule")))
+              + ", ".join(f"{k} {v:.2f}x" for k, v
+                          in payload["before"]["per_core_ratio"].items() if k.endswith("schedule")))
     out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
                                      f"pipeline-{machine['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out = save_json(payload, out, "pipeline")

@@ -99,7 +99,9 @@ def main(argv=None) -> int:
         del model
         if gpu:
             torch.cuda.empty_cache()
-    report = {"benchmark": "bench_sample", "machine": info, "quick": args.quick, "precision": "fp32 (torch defaults, as pdiff sample)", "sampler": "deterministic Heun, seed-addressed noise",
+    report = {"benchmark": "bench_sample", "machine": info, "quick": args.quick,
+              "precision": "fp32 (torch defaults, as pdiff sample)",
+              "sampler": "deterministic Heun, seed-addressed noise",
               "results": results, "skipped": skipped}
     tag = re.sub(r"[^A-Za-z0-9]+", "_", info.get("gpu") or info["cpu"]).strip("_")[:60]
     path = save_json(report, Path(args.out) / f"sample_{tag}{'_quick' if args.quick else ''}.json", "sample")

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="full images per step (patch steps carry B * R/s)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network (= --modes compile)")
-    ap.add_argument("--modes", default=None, help="comma list of eager,compile (default: compile with --compile, else eager)")
+    ap.add_argument("--modes", default=None,
+                    help="comma list of eager,compile (default: compile with --compile, else eager)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     ap.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
     ap.add_argument("--repeats", type=int, default=3)

@@ -55,7 +55,8 @@ def targets(modes: dict) -> list[dict]:
                             "value": round(v, 4), "met": v < TARGET_DATA_WAIT})
         if res.get("patch", {}).get("mfu") is not None:
             v = res["patch"]["mfu"]
-            out.append({"target": f"{mode} patch: >= {TARGET_MFU:.0%} MFU", "value": round(v, 4), "met": v >= TARGET_MFU})
+            out.append({"target": f"{mode} patch: >= {TARGET_MFU:.0%} MFU", "value": round(v, 4),
+                        "met": v >= TARGET_MFU})
     return out
 
 
@@ -63,22 +64,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="celeba64", help="YAML file or preset (default celeba64: DDPM++ 64x64)")
-    ap.add_argument("--batch", type=int, default=None, help="global batch of full images (default: the config's; --quick: 4)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="global batch of full images (default: the config's; --quick: 4)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--modes", default="eager,compile", help="comma list of eager,compile")
     ap.add_argument("--runs", default="full,patch",
                     help="full,patch (both: the comparison), or one of them: full-image EDM or the patch schedule")
-    ap.add_argument("--cache", default="none", help="comma list of data.cache modes to run each mode with (none,host,device)")
-    ap.add_argument("--intervals", type=int, default=10, help="measured log intervals per run (after one warm-up interval)")
+    ap.add_argument("--cache", default="none",
+                    help="comma list of data.cache modes to run each mode with (none,host,device)")
+    ap.add_argument("--intervals", type=int, default=10,
+                    help="measured log intervals per run (after one warm-up interval)")
     ap.add_argument("--interval-steps", type=int, default=3,
                     help="log interval = this many steps of the smallest patch size (4x as many full-image steps)")
-    ap.add_argument("--wall-budget", type=float, default=0.0, help="seconds per run at most, compile included (0 = none)")
+    ap.add_argument("--wall-budget", type=float, default=0.0,
+                    help="seconds per run at most, compile included (0 = none)")
     ap.add_argument("--data", default=None, help="shard folder (default: the config's data.path)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N", help="use N random images as shards instead")
     ap.add_argument("--encoding", default="png", help="encoding of the --synthetic shards")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default=None, help=".json path or folder (default benchmarks/results)")
-    ap.add_argument("--quick", action="store_true", help="tiny network at 16x16, 2 short intervals: checks that it runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny network at 16x16, 2 short intervals: checks that it runs")
     args = ap.parse_args(argv)
 
     modes = [m for m in args.modes.split(",") if m]
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
     payload = {"benchmark": "bench_train", "machine": info, "device": str(device), "config": cfg.name,
                "config_file": args.config, "overrides": overrides, "quick": args.quick,
                "batch_full_images": cfg.train.batch, "synthetic_images": args.synthetic or None,
-               "patch_overrides": paper_schedule_overrides(cfg.data.resolution), "modes": {}, "errors": [], "targets": []}
+               "patch_overrides": paper_schedule_overrides(cfg.data.resolution), "modes": {}, "errors": [],
+               "targets": []}
     out, t0 = args.out or RESULTS, time.perf_counter()
     state = {"path": None}
 
@@ -114,7 +121,8 @@ def main(argv=None) -> int:
         payload["seconds"] = round(time.perf_counter() - t0, 1)
         state["path"] = save_json(payload, state["path"] or out, "train")
 
-    print(f"bench_train: {cfg.name} on {machine_name(info)} ({device}), batch {cfg.train.batch} full images", flush=True)
+    print(f"bench_train: {cfg.name} on {machine_name(info)} ({device}), batch {cfg.train.batch} full images",
+          flush=True)
     rc = 0
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -123,9 +131,11 @@ def main(argv=None) -> int:
             shards = synthetic_shards(tmp / "data", args.synthetic, cfg.data.resolution, cfg.data.channels,
                                       args.encoding, cfg.train.seed, workers=0 if not args.quick else 1)
             cfg = variant(cfg, [f"data.path={shards}"])
-            print(f"synthetic data: {args.synthetic} {args.encoding} images in {time.perf_counter() - t:.1f} s", flush=True)
+            print(f"synthetic data: {args.synthetic} {args.encoding} images in {time.perf_counter() - t:.1f} s",
+                  flush=True)
         if not cfg.data.path:
-            print("bench_train: no data: give --data DIR (or data.path in the config) or --synthetic N", file=sys.stderr)
+            print("bench_train: no data: give --data DIR (or data.path in the config) or --synthetic N",
+                  file=sys.stderr)
             return 2
         patch_cfg = variant(cfg, paper_schedule_overrides(cfg.data.resolution))
         interval_images = default_interval_images(patch_cfg, args.interval_steps)
@@ -133,7 +143,8 @@ def main(argv=None) -> int:
                        data_workers=cfg.data.workers, resolved_config=to_dict(cfg))
         for mode, cache in [(m, c) for m in modes for c in caches]:
             key = mode if cache == "none" else f"{mode} cache={cache}"
-            mode_cfg = variant(cfg, [f"train.compile={'true' if mode == 'compile' else 'false'}", f"data.cache={cache}"])
+            mode_cfg = variant(cfg, [f"train.compile={'true' if mode == 'compile' else 'false'}",
+                                     f"data.cache={cache}"])
             entry = payload["modes"].setdefault(key, {})
 
             def on_result(name, figures, entry=entry):
@@ -145,7 +156,8 @@ def main(argv=None) -> int:
                                         paper_schedule_overrides(cfg.data.resolution), on_result=on_result)
                     entry["comparison"] = res["comparison"]
                 else:
-                    run_cfg = variant(mode_cfg, FULL_OVERRIDES if runs == ["full"] else paper_schedule_overrides(cfg.data.resolution))
+                    run_cfg = variant(mode_cfg, FULL_OVERRIDES if runs == ["full"]
+                                      else paper_schedule_overrides(cfg.data.resolution))
                     on_result(runs[0], bench_train(run_cfg, device, tmp / key, args.intervals, interval_images,
                                                    args.wall_budget, label=runs[0]))
             except BenchInterrupted as e:

@@ -68,7 +68,7 @@ def split(wheels: list[Path], folder: Path, part_bytes: int = PART_BYTES) -> dic
     """The wheels' bytes, one after the other, cut into parts of at most ``part_bytes``; the manifest
     records each wheel (name, size, sha256, in stream order) and each part (name, size, sha256)."""
     if not wheels:
-        raise SystemExit(f"dali_carry: no wheels to split (run `python benchmarks/dali_carry.py fetch` first)")
+        raise SystemExit("dali_carry: no wheels to split (run `python benchmarks/dali_carry.py fetch` first)")
     for old in folder.glob("part-*"):
         old.unlink()
     entries = [{"name": w.name, "bytes": w.stat().st_size, "sha256": sha256(w)} for w in wheels]
@@ -123,7 +123,8 @@ def check(folder: Path) -> tuple[list[str], list[str], list[str]]:
             missing.append(p["name"])
         elif path.stat().st_size != p["bytes"] or sha256(path) != p["sha256"]:
             damaged.append(p["name"])
-            print(f"  {p['name']}: DAMAGED ({path.stat().st_size} of {p['bytes']} bytes, or a wrong sha256): carry it again")
+            print(f"  {p['name']}: DAMAGED ({path.stat().st_size} of {p['bytes']} bytes, or a wrong sha256): carry it "
+                  "again")
         else:
             whole.append(p["name"])
     print(f"dali_carry: {len(whole)} of {len(m['parts'])} parts here and whole"
@@ -166,7 +167,8 @@ def join(folder: Path) -> list[Path]:
 
 def install(folder: Path, target: str, check_import: str = "nvidia.dali", dry_run: bool = False) -> int:
     wheels = join(folder)
-    print(f"dali_carry: {len(wheels)} wheels joined and verified ({sum(w.stat().st_size for w in wheels) / 2**20:.0f} MiB)")
+    print(f"dali_carry: {len(wheels)} wheels joined and verified ({sum(w.stat().st_size for w in wheels) / 2**20:.0f} "
+          "MiB)")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", target, *map(str, wheels)]
     if dry_run:
@@ -174,7 +176,8 @@ def install(folder: Path, target: str, check_import: str = "nvidia.dali", dry_ru
         return 0
     subprocess.run(cmd, check=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [target, os.environ.get("PYTHONPATH")]))}
-    probe = subprocess.run([sys.executable, "-c", f"import {check_import} as m; print(m.__name__, getattr(m, '__version__', ''))"],
+    probe = subprocess.run([sys.executable, "-c",
+                            f"import {check_import} as m; print(m.__name__, getattr(m, '__version__', ''))"],
                            env=env, capture_output=True, text=True)
     if probe.returncode != 0:
         print(probe.stderr[-2000:], file=sys.stderr)
@@ -210,7 +213,8 @@ def plan(folder: Path, suite_cmd: str | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("action", choices=["fetch", "split", "plan", "check", "install"])
     ap.add_argument("--dir", default=DIR, help=f"the parts' folder, relative to the repository root (default {DIR})")
@@ -227,7 +231,8 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     if args.action == "fetch":
         wheels = fetch(folder)
-        print(f"dali_carry: {len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 2**20:.0f} MiB in {folder / 'wheels'}")
+        print(f"dali_carry: {len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 2**20:.0f} MiB in "
+              f"{folder / 'wheels'}")
     elif args.action == "split":
         m = split(sorted((folder / "wheels").glob("*.whl")), folder, args.part_bytes)
         print(f"dali_carry: {len(m['wheels'])} wheels in {len(m['parts'])} parts of at most "
@@ -244,7 +249,8 @@ def main(argv=None) -> int:
             for i, c in enumerate(calls, 1):
                 print(f"  {i}. run(carry={json.dumps(c['carry'])}, command={json.dumps(c['command'])})")
         if too_big:
-            print(f"dali_carry: {len(too_big)} call(s) would carry more than 64 MiB with the tree; split with a smaller "
+            print(f"dali_carry: {len(too_big)} call(s) would carry more than 64 MiB with the tree; split with a "
+                  "smaller "
                   f"--part-bytes", file=sys.stderr)
             return 1
     elif args.action == "check":

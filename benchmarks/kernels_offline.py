@@ -205,9 +205,11 @@ def report(name: str, compiled, capability: int = 90, launch: Launch | None = No
     kw = launch.kwargs if launch is not None else {}
     threads = 32 * compiled.metadata.num_warps
     elements = 4 * kw["BLOCK"] * kw["C"] // threads if "BLOCK" in kw and "C" in kw else 0
-    return Report(name=name, num_warps=compiled.metadata.num_warps, registers=regs, spill_bytes=spills, stack_bytes=stack,
+    return Report(name=name, num_warps=compiled.metadata.num_warps, registers=regs, spill_bytes=spills,
+                  stack_bytes=stack,
                   sass_instructions=_sass_instructions(compiled.asm["cubin"], capability), elements_per_thread=elements,
-                  shared_bytes=compiled.metadata.shared, barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
+                  shared_bytes=compiled.metadata.shared,
+                  barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
                   loads=_global_ops(ptx, "ld"), stores=_global_ops(ptx, "st"))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import subprocess
@@ -133,12 +132,14 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             line += f"; loss fwd+bwd {_x(statistics.median(speed))} eager at training shapes"
         large = [r for r in rows if r.get("shape") == "large" and r.get("provider") == "triton"]
         if large and p.get("copy_bandwidth_gbps"):
-            line += f"; large shapes {100 * max(r['gpu_gbps'] for r in large) / p['copy_bandwidth_gbps']:.0f}% of copy bandwidth"
+            line += (f"; large shapes {100 * max(r['gpu_gbps'] for r in large) / p['copy_bandwidth_gbps']:.0f}% "
+                     "of copy bandwidth")
         return "bench_kernels" + (" (quick)" if p.get("quick") else ""), [line]
     if p.get("tool") in OFFLINE_TOOLS:
         v = p.get("variants", [])
         default = [r for r in v if "channels_last" not in r["name"]]
-        noise = [r for r in default if r["name"].split()[0] in ("net_input", "edm_loss") and r["name"].endswith("philox")]
+        noise = [r for r in default if r["name"].split()[0] in ("net_input", "edm_loss")
+                 and r["name"].endswith("philox")]
         line = (f"{len(v)} launch variants compiled for {p.get('arch')} without a GPU: "
                 f"{sum(r['spill_bytes'] for r in v)} bytes spilled, at most {max(r['registers'] for r in default)} "
                 f"registers (channels_last {max((r['registers'] for r in v if r not in default), default=0)}), "
@@ -146,7 +147,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         large = [r for r in noise if "f32-chw -> float32" in r["name"] and r.get("elements_per_thread")]
         if large:
             line += (f"; float32 64 px with in-kernel noise: "
-                     f"{max(r['sass_instructions'] / r['elements_per_thread'] for r in large):.0f} SASS instructions per element")
+                     f"{max(r['sass_instructions'] / r['elements_per_thread'] for r in large):.0f} SASS instructions "
+                     "per element")
         if p.get("targets"):
             line += f"; budgets met {sum(t['met'] for t in p['targets'])}/{len(p['targets'])}"
         return "kernels_offline (compile only)", [line]
@@ -162,7 +164,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         lines = [h for mode, res in p.get("modes", {}).items() if (h := train_headline(mode, res))]
         lines += [f"{e.get('mode')}: failed ({e.get('error', '')[:60]})" for e in p.get("errors", [])]
         tag = " (quick)" if p.get("quick") else ""
-        return f"bench_train{tag} {p.get('config', '')} batch {p.get('batch_full_images', '?')}", lines or ["no results"]
+        return (f"bench_train{tag} {p.get('config', '')} batch {p.get('batch_full_images', '?')}",
+                lines or ["no results"])
     if name == "bench_latent_data":
         lat, onl = p["latent_shards"]["results"]["schedule"], p["online_vae"]["results"]["online-vae"]
         line = (f"{p['image_resolution']}x{p['image_resolution']} images, {p['vae']['source']}: latent shards "
@@ -180,7 +183,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
         if kind == "step":
             return tag, [step_headline(res)]
         if kind in ("train", "compare"):
-            return tag, [train_headline("compile" if p.get("resolved_config", {}).get("train", {}).get("compile") else "eager", res) or "no results"]
+            return tag, [train_headline("compile" if p.get("resolved_config", {}).get("train", {}).get("compile")
+                                        else "eager", res) or "no results"]
         if kind == "sample":
             return tag, [f"{res['steps']} steps batch {res['batch']}: {_rate(res['images_per_s'])} img/s{_flops(res)}"]
         if kind == "quality":
@@ -189,7 +193,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             lines = [f"{m['key']} at {res['budget']['per_arm']}: {final}; best {res['best_at_budget']}"]
             for name, by_axis in res["crossovers_vs_full"].items():
                 found = by_axis.get("hours") or []
-                lines.append(f"{name} vs full: " + ("; ".join(f"crossover at {c['hours']:.3g} h, then {c['better_after']}"
+                lines.append(f"{name} vs full: "
+                             + ("; ".join(f"crossover at {c['hours']:.3g} h, then {c['better_after']}"
                                                               for c in found) or "no crossover"))
             return tag, lines
         return None
@@ -199,7 +204,8 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             r = p[label]
             cpu = r["cpu_user_s_per_batch"] + r["cpu_sys_s_per_batch"]
             edm = r.get("edm_reference")
-            lines.append(f"{label}: {r['network_evaluations']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} img/s, "
+            lines.append(f"{label}: {r['network_evaluations']} NFE batch {r['batch']}: {_rate(r['images_per_s'])} "
+                         "img/s, "
                          f"{100 * r['cpu_sys_s_per_batch'] / cpu:.0f}% system time, {cpu / r['batch']:.2f} CPU s/img"
                          + (f" (EDM's loop {_rate(edm['images_per_s'])} img/s)" if edm else ""))
         return "sample cost (pdiff bench sample)", lines
@@ -253,7 +259,8 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
             skipped.append(f"{path.relative_to(folder)} (unknown shape)")
             continue
         bench, lines = got
-        rows.append({"benchmark": bench, "result": "<br>".join(lines), "machine": machine_label(payload.get("machine"), payload),
+        rows.append({"benchmark": bench, "result": "<br>".join(lines),
+                     "machine": machine_label(payload.get("machine"), payload),
                      "date": file_date(path, payload), "file": str(path.relative_to(folder))})
     rows.sort(key=lambda r: (r["date"], r["benchmark"], r["file"]))
     return rows, skipped

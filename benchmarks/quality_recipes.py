@@ -106,7 +106,8 @@ def summarize(rows: list[dict]) -> list[str]:
     out = []
     keys = sorted({(r["dataset"], r["recipe"], r["arm"]) for r in rows})
     for dataset, recipe, arm in keys:
-        finals = [r["points"][-1]["metric"] for r in rows if (r["dataset"], r["recipe"], r["arm"]) == (dataset, recipe, arm)]
+        finals = [r["points"][-1]["metric"] for r in rows
+                  if (r["dataset"], r["recipe"], r["arm"]) == (dataset, recipe, arm)]
         out.append(f"{dataset:9s} {recipe:16s} {arm:22s} " + " ".join(f"{v:8.2f}" for v in finals)
                    + f"   mean {np.mean(finals):8.2f}")
     return out

@@ -8,7 +8,8 @@
 Patches are uint8 (B, s, s, C) HWC in [0, 255], what the pipelines deliver for images (a quarter of
 the bytes of float32 cross to the device, and no normalized copy is written there): the kernels
 normalize as they read, v -> (v - 127.5) * float32(1 / 127.5), the bits a float conversion before
-them would give. Float (B, C, s, s) patches in [-1, 1] (latents, tests) are read as they are. Give either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
+them would give. Float (B, C, s, s) patches in [-1, 1] (latents, tests) are read as they are. Give
+either ``noise`` (a (B, C, s, s) tensor) or ``seed`` and
 ``images_seen``, the training progress that keys a step's noise: the Triton kernels then draw
 Philox noise in-kernel and the loss kernel regenerates the identical noise (see kernels/_philox.py;
 ``philox_noise`` materialises it). The torch backend with a seed draws from a torch.Generator seeded
@@ -32,7 +33,8 @@ from ._philox import philox_noise, rng_args, torch_backend_noise
 from .edm_loss import EDMLoss, edm_loss_fused, edm_loss_ref
 from .net_input import NetInput, chw_view, net_input_fused, net_input_ref
 
-__all__ = ["resolve_backend", "triton_available", "build_net_input", "edm_patch_loss", "philox_noise", "net_input_ref", "edm_loss_ref"]
+__all__ = ["resolve_backend", "triton_available", "build_net_input", "edm_patch_loss", "philox_noise", "net_input_ref",
+           "edm_loss_ref"]
 
 
 def triton_available() -> bool:
@@ -67,7 +69,8 @@ def resolve_backend(mode: str, device) -> str:
 
 def _check_common(patches, sigma, noise, seed, images_seen, where):
     if patches.ndim != 4:
-        raise ValueError(f"{where}: patches must be float (B, C, s, s) or uint8 (B, s, s, C), got shape {tuple(patches.shape)}")
+        raise ValueError(f"{where}: patches must be float (B, C, s, s) or uint8 (B, s, s, C), got shape "
+                         f"{tuple(patches.shape)}")
     if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
         raise ValueError(f"{where}: patches must be uint8 (HWC) or floating point (CHW), got {patches.dtype}")
     y = chw_view(patches)

@@ -20,7 +20,8 @@ COMMANDS = {
     "bench": ("pdiff.tools.bench",
               "throughput: 'bench data|step|train|sample|compare'; 'bench quality': patches vs full images"),
     "ema": ("pdiff.tools.ema", "post-hoc EMA (ema.mode=power runs): 'ema reconstruct', 'ema sweep'"),
-    "launch": ("pdiff.tools.launch", "torchrun's launcher (same options); a failed job ends with one line, no traceback"),
+    "launch": ("pdiff.tools.launch",
+               "torchrun's launcher (same options); a failed job ends with one line, no traceback"),
     "demo": ("pdiff.demo", "train a small model on scikit-learn's digits and write a sample grid"),
 }
 

@@ -62,7 +62,8 @@ class DataConfig:
     backend: Literal["auto", "dali", "torch"] = knob("auto", "data loader: auto is DALI where it is installed")
     workers: int = knob(2, "decoding threads (DALI) or DataLoader workers (torch)")
     prefetch: int = knob(4, "batches decoded ahead")
-    verify_checksums: bool = knob(False, "check every shard's sha256 against the manifest at start (sizes are always checked)")
+    verify_checksums: bool = knob(False, "check every shard's sha256 against the manifest at start "
+                                         "(sizes are always checked)")
     xflip: bool = knob(False, "random horizontal flips (off by default: a flip moves the coordinates)")
     on_corrupt: Literal["stop", "skip"] = knob(
         "stop", "a damaged sample (CRC-32 or decode): stop naming it, or skip: read the next good sample in its place")
@@ -163,7 +164,8 @@ class TrainConfig:
                     "without generating code (debugging; the CPU tests of recompiles)")
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU")
     channels_last: bool = knob(False, "channels_last weights and activations")
-    kernels: Literal["auto", "triton", "torch"] = knob("auto", "auto: the Triton kernels on CUDA, their torch references elsewhere")
+    kernels: Literal["auto", "triton", "torch"] = knob("auto", "auto: the Triton kernels on CUDA, their torch "
+                                                               "references elsewhere")
     wall_budget_s: float = knob(0.0, "stop cleanly (checkpoint, snapshot) after this many seconds (0 = no budget)")
     deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)")
 
@@ -635,7 +637,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if not resolution_from_data(cfg):
         check_resolution_dependent(cfg, source)
     if cfg.ema.mode == "power":
-        if not cfg.ema.stds or any(not 0 < s < STD_MAX for s in cfg.ema.stds) or len(set(cfg.ema.stds)) < len(cfg.ema.stds):
+        if (not cfg.ema.stds or any(not 0 < s < STD_MAX for s in cfg.ema.stds)
+                or len(set(cfg.ema.stds)) < len(cfg.ema.stds)):
             bad("ema.stds", f"{cfg.ema.stds}: give one or more distinct sigma_rel values in (0, {STD_MAX:.4f}) "
                             "(EDM2 tracks [0.05, 0.1])")
     if cfg.network.coord_embed == "fourier" and cfg.network.coord_freqs < 1:

@@ -31,7 +31,8 @@ def check_device(device: torch.device) -> None:
                           f"--device cpu, or install a CUDA build of torch (https://pytorch.org/get-started)")
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {device}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu, or run on a GPU machine")
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu, or run on a GPU "
+                          "machine")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")

@@ -60,7 +60,8 @@ def seed_labels(rng: SeedNoise, label_dim: int, class_label: int | None, device)
         idx = rng.randint(label_dim, [b, 1])[:, 0]
     else:
         if not 0 <= class_label < label_dim:
-            raise ValueError(f"class {class_label} out of range: the model has {label_dim} classes (0..{label_dim - 1})")
+            raise ValueError(f"class {class_label} out of range: the model has {label_dim} classes "
+                             f"(0..{label_dim - 1})")
         idx = torch.full((b,), class_label, dtype=torch.int64, device=device)
     return one_hot_labels(idx.to(device), label_dim)
 

@@ -67,12 +67,12 @@ class StepStats:
         out = {"loss": float(ls.sum() / max(cs.sum(), 1)),
                "grad_norm": float(gsum / max(steps - nonfinite, 1)),
                "nonfinite_steps": int(round(nonfinite / world))}
-        for s, l, c in zip(self.patch_sizes, ls, cs):
+        for s, loss, c in zip(self.patch_sizes, ls, cs):
             if c > 0:
-                out[f"loss_patch/{s}"] = float(l / c)
-        for name, l, c in zip(SIGMA_BIN_NAMES, lb, cb):
+                out[f"loss_patch/{s}"] = float(loss / c)
+        for name, loss, c in zip(SIGMA_BIN_NAMES, lb, cb):
             if c > 0:
-                out[f"loss_lnsigma/{name}"] = float(l / c)
+                out[f"loss_lnsigma/{name}"] = float(loss / c)
         self.reset()
         return out
 
@@ -191,7 +191,8 @@ class Monitor:
             self._line(images_seen, f"loss {values['loss']:.4f}  {values.get('images_per_s', 0):8.1f} img/s  "
                                     f"{values.get('tflop_per_s', 0):.3g} TFLOP/s  "
                                     f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}  "
-                                    f"data wait {100 * values.get('data_wait_share', 0):4.1f}%  lr {values.get('lr', 0):.2e}")
+                                    f"data wait {100 * values.get('data_wait_share', 0):4.1f}%  lr "
+                                    f"{values.get('lr', 0):.2e}")
         for key in (k for k in values if k.startswith("fid/")):
             self.say(f"FID of {key.split('/')[1]} samples at {images_seen:,} images: {values[key]:.4f}")
 

@@ -77,7 +77,8 @@ def power_snapshots(run_dir: str | os.PathLike) -> list[PowerSnapshot]:
         if meta.get("ema_mode") != "power":
             continue
         try:
-            found.append(PowerSnapshot(path, int(meta["images_seen"]), float(meta["ema_std"]), float(meta["ema_gamma"])))
+            found.append(PowerSnapshot(path, int(meta["images_seen"]), float(meta["ema_std"]),
+                                       float(meta["ema_gamma"])))
         except (KeyError, ValueError) as e:
             raise PosthocError(f"{path}: power-EMA snapshot with unreadable metadata ({e})") from None
     if not found:
@@ -163,7 +164,8 @@ def parse_stds(text: str) -> list[float]:
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise PosthocError(f"--stds {text!r}: expected start:stop:step (e.g. 0.03:0.15:0.01) or a comma list ({e})") from None
+        raise PosthocError(f"--stds {text!r}: expected start:stop:step (e.g. 0.03:0.15:0.01) or a comma list "
+                           f"({e})") from None
     if not values:
         raise PosthocError(f"--stds {text!r}: no values")
     for v in values:

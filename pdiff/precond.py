@@ -60,7 +60,8 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, coords: torch.Tensor,
                 class_labels=None) -> torch.Tensor:
-        sigma = sigma.to(torch.float32).reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.to(torch.float32).reshape(-1)
+        sigma = (sigma.to(torch.float32).reshape(-1).expand(x.shape[0]) if sigma.numel() == 1
+                 else sigma.to(torch.float32).reshape(-1))
         s = _bcast(sigma, x)
         f = self.raw(self.net_input(x, sigma, coords), sigma, class_labels)
         return c_skip(s, self.sigma_data) * x + c_out(s, self.sigma_data) * f.to(x.dtype)

@@ -27,7 +27,8 @@ from .schedule import PatchSchedule
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, images seen, ...): the same parts, the same seed."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> 1)
 
 
 def resolve_precision(mode: str, device) -> str:

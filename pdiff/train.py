@@ -329,7 +329,8 @@ def report_nonfinite_after_resume(loss: torch.Tensor, latest: Path, policy: str,
     checkpoint verified, so its values, not its bytes, are suspect."""
     if distributed.any_rank(not bool(torch.isfinite(loss).all()), device) and is_main:
         print(f"pdiff train: WARNING the first step after resuming from {latest} has a non-finite loss; the step "
-              f"{'was skipped' if policy == 'skip' else 'had its gradient zeroed'} (optim.nonfinite={policy}). Its weights or "
+              f"{'was skipped' if policy == 'skip' else 'had its gradient zeroed'} (optim.nonfinite={policy}). Its "
+              "weights or "
               f"optimizer state may be unusable: if the loss stays non-finite, stop and move {latest.name} out "
               f"of {latest.parent} to resume from the checkpoint before it", file=sys.stderr, flush=True)
 

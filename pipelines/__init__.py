@@ -53,13 +53,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import TYPE_CHECKING
 
 from pdiff.pipelines.batch import Batch, PipelineStateError
 from pdiff.pipelines.sample_source import SampleSource, SourceError
 from pdiff.pipelines.shards.format import ShardError
 from pdiff.pipelines.sources import SOURCES, open_source, register_source
 
-__all__ = ["build_pipeline", "open_data", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES", "ShardError",
+if TYPE_CHECKING:   # annotations only: the shard writer uses this package without torch
+    import torch
+
+    from pdiff.pipelines.base import PatchPipeline
+
+__all__ = ["build_pipeline", "open_data", "PipelineStateError", "Batch", "PatchPipeline", "SampleSource", "SOURCES",
+           "ShardError",
            "SourceError", "dali_available", "open_source", "register_source"]
 
 
@@ -102,7 +109,8 @@ def build_pipeline(cfg, schedule, rank: int = 0, world_size: int = 1,
               f"version 3 are like this: re-create them to have every sample checked", file=sys.stderr)
     if source.resolution != data.resolution or source.resolution != schedule.resolution:
         raise SourceError(f"{data.path}: samples are {source.resolution}x{source.resolution} but data.resolution is "
-                          f"{data.resolution} (schedule: {schedule.resolution}); set data.resolution={source.resolution}")
+                          f"{data.resolution} (schedule: {schedule.resolution}); set "
+                          f"data.resolution={source.resolution}")
     if source.sample_channels != data.channels:
         what = (f"posterior latents of {source.sample_channels} channel(s) (mean | std stored)"
                 if source.sample_channels != source.channels else f"samples have {source.channels} channel(s)")

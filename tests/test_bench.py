@@ -83,7 +83,8 @@ def test_step_costs_and_schedule_ratio_with_fake_clock():
     for v in [*per_size.values(), fig]:
         assert v["tflop_per_s"] == pytest.approx(rate / 1e12) and v["mfu"] == pytest.approx(rate / 1e12 / peak)
     bench.add_flop_figures(per_size, None, sched, {s: 1.0 for s in per_patch}, None)
-    assert all(v["mfu"] is None and v["tflop_per_s"] == pytest.approx(v["images_per_s"] / 1e12) for v in per_size.values())
+    assert all(v["mfu"] is None and v["tflop_per_s"] == pytest.approx(v["images_per_s"] / 1e12)
+               for v in per_size.values())
 
 
 def fake_training(per_patch: dict[int, float], wait: float):
@@ -115,7 +116,8 @@ def fake_training(per_patch: dict[int, float], wait: float):
 def test_compare_ratio_from_two_stubbed_runs(tmp_path):
     rng = np.random.default_rng()
     # Disjoint ranges: a smaller patch is always cheaper per image than a larger one.
-    per_patch = {4: float(rng.uniform(1e-4, 3e-4)), 8: float(rng.uniform(3e-4, 9e-4)), 16: float(rng.uniform(1e-3, 5e-3))}
+    per_patch = {4: float(rng.uniform(1e-4, 3e-4)), 8: float(rng.uniform(3e-4, 9e-4)),
+                 16: float(rng.uniform(1e-3, 5e-3))}
     wait = float(rng.uniform(0, 1e-3))
     runner, runs = fake_training(per_patch, wait)
     cfg = load_config("tiny", TINY + ["data.path=unused", f"train.seed={int(rng.integers(1000))}"])
@@ -142,7 +144,8 @@ def test_compare_ratio_from_two_stubbed_runs(tmp_path):
         secs, images, steps, flops = expected(run_cfg)
         got = res[name]
         assert got["images"] == images and got["steps"] == steps
-        assert got["tflop_per_s"] == pytest.approx(flops / secs / 1e12) and got["mfu"] == pytest.approx(got["tflop_per_s"] / 100)
+        assert (got["tflop_per_s"] == pytest.approx(flops / secs / 1e12)
+                and got["mfu"] == pytest.approx(got["tflop_per_s"] / 100))
         assert got["ms_per_image"] == pytest.approx(1e3 * secs / images)
         assert got["ms_per_step"] == pytest.approx(1e3 * secs / steps)
         assert got["data_wait_share"] == pytest.approx(wait * steps / secs)
@@ -209,8 +212,8 @@ def quick_results(random_shards, tmp_path_factory):
     try:
         for kind, extra in [("data", []), ("step", []), ("train", ["--compare"]), ("sample", [])]:
             path = out / f"{kind}.json"
-            rc = cli(["bench", kind, "--config", "tiny", *TINY, f"data.path={random_shards}", "--quick", "--device", "cpu",
-                      "--out", str(path), *extra])
+            rc = cli(["bench", kind, "--config", "tiny", *TINY, f"data.path={random_shards}", "--quick",
+                      "--device", "cpu", "--out", str(path), *extra])
             assert rc == 0, kind
             paths[kind] = path
     finally:
@@ -264,7 +267,8 @@ def test_quick_runs_write_every_field(quick_results):
     assert sample["tflop_per_s"] == pytest.approx(forward_gflops * 3 * sample["images_per_s"] / 1e3)
     assert sample["mfu"] is None
     assert sample["edm_reference"]["images_per_s"] > 0 and sample["speedup_vs_edm_reference"] > 0
-    assert sample["cpu_user_s_per_batch"] > 0 and sample["cpu_sys_s_per_batch"] >= 0 and sample["minor_faults_per_batch"] >= 0
+    assert (sample["cpu_user_s_per_batch"] > 0 and sample["cpu_sys_s_per_batch"] >= 0
+            and sample["minor_faults_per_batch"] >= 0)
 
 
 def test_cli_reports_missing_data(capsys):
@@ -301,7 +305,8 @@ def test_make_table_between_markers(quick_results, tmp_path):
     readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{make_table.BEGIN}\nold\n{make_table.END}\n\n## After\nkeep\n")
     assert make_table.main(["--results", str(results), "--doc", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# x\n\n## Benchmarks\n\ntext\n\n") and text.endswith(f"{make_table.END}\n\n## After\nkeep\n")
+    assert text.startswith("# x\n\n## Benchmarks\n\ntext\n\n") and text.endswith(
+        f"{make_table.END}\n\n## After\nkeep\n")
     table = text.split(make_table.BEGIN)[1].split(make_table.END)[0]
     rows = [line for line in table.splitlines() if line.startswith("| pdiff bench")]
     assert len(rows) == 4 and "old" not in table
@@ -357,13 +362,15 @@ def test_make_table_pipeline_rows_name_resolution_and_the_comparisons():
     payload = {"benchmark": "bench_pipeline", "machine": {"cpu": "Some CPU", "cores": 2, "commit": "def5678"},
                "args": {"resolution": 256},
                "results": rows, "per_core_vs_baseline": {},
-               "before": {"commit": "abc1234", "per_core_ratio": {"dali-jpeg schedule": 2.345, "torch-raw schedule": 7.5,
+               "before": {"commit": "abc1234", "per_core_ratio": {"dali-jpeg schedule": 2.345,
+                                                                  "torch-raw schedule": 7.5,
                                                                   "torch-raw s=64": 4.0}},
                "decode_cost_region_vs_whole": {"png": {"schedule_ratio": 0.61}, "jpeg": {"schedule_ratio": 0.72}}}
     name, lines = make_table.headlines(Path("pipeline.json"), payload)
     assert name == "bench_pipeline 256x256 (commit def5678)"
     assert lines[1] == "schedule patches/s per core vs commit abc1234: dali-jpeg 2.35x, torch-raw 7.50x"
-    assert lines[2] == "Pillow decode per patch at the schedule, cut at the patch's last row vs whole: png 0.61, jpeg 0.72"
+    assert lines[2] == ("Pillow decode per patch at the schedule, cut at the patch's last row vs whole: "
+                        "png 0.61, jpeg 0.72")
 
 
 def test_gpu_suite_plumbing_without_time(tmp_path):
@@ -423,8 +430,10 @@ def fake_wheel(folder: Path, name: str, payload: bytes) -> Path:
     path = folder / f"{name}-1.0-py3-none-any.whl"
     files = {f"{name}/__init__.py": b"", f"{name}/blob.bin": payload,
              f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
-             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{name}-1.0.dist-info/RECORD"]).encode()
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: "
+                                            b"py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{k},,\n" for k in [*files,
+                                                                         f"{name}-1.0.dist-info/RECORD"]).encode()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for k, v in files.items():
             z.writestr(k, v)
@@ -467,8 +476,10 @@ def test_dali_carry_split_carry_join_install(tmp_path):
     target = tmp_path / "site"
     assert carry.main(["install", "--dir", str(there), "--target", str(target), "--check-import", "fakepkg_b"]) == 0
     for name, payload in payloads.items():
-        assert (there / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes() == (here / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes()
-        got = subprocess.run([sys.executable, "-c", f"import {name}, pathlib; print(pathlib.Path({name}.__file__).parent)"],
+        assert ((there / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes()
+                == (here / "wheels" / f"{name}-1.0-py3-none-any.whl").read_bytes())
+        got = subprocess.run([sys.executable, "-c",
+                              f"import {name}, pathlib; print(pathlib.Path({name}.__file__).parent)"],
                              env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
         assert (Path(got.stdout.strip()) / "blob.bin").read_bytes() == payload
 
@@ -488,7 +499,8 @@ def test_dali_carry_plan_names_one_part_per_call(tmp_path):
         assert call["carry"] == [f"{tmp_path}/manifest.json", f"{tmp_path}/{p['name']}"]
         assert call["bytes"] == p["bytes"] + (tmp_path / "manifest.json").stat().st_size
     assert all(f"check --dir {tmp_path} --part {p['name']}" in c["command"] for c, p in zip(calls[:-1], m["parts"]))
-    assert calls[-1]["command"] == f"python3 benchmarks/dali_carry.py install --dir {tmp_path} && benchmarks/gpu_suite.sh /tmp/s"
+    assert calls[-1]["command"] == (f"python3 benchmarks/dali_carry.py install --dir {tmp_path} && "
+                                    "benchmarks/gpu_suite.sh /tmp/s")
     assert carry.PART_BYTES + 64 * 1024 + carry.tree_bytes() < carry.CALL_LIMIT   # a part, its manifest, the tree
     ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"{carry.DIR}/part-01"])
     assert ignored.returncode == 0                                        # carry takes ignored paths only

@@ -110,7 +110,8 @@ def test_window_tokens_are_embedded_at_their_canvas_positions(rope):
     pw_x, pw_y = token_positions(coord_grid(off, s, R), R, p)
     pc_x, pc_y = token_positions(canvas_grid(1, R, R), R, p)
     emb = lambda im, px, py: (net.x_embedder(im).flatten(2).transpose(1, 2)  # noqa: E731
-                              + sincos_2d(px.reshape(1, -1), py.reshape(1, -1), net.hidden)).reshape(1, *px.shape[1:], -1)
+                              + sincos_2d(px.reshape(1, -1), py.reshape(1, -1),
+                                          net.hidden)).reshape(1, *px.shape[1:], -1)
     full = emb(img, pc_x, pc_y)
     part = emb(window, pw_x, pw_y)
     torch.testing.assert_close(part, full[:, 3:3 + s // p, 2:2 + s // p], rtol=1e-5, atol=1e-5)

@@ -273,7 +273,8 @@ def test_uint8_patches_give_the_float_paths_bits(backend, seeded):
     kw = dict(seed=seed, images_seen=seen) if seeded else dict(noise=noise)
     for out_dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
         a = build_net_input(patches, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend=backend, **kw)
-        want = build_net_input(before, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend=backend, **kw)
+        want = build_net_input(before, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend=backend,
+                               **kw)
         assert torch.equal(a, want) and a.stride() == want.stride()
     F = torch.randn((b, c, s, s), generator=gen).to(DEV)
     losses, grads = [], []

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.kernels,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for compiled Triton kernels")]
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device for compiled Triton kernels")]
 
 if torch.cuda.is_available():
     from pdiff.kernels import _common, build_net_input, edm_patch_loss, philox_noise
@@ -45,9 +46,11 @@ def test_training_shapes_match_float64(b, c, s, res):
     gen = torch.Generator(DEV).manual_seed(torch.seed() % 2**31)
     for uint8, seeded, out_dtype, cl in ((True, True, torch.bfloat16, True), (False, False, torch.float32, False)):
         patches, sigma, offsets = batch(b, c, s, res, uint8, gen)
-        noise = philox_noise(9, 123456789, (b, c, s, s), DEV) if seeded else torch.randn((b, c, s, s), generator=gen, device=DEV)
+        noise = (philox_noise(9, 123456789, (b, c, s, s), DEV) if seeded
+                 else torch.randn((b, c, s, s), generator=gen, device=DEV))
         kw = dict(seed=9, images_seen=123456789) if seeded else dict(noise=noise)
-        out = build_net_input(patches, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend="triton", **kw)
+        out = build_net_input(patches, sigma, offsets, res, out_dtype=out_dtype, channels_last=cl, backend="triton",
+                              **kw)
         ref = net_input_ref64(patches, sigma, offsets, res, noise)
         assert not out.isnan().any()
         tol = 1e-5 if out_dtype == torch.float32 else 1e-2

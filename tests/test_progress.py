@@ -23,7 +23,8 @@ def test_lines_every_interval_with_rate_and_eta():
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 + total + 1                    # the start, every update (interval 0), the end
     assert lines[0].startswith(f"verify: 0/{total:,} samples (0.0%)")
-    assert re.fullmatch(rf"verify: 1/{total:,} samples \(\d+\.\d%\), [\d.]+ samples/s, 0:00:0\d elapsed, ETA \d+:\d\d:\d\d",
+    assert re.fullmatch(rf"verify: 1/{total:,} samples \(\d+\.\d%\), [\d.]+ samples/s, 0:00:0\d elapsed, ETA "
+                        r"\d+:\d\d:\d\d",
                         lines[1]), lines[1]
     assert lines[-1].startswith(f"verify: {total:,}/{total:,} samples (100.0%)") and "ETA" not in lines[-1]
 

@@ -166,7 +166,8 @@ def test_learned_feature_distance_separates_digits_from_other_images(digits_shar
         return frechet_distance(m, s, mu, sigma)
     held_out = fd(images[384:])
     g = rng()
-    noise = torch.nn.functional.avg_pool2d(torch.rand(128, 1, 16, 16, generator=torch.Generator().manual_seed(int(g.integers(1 << 30)))), 3, 1, 1)
+    noise = torch.nn.functional.avg_pool2d(
+        torch.rand(128, 1, 16, 16, generator=torch.Generator().manual_seed(int(g.integers(1 << 30)))), 3, 1, 1)
     noise = (noise * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     shifted = np.roll(images[384:], 5, axis=2)
     assert held_out < 0.5 * fd(noise) and held_out < 0.5 * fd(shifted), (held_out, fd(noise), fd(shifted))
@@ -184,8 +185,8 @@ def test_quick_cli_writes_table_json_and_plot(digits_shards, tmp_path, capsys):
     from PIL import Image
     from pdiff.cli import main
     out = tmp_path / "quality.json"
-    rc = main(["bench", "quality", "--config", "tiny", *TINY, "data.channels=1", f"data.path={digits_shards}", "--quick",
-               "--device", "cpu", "--out", str(out)])
+    rc = main(["bench", "quality", "--config", "tiny", *TINY, "data.channels=1", f"data.path={digits_shards}",
+               "--quick", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "NOT comparable with FID" in text and "best at the end of the budget" in text
@@ -211,12 +212,14 @@ def test_quick_cli_with_inception_weights_is_fid(digits_shards, tmp_path, capsys
     weights = tmp_path / "inception.pth"
     torch.save(F.load_inception(random_init=True).state_dict(), weights)
     stats = F.FeatureStats()
-    stats.update(F.inception_features(F.load_inception(weights), torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)))
+    stats.update(F.inception_features(F.load_inception(weights),
+                                      torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)))
     mu, sigma = stats.mean_cov()
     F.save_stats(tmp_path / "ref.npz", mu, sigma, stats.count, 16)
     out = tmp_path / "q.json"
-    rc = main(["bench", "quality", "--config", "tiny", *TINY, "data.channels=1", f"data.path={digits_shards}", "--quick",
-               "--device", "cpu", "--out", str(out), "--inception", str(weights), "--fid-ref", str(tmp_path / "ref.npz"),
+    rc = main(["bench", "quality", "--config", "tiny", *TINY, "data.channels=1", f"data.path={digits_shards}",
+               "--quick", "--device", "cpu", "--out", str(out), "--inception", str(weights),
+               "--fid-ref", str(tmp_path / "ref.npz"),
                "--patch-sets", "R/2,R", "--p-values", "", "--eval-images", "2", "--evals", "1"])
     assert rc == 0
     res = json.loads(out.read_text())["results"]

@@ -144,7 +144,8 @@ DAMAGES = [(how, True) for how in ("flipped byte", "truncated", "random bytes", 
           [(how, False) for how in ("truncated", "random bytes", "pickled code")]
 
 
-@pytest.mark.parametrize("how,with_checksum", DAMAGES, ids=[f"{h}-{'sha256' if c else 'no sha256'}" for h, c in DAMAGES])
+@pytest.mark.parametrize("how,with_checksum", DAMAGES, ids=[f"{h}-{'sha256' if c else 'no sha256'}"
+                                                            for h, c in DAMAGES])
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, how, with_checksum):
     """The newest checkpoint damaged (COMPLETE kept): the resume takes the one before, with a
     warning naming the bad one; with no checksum file (an older pdiff's checkpoint, whose marker

@@ -80,7 +80,6 @@ def test_training_lowers_the_loss(tmp_path, digits_shards):
     """A short run on real digits lowers the EDM loss, measured at fixed noise on fixed images."""
     from pdiff.kernels import edm_loss_ref, net_input_ref
     from pdiff.model import build_model
-    from pdiff.coords import random_offsets
     cfg_path = write_config(tmp_path, digits_shards, train={"duration_images": 2400, "ckpt_every_images": 2400})
     run_train(cfg_path)
     cfg = load_config(cfg_path)
@@ -204,7 +203,8 @@ def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_
     assert 0 < killed_at < 640
     run_train(cfg)
     ref, res = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
-    averages = list(zip(ref["ema"]["profiles"], res["ema"]["profiles"])) if ema_mode == "power" else [(ref["ema"], res["ema"])]
+    averages = (list(zip(ref["ema"]["profiles"], res["ema"]["profiles"])) if ema_mode == "power"
+                else [(ref["ema"], res["ema"])])
     assert len(averages) == (2 if ema_mode == "power" else 1)
     for k in ref["model"]:
         assert torch.equal(ref["model"][k], res["model"][k]), k
@@ -213,7 +213,8 @@ def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_
     if ema_mode == "power":
         from safetensors.torch import load_file
         names = sorted(p.name for p in (tmp_path / "ref" / "snapshots").glob("*.safetensors"))
-        assert len(names) >= 8 and names == sorted(p.name for p in (tmp_path / "killed" / "snapshots").glob("*.safetensors"))
+        assert len(names) >= 8 and names == sorted(p.name
+                                                   for p in (tmp_path / "killed" / "snapshots").glob("*.safetensors"))
         for name in names:
             a, b = (load_file(str(tmp_path / run / "snapshots" / name)) for run in ("ref", "killed"))
             assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -406,7 +407,8 @@ def test_in_training_fid_is_logged(tmp_path, digits_shards):
 def test_dry_run_prints_resolved_config_and_plan(tmp_path, digits_shards):
     cfg = write_config(tmp_path, digits_shards)
     p = subprocess.run([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--dry-run", "train.batch=4",
-                        "patch.sizes=[]", "patch.probs=[]", "patch.real_p=0.25"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        "patch.sizes=[]", "patch.probs=[]", "patch.real_p=0.25"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     printed = yaml.safe_load(p.stdout.split("# patch schedule")[0])

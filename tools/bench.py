@@ -50,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="YAML file or preset name")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch=64 data.workers=8")
     ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--out", default=None, help="JSON file, or a folder for a timestamped one (default: the current folder)")
+    ap.add_argument("--out", default=None,
+                    help="JSON file, or a folder for a timestamped one (default: the current folder)")
     ap.add_argument("--quick", action="store_true", help="a few steps only: checks that it runs (seconds on a CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (data, step, sample); medians are reported")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats (data, step, sample); medians are reported")
     ap.add_argument("--steps", type=int, default=None, help="data: pipeline steps per repeat")
     ap.add_argument("--compile", action="store_true",
                     help="step: torch.compile the network; train: force train.compile=true (else the config's "
@@ -61,8 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kernels", choices=["auto", "triton", "torch"], default=None, help="step: default train.kernels")
     ap.add_argument("--compare", action="store_true",
                     help="train: also run full-image EDM (patch.mode=full) and print the cost ratio per image")
-    ap.add_argument("--intervals", type=int, default=None, help="train: measured log intervals (after one warm-up interval)")
-    ap.add_argument("--interval-images", type=int, default=None, help="train: images per log interval (default: 3 steps of the smallest patch size)")
+    ap.add_argument("--intervals", type=int, default=None,
+                    help="train: measured log intervals (after one warm-up interval)")
+    ap.add_argument("--interval-images", type=int, default=None,
+                    help="train: images per log interval (default: 3 steps of the smallest patch size)")
     ap.add_argument("--wall-budget", type=float, default=0.0, help="train: seconds per run at most (0 = none)")
     ap.add_argument("--batch", type=int, default=None, help="sample: images per batch (default min(train.batch, 16))")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
@@ -73,18 +77,23 @@ def _parser() -> argparse.ArgumentParser:
                          "hub id), as training that runs the encoder in every step does")
     q = ap.add_argument_group("quality (docs/patch_defaults.md)")
     budget = q.add_mutually_exclusive_group()
-    budget.add_argument("--budget-hours", type=float, help="device-hours per arm (GPU wall-clock; on a CPU its CPU time)")
+    budget.add_argument("--budget-hours", type=float,
+                        help="device-hours per arm (GPU wall-clock; on a CPU its CPU time)")
     budget.add_argument("--budget-images", type=float, help="images seen per arm")
     budget.add_argument("--budget-flops", type=float, help="training FLOPs per arm (the FLOP model's)")
-    q.add_argument("--evals", type=int, default=None, help="evaluation points per arm, evenly spaced over the budget (default 6)")
+    q.add_argument("--evals", type=int, default=None,
+                   help="evaluation points per arm, evenly spaced over the budget (default 6)")
     q.add_argument("--eval-images", type=int, default=None, help="samples per evaluation (default 1000)")
     q.add_argument("--eval-steps", type=int, default=None, help="sampler steps per evaluation (default sample.steps)")
     q.add_argument("--eval-batch", type=int, default=64, help="sampling batch per evaluation")
-    q.add_argument("--patch-sets", default="R/4,R/2,R;R/2,R", help="patch sets to compare, ';' between sets (default: %(default)s)")
-    q.add_argument("--p-values", default="0.25", help="other shares p of full-size steps to compare, comma list (default: %(default)s)")
+    q.add_argument("--patch-sets", default="R/4,R/2,R;R/2,R",
+                   help="patch sets to compare, ';' between sets (default: %(default)s)")
+    q.add_argument("--p-values", default="0.25",
+                   help="other shares p of full-size steps to compare, comma list (default: %(default)s)")
     q.add_argument("--inception", help="TF-FID Inception weights: the metric is FID (else a learned-feature distance)")
     q.add_argument("--fid-ref", help="FID reference statistics of the data (default: computed from data.path)")
-    q.add_argument("--feature-steps", type=int, default=None, help="training steps of the feature network (default 1500)")
+    q.add_argument("--feature-steps", type=int, default=None,
+                   help="training steps of the feature network (default 1500)")
     q.add_argument("--work-dir", help="keep every arm's run folder here (default: a temporary folder)")
     q.add_argument("--plot", help="PNG to write (default: next to the JSON, same name)")
     return ap
@@ -92,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def quality(cfg, args, device: torch.device, work_dir: Path) -> dict:
     quick = args.quick
-    given = [(k, v) for k, v in (("hours", args.budget_hours), ("images", args.budget_images), ("flops", args.budget_flops))
+    given = [(k, v) for k, v in (("hours", args.budget_hours), ("images", args.budget_images),
+                                 ("flops", args.budget_flops))
              if v is not None]
     arms = quality_arms(cfg, parse_patch_sets(args.patch_sets, cfg.data.resolution),
                         [float(x) for x in args.p_values.split(",") if x.strip()])
@@ -123,7 +133,8 @@ def run(kind: str, cfg, args, device: torch.device, work_dir: Path) -> dict:
                                     repeats=args.repeats or 1, warmup_steps=1)
         print_data(res)
     elif kind == "data":
-        res = bench_data(cfg, device, steps=args.steps or (3 if quick else 20), repeats=args.repeats or (1 if quick else 3),
+        res = bench_data(cfg, device, steps=args.steps or (3 if quick else 20),
+                         repeats=args.repeats or (1 if quick else 3),
                          warmup_steps=1 if quick else 3)
         print_data(res)
     elif kind == "step":
@@ -162,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
         tmp = Path(tmp)
         if args.synthetic:
-            cfg = variant(cfg, [f"data.path={synthetic_shards(tmp / 'data', args.synthetic, cfg.data.resolution, cfg.data.channels, args.encoding, cfg.train.seed)}"])
+            shards = synthetic_shards(tmp / "data", args.synthetic, cfg.data.resolution, cfg.data.channels,
+                                      args.encoding, cfg.train.seed)
+            cfg = variant(cfg, [f"data.path={shards}"])
         if args.kind in ("data", "train", "compare", "quality") and not cfg.data.path:
             print("pdiff bench: data.path is empty: give the shards (data.path=DIR) or --synthetic N", file=sys.stderr)
             return 2

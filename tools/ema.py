@@ -94,7 +94,8 @@ def main(argv: list[str]) -> int:
     s = sub_parser("sweep", help="FID of a range of sigma_rel; the best one's snapshot",
                    description="Every sigma_rel of --stds rebuilt in turn and scored by FID on the same seeds; "
                                "the table, the best one's snapshot and (--json) the scores.")
-    s.add_argument("--stds", required=True, help="start:stop:step (stop included), e.g. 0.03:0.15:0.01, or a comma list")
+    s.add_argument("--stds", required=True,
+                   help="start:stop:step (stop included), e.g. 0.03:0.15:0.01, or a comma list")
     s.add_argument("--fid-ref", required=True, help="reference statistics (pdiff fid ref)")
     s.add_argument("--num", type=int, default=10000, help="images per sigma_rel")
     s.add_argument("--first-seed", type=int, default=0, help="seeds first .. first+num-1, the same for every sigma_rel")
@@ -109,6 +110,7 @@ def main(argv: list[str]) -> int:
     add_sampler_args(s, seeds=False)
     for sp in (r, s):
         sp.add_argument("--run", required=True, help="run folder of a run trained with ema.mode=power")
-        sp.add_argument("--at", type=int, help="images seen of the snapshot time to reconstruct at (default: the newest)")
+        sp.add_argument("--at", type=int,
+                        help="images seen of the snapshot time to reconstruct at (default: the newest)")
     args = p.parse_args(argv)
     return {"reconstruct": cmd_reconstruct, "sweep": cmd_sweep}[args.cmd](args)

@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--card", default=None,
                     help=f"GPU for the images/s at --mfu: {', '.join(c.name for c in CARDS)} "
                          f"(default: this machine's GPU, else H100 SXM)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for the images/s figure (default 0.4)")
+    ap.add_argument("--mfu", type=float, default=0.4,
+                    help="model FLOP utilisation for the images/s figure (default 0.4)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--blocks", action="store_true", help="list the network's block names (for repr.block)")
     args = ap.parse_intermixed_args(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> int:
               f"{d['label_dim']}-class label embedding)" if d["label_embedding_parameters"] else "")
     print(f"{d['config']}: {d['arch']} at {d['resolution']}x{d['resolution']}x{d['channels']}, "
           f"{d['parameters']:,} parameters{labels}; a step carries train.batch={d['batch_full_images']} x R/s patches")
-    print(f"{'patch':>6} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'train GFLOP/step':>17} {'share':>6} {'x batch':>8}")
+    print(f"{'patch':>6} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'train GFLOP/step':>17} {'share':>6} "
+          f"{'x batch':>8}")
     sch = d["schedule"]
     shares = dict(zip(sch["sizes"], sch["probs"]))
     for s, f in d["forward_gflops_per_image"].items():

@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", help="EMA snapshot written by pdiff train (RUN/snapshots/ema-<images>.safetensors), "
                                         "or a run or snapshots folder: its newest snapshot")
-    src.add_argument("--checkpoint", help="checkpoint folder ckpt-*/ or a run folder (its newest complete checkpoint, EMA weights)")
+    src.add_argument("--checkpoint",
+                     help="checkpoint folder ckpt-*/ or a run folder (its newest complete checkpoint, EMA weights)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--vae", help="latent models: the VAE that decodes the samples (a diffusers folder or hub id; "
                                  "default: the run's, the one its shards were encoded with)")
@@ -71,7 +72,8 @@ def _interval(text: str) -> list[float]:
     try:
         lo, hi = (float(x) for x in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, two numbers such as 0.28,5.42 (inf allowed)") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, two numbers such as 0.28,5.42 "
+                                         "(inf allowed)") from None
     if not 0 <= lo < hi:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO < HI")
     return [lo, hi]

@@ -30,8 +30,10 @@ from .timing import (BenchError, add_flop_figures, compare_figures, expected_mix
                      summarize_log, time_sizes, timed)
 
 __all__ = ["FULL_OVERRIDES", "NEVER", "BenchError", "add_flop_figures", "BenchInterrupted",
-           "bench_data", "bench_data_online_vae", "bench_sample", "bench_step", "bench_train", "compare_figures", "compare_train",
+           "bench_data", "bench_data_online_vae", "bench_sample", "bench_step", "bench_train", "compare_figures",
+           "compare_train",
            "default_interval_images", "device_sync", "expected_mix", "machine", "machine_name",
-           "measuring_overrides", "paper_schedule_overrides", "per_size_figures", "prewarm_kernels", "print_data", "print_quality", "print_sample",
+           "measuring_overrides", "paper_schedule_overrides", "per_size_figures", "prewarm_kernels", "print_data",
+           "print_quality", "print_sample",
            "print_step", "print_train", "resolve_device", "run_training", "save_json", "schedule_figures",
            "summarize_log", "synthetic_shards", "time_sizes", "timed", "variant"]

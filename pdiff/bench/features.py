@@ -125,5 +125,6 @@ def data_features(path, steps: int = 1500, max_images: int = 20000, seed: int = 
     mu, sigma = feature_stats(net, to_nchw(images))
     n, r, _, c = images.shape
     what = (f"a {net.kind} ({FEATURES} features; {sum(p.numel() for p in net.parameters()):,} parameters) trained "
-            f"for {steps} steps on {n} images of {path}" + (f" with their {net.num_classes} labels" if net.num_classes else ""))
+            f"for {steps} steps on {n} images of {path}" + (f" with their {net.num_classes} labels"
+                                                            if net.num_classes else ""))
     return DataFeatures(net, mu, sigma, n, what)

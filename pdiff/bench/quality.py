@@ -65,7 +65,8 @@ def parse_patch_sets(text: str, resolution: int) -> list[list[int]]:
                 raise BenchError(f"--patch-sets {text!r}: {item!r} is not a size (R, R/2, R/4 or pixels)") from None
             sizes.append(size)
         if resolution not in sizes:
-            raise BenchError(f"--patch-sets {text!r}: every set needs the full size R = {resolution} (its steps are the p share)")
+            raise BenchError(f"--patch-sets {text!r}: every set needs the full size R = {resolution} (its steps are "
+                             "the p share)")
         sets.append(sorted(set(sizes)))
     return sets
 
@@ -87,13 +88,15 @@ def quality_arms(cfg, patch_sets: list[list[int]] | None = None, p_values: list[
     """Full images, the config's schedule (the paper's default when the config trains full images)
     and, one change at a time from it, each other patch set and each other p."""
     r = cfg.data.resolution
-    base_cfg = cfg if cfg.patch.mode != "full" else variant(cfg, ["patch.mode=stochastic", "patch.sizes=[]", "patch.probs=[]"])
+    base_cfg = (cfg if cfg.patch.mode != "full"
+                else variant(cfg, ["patch.mode=stochastic", "patch.sizes=[]", "patch.probs=[]"]))
     base = PatchSchedule.from_config(base_cfg)
     # p is the full size's probability: patch.real_p, or the full-size entry of explicit patch.probs
     full_p = base.probs[list(base.sizes).index(r)] if r in base.sizes else base_cfg.patch.real_p
     p = full_p if base_cfg.patch.mode == "stochastic" else None
     arms = [Arm("full (p=1)", ["patch.mode=full"])]
-    base_name = arm_label(base.sizes, p) if p is not None else f"{base_cfg.patch.mode} {{{','.join(map(str, base.sizes))}}}"
+    base_name = (arm_label(base.sizes, p) if p is not None
+                 else f"{base_cfg.patch.mode} {{{','.join(map(str, base.sizes))}}}")
     arms.append(Arm(base_name, [f"patch.mode={base_cfg.patch.mode}", f"patch.sizes={list(base.sizes)}",
                                 f"patch.probs={list(base.probs)}", f"patch.real_p={full_p}"]))
     p = full_p if p is None else p
@@ -233,13 +236,15 @@ def make_metric(cfg, device, images: int, batch: int, steps: int, inception: str
             for part in to_nchw(data).split(100):
                 stats.update(inception_features(net, part))
             mu, sigma = stats.mean_cov()
-            ref, source = RefStats(mu, sigma, stats.count, cfg.data.resolution), f"{stats.count} images of {cfg.data.path}"
+            ref, source = (RefStats(mu, sigma, stats.count, cfg.data.resolution),
+                           f"{stats.count} images of {cfg.data.path}")
         vae = load_run_vae(cfg, None, device)              # a latent run's decoder (None for pixels)
         evaluator = FIDEvaluator(ref, net, images, batch, options=sample_options(cfg, steps), device=device, vae=vae)
         return InceptionMetric(evaluator, images, steps, source)
     if fid_ref:
         raise BenchError("--fid-ref without --inception: FID needs the Inception weights its statistics were made with")
-    return FeatureMetric(data_features(cfg.data.path, feature_steps, max_data_images, cfg.train.seed), images, batch, steps, device)
+    return FeatureMetric(data_features(cfg.data.path, feature_steps, max_data_images, cfg.train.seed), images, batch,
+                         steps, device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,7 +363,8 @@ def crossovers(a: list[dict], b: list[dict], x_key: str) -> list[dict]:
 
 def summarize(results: list[dict], budget: Budget, evals: int) -> dict:
     """The table at equal cost (metric of every arm at each evaluation point of the budget, by
-    interpolation on the budget's own axis, end points taken within a tenth of a step), the crossovers with full images in device-hours and
+    interpolation on the budget's own axis, end points taken within a tenth of a step), the crossovers with
+    full images in device-hours and
     in FLOPs, and the best arm at the end."""
     x_key = {"hours": "hours", "images": "images", "flops": "flops"}[budget.kind]
     table, tolerance = [], 0.1 * budget.value / evals
@@ -386,11 +392,13 @@ def plot_quality(res: dict, path: str | Path) -> Path:
     scale, unit = next(((10 ** e, u) for e, u in ((18, "EFLOP"), (15, "PFLOP"), (12, "TFLOP"), (9, "GFLOP"))
                         if max(flops_all, default=0) >= 10 ** e), (1, "FLOP"))
     second = res["arms"][1]["name"] if len(res["arms"]) > 1 else None
-    marks = {key: [(c[key] / (scale if key == "flops" else 1), f"crossover {c[key] / (scale if key == 'flops' else 1):.3g}")
+    marks = {key: [(c[key] / (scale if key == "flops" else 1),
+                    f"crossover {c[key] / (scale if key == 'flops' else 1):.3g}")
                    for c in res["crossovers_vs_full"].get(second, {}).get(key, [])] for key in ("hours", "flops")}
     panels = [
         Panel(f"{res['metric']['name']} vs training cost", hours_label, res["metric"]["name"],
-              [Series(r["name"], [p["hours"] for p in r["points"]], [p["metric"] for p in r["points"]]) for r in res["arms"]],
+              [Series(r["name"], [p["hours"] for p in r["points"]],
+                      [p["metric"] for p in r["points"]]) for r in res["arms"]],
               marks["hours"]),
         Panel(f"{res['metric']['name']} vs training FLOPs", f"training {unit}s (FLOP model)", res["metric"]["name"],
               [Series(r["name"], [p["flops"] / scale for p in r["points"]], [p["metric"] for p in r["points"]])
@@ -398,5 +406,6 @@ def plot_quality(res: dict, path: str | Path) -> Path:
     ]
     note = ("lower is better. " + ("FID." if res["metric"]["comparable_to_fid"] else
                                    "Learned-feature distance: not comparable with FID."))
-    title = f"pdiff bench quality: {res['config']} ({res['resolution']}x{res['resolution']}), {res['budget']['per_arm']}"
+    title = (f"pdiff bench quality: {res['config']} ({res['resolution']}x{res['resolution']}), "
+             f"{res['budget']['per_arm']}")
     return save_chart(path, panels, title, note)

@@ -23,7 +23,8 @@ def print_data(res: dict) -> None:
     for label, v in res["results"].items():
         pps = "-" if v["patches_per_step"] is None else v["patches_per_step"]
         per_cpu = "-" if not v.get("images_per_cpu_s") else f"{v['images_per_cpu_s']:.4g}"
-        print(f"{label:>10} {pps!s:>12} {v['patches_per_s']:>11.4g} {v['images_per_s']:>10.4g} {v['ms_per_step']:>9.2f} "
+        print(f"{label:>10} {pps!s:>12} {v['patches_per_s']:>11.4g} {v['images_per_s']:>10.4g} "
+              f"{v['ms_per_step']:>9.2f} "
               f"{per_cpu:>13}")
 
 
@@ -32,7 +33,8 @@ def print_step(res: dict) -> None:
           f"kernels {res['kernels']}, batch {res['batch_full_images']} full images")
     print(f"{'patch':>6} {'patches':>8} {'ms/step':>10} {'images/s':>10} {'ms/image':>9} {'TFLOP/s':>8} {'MFU':>6}")
     for s, v in res["per_patch_size"].items():
-        print(f"{s:>6} {v['patches']:>8} {v['ms_per_step']:>10.2f} {v['images_per_s']:>10.1f} {v['ms_per_image']:>9.3f} "
+        print(f"{s:>6} {v['patches']:>8} {v['ms_per_step']:>10.2f} {v['images_per_s']:>10.1f} "
+              f"{v['ms_per_image']:>9.3f} "
               f"{_tflops(v.get('tflop_per_s')):>8} {_mfu(v.get('mfu')):>6}")
     sc = res["schedule"]
     print(f"{'sched':>6} {'':>8} {sc['ms_per_step']:>10.2f} {sc['images_per_s']:>10.1f} {sc['ms_per_image']:>9.3f} "
@@ -40,7 +42,8 @@ def print_step(res: dict) -> None:
     if res.get("card"):
         print(f"MFU against one {res['card']} ({res['peak_tflops']:g} TFLOP/s dense {res['precision']})")
     print(f"schedule ({sc['mode']}) cost per image vs full images: measured {sc['cost_per_image_vs_full']:.3f} "
-          f"(speed-up {sc['speedup_per_image_vs_full']:.2f}x), FLOP model {res['flop_model']['cost_per_image_vs_full']:.3f}")
+          f"(speed-up {sc['speedup_per_image_vs_full']:.2f}x), FLOP model "
+          f"{res['flop_model']['cost_per_image_vs_full']:.3f}")
 
 
 def print_train(res: dict) -> None:
@@ -54,7 +57,8 @@ def print_train(res: dict) -> None:
               f"{_pct(v['data_wait_share']):>10} {peak:>8} {v['intervals']:>9}")
     if "comparison" in res:
         c = res["comparison"]
-        print(f"patch schedule vs full-image EDM, measured end to end: cost per image {c['cost_per_image_vs_full']:.3f} "
+        print("patch schedule vs full-image EDM, measured end to end: cost per image "
+              f"{c['cost_per_image_vs_full']:.3f} "
               f"of full images (speed-up {c['speedup_per_image_vs_full']:.2f}x)")
         if c.get("cost_per_image_vs_full_expected_mix"):
             steps = res["patch"]["steps_by_patch_size"]
@@ -79,7 +83,8 @@ def print_sample(res: dict) -> None:
 
 def print_quality(res: dict) -> None:
     m, axis = res["metric"], res["table_axis"]
-    print(f"\n{m['name']} (lower is better) at equal {axis} ({res['budget']['per_arm']}; hours = {res['hours_measure']})")
+    print(f"\n{m['name']} (lower is better) at equal {axis} ({res['budget']['per_arm']}; hours = "
+          f"{res['hours_measure']})")
     print(f"  {m['description']}")
     names = [a["name"] for a in res["arms"]]
     print(f"{axis:>12} " + " ".join(f"{n:>20}" for n in names))
@@ -89,7 +94,8 @@ def print_quality(res: dict) -> None:
     for name, by_axis in res["crossovers_vs_full"].items():
         for key, found in by_axis.items():
             if found:
-                text = "; ".join(f"at {c[key]:.4g} {key} ({m['key']} {c['metric']:.4f}), then {c['better_after']} is better"
+                text = "; ".join(f"at {c[key]:.4g} {key} ({m['key']} {c['metric']:.4f}), then {c['better_after']} is "
+                                 "better"
                                  for c in found)
             else:
                 text = "none in the common range"

@@ -41,7 +41,8 @@ def paper_schedule_overrides(resolution: int) -> list[str]:
     """Overrides for the paper's pixel-space schedule, p = 0.5 over {R/4, R/2, R} (given explicitly:
     below 64 px pdiff's default sizes are {R/2, R})."""
     r = resolution
-    return ["patch.mode=stochastic", "patch.real_p=0.5", f"patch.sizes=[{r // 4},{r // 2},{r}]", "patch.probs=[0.2,0.3,0.5]"]
+    return ["patch.mode=stochastic", "patch.real_p=0.5", f"patch.sizes=[{r // 4},{r // 2},{r}]",
+            "patch.probs=[0.2,0.3,0.5]"]
 NEVER = 10 ** 15      # an image interval that a benchmark run never reaches
 
 
@@ -299,7 +300,8 @@ def default_interval_images(cfg, steps: int = 3) -> int:
     return cfg.train.batch * max(sched.multiplier(s) for s in sched.sizes) * steps
 
 
-def bench_train(cfg, device: torch.device, work_dir: str | Path, intervals: int = 10, interval_images: int | None = None,
+def bench_train(cfg, device: torch.device, work_dir: str | Path, intervals: int = 10,
+                interval_images: int | None = None,
                 wall_budget_s: float = 0.0, label: str = "run", runner=run_training) -> dict:
     """End-to-end figures of ``cfg`` (its schedule) with the real pipeline: images/s, ms per image
     and per step, data-wait share, peak memory, recompiles, from the log intervals after the first."""
@@ -422,9 +424,11 @@ def bench_sample(cfg, device: torch.device, batch: int = 16, repeats: int = 3, c
     ours(2)()
     runs = {"pdiff": ours(s.steps)}
     if edm_reference:
-        den = patch_denoiser(model, canvas_grid(batch, canvas, r, device=device), labels, s.guidance, s.guidance_interval)
+        den = patch_denoiser(model, canvas_grid(batch, canvas, r, device=device), labels, s.guidance,
+                             s.guidance_interval)
         runs["edm_reference"] = lambda: edm_reference_sampler(den, noise, rng.randn_like, s.steps, s.sigma_min,
-                                                              s.sigma_max, s.rho, s.s_churn, s.s_min, s.s_max, s.s_noise)
+                                                              s.sigma_max, s.rho, s.s_churn, s.s_min, s.s_max,
+                                                              s.s_noise)
     measured = timed_with_cpu(runs, repeats, sync, clock)
     figures = measured["pdiff"]
     t = figures["seconds_per_batch"]

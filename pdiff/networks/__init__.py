@@ -115,6 +115,7 @@ def network_blocks(cfg, resolution: int, channels: int, name: str | None = None)
     return block_names(net)
 
 
-__all__ = ["NETWORKS", "ADMConfig", "BlockError", "DhariwalUNet", "DiT", "DiTConfig", "EDM2Config", "EDM2UNet", "NetworkConfig",
+__all__ = ["NETWORKS", "ADMConfig", "BlockError", "DhariwalUNet", "DiT", "DiTConfig", "EDM2Config", "EDM2UNet",
+           "NetworkConfig",
            "NetworkSpec", "SongUNet", "SongUNetConfig", "UNetConfig", "block_names", "build_network", "common_keys",
            "find_block", "network_blocks", "network_config", "register_network"]

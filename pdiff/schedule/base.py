@@ -83,13 +83,15 @@ class PatchSchedule:
         if not sizes:
             if probs:
                 raise ValueError(f"patch.probs {probs} is given without patch.sizes: give the sizes they "
-                                 f"belong to, or neither for the default sizes for data.resolution (docs/patch_defaults.md)")
+                                 "belong to, or neither for the default sizes for data.resolution "
+                                 "(docs/patch_defaults.md)")
             return default_patch_sizes(resolution, real_p)
         if not probs:
             share = round(1 / len(sizes), 2)
             even = ",".join(f"{p:g}" for p in [share] * (len(sizes) - 1) + [round(1 - share * (len(sizes) - 1), 2)])
             raise ValueError(f"patch.sizes {sizes} is given without patch.probs: give one probability per "
-                             f"size (e.g. patch.probs=[{even}]), or neither for the default sizes for data.resolution (docs/patch_defaults.md)")
+                             f"size (e.g. patch.probs=[{even}]), or neither for the default sizes for data.resolution "
+                             "(docs/patch_defaults.md)")
         return sizes, probs
 
     def size_at(self, images_seen: int) -> int:
