@@ -62,8 +62,8 @@ class DataConfig:
     backend: Literal["auto", "dali", "torch"] = knob("auto", "data loader: auto is DALI where it is installed")
     workers: int = knob(2, "decoding threads (DALI) or DataLoader workers (torch)")
     prefetch: int = knob(4, "batches decoded ahead")
-    verify_checksums: bool = knob(False, "check every shard's sha256 against the manifest at start "
-                                         "(sizes are always checked)")
+    verify_checksums: bool = knob(False, "check every shard's sha256 against the manifest at start (sizes are always "
+                                  "checked: at start, or from shard format 4 on when a shard is first read)")
     xflip: bool = knob(False, "random horizontal flips (off by default: a flip moves the coordinates)")
     on_corrupt: Literal["stop", "skip"] = knob(
         "stop", "a damaged sample (CRC-32 or decode): stop naming it, or skip: read the next good sample in its place")

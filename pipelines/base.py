@@ -42,7 +42,7 @@ class PatchPipeline:
         self.device = torch.device(device)
         self.source = source
         self.seed = int(cfg.train.seed)
-        self.plan = SamplePlan(source.count, source.labels, schedule, self.seed, rank, world_size,
+        self.plan = SamplePlan(source.count, source.plan_labels, schedule, self.seed, rank, world_size,
                                xflip=bool(cfg.data.xflip))
         self.corrupt = CorruptPolicy(cfg.data.on_corrupt, cfg.data.max_corrupt)
         self.images_seen = 0

@@ -18,8 +18,9 @@ to the GPU where the patches go there, transposed to CHW and cast to float32 wit
 
 Damaged samples: the callback reads each sample through its checksum (pipelines/corrupt.py), so a
 damaged one is replaced (and reported with the step) before DALI sees a byte of it; a decoder fed
-damaged bytes may crash the process. (A raw patch read by its rows is not checked: the CRC-32 covers
-the whole sample; latents are read whole and checked; see ShardSet.read_region.) Shards without checksums can still hand DALI bytes it
+damaged bytes may crash the process. (A raw or latent patch read by its rows has exactly those rows and
+its label member checked, shard format version 4; see ShardSet.read_region.) Shards without checksums can
+still hand DALI bytes it
 cannot decode: its error names no sample and leaves the pipeline unusable, so the samples fed are
 decoded again on the host to find the culprit, which is then treated as damaged, and the pipeline is
 rebuilt at the same step.

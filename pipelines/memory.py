@@ -8,8 +8,9 @@ the patches are bit for bit the streaming torch backend's (the samples are decod
 with Pillow, as that backend decodes them; DALI's JPEG decoders may round differently), a run can
 resume with or without the cache, and W ranks read what one process reads. Each rank holds its own
 copy. A dataset that does not fit is refused before loading, with the size needed and the memory
-available. Every sample is read whole, so each is held against its CRC-32 once, at loading; a
-damaged one is treated as the streaming loaders treat it, when a step draws it (data.on_corrupt).
+available. Every sample is read whole, so each (data and label member) is held against its CRC-32s
+once, at loading; a damaged one is treated as the streaming loaders treat it, when a step draws it
+(data.on_corrupt).
 """
 from __future__ import annotations
 

@@ -25,7 +25,12 @@ _ORDER_TAG, _CROP_TAG, _LATENT_TAG = 0x5EED, 0xC809, 0x1A7E
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, _ORDER_TAG]).permutation(num_samples)
+    """``Generator.permutation(num_samples)``, shuffled in place and as int32 below 2^31 samples: the same
+    order (the shuffle's draws depend on the length only) in a quarter of the peak memory (400 MB, not
+    1.6 GB, at 100M samples)."""
+    perm = np.arange(num_samples, dtype=np.int32 if num_samples < 2 ** 31 else np.int64)
+    np.random.default_rng([seed, epoch, _ORDER_TAG]).shuffle(perm)
+    return perm
 
 
 def stream_indices(num_samples: int, seed: int, positions: np.ndarray, cache: dict | None = None) -> np.ndarray:

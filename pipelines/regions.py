@@ -21,8 +21,8 @@ outside it (the entropy-coded data of the rows above the patch must still be rea
 markers there is no way to jump into it). DALI's PNG decoder decodes whole, and libpng and
 libjpeg-turbo print a warning for every image with a cut header, so DALI never sees one.
 
-Raw and latent samples are not decoded at all: a source reads only the patch's rows of a raw
-sample (latents with CRC-32s are read whole, to be checked; see ``ShardSet.read_region``).
+Raw and latent samples are not decoded at all: a source reads only the patch's rows (and, shard format
+version 4, checks each against its CRC-32; see ``ShardSet.read_region``).
 """
 from __future__ import annotations
 

@@ -465,6 +465,9 @@ class RemoteShardSet(ShardSet):
     def _check_files(self, checksums: bool) -> None:
         """Nothing to check before reading: each file is checked against its size and sha256 when it is fetched."""
 
+    def _check_tar(self, shard: int) -> None:
+        """Nothing to check when a CRC file is opened: the tar is checked when it is fetched."""
+
     def __getstate__(self):
         return {**super().__getstate__(), "_prefetcher": None, "_local": None, "_tables": []}
 
@@ -560,6 +563,12 @@ class RemoteShardSet(ShardSet):
             os.replace(tmp, path)
             self._labels = labels
         return self._labels
+
+    @property
+    def plan_labels(self) -> np.ndarray:
+        """``labels``, as before shard format version 4: reading them at opening also fills the cache (the
+        DataLoader workers' fetches hang otherwise, in tests/test_remote.py)."""
+        return self.labels
 
     def close(self) -> None:
         if self._prefetcher is not None and self._prefetcher.pid == os.getpid():

@@ -121,6 +121,13 @@ class SampleSource:
         """(count,) int64 class labels, -1 where the dataset has none."""
         raise NotImplementedError
 
+    @property
+    def plan_labels(self):
+        """What the plan (pipelines/order.py) indexes labels with, by a step's sample indices: ``labels``
+        itself here; a source too large to read every label at opening returns an object indexed like it
+        that reads them as asked (ShardSet of format version 4)."""
+        return self.labels
+
     def fingerprint(self) -> str:
         """A short string that changes when the data changes (guards a saved pipeline state)."""
         raise NotImplementedError

@@ -8,7 +8,8 @@ The sampler walks the plan (pipelines/order.py) and hands each step to the worke
 main process joins the chunks of a step in order. No shuffling happens inside the DataLoader, so the
 output does not depend on the number of workers and resuming needs only the images seen.
 
-A damaged sample (its checksum fails when read, or Pillow cannot decode it) is replaced in the worker
+A damaged sample (a checksum of what was read fails: data, rows or label; or Pillow cannot decode it)
+is replaced in the worker
 by the next good one and reported with the chunk; the pipeline applies ``data.on_corrupt`` when the
 step is delivered (pipelines/corrupt.py).
 """

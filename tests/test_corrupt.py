@@ -7,6 +7,10 @@ version 1) still have decode failures caught per sample.
 Each backend runs the damage cases in a child process (`child` below): DALI fed damaged bytes can
 crash the process (a JPEG with zeroed bytes ended a run with SIGSEGV), which must fail the test, not
 end pytest.
+
+Format version 4 holds every member and every row read against its CRC-32: a flipped byte in a raw
+patch's rows or in a sample's label member is caught as a decoder's damage is; version 3 (CRC-32s in the
+manifest) still trains, its index checked at opening.
 """
 from __future__ import annotations
 
@@ -31,9 +35,13 @@ BACKENDS = ["torch", "memory", pytest.param("dali", marks=pytest.mark.skipif(not
 R, N, PER_SHARD = 16, 12, 5
 TESTS = Path(__file__).resolve().parent
 
-# Damage kind -> the clean shard folder it is made from.
+# Damage kind -> the clean shard folder it is made from. "raw-rows-*": raw patches smaller than the image,
+# read by their rows; "crc-file-record": a byte of the sample's record in its shard's CRC file.
 CASES = {"png-flipped-byte": "png", "jpeg-zeroed-bytes": "jpeg", "jpeg-header-flipped-byte": "jpeg",
-         "raw-flipped-byte": "raw", "index-offset": "png", "v1-png-flipped-byte": "v1"}
+         "raw-flipped-byte": "raw", "raw-rows-flipped-byte": "raw", "raw-rows-label-flipped-byte": "raw",
+         "png-label-flipped-byte": "png", "crc-file-record": "raw", "index-offset": "v3",
+         "v3-png-flipped-byte": "v3", "v1-png-flipped-byte": "v1"}
+STOP_ONLY = ("index-offset", "crc-file-record")      # damage of the shard set's metadata: no sample to skip
 
 
 def smooth_images(rng, n):
@@ -47,7 +55,7 @@ def damaged(tmp_path_factory):
     damaged sample per case, labels in stored order)."""
     from pdiff.pipelines.shards import ShardSet, write_shards
     from pdiff.pipelines.shards.options import write_order
-    from test_shard import legacy_shards
+    from test_shard import as_version_3, legacy_shards
     root = tmp_path_factory.mktemp("corrupt")
     rng = np.random.default_rng()
     images, labels = smooth_images(rng, N), rng.integers(0, 3, N)
@@ -56,6 +64,8 @@ def damaged(tmp_path_factory):
         write_shards(root / "d.npz", root / enc, workers=1, encoding=enc, max_count=PER_SHARD, progress=False)
     order = write_order(N, 0)
     legacy_shards(root / "v1", images[order], labels[order], per_shard=PER_SHARD)
+    shutil.copytree(root / "png", root / "v3")
+    as_version_3(root / "v3")
     victims = {}
     for case, clean in CASES.items():
         shutil.copytree(root / clean, root / case)
@@ -79,6 +89,17 @@ def damaged(tmp_path_factory):
             idx.write_text("\n".join(lines))
         elif case.startswith("v1"):      # a byte of the PNG signature: no decoder can take it (no CRC to tell)
             blob[off + int(rng.integers(1, 8))] ^= 1 << int(rng.integers(8))
+        elif case == "raw-rows-flipped-byte":    # rows R/2-1 and R/2: every patch of R/2 rows reads one of them
+            for y in (R // 2 - 1, R // 2):
+                blob[off + y * R * 3 + int(rng.integers(R * 3))] ^= 1 << int(rng.integers(8))
+        elif "label" in case:            # the one-digit label becomes another digit or a non-digit
+            blob[int(sh.lbl_off[i])] ^= 1 << int(rng.integers(8))
+        elif case == "crc-file-record":
+            crc = tar.with_suffix(".crc")
+            data = bytearray(crc.read_bytes())
+            k, size = i - int(sh.first[sh.shard[i]]), (len(data) - 16) // PER_SHARD
+            data[16 + k * size + int(rng.integers(size))] ^= 1 << int(rng.integers(8))
+            crc.write_bytes(bytes(data))
         else:
             blob[off + size // 2 + int(rng.integers(-size // 4, size // 4))] ^= 1 << int(rng.integers(8))
         tar.write_bytes(bytes(blob))
@@ -104,9 +125,9 @@ def child(backend: str, root: str, victims: dict) -> dict:
                                  f"data.backend={'torch' if backend == 'memory' else backend}", f"data.workers={workers}",
                                  "train.batch=4", f"train.seed={seed}", *overrides,
                                  f"data.cache={'host' if backend == 'memory' else 'none'}"])
-        # A raw patch smaller than the image is read by its rows, which the sample's CRC-32 cannot cover
-        # (ShardSet.read_region): full-size raw patches here, read and checked whole.
-        sizes = [16] if CASES[case] == "raw" else [8, 16]
+        # Raw: full-size patches, read and checked whole, or ("raw-rows") patches of R/2 read by their
+        # rows, each row checked (ShardSet.read_region).
+        sizes = [R // 2] if case.startswith("raw-rows") else [R] if CASES[case] == "raw" else [R // 2, R]
         return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=sizes, probs=[1 / len(sizes)] * len(sizes), seed=seed),
                               0, 1, "cpu")
 
@@ -121,7 +142,7 @@ def child(backend: str, root: str, victims: dict) -> dict:
             res["stop"] = None
         except SourceError as e:
             res["stop"] = str(e)
-        if case == "index-offset":
+        if case in STOP_ONLY:
             continue
         pipe = make(case, "data.on_corrupt=skip", workers=2 if backend == "torch" else 0)
         plan = SamplePlan(N, clean.labels, pipe.schedule, seed, 0, 1)
@@ -186,15 +207,24 @@ def test_stop_names_shard_key_offset_and_verify(outcomes, case):
     if case == "index-offset":             # found when the shards are opened: no offset in it is trusted
         assert f"{root / case / tar.replace('.tar', '.idx')}: sha256 differs" in msg
         return
-    assert f"{root / case / tar}: sample {i:09d} (#{i - clean.first[clean.shard[i]]} of the shard" in msg
+    k = i - clean.first[clean.shard[i]]
+    if case == "crc-file-record":          # the file is named, not the sample: its record cannot be trusted
+        assert f"{root / case / tar.replace('.tar', '.crc')}: the CRC file of {tar} is damaged at the record of " \
+               f"sample #{k} of the shard" in msg
+        return
+    assert f"{root / case / tar}: sample {i:09d} (#{k} of the shard" in msg
     assert f"member at byte {clean.img_off[i]}" in msg
     assert "data.on_corrupt=skip" in msg
     assert ("cannot be decoded" if case.startswith("v1") else "fails its CRC-32 check") in msg
+    if "label" in case:
+        assert f"its .cls label (at byte {clean.lbl_off[i]}) fails its CRC-32 check" in msg
+    if case == "raw-rows-flipped-byte" and backend != "memory":     # the memory mode reads whole samples
+        assert f"its row {R // 2 - 1} fails" in msg or f"its row {R // 2} fails" in msg
     if case.startswith("v1") and backend == "dali":      # DALI failed first; the host decode named the sample
         assert "DALI's decoder failed on it too" in msg
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "index-offset"])
+@pytest.mark.parametrize("case", [c for c in CASES if c not in STOP_ONLY])
 def test_skip_replaces_with_the_next_sample_counts_and_resumes_exactly(outcomes, case):
     backend, root, victims, labels, result, stderr = outcomes
     res, i = result[case], victims[case]

@@ -273,15 +273,18 @@ def test_bad_setups_fail_before_building(dataset, tmp_path):
     with pytest.raises(SourceError, match="data.resolution"):
         cfg = load_config(None, [f"data.path={root / 'raw'}", "data.resolution=32"])
         build_pipeline(cfg, StochasticSchedule(32, 4), 0, 1)
-    # a truncated shard is caught from the manifest, before DALI or a worker touches it
+    # a truncated shard is caught from the manifest, before DALI or a worker touches it: when it is
+    # opened (format version 4: by the plan, in the pipeline's own process, when a step first uses it)
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(root / "png", copy)
     tar = sorted(copy.glob("*.tar"))[1]
     tar.write_bytes(tar.read_bytes()[:-512])
-    cfg = load_config(None, [f"data.path={copy}", f"data.resolution={R}"])
-    with pytest.raises(ShardError, match=tar.name):
-        build_pipeline(cfg, StochasticSchedule(R, 4), 0, 1)
+    cfg = load_config(None, [f"data.path={copy}", f"data.resolution={R}", "data.backend=torch", "data.workers=2"])
+    with pytest.raises(ShardError, match=f"{tar}: {tar.stat().st_size} bytes, the manifest says"):
+        pipe = build_pipeline(cfg, StochasticSchedule(R, 4), 0, 1)
+        for _ in range(4 * len(images)):
+            next(pipe)
 
 
 @pytest.mark.cuda
@@ -437,3 +440,14 @@ def test_in_memory_mode_on_cuda_matches_streaming(dataset, cache):
         assert b.patches.is_cuda and torch.equal(a.patches, b.patches.cpu())
     stream.close()
     cached.close()
+
+
+def test_epoch_permutation_is_numpys_in_half_the_memory():
+    """The int32 shuffle gives numpy's own permutation(n) (the order every earlier run and checkpoint
+    used), on fresh sizes and seeds."""
+    rng = np.random.default_rng()
+    for n in [1, 2, *rng.integers(3, 200_000, 6).tolist()]:
+        seed, epoch = int(rng.integers(1 << 31)), int(rng.integers(100))
+        got = epoch_permutation(n, seed, epoch)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.random.default_rng([seed, epoch, 0x5EED]).permutation(n))

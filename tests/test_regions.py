@@ -4,6 +4,7 @@ of raw samples; DALI's ROI decoder gives the full decode's JPEG patches."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image
 
 from pdiff.pipelines import dali_available
 from pdiff.pipelines.regions import top_rows
-from pdiff.pipelines.sample_source import decode_sample
+from pdiff.pipelines.sample_source import CorruptSample, decode_sample
 from pdiff.pipelines.shards import write_shards
 from pdiff.pipelines.sources import open_source
+from test_shard import as_version_3
 
 
 def smooth_images(rng, n, r, channels):
@@ -107,7 +109,7 @@ def test_raw_regions_read_only_their_rows(shards, monkeypatch):
     monkeypatch.setattr(type(src), "_pread", lambda self, i, off, size, what: reads.append(size) or real(self, i, off, size, what))
     out = np.empty((12, 12, 3), np.uint8)
     src.read_region(3, 30, 17, 12, out)
-    assert reads == [12 * 48 * 3]
+    assert reads == [12 * 48 * 3, int(src.lbl_size[3])]           # the rows, then the label member (its CRC-32)
     np.testing.assert_array_equal(out, src.decode(3)[17:29, 30:42])
 
 
@@ -196,59 +198,56 @@ def test_jpeg_patches_are_the_full_decodes_regions(shards, backend):
     pipe.close()
 
 
-def test_raw_row_reads_and_the_samples_crc(shards, tmp_path):
-    """The trade-off of reading rows: a raw patch read by its rows is not held against the sample's
-    CRC-32 (it covers the whole sample; checking it would cost reading the whole sample, 20x the rows
-    of a 64-row patch of a 256x256 image). A damaged byte outside the rows is not read at all; inside
-    them it is a wrong pixel, not an error; a whole read (full-size patch, data.cache, verify) names it."""
-    import shutil
-    from pdiff.pipelines.sample_source import CorruptSample
-    root = tmp_path / "raw"
-    shutil.copytree(shards / "raw", root)
-    clean = open_source(shards / "raw")
-    i, row, col = 7, 30, 5
+def _damage_row(shards: Path, tmp_path: Path, enc: str, i: int, row: int, col: int, version: int = 4):
+    """A copy of the ``enc`` shards (as version 3 if asked) with one byte of sample i's row ``row`` flipped."""
+    root = tmp_path / f"{enc}-v{version}"
+    shutil.copytree(shards / enc, root)
+    if version == 3:
+        as_version_3(root)
+    clean = open_source(root)
+    item = 1 if enc == "raw" else 2                            # uint8 / float16
+    c = clean.channels
     tar = root / Path(clean.tars[clean.shard[i]]).name
     blob = bytearray(tar.read_bytes())
-    blob[int(clean.img_off[i]) + (row * 48 + col) * 3] ^= 0x55
+    blob[int(clean.img_off[i]) + (row * 48 + col) * c * item + item - 1] ^= 0x7C      # a float16's exponent
     tar.write_bytes(bytes(blob))
-    src = open_source(root)
-    out = np.empty((12, 12, 3), np.uint8)
-    src.read_region(i, 0, 10, 12, out)                          # rows 10..21: the damage is not in them
-    np.testing.assert_array_equal(out, clean.decode(i)[10:22, 0:12])
-    src.read_region(i, 0, 25, 12, out)                          # rows 25..36 hold it: one wrong byte
-    assert (out != clean.decode(i)[25:37, 0:12]).sum() == 1
-    with pytest.raises(CorruptSample, match=f"sample {i:09d}.*CRC-32"):
-        src.read_region(i, 0, 0, 48, np.empty((48, 48, 3), np.uint8))     # a full-size patch reads it whole
+    return open_source(root)
 
 
-def test_latent_patches_are_read_whole_and_checked(shards, tmp_path, monkeypatch):
-    """Latents are not read by rows where the shards keep CRC-32s: a damaged float can be inf or NaN
-    and would reach the loss, so a damaged byte anywhere in the sample stops a patch of any size. In
-    shards without CRC-32s (format versions 1 and 2) there is nothing to check, and latent patches are
-    read by their rows as raw ones are."""
-    import shutil
-    from pdiff.pipelines.sample_source import CorruptSample
+@pytest.mark.parametrize("enc", ["raw", "latent"])
+def test_row_reads_check_exactly_the_rows_read(shards, tmp_path, enc, monkeypatch):
+    """Format version 4: a raw or latent patch read by its rows holds each row against its own CRC-32
+    (and the label member against its own): a damaged byte outside the rows is not read and cannot
+    matter; inside them it names the sample and the row. The read is the rows plus the label member."""
     rng = np.random.default_rng()
-    root = tmp_path / "latent"
-    shutil.copytree(shards / "latent", root)
-    clean = open_source(shards / "latent")
-    i, row = int(rng.integers(clean.count)), int(rng.integers(30, 48))
-    tar = root / Path(clean.tars[clean.shard[i]]).name
-    blob = bytearray(tar.read_bytes())
-    blob[int(clean.img_off[i]) + (row * 48 + int(rng.integers(48))) * 4 * 2 + 1] ^= 0x7C   # a float16's exponent
-    tar.write_bytes(bytes(blob))
-    src = open_source(root)
-    out = np.empty((12, 12, 4), np.float16)
-    with pytest.raises(CorruptSample, match=f"sample {i:09d}.*CRC-32"):
-        src.read_region(i, 0, 0, 12, out)                       # rows 0..11: the damage is far below them
-    j = (i + 1) % clean.count
-    src.read_region(j, 5, 7, 12, out)                           # an undamaged sample: its region, as decoded
-    np.testing.assert_array_equal(out, clean.decode(j)[7:19, 5:17])
-
+    clean = open_source(shards / enc)
+    i, row, col = int(rng.integers(clean.count)), int(rng.integers(30, 48)), int(rng.integers(48))
+    src = _damage_row(shards, tmp_path, enc, i, row, col)
+    out = np.empty((12, 12, clean.channels), clean.dtype)
     reads = []
-    real = type(clean)._pread
-    monkeypatch.setattr(type(clean), "_pread", lambda self, k, off, size, what: reads.append(size) or real(self, k, off, size, what))
-    monkeypatch.setattr(clean, "crc", None)                     # as a shard of format version 1 or 2 reads
-    clean.read_region(i, 5, 7, 12, out)
-    assert reads == [12 * 48 * 4 * 2]
+    real = type(src)._pread
+    monkeypatch.setattr(type(src), "_pread",
+                        lambda self, k, off, size, what: reads.append(size) or real(self, k, off, size, what))
+    src.read_region(i, 5, 7, 12, out)                          # rows 7..18: the damage is below them
+    assert reads == [12 * 48 * clean.channels * clean.dtype.itemsize, int(clean.lbl_size[i])]
     np.testing.assert_array_equal(out, clean.decode(i)[7:19, 5:17])
+    with pytest.raises(CorruptSample, match=f"sample {i:09d} .*: its row {row} fails its CRC-32 check"):
+        src.read_region(i, 0, row - 11, 12, out)               # the patch's last row is the damaged one
+    with pytest.raises(CorruptSample, match=f"sample {i:09d} .*: its data fails its CRC-32 check"):
+        src.read_region(i, 0, 0, 48, np.empty((48, 48, clean.channels), clean.dtype))   # whole
+
+
+def test_version_3_row_reads_keep_their_trade_off(shards, tmp_path):
+    """Version 3 keeps one CRC-32 per sample: its raw patches read by rows are not checked (a damaged
+    byte in them is a wrong pixel), its latent patches are read whole to be checked, and whole reads
+    name the sample, as before version 4."""
+    clean = open_source(shards / "raw")
+    src = _damage_row(shards, tmp_path, "raw", 7, 30, 5, version=3)
+    out = np.empty((12, 12, 3), np.uint8)
+    src.read_region(7, 0, 25, 12, out)                          # rows 25..36 hold it: one wrong byte
+    assert (out != clean.decode(7)[25:37, 0:12]).sum() == 1
+    with pytest.raises(CorruptSample, match="sample 000000007.*CRC-32"):
+        src.read_region(7, 0, 0, 48, np.empty((48, 48, 3), np.uint8))
+    latent = _damage_row(shards, tmp_path, "latent", 3, 40, 2, version=3)
+    with pytest.raises(CorruptSample, match="sample 000000003.*CRC-32"):
+        latent.read_region(3, 0, 0, 12, np.empty((12, 12, 4), np.float16))    # the damage is far below

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from pdiff.pipelines import dali_available
+from pdiff.pipelines.sample_source import CorruptSample
 from pdiff.pipelines.shards import ShardError, ShardInputError, ShardSet, read_index, verify, write_shards
 from pdiff.pipelines.shards import inputs, preprocess, write
-from pdiff.pipelines.shards.format import sha256_file
+from pdiff.pipelines.shards.format import CRC_HEADER_BYTES, read_crc_file, sha256_file
 from pdiff.pipelines.shards.options import write_order
 from pdiff.tools.shard import main as shard_main
 
@@ -357,7 +358,7 @@ def test_interrupt_leaves_no_half_shard(tmp_path, rng, monkeypatch):
     with interrupted_at_encode(monkeypatch, 7), pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == [write.LOCK_FILE, "data-000000.idx", "data-000000.tar", "data.progress.json"]
+    assert names == [write.LOCK_FILE, "data-000000.crc", "data-000000.idx", "data-000000.tar", "data.progress.json"]
     write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, max_count=4)
     got, _ = all_samples(tmp_path / "o")
     np.testing.assert_array_equal(got, imgs[written(12)])
@@ -385,13 +386,23 @@ def test_verify_catches_flipped_byte_truncation_and_bad_sample(tmp_path, rng):
     # a damaged image whose manifest entry was (wrongly) updated, CRC-32 too: the decode names the sample
     tar.write_bytes(bytes(flipped))
     m["shards"][1]["sha256"] = sha256_file(tar)
-    crcs = bytearray.fromhex(m["shards"][1]["crc32"])
-    label = str(int(sh.labels[4])).encode()
-    crcs[4:8] = zlib.crc32(label, zlib.crc32(bytes(flipped[off:off + int(sh.img_size[4])]))).to_bytes(4, "big")
-    m["shards"][1]["crc32"] = crcs.hex()
+    rewrite_crc_record(root, m["shards"][1], 1, data_crc=zlib.crc32(bytes(flipped[off:off + int(sh.img_size[4])])))
     (root / "manifest.json").write_text(json.dumps(m))
     ok, msg = verify(root)
     assert not ok and "data-000001.tar" in msg and "#1" in msg and "decode" in msg
+
+
+def rewrite_crc_record(root: Path, rec: dict, k: int, **fields) -> None:
+    """Set fields of record ``k`` in the shard's CRC file as a writer would (its own check and the
+    manifest record's sha256 too: ``rec`` is updated, the caller writes the manifest)."""
+    path = root / rec["crc"]
+    head = path.read_bytes()[:CRC_HEADER_BYTES]
+    records = read_crc_file(root, rec, int(np.frombuffer(head[12:16], "<u4")[0]))
+    for key, value in fields.items():
+        records[key][k] = value
+    records["check"][k] = zlib.crc32(records[k:k + 1].tobytes()[:-4])
+    path.write_bytes(head + records.tobytes())
+    rec["crc_sha256"] = sha256_file(path)
 
 
 def test_cli_npz_info_verify(tmp_path, rng, capsys):
@@ -613,6 +624,113 @@ def legacy_shards(root: Path, images: np.ndarray, labels: np.ndarray, per_shard:
         "encoding": "png", "image_ext": "png", "label_ext": "lbl", "label_dtype": "<i4", "quality": None,
         "transform": "none", "count": len(images), "labeled": True, "num_classes": n, "classes": [str(c) for c in range(n)],
         "shards": shards, "bytes": sum(r["bytes"] for r in shards), "skipped": {"count": 0, "by_reason": {}, "items": []}}))
+
+
+def test_crc_file_holds_each_member_and_row_crc(tmp_path, rng):
+    """Version 4's CRC file, against a direct computation on fresh random data: per sample its members'
+    places, its label, the CRC-32 of its data and label members and of each of its rows (raw and latent:
+    R x C values a row; encoded images: no rows)."""
+    n, r = 7, 12
+    imgs, labels = rng.integers(0, 256, (n, r, r, 3)).astype(np.uint8), rng.integers(0, 5, n)
+    lat = rng.standard_normal((n, r, r, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=imgs, labels=labels)
+    np.save(tmp_path / "lat.npy", lat)
+    order = write_order(n, 0)
+    for enc, src, want in (("raw", "d.npz", imgs), ("latent", "lat.npy", lat), ("png", "d.npz", None)):
+        out = tmp_path / enc
+        opts = dict(dtype="float32") if enc == "latent" else {}
+        m = write_shards(tmp_path / src, out, workers=1, encoding=enc, max_count=3, progress=False, **opts)
+        sh = ShardSet(out)
+        rows = r if want is not None else 0
+        records = np.concatenate([read_crc_file(out, rec, rows) for rec in m["shards"]])
+        assert [rec["crc"] for rec in m["shards"]] == [f"data-{k:06d}.crc" for k in range(3)]
+        for i in range(n):
+            data = os.pread(sh._fd(sh.shard_of(i)[0]), int(records["data_size"][i]), int(records["data_offset"][i]))
+            label = str(int(labels[order[i]])).encode() if enc != "latent" else b"-1"
+            assert int(records["label"][i]) == int(label) and int(records["label_crc"][i]) == zlib.crc32(label)
+            assert int(records["data_crc"][i]) == zlib.crc32(data)
+            if want is None:
+                assert records["row_crc"].shape == (n, 0)
+                continue
+            sample = want[order[i]]
+            assert data == sample.tobytes()
+            assert records["row_crc"][i].tolist() == [zlib.crc32(sample[y].tobytes()) for y in range(r)]
+
+
+def test_damaged_or_missing_crc_file_is_named(tmp_path, rng):
+    """A CRC file that is damaged (a record's bytes, its header, its size) or missing stops a reader with
+    a message naming the file, not the sample; `pdiff shard verify` names it too."""
+    imgs = rng.integers(0, 256, (8, 8, 8, 3)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    root = tmp_path / "o"
+    m = write_shards(tmp_path / "d.npz", root, workers=1, encoding="raw", max_count=4, progress=False)
+    crc = root / m["shards"][1]["crc"]
+    original = crc.read_bytes()
+    size = (len(original) - CRC_HEADER_BYTES) // 4
+    k = int(rng.integers(4))
+    damaged = bytearray(original)
+    damaged[CRC_HEADER_BYTES + k * size + int(rng.integers(size))] ^= 1 << int(rng.integers(8))
+    crc.write_bytes(bytes(damaged))
+    sh = ShardSet(root)
+    with pytest.raises(ShardError, match=f"{crc}: the CRC file of data-000001.tar is damaged at the record of "
+                                         f"sample #{k} of the shard"):
+        sh.read(4 + k)
+    assert sh.read(0) == imgs[write_order(8, 0)[0]].tobytes()      # the other shard reads on
+    ok, msg = verify(root, workers=1)
+    assert not ok and f"{crc}: the CRC file of data-000001.tar is damaged" in msg
+    crc.write_bytes(original[:-3])
+    with pytest.raises(ShardError, match=f"{crc}: the CRC file of data-000001.tar is {len(original) - 3} bytes"):
+        ShardSet(root).plan_labels[5]
+    crc.write_bytes(b"NOTACRC!" + original[8:])
+    with pytest.raises(ShardError, match=f"{crc}: the CRC file of data-000001.tar is damaged \\(its header"):
+        ShardSet(root).read(5)
+    crc.unlink()
+    with pytest.raises(ShardError, match=f"{crc}: the CRC file of data-000001.tar is missing"):
+        ShardSet(root).read(6)
+    ok, msg = verify(root, workers=1)
+    assert not ok and f"{crc}: the CRC file of data-000001.tar is missing" in msg
+
+
+def as_version_3(root: Path) -> None:
+    """Turn a folder this pdiff wrote (version 4) into the folder the version 3 writer made of the same
+    inputs: the same tars and indexes, each sample's CRC-32 (over data and label) as text in the manifest,
+    no CRC files."""
+    m = json.loads((root / "manifest.json").read_text())
+    for rec in m["shards"]:
+        records = read_crc_file(root, rec, 0 if m["encoding"] not in ("raw", "latent") else m["resolution"])
+        with open(root / rec["tar"], "rb") as f:
+            blob = f.read()
+        rec["crc32"] = "".join(f"{zlib.crc32(blob[lo:lo + ls], zlib.crc32(blob[do:do + ds])):08x}"
+                               for do, ds, lo, ls in zip(records["data_offset"], records["data_size"],
+                                                         records["label_offset"], records["label_size"]))
+        (root / rec.pop("crc")).unlink()
+        del rec["crc_bytes"], rec["crc_sha256"]
+    m["version"] = 3
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_shards_of_format_version_3_still_read_and_verify(tmp_path, rng):
+    """Version 3 (CRC-32s as text in the manifest) trains and verifies as before; its whole reads are
+    checked, as they were."""
+    imgs, labels = rand_images(rng, 11, size=16), rng.integers(0, 4, 11)
+    np.savez(tmp_path / "d.npz", images=imgs, labels=labels)
+    for enc in ("png", "raw"):
+        write_shards(tmp_path / "d.npz", tmp_path / enc, workers=1, encoding=enc, max_count=4, progress=False)
+        v4 = ShardSet(tmp_path / enc)
+        want, want_labels = np.stack([v4.decode(i) for i in range(11)]), v4.labels.copy()
+        as_version_3(tmp_path / enc)
+        v3 = ShardSet(tmp_path / enc)
+        assert v3.version == 3 and v3.checksummed and not list((tmp_path / enc).glob("*.crc"))
+        np.testing.assert_array_equal(np.stack([v3.decode(i) for i in range(11)]), want)
+        np.testing.assert_array_equal(v3.labels, want_labels)
+        np.testing.assert_array_equal(v3.plan_labels[np.array([3, 0, 10])], want_labels[[3, 0, 10]])
+        assert verify(tmp_path / enc, workers=1)[0]
+        tar = Path(v3.tars[v3.shard[5]])
+        blob = bytearray(tar.read_bytes())
+        blob[int(v3.img_off[5]) + 3] ^= 0x10
+        tar.write_bytes(bytes(blob))
+        with pytest.raises(CorruptSample, match="sample 000000005 .*fails its CRC-32 check"):
+            ShardSet(tmp_path / enc).read(5)
 
 
 def test_shards_of_format_version_1_still_read(tmp_path, rng):

@@ -25,7 +25,7 @@ from pdiff.pipelines import build_pipeline, dali_available
 from pdiff.pipelines.order import SamplePlan, latent_noise_seed
 from pdiff.pipelines.sample_source import SourceError
 from pdiff.pipelines.shards import ShardInputError, ShardSet, info, verify, write_shards
-from pdiff.pipelines.shards.format import ShardError, load_manifest
+from pdiff.pipelines.shards.format import ShardError, load_manifest, read_crc_file
 from pdiff.pipelines.shards.preprocess import _prepare
 from pdiff.pipelines.shards.options import write_order
 from pdiff.schedule import StochasticSchedule
@@ -96,7 +96,7 @@ def posterior_shards(world):
 def test_stored_posterior_is_the_vaes_own(world, posterior_shards, tmp_path):
     out, m = posterior_shards
     vae = load_vae(world["vae"], "cpu")
-    assert m["encoding"] == "latent" and m["stores"] == "posterior" and m["version"] == 3
+    assert m["encoding"] == "latent" and m["stores"] == "posterior" and m["version"] == 4
     assert (m["resolution"], m["channels"], m["image_resolution"]) == (IMAGE // 2, 8, IMAGE)
     assert m["vae"]["sha256"] == weights_sha256(vae.model) and m["vae"]["source"] == str(world["vae"])
     assert m["scale"] == pytest.approx(world["scale"]) and m["shift"] == pytest.approx(world["shift"])
@@ -177,17 +177,23 @@ def test_posterior_shards_carry_cls_labels_crcs_and_the_seeded_order(world, post
     shards = ShardSet(out)
     assert shards.checksummed
     k = 0
-    for rec in m["shards"]:                       # the members as WebDataset reads them, the CRC over both
+    for rec in m["shards"]:                       # the members as WebDataset reads them, a CRC-32 of each and each row
+        records = read_crc_file(out, rec, m["resolution"])
         with tarfile.open(out / rec["tar"]) as tar:
             members = tar.getmembers()
             assert [x.name for x in members] == [f"{k + j // 2:09d}.{'lat' if j % 2 == 0 else 'cls'}"
                                                  for j in range(2 * rec["count"])]
             for j in range(rec["count"]):
                 lat, cls = (tar.extractfile(x).read() for x in members[2 * j:2 * j + 2])
-                assert f"{zlib.crc32(cls, zlib.crc32(lat)):08x}" == rec["crc32"][8 * j:8 * j + 8]
+                r = records[j]
+                assert (int(r["data_crc"]), int(r["label_crc"]), int(r["label"])) == (zlib.crc32(lat), zlib.crc32(cls),
+                                                                                        int(cls))
+                row = len(lat) // m["resolution"]
+                assert r["row_crc"].tolist() == [zlib.crc32(lat[y * row:(y + 1) * row]) for y in range(m["resolution"])]
                 assert int(cls) == shards.labels[k + j]
         k += rec["count"]
-    assert "version 3, labels .cls, a CRC-32 per sample, written in a random order (seed 0)" in info(out)
+    assert ("version 4, labels .cls, a CRC file per shard (a CRC-32 per member and per row), written in a random "
+            "order (seed 0)") in info(out)
     # another seed deals the same posteriors in its own order, and the FID reference follows it
     seed = int(np.random.default_rng().integers(1, 1 << 20))
     other = encode(world, tmp_path / "seeded", dtype="float32", shuffle_seed=seed)

@@ -14,12 +14,22 @@ last. Sample k (a global index, zero-padded to 9 digits, no dots) has the member
 * ``KKKKKKKKK.feat`` (`pdiff shard --encode-features` only): a frozen encoder's feature grid of the
   image, C_f x g x g little-endian float16 (channels first); the manifest's ``features`` record names
   the encoder (its spec and the sha256 of its weights), ``grid``, ``channels``, ``dtype``, ``layout``.
-  It is a member like the others: the sample's CRC-32 covers it (docs/representation.md).
+  It is a member like the others: checked by its own CRC-32 (version 4; version 3: the sample's CRC-32
+  covers it), docs/representation.md.
 
-The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byte sizes, sha256s, and
-``crc32``: one CRC-32 per sample, over its members' bytes in the order written, as 8 hex digits each).
-The reader checks a sample's CRC before its bytes reach a decoder, so a damaged sample is named (shard,
-key, byte offset) instead of crashing a decoder or training on garbage.
+The manifest lists each shard as ``SHARD_FIELDS`` (file names, sample count, byte sizes, sha256s). From
+version 4 on each shard has a third file, ``NAME-00000K.crc`` (its name, size and sha256 in the
+manifest), that makes every read checkable: one fixed-size little-endian record per sample
+(``crc_record_dtype``) with where its members lie in the tar, its label, a CRC-32 of each member (data,
+label and, with --encode-features, the .feat grid, whose place and size the record holds too) and, for
+raw and latent samples, a CRC-32 of each of the R rows (R x C values each), so a patch read by its rows
+is checked on exactly the rows read. Each record ends with a CRC-32 of its own bytes: a reader
+reads the records of the samples it uses (one ``pread`` each, when a shard is first used), never a
+whole CRC file, and a damaged record is named as damage of the CRC file, not of the sample.
+Version 3 kept one CRC-32 per sample (over data and label) in the manifest as text (``crc32``: 8 hex
+digits a sample, 800 MB of JSON for 100M samples, parsed by every rank). The reader checks a sample's
+CRCs before its bytes reach a decoder, so a damaged sample is named (shard, key, byte offset) instead of
+crashing a decoder or training on garbage.
 
 Latent shards (encoding "latent") hold R x R x C float samples; the manifest gives their ``dtype``,
 ``scale`` and ``shift`` (the network sees (z - shift) * scale) and ``stores``, what a sample is:
@@ -33,9 +43,10 @@ Latent shards (encoding "latent") hold R x R x C float samples; the manifest giv
 Versions: 1 (images, 4-byte little-endian ``.lbl`` labels), 2 (adds the "latent" encoding), 3 (``.cls``
 labels, per-sample CRC-32s, samples in a seeded random order, and for latent shards the ``stores`` and
 ``shift`` fields: posterior shards exist from version 3 on, so no reader of an older version can mistake
-mean | std for latents: it refuses the version). This pdiff writes 3, for every encoding, and reads all
-three: shards of versions 1 and 2 train as before, without the per-sample check (version 2 latent shards
-store latents, shift 0).
+mean | std for latents: it refuses the version), 4 (the CRC-32s move into a ``.crc`` file per shard, one
+per member and per row). This pdiff writes 4, for every encoding, and reads all four: version 3 as
+before (whole reads checked, a raw patch read by its rows not), versions 1 and 2 without the per-sample
+check (version 2 latent shards store latents, shift 0).
 """
 from __future__ import annotations
 
@@ -51,7 +62,7 @@ from pdiff.pipelines.sample_source import LATENT_DTYPES, LatentSpace, SourceErro
 
 MANIFEST = "manifest.json"
 FORMAT = "pdiff-webdataset"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}   # encoding -> member extension
 LABEL_EXT = "cls"
@@ -60,11 +71,14 @@ LEGACY_LABEL_EXT = "lbl"                 # versions 1 and 2: a 4-byte little-end
 _LEGACY_LABEL_DTYPE = np.dtype("<i4")
 _MAX_LABEL_BYTES = 20                    # "-1" .. the largest int64 in decimal
 KEY_DIGITS = 9
-# One shard's entry in manifest["shards"]: its tar and index, their sizes and sha256s, and the samples'
-# CRC-32s (version 3 on).
-SHARD_FIELDS = ("tar", "index", "count", "bytes", "sha256", "index_bytes", "index_sha256", "crc32")
+CRC_EXT = "crc"                          # version 4: a shard's CRC file, NAME-00000K.crc
+# One shard's entry in manifest["shards"]: its tar and index, their sizes and sha256s, and (version 4)
+# its CRC file's; version 3 had the samples' CRC-32s as text instead (``crc32``).
+SHARD_FIELDS = ("tar", "index", "count", "bytes", "sha256", "index_bytes", "index_sha256", "crc", "crc_bytes",
+                "crc_sha256")
 _SHARD_TYPES = {"tar": str, "index": str, "count": int, "bytes": int, "sha256": str, "index_bytes": int,
-                "index_sha256": str, "crc32": str}
+                "index_sha256": str}
+_SHARD_TYPES_BY_VERSION = {3: {"crc32": str}, 4: {"crc": str, "crc_bytes": int, "crc_sha256": str}}
 _MANIFEST_TYPES = {"format": str, "encoding": str, "resolution": int, "channels": int, "count": int, "shards": list}
 
 
@@ -131,10 +145,6 @@ def sample_crc(*member_bytes) -> int:
     return crc
 
 
-def crc_text(crcs: list[int]) -> str:
-    return "".join(f"{c:08x}" for c in crcs)
-
-
 def parse_crcs(rec: dict, where: str | Path) -> np.ndarray | None:
     """The (count,) uint32 CRC-32s of a shard's samples from its manifest record; None before version 3."""
     text = rec.get("crc32")
@@ -147,6 +157,116 @@ def parse_crcs(rec: dict, where: str | Path) -> np.ndarray | None:
     except ValueError as e:
         raise ShardError(f"{where}: the crc32 entry of {rec['tar']} is damaged ({e}); restore {MANIFEST} "
                          f"or re-create the shards") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# CRC files (version 4)
+
+CRC_MAGIC = b"PDIFFCRC"
+_CRC_HEADER = np.dtype([("magic", "S8"), ("count", "<u4"), ("rows", "<u4")])     # 16 bytes
+
+
+def crc_rows(manifest: dict) -> int:
+    """Row CRC-32s per sample in a shard's CRC file: R for raw and latent samples (read by rows), 0 for
+    encoded images (always read whole)."""
+    return int(manifest["resolution"]) if manifest["encoding"] in ("raw", "latent") else 0
+
+
+def crc_features(manifest: dict) -> bool:
+    """Whether a shard's CRC records hold a feature member's place and CRC-32 (--encode-features)."""
+    return bool(manifest.get("features"))
+
+
+def crc_record_dtype(rows: int, features: bool = False) -> np.dtype:
+    """One sample's record in a CRC file: where its members lie in the tar, its label, the CRC-32 of each
+    member and of each of its ``rows`` rows, with ``features`` the place and CRC-32 of its .feat member,
+    and ``check``, the CRC-32 of the record's other bytes."""
+    feat = [("feat_offset", "<u8"), ("feat_size", "<u4"), ("feat_crc", "<u4")] if features else []
+    return np.dtype([("data_offset", "<u8"), ("label_offset", "<u8"), ("data_size", "<u4"), ("label_size", "<u4"),
+                     ("label", "<i4"), ("data_crc", "<u4"), ("label_crc", "<u4"), ("row_crc", "<u4", (rows,)),
+                     *feat, ("check", "<u4")])
+
+
+def sample_record(rows: int, data_offset: int, data: bytes, label_offset: int, label_bytes: bytes,
+                  label: int, feature: tuple[int, bytes] | None = None) -> tuple:
+    """The fields of a sample's CRC record but ``check`` (see `crc_file_bytes`); ``feature`` is the .feat
+    member's (offset, bytes) in a folder written with --encode-features."""
+    row = len(data) // rows if rows else 0
+    row_crcs = [zlib.crc32(data[k * row:(k + 1) * row]) for k in range(rows)]
+    feat = (feature[0], len(feature[1]), zlib.crc32(feature[1])) if feature is not None else ()
+    return (data_offset, label_offset, len(data), len(label_bytes), label, zlib.crc32(data), zlib.crc32(label_bytes),
+            row_crcs, *feat, 0)
+
+
+def _record_check(record: np.ndarray) -> int:
+    return zlib.crc32(record.tobytes()[:-4])
+
+
+def crc_file_bytes(records: list[tuple], rows: int, features: bool = False) -> bytes:
+    """A CRC file: the header, then the records with their ``check``."""
+    table = np.array(records, crc_record_dtype(rows, features))
+    return crc_table_bytes(table, rows)
+
+
+def crc_table_bytes(table: np.ndarray, rows: int) -> bytes:
+    """A CRC file of the records ``table`` (of `crc_record_dtype`), their ``check`` filled in."""
+    size, data = table.dtype.itemsize, memoryview(table.tobytes())
+    table["check"] = np.fromiter((zlib.crc32(data[k * size:(k + 1) * size - 4]) for k in range(len(table))),
+                                 np.uint32, len(table))
+    return crc_header(len(table), rows) + table.tobytes()
+
+
+def crc_header(count: int, rows: int) -> bytes:
+    """The 16 bytes a CRC file of ``count`` records with ``rows`` row CRC-32s begins with."""
+    return np.array([(CRC_MAGIC, count, rows)], _CRC_HEADER).tobytes()
+
+
+def crc_file_error(path: str | Path, tar: str, what: str) -> ShardError:
+    return ShardError(f"{path}: the CRC file of {tar} is {what}; no sample of that shard can be checked without "
+                      f"it: restore it, or re-create the shards (`pdiff shard verify {Path(path).parent}` lists all "
+                      f"the damage)")
+
+
+def check_crc_header(path: str | Path, head: bytes, size: int, rec: dict, rows: int,
+                     features: bool = False) -> np.dtype:
+    """A CRC file's header and size against its manifest record; -> the record dtype."""
+    dtype = crc_record_dtype(rows, features)
+    if size != rec["crc_bytes"]:
+        raise crc_file_error(path, rec["tar"], f"{size} bytes, the manifest says {rec['crc_bytes']} (truncated or "
+                                               f"replaced)")
+    h = np.frombuffer(head[:_CRC_HEADER.itemsize].ljust(_CRC_HEADER.itemsize, b"\0"), _CRC_HEADER)[0]
+    want = _CRC_HEADER.itemsize + rec["count"] * dtype.itemsize
+    if h["magic"] != CRC_MAGIC or int(h["count"]) != rec["count"] or int(h["rows"]) != rows or size != want:
+        raise crc_file_error(path, rec["tar"], f"damaged (its header says {int(h['count'])} samples of "
+                                               f"{int(h['rows'])} rows, expected {rec['count']} of {rows})")
+    return dtype
+
+
+def crc_record_at(path: str | Path, tar: str, data: bytes, k: int, dtype: np.dtype) -> np.void:
+    """Record ``k`` from its bytes, held against its own CRC-32."""
+    record = np.frombuffer(data, dtype) if len(data) == dtype.itemsize else None
+    if record is None or _record_check(record) != int(record["check"][0]):
+        raise crc_file_error(path, tar, f"damaged at the record of sample #{k} of the shard (byte "
+                                        f"{_CRC_HEADER.itemsize + k * dtype.itemsize})")
+    return record[0]
+
+
+def read_crc_file(root: Path, rec: dict, rows: int, features: bool = False) -> np.ndarray:
+    """All the records of a shard's CRC file, each checked; ShardError naming the file if it is missing
+    or damaged."""
+    path = root / rec["crc"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise crc_file_error(path, rec["tar"], f"missing (listed in {root / MANIFEST})") from None
+    dtype = check_crc_header(path, data, len(data), rec, rows, features)
+    start = _CRC_HEADER.itemsize
+    for k in range(rec["count"]):
+        crc_record_at(path, rec["tar"], data[start + k * dtype.itemsize:start + (k + 1) * dtype.itemsize], k, dtype)
+    return np.frombuffer(data, dtype, offset=start).copy()
+
+
+CRC_HEADER_BYTES = _CRC_HEADER.itemsize
 
 
 def sample_place(tar: str | Path, index: int, number_in_shard: int, ext: str, offset: int, size: int) -> str:
@@ -256,32 +376,40 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
             h.update(block)
 
 
-def shard_record(tar: Path, index: Path, crcs: list[int], tar_name: str, index_name: str) -> dict:
-    """The manifest entry of a shard whose files are ``tar`` and ``index`` (temporary names as written;
-    ``tar_name`` and ``index_name`` are their final names) and whose samples have the CRC-32s ``crcs``."""
-    return {"tar": tar_name, "index": index_name, "count": len(crcs),
+def shard_record(tar: Path, index: Path, crc: Path, count: int, names: tuple[str, str, str]) -> dict:
+    """The manifest entry of a shard of ``count`` samples whose files are ``tar``, ``index`` and ``crc``
+    (temporary names as written; ``names`` are their final names)."""
+    return {"tar": names[0], "index": names[1], "count": count,
             "bytes": tar.stat().st_size, "sha256": sha256_file(tar),
-            "index_bytes": index.stat().st_size, "index_sha256": sha256_file(index), "crc32": crc_text(crcs)}
+            "index_bytes": index.stat().st_size, "index_sha256": sha256_file(index),
+            "crc": names[2], "crc_bytes": crc.stat().st_size, "crc_sha256": sha256_file(crc)}
 
 
 def shard_files(rec: dict) -> list[tuple[str, int, str]]:
     """The files of one shard as (name, bytes, sha256), its tar first: what a copy of the shard (a
     fetch from object storage, pipelines/remote.py) must bring along."""
-    return [(rec["tar"], rec["bytes"], rec["sha256"]), (rec["index"], rec["index_bytes"], rec["index_sha256"])]
+    crc = [(rec["crc"], rec["crc_bytes"], rec["crc_sha256"])] if "crc" in rec else []      # version 4
+    return [(rec["tar"], rec["bytes"], rec["sha256"]), (rec["index"], rec["index_bytes"], rec["index_sha256"])] + crc
 
 
 def check_shard(root: Path, rec: dict, checksums: bool = False) -> None:
     """The shard's tar and index exist with the manifest's byte sizes (and sha256s if ``checksums``).
-    A truncated tar can crash DALI's reader, so this runs before any pipeline is built."""
-    for key, size_key, sha_key in (("tar", "bytes", "sha256"), ("index", "index_bytes", "index_sha256")):
+    A truncated tar can crash DALI's reader, so this runs before any pipeline is built. From version 4 on
+    the CRC file too."""
+    files = [("tar", "bytes", "sha256"), ("index", "index_bytes", "index_sha256")]
+    for key, size_key, sha_key in files + ([("crc", "crc_bytes", "crc_sha256")] if "crc" in rec else []):
         p = root / rec[key]
         if not p.exists():
+            if key == "crc":
+                raise crc_file_error(p, rec["tar"], f"missing (listed in {root / MANIFEST})")
             raise ShardError(f"{p}: missing (listed in {root / MANIFEST})")
         size = p.stat().st_size
         if size != rec[size_key]:
             raise ShardError(f"{p}: {size} bytes, the manifest says {rec[size_key]} (truncated or "
                              f"replaced; run `pdiff shard verify {root}` and re-create the shards)")
         if checksums and sha256_file(p) != rec[sha_key]:
+            if key == "crc":
+                raise crc_file_error(p, rec["tar"], "damaged (its sha256 differs from the manifest)")
             raise ShardError(f"{p}: sha256 differs from the manifest (corrupted; re-create the shards)")
 
 
@@ -327,9 +455,8 @@ def _check_fields(manifest: dict, path: Path) -> None:
     for k, rec in enumerate(manifest["shards"]):
         if not isinstance(rec, dict):
             raise ShardError(f"{path}: shards[{k}] is not an object (the manifest is damaged)")
-        for key, tp in _SHARD_TYPES.items():
-            if key != "crc32" or manifest.get("version", 1) >= 3:
-                need(rec, key, tp, f"shards[{k}].")
+        for key, tp in {**_SHARD_TYPES, **_SHARD_TYPES_BY_VERSION.get(manifest.get("version", 1), {})}.items():
+            need(rec, key, tp, f"shards[{k}].")
 
 
 STORES = ("latents", "posterior")      # what a latent sample is (see the module's docstring)

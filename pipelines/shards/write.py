@@ -19,7 +19,8 @@ samples are written like any others: in the seeded order below, with .cls labels
 
 Order: the inputs are written in a seeded random order (``shuffle_seed``, `write_order`; None keeps
 the source order), so that a reader streaming the shards in order sees mixed classes, not shard 0
-holding class 0 only. Each sample's CRC-32 goes into its shard's manifest entry (format.py).
+holding class 0 only. Each shard's CRC file holds a CRC-32 of each member and of each row of its samples
+(format.py).
 
 Resumable: after each complete shard, ``NAME.progress.json`` records the shard (size, sha256, the
 input range it covers and a hash of the keys in it), and before a shard is begun, its name. A re-run
@@ -46,17 +47,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pdiff.pipelines.shards.format import (FORMAT, FORMAT_VERSION, IMAGE_EXTS, KEY_DIGITS, LABEL_EXT, MANIFEST, SHARD_FIELDS,
-                                           ShardError, check_files, check_shard, read_json, sample_crc, sample_key,
-                                           sample_members, shard_record, write_index)
+from pdiff.pipelines.shards.format import (CRC_EXT, CRC_MAGIC, FORMAT, FORMAT_VERSION, IMAGE_EXTS, KEY_DIGITS,
+                                           LABEL_EXT, MANIFEST, SHARD_FIELDS, ShardError, check_files, check_shard,
+                                           crc_file_bytes, read_json, sample_key, sample_members, sample_record,
+                                           shard_record, write_index)
 from pdiff.pipelines.shards.inputs import Inputs, Item, ShardInputError, ShardUsageError, duplicate_keys, open_inputs
 from pdiff.pipelines.shards.options import Options, write_order
 from pdiff.pipelines.shards.preprocess import init_worker, probe, process_chunk
 from pdiff.progress import Progress
 from pdiff.runlock import HEARTBEAT_THREAD, STALE_AFTER_S, RunLock, RunLocked, describe
 
-TOOL_VERSION = "2"        # 2: format version 3 (.cls labels, per-sample CRC-32s, seeded order)
-_SHARD_FILE = re.compile(r"[^/\\]+-[0-9]{6}\.(tar|idx)")       # NAME-000123.tar / .idx, no folder
+TOOL_VERSION = "3"        # 2: format version 3 (.cls labels, per-sample CRC-32s, seeded order); 3: version 4
+_SHARD_FILE = re.compile(r"[^/\\]+-[0-9]{6}\.(tar|idx|crc)")   # NAME-000123.tar / .idx / .crc, no folder
 LOCK_FILE = ".pdiff-shard.lock"   # one writer per OUT (hidden: the folder is a dataset that gets copied)
 SHOW_IGNORED = 10         # ignored files named in the summary (the manifest keeps up to MAX_IGNORED)
 MAX_IGNORED = 1000
@@ -259,6 +261,7 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
     step = max(1, min(32, per_shard // 4))         # work units for the pool, small next to a shard
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
     workers = opts.workers or os.cpu_count() or 1
+    layout = _sample_rows(settings), bool(settings.get("features"))     # the CRC records' rows and .feat fields
     shard: _TarShard | None = None
     shard_start, shard_skipped = start, []
     progress = log.progress(len(items), start)
@@ -295,8 +298,8 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
                     done.append(journal.close_shard(shard, out, items, shard_start, pos, shard_skipped, done))
                     shard, shard_start, shard_skipped = None, pos, []
                 if shard is None:
-                    shard = journal.open_shard(out, opts.name, len(done), done)
-                shard.add(sample_key(written), members)
+                    shard = journal.open_shard(out, opts.name, len(done), done, layout)
+                shard.add(sample_key(written), members, item.label)
                 written += 1
         if shard is not None:
             done.append(journal.close_shard(shard, out, items, shard_start, len(items), shard_skipped, done))
@@ -313,6 +316,15 @@ def _write_samples(src, settings: dict, opts: Options, out: Path, per_shard: int
             shard.abandon()
     if written == 0:
         raise ShardInputError(f"{src.root}: every input was skipped ({len(shard_skipped)} bad); nothing to write")
+
+
+def _sample_rows(settings: dict) -> int:
+    """Rows of a stored sample that get a CRC-32 each: R for raw and latent samples (a posterior's R is
+    the image's over the VAE's downsampling), none for encoded images."""
+    if settings["encoding"] not in ("raw", "latent"):
+        return 0
+    vae = settings.get("vae")
+    return settings["resolution"] // vae["downsample"] if vae else settings["resolution"]
 
 
 def _manifest(source, out_dir, opts: Options, src, settings: dict, done: list[dict], skipped: list[dict],
@@ -364,16 +376,17 @@ def _writing(path: Path):
 
 
 class _TarShard:
-    """One shard being written: a ``.tar.tmp``, the index entries and the CRC-32s of its samples."""
+    """One shard being written: a ``.tar.tmp``, the index entries and the CRC records of its samples
+    (``rows`` row CRC-32s each; with ``features`` the .feat member's place and CRC-32)."""
 
-    def __init__(self, final: Path):
-        self.final = final
+    def __init__(self, final: Path, rows: int, features: bool = False):
+        self.final, self.rows, self.features = final, rows, features
         self.tmp = final.with_name(final.name + ".tmp")
         with _writing(self.tmp):
             self.file = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.entries: list[list[tuple[str, int, int, str]]] = []
-        self.crcs: list[int] = []
+        self.records: list[tuple] = []
 
     @staticmethod
     def cost(sizes) -> int:
@@ -383,7 +396,7 @@ class _TarShard:
         end = self.tar.offset + self.cost(sizes) + 2 * tarfile.BLOCKSIZE     # two zero blocks close a tar
         return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE            # padded to whole records
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+    def add(self, key: str, members: list[tuple[str, bytes]], label: int) -> None:
         comps = []
         with _writing(self.tmp):
             for ext, data in members:
@@ -393,10 +406,13 @@ class _TarShard:
                 self.tar.addfile(info, io.BytesIO(data))
                 comps.append((ext, offset, len(data), info.name))
         self.entries.append(comps)
-        self.crcs.append(sample_crc(*(data for _, data in members)))
+        (_, data), (_, label_bytes), *extra = members
+        feature = (comps[2][1], extra[0][1]) if self.features else None
+        self.records.append(sample_record(self.rows, comps[0][1], data, comps[1][1], label_bytes, label, feature))
 
     def finish(self, index_path: Path) -> dict:
-        """Close the tar, write the index, rename both to their final names; -> the shard's record."""
+        """Close the tar, write the index and the CRC file, rename the three to their final names; -> the
+        shard's record."""
         with _writing(self.tmp):
             self.tar.close()
             self.file.flush()
@@ -405,8 +421,14 @@ class _TarShard:
         idx_tmp = index_path.with_name(index_path.name + ".tmp")
         with _writing(idx_tmp):
             write_index(idx_tmp, self.entries)
-        rec = shard_record(self.tmp, idx_tmp, self.crcs, self.final.name, index_path.name)
+        crc_path = self.final.with_suffix("." + CRC_EXT)
+        crc_tmp = crc_path.with_name(crc_path.name + ".tmp")
+        with _writing(crc_tmp):
+            crc_tmp.write_bytes(crc_file_bytes(self.records, self.rows, self.features))
+        rec = shard_record(self.tmp, idx_tmp, crc_tmp, len(self.records),
+                           (self.final.name, index_path.name, crc_path.name))
         with _writing(index_path):
+            os.replace(crc_tmp, crc_path)
             os.replace(idx_tmp, index_path)
             os.replace(self.tmp, self.final)
         return rec
@@ -443,8 +465,8 @@ def _shard_files(out: Path, tar_name) -> list[Path]:
     if not isinstance(tar_name, str) or not _SHARD_FILE.fullmatch(tar_name):
         return []
     tar = out / tar_name
-    idx = tar.with_suffix(".idx")
-    return [tar, idx, tar.with_name(tar.name + ".tmp"), idx.with_name(idx.name + ".tmp")]
+    idx, crc = tar.with_suffix(".idx"), tar.with_suffix("." + CRC_EXT)
+    return [tar, idx, crc] + [p.with_name(p.name + ".tmp") for p in (tar, idx, crc)]
 
 
 def _listed_files(out: Path, data: dict) -> list[Path]:
@@ -465,7 +487,7 @@ class _Journal:
     def save(self, shards: list[dict], writing: str | None = None) -> None:
         _atomic_json(self.path, {"fingerprint": self.fingerprint, "shards": shards, "writing": writing})
 
-    def open_shard(self, out: Path, name: str, number: int, done: list[dict]) -> _TarShard:
+    def open_shard(self, out: Path, name: str, number: int, done: list[dict], layout: tuple[int, bool]) -> _TarShard:
         """Begin shard ``number``: its name goes into the journal first, so that a run killed while
         writing it knows the temporary files are its own."""
         final = out / f"{name}-{number:06d}.tar"
@@ -475,7 +497,7 @@ class _Journal:
                                       f"journal {self.path.name} does not list it), so it is left alone; move it "
                                       f"away, or choose another --name or output folder")
         self.save(done, writing=final.name)
-        return _TarShard(final)
+        return _TarShard(final, *layout)
 
     def close_shard(self, shard: _TarShard, out: Path, items: list[Item], start: int, end: int,
                     skipped: list[dict], done: list[dict]) -> dict:
@@ -512,7 +534,7 @@ class _Journal:
                 done.append(rec)
             if done:
                 log.info(f"{out}: resuming after {len(done)} complete shards")
-        keep = {out / r["tar"] for r in done} | {out / r["index"] for r in done}
+        keep = {out / r[key] for r in done for key in ("tar", "index", "crc")}
         for p in remove:
             if p not in keep:
                 p.unlink(missing_ok=True)
@@ -538,7 +560,7 @@ def _remove_outputs(out: Path, name: str) -> None:
 
 def _looks_written_here(out: Path, path: Path) -> bool:
     """A shard file name whose content begins as this writer's do: a tar whose first member is a sample
-    (``KKKKKKKKK.ext``), or a DALI index."""
+    (``KKKKKKKKK.ext``), a DALI index, or a CRC file."""
     base = path.name[:-4] if path.name.endswith(".tmp") else path.name
     if not _shard_files(out, base):
         return False
@@ -546,6 +568,8 @@ def _looks_written_here(out: Path, path: Path) -> bool:
         head = f.read(512)
     if base.endswith(".idx"):
         return head.startswith(b"v1.2 ")
+    if base.endswith("." + CRC_EXT):
+        return head.startswith(CRC_MAGIC)
     return re.fullmatch(rb"[0-9]{%d}\.[a-z]+" % KEY_DIGITS, head[:100].rstrip(b"\0")) is not None
 
 
