@@ -22,10 +22,11 @@ import torch
 from pdiff.dataset import open_dataset
 from pdiff.pipelines import build_pipeline
 from pdiff.pipelines.sample_source import CorruptSample
-from pdiff.pipelines.shards import verify, write_shards
+from pdiff.pipelines.shards import ShardError, verify, write_shards
 from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights_sha256
 from pdiff.pipelines.shards.reader import ShardSet
 from PIL import Image
+from test_shard import as_version_3
 from test_train import PY, REPO, final_state, free_port, log_rows, run_train, write_config
 
 from pdiff.checkpoint import CheckpointManager
@@ -349,3 +350,71 @@ def test_the_block_tap_compiles_into_the_networks_graph():
     out, block = tapped(x, c, None)
     hook.remove()
     assert torch.equal(block, kept[-1]) and torch.equal(out, net(x, c, None))
+
+
+def test_a_flipped_feature_byte_in_a_version_4_shard_is_named(feature_shards, tmp_path):
+    """Format version 4: the .feat member has its own CRC-32 and place in the sample's CRC record. A
+    flipped byte of one sample's grid (fresh sample, byte and bit) is named as that member by
+    read_features, by a whole read, by `pdiff shard verify` and by the pipeline's feature path
+    (data.on_corrupt=stop); every other sample's grid reads as stored, and with skip the run goes on."""
+    rng = np.random.default_rng()
+    copy = tmp_path / "copy"
+    shutil.copytree(feature_shards, copy)
+    clean = ShardSet(feature_shards)
+    assert clean.version == 4 and clean.crc_files and sorted(copy.glob("*.crc"))
+    i = int(rng.integers(clean.count))
+    off = int(clean.feat_off[i]) + int(rng.integers(int(clean.feat_size[i])))
+    bit = 1 << int(rng.integers(8))
+
+    def flip(folder: Path) -> None:
+        with open(clean.tars[int(clean.shard[i])].replace(str(feature_shards), str(folder)), "r+b") as f:
+            f.seek(off)
+            byte = f.read(1)[0]
+            f.seek(off)
+            f.write(bytes([byte ^ bit]))
+
+    flip(copy)
+    key = f"{i:09d}"
+    named = rf"sample {key} .*its \.feat features \(at byte {int(clean.feat_off[i])}\) fails its CRC-32 check"
+    damaged = ShardSet(copy)
+    with pytest.raises(CorruptSample, match=named):
+        damaged.read_features(i)
+    with pytest.raises(CorruptSample, match=named):
+        damaged.read(i)
+    for j in rng.choice(np.delete(np.arange(clean.count), i), 8, replace=False):
+        np.testing.assert_array_equal(damaged.read_features(int(j)), clean.read_features(int(j)))
+        assert damaged.read(int(j)) == clean.read(int(j))
+    ok, msg = verify(copy, workers=1, progress=False)
+    assert not ok and key in msg and ".feat features fails its CRC-32 check" in msg
+
+    def steps(on_corrupt: str) -> int:
+        cfg = load_config("tiny", [f"data.path={copy}", "data.backend=torch", "data.workers=0",
+                                   f"data.on_corrupt={on_corrupt}", "patch.sizes=[16]", "patch.probs=[1]",
+                                   "train.batch=32",
+                                   "repr.loss=align", "repr.block=enc.16x16_block0", "data.resolution=16",
+                                   "data.channels=1", "network.channel_mult=[1,2]"])
+        cfg, source, _ = open_dataset(cfg)
+        pipe = build_pipeline(cfg, PatchSchedule.from_config(cfg), source=source)
+        try:
+            for _ in range(2 * clean.count // 32):
+                batch = next(pipe)
+                assert batch.features.shape[1:] == (5, 4, 4) and torch.isfinite(batch.features).all()
+        finally:
+            pipe.close()
+        return len(pipe.corrupt.found)
+
+    with pytest.raises((ShardError, CorruptSample), match=named):
+        steps("stop")
+    assert steps("skip") >= 1
+    # the same damage in a version 3 copy: the sample's one CRC-32 spans its .feat member
+    v3 = tmp_path / "v3"
+    shutil.copytree(feature_shards, v3)
+    as_version_3(v3)
+    flip(v3)
+    old = ShardSet(v3)
+    assert old.version == 3 and not sorted(v3.glob("*.crc"))
+    for read in (old.read_features, old.read):
+        with pytest.raises(CorruptSample, match=rf"sample {key} .*fails its CRC-32 check"):
+            read(i)
+    j = int(rng.choice(np.delete(np.arange(clean.count), i)))
+    np.testing.assert_array_equal(old.read_features(j), clean.read_features(j))

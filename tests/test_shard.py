@@ -694,15 +694,23 @@ def test_damaged_or_missing_crc_file_is_named(tmp_path, rng):
 def as_version_3(root: Path) -> None:
     """Turn a folder this pdiff wrote (version 4) into the folder the version 3 writer made of the same
     inputs: the same tars and indexes, each sample's CRC-32 (over data and label) as text in the manifest,
-    no CRC files."""
+    no CRC files (with --encode-features the CRC-32 spans the .feat member too)."""
     m = json.loads((root / "manifest.json").read_text())
+    features = bool(m.get("features"))
     for rec in m["shards"]:
-        records = read_crc_file(root, rec, 0 if m["encoding"] not in ("raw", "latent") else m["resolution"])
+        records = read_crc_file(root, rec, 0 if m["encoding"] not in ("raw", "latent") else m["resolution"],
+                                features)
         with open(root / rec["tar"], "rb") as f:
             blob = f.read()
-        rec["crc32"] = "".join(f"{zlib.crc32(blob[lo:lo + ls], zlib.crc32(blob[do:do + ds])):08x}"
-                               for do, ds, lo, ls in zip(records["data_offset"], records["data_size"],
-                                                         records["label_offset"], records["label_size"]))
+        members = [("data_offset", "data_size"), ("label_offset", "label_size")]
+        members += [("feat_offset", "feat_size")] if features else []
+        crcs = []
+        for r in records:
+            crc = 0
+            for o, n in members:
+                crc = zlib.crc32(blob[int(r[o]):int(r[o]) + int(r[n])], crc)
+            crcs.append(crc)
+        rec["crc32"] = "".join(f"{c:08x}" for c in crcs)
         (root / rec.pop("crc")).unlink()
         del rec["crc_bytes"], rec["crc_sha256"]
     m["version"] = 3
