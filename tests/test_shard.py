@@ -974,10 +974,11 @@ def test_the_resolutions_shard_accepts_are_those_the_default_schedule_and_networ
     """The rule `pdiff shard --resolution` applies, held against the real components: the default
     schedule's patch sizes (PatchSchedule) and the default network's own input check, for R = 1..130."""
     import torch
-    from pdiff.config import NetworkConfig
-    from pdiff.networks import build_network
+    from pdiff.network_config import NetworkConfig
+    from pdiff.networks import build_network, network_config
     from pdiff.schedule import PatchSchedule
-    net = build_network(NetworkConfig(model_channels=8, num_blocks=1, attn_resolutions=[]), 64, 1)
+    net = build_network(network_config(NetworkConfig().arch, model_channels=8, num_blocks=1, attn_resolutions=[]),
+                        64, 1)
     for r in range(1, 131):
         try:
             sizes = PatchSchedule(r, batch=4).sizes
