@@ -105,7 +105,8 @@ class DaliPatchPipeline(PatchPipeline):
                                              dtype=data_type, layout="HWC")
             else:                       # decode + slice in one: the ROI decoder (integer anchors are absolute)
                 data, anchors, shapes = fn.external_source(source=self._feed_encoded, num_outputs=3, batch=True,
-                                                           batch_info=True, dtype=[types.UINT8, types.INT32, types.INT32])
+                                                           batch_info=True, dtype=[types.UINT8, types.INT32,
+                                                                                   types.INT32])
                 kind = types.GRAY if self.source.channels == 1 else types.RGB
                 patches = fn.decoders.image_slice(data, anchors, shapes, axes=[0, 1], output_type=kind,
                                                   device="mixed" if cuda and enc == "jpeg" else "cpu")
@@ -115,7 +116,8 @@ class DaliPatchPipeline(PatchPipeline):
                 return fn.cast(fn.transpose(patches, perm=[2, 0, 1], output_layout="CHW"), dtype=types.FLOAT)
             return patches               # uint8 HWC
 
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        device_id = ((self.device.index if self.device.index is not None else torch.cuda.current_device())
+                     if cuda else None)
         pipe = graph(batch_size=self.plan.max_per_rank, num_threads=max(1, int(self.cfg.data.workers)),
                      device_id=device_id, seed=self.seed & 0x7FFFFFFF,
                      prefetch_queue_depth=max(1, int(self.cfg.data.prefetch)))

@@ -74,11 +74,13 @@ def check_fits(source: SampleSource, where: str, device: torch.device, local_pro
     free = host_available_bytes()
     total = need * local_processes
     if total > HOST_SHARE * free:
-        per = f" per process, {_gb(total)} for the {local_processes} processes on this node," if local_processes > 1 else ""
+        per = (f" per process, {_gb(total)} for the {local_processes} processes on this node,"
+               if local_processes > 1 else "")
         raise SourceError(
             f"data.cache={where}: the dataset needs {_gb(need)} decoded ({what}){per} but the host has "
             f"{_gb(free)} available, of which {HOST_SHARE:.0%} ({_gb(HOST_SHARE * free)}) may hold data; "
-            f"use data.cache=none (streaming)" + (" or data.cache=device" if where == "host" and device.type == "cuda" else ""))
+            f"use data.cache=none (streaming)"
+            + (" or data.cache=device" if where == "host" and device.type == "cuda" else ""))
     return need
 
 
@@ -132,7 +134,8 @@ class MemoryPatchPipeline(PatchPipeline):
         self.damaged = load_samples(source, self.data, int(cfg.data.workers))
         self._damaged_ids = np.fromiter(self.damaged, np.int64, len(self.damaged))
         if rank == 0:
-            bad = (f"; {len(self.damaged)} damaged (data.on_corrupt={cfg.data.on_corrupt} applies when a step draws one)"
+            bad = (f"; {len(self.damaged)} damaged "
+                   f"(data.on_corrupt={cfg.data.on_corrupt} applies when a step draws one)"
                    if self.damaged else "")
             print(f"pdiff: data.cache={where}: {source.count:,} samples ({_gb(need)}) decoded into "
                   f"{'pinned ' if pin else ''}{store} memory in {time.perf_counter() - t:.1f} s{bad}", file=sys.stderr,

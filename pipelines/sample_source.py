@@ -159,7 +159,8 @@ class SampleSource:
             return decode_sample(data, self.encoding, self.resolution, self.channels, self.dtype, rows=rows)
         except Exception as e:
             hint = self.damage_hint()
-            raise CorruptSample(i, f"{self.describe(i)} cannot be decoded: {e}" + (f"; {hint}" if hint else "")) from None
+            raise CorruptSample(i,
+                                f"{self.describe(i)} cannot be decoded: {e}" + (f"; {hint}" if hint else "")) from None
 
     def read_into(self, i: int, out: np.ndarray) -> None:
         """Uniform encodings: sample ``i`` into ``out`` (R x R x C of ``dtype``, contiguous)."""

@@ -1,7 +1,8 @@
 """The torch fallback: DataLoader workers read samples by index from the source (for shards: one
 pread each, the shard indexes give the offsets), decode them with Pillow no further down than the
 patch's last row (pipelines/regions.py; raw and latent: no decode, and of raw samples only the
-patch's rows are read) and crop. Used where DALI is missing. Image patches are handed over as uint8 HWC; latent samples are
+patch's rows are read) and crop. Used where DALI is missing. Image patches are handed over as uint8 HWC;
+latent samples are
 cropped in their stored float type and handed over as float32 CHW.
 
 The sampler walks the plan (pipelines/order.py) and hands each step to the workers in chunks; the

@@ -14,7 +14,6 @@ manifest) still trains, its index checked at opening.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -122,13 +121,15 @@ def child(backend: str, root: str, victims: dict) -> dict:
 
     def make(case, *overrides, workers=0):
         cfg = load_config(None, [f"data.path={root / case}", f"data.resolution={R}", "data.channels=3",
-                                 f"data.backend={'torch' if backend == 'memory' else backend}", f"data.workers={workers}",
+                                 f"data.backend={'torch' if backend == 'memory' else backend}",
+                                 f"data.workers={workers}",
                                  "train.batch=4", f"train.seed={seed}", *overrides,
                                  f"data.cache={'host' if backend == 'memory' else 'none'}"])
         # Raw: full-size patches, read and checked whole, or ("raw-rows") patches of R/2 read by their
         # rows, each row checked (ShardSet.read_region).
         sizes = [R // 2] if case.startswith("raw-rows") else [R] if CASES[case] == "raw" else [R // 2, R]
-        return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=sizes, probs=[1 / len(sizes)] * len(sizes), seed=seed),
+        return build_pipeline(cfg, StochasticSchedule(R, 4, sizes=sizes, probs=[1 / len(sizes)] * len(sizes),
+                                                      seed=seed),
                               0, 1, "cpu")
 
     out = {}

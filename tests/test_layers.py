@@ -151,3 +151,10 @@ if __name__ == "__main__":
     for f, n, target, text in found:
         print(f"{f}:{n}: {text}")
     print(f"{len(found)} of {total} first-party imports are inside functions")
+
+
+def test_ruff_passes():
+    """The code passes ruff with the project's config (pyproject.toml's [tool.ruff]: line length 120,
+    pycodestyle errors and warnings, pyflakes)."""
+    p = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]

@@ -106,7 +106,8 @@ def test_raw_regions_read_only_their_rows(shards, monkeypatch):
     src = open_source(shards / "raw")
     reads = []
     real = type(src)._pread
-    monkeypatch.setattr(type(src), "_pread", lambda self, i, off, size, what: reads.append(size) or real(self, i, off, size, what))
+    monkeypatch.setattr(type(src), "_pread", lambda self, i, off, size,
+                        what: reads.append(size) or real(self, i, off, size, what))
     out = np.empty((12, 12, 3), np.uint8)
     src.read_region(3, 30, 17, 12, out)
     assert reads == [12 * 48 * 3, int(src.lbl_size[3])]           # the rows, then the label member (its CRC-32)

@@ -57,7 +57,6 @@ def rng():
 def test_class_folders_roundtrip_png(tmp_path, rng):
     imgs = rand_images(rng, 12)
     classes = ["cat", "dog", "emu"]
-    expect_labels = []
     src = tmp_path / "src"
     for i, a in enumerate(imgs):                        # file names sort in the order written
         c = i % 3
@@ -132,7 +131,7 @@ def test_encodings(tmp_path, rng, encoding, quality):
     base = rng.integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
     imgs = np.stack([np.asarray(Image.fromarray(b).resize((16, 16), Image.BILINEAR)) for b in base])
     np.savez(tmp_path / "d.npz", images=imgs)
-    m = write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, encoding=encoding, quality=quality)
+    write_shards(tmp_path / "d.npz", tmp_path / "o", workers=1, encoding=encoding, quality=quality)
     got, _ = all_samples(tmp_path / "o")
     imgs = imgs[written(5)]
     if encoding == "jpeg":
@@ -234,7 +233,8 @@ def make_bad_folder(root: Path, rng):
         "junk.png": (b"\x89PNG not really" + os.urandom(40), "undecodable"),
         "empty.png": (b"", "empty file"),
         "cut.png": (full[: len(full) // 2], "truncated"),
-        "deep.png": (png_bytes(rng.integers(0, 65535, (16, 16), dtype=np.uint16).astype(np.uint16)), "unsupported mode"),
+        "deep.png": (png_bytes(rng.integers(0, 65535, (16, 16), dtype=np.uint16).astype(np.uint16)),
+                     "unsupported mode"),
         "small.png": (png_bytes(rand_images(rng, 1, size=8)[0]), "wrong size"),
         "good0.tiff": (png_bytes(good[0], "TIFF"), "duplicate key"),
     }
@@ -580,7 +580,8 @@ def test_labels_are_webdataset_cls_and_samples_are_mixed(tmp_path, rng):
         (src / f"class{i // 10}").mkdir(parents=True, exist_ok=True)
         (src / f"class{i // 10}" / f"{i:02d}.png").write_bytes(png_bytes(a))
     seed = int(rng.integers(1 << 20))
-    assert run_cli("shard", src, tmp_path / "mixed", "--max-count", "10", "--seed", seed, "--workers", "1").returncode == 0
+    assert run_cli("shard", src, tmp_path / "mixed", "--max-count", "10", "--seed", seed, "--workers",
+                   "1").returncode == 0
     got, labels = all_samples(tmp_path / "mixed")
     order = write_order(30, seed)
     np.testing.assert_array_equal(got, imgs[order])
@@ -590,7 +591,8 @@ def test_labels_are_webdataset_cls_and_samples_are_mixed(tmp_path, rng):
         names = t.getnames()
         assert names[:2] == ["000000000.png", "000000000.cls"]
         assert t.extractfile(names[1]).read() == str(order[0] // 10).encode()
-    assert run_cli("shard", src, tmp_path / "plain", "--max-count", "10", "--source-order", "--workers", "1").returncode == 0
+    assert run_cli("shard", src, tmp_path / "plain", "--max-count", "10", "--source-order", "--workers",
+                   "1").returncode == 0
     got, labels = all_samples(tmp_path / "plain")
     np.testing.assert_array_equal(got, imgs)
     np.testing.assert_array_equal(labels, np.arange(30) // 10)
@@ -622,8 +624,10 @@ def legacy_shards(root: Path, images: np.ndarray, labels: np.ndarray, per_shard:
         "format": "pdiff-webdataset", "version": 1, "tool": "pdiff shard", "tool_version": "1", "command": ["x"],
         "created": "2026-01-01T00:00:00Z", "source": "x", "resolution": images.shape[1], "channels": 3,
         "encoding": "png", "image_ext": "png", "label_ext": "lbl", "label_dtype": "<i4", "quality": None,
-        "transform": "none", "count": len(images), "labeled": True, "num_classes": n, "classes": [str(c) for c in range(n)],
-        "shards": shards, "bytes": sum(r["bytes"] for r in shards), "skipped": {"count": 0, "by_reason": {}, "items": []}}))
+        "transform": "none", "count": len(images), "labeled": True, "num_classes": n,
+        "classes": [str(c) for c in range(n)],
+        "shards": shards, "bytes": sum(r["bytes"] for r in shards), "skipped": {"count": 0, "by_reason": {},
+                                                                                "items": []}}))
 
 
 def test_crc_file_holds_each_member_and_row_crc(tmp_path, rng):
@@ -876,7 +880,8 @@ def test_cli_damaged_manifest_and_arrays_are_named(tmp_path, rng):
     assert (out / "data-000003.tar").read_bytes() == b"the user's" and verify(out)[0]
 
     for name, data in (("junk.npz", os.urandom(300)), ("zip.npz", b"PK\x03\x04" + os.urandom(300)),
-                       ("junk.npy", os.urandom(300)), ("cut.npy", (tmp_path / "d.npz").read_bytes()[:0] + b"\x93NUMPY")):
+                       ("junk.npy", os.urandom(300)), ("cut.npy",
+                                                       (tmp_path / "d.npz").read_bytes()[:0] + b"\x93NUMPY")):
         (tmp_path / name).write_bytes(data)
         r = run_cli("shard", tmp_path / name, tmp_path / f"o-{name}")
         assert r.returncode == 1 and f"{tmp_path / name}: " in r.stderr, r.stderr

@@ -64,7 +64,8 @@ MANIFEST = "manifest.json"
 FORMAT = "pdiff-webdataset"
 FORMAT_VERSION = 4
 INDEX_VERSION = "v1.2"
-IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}   # encoding -> member extension
+# encoding -> member extension
+IMAGE_EXTS = {"png": "png", "jpeg": "jpg", "webp": "webp", "raw": "raw", "latent": "lat"}
 LABEL_EXT = "cls"
 FEATURE_EXT = "feat"                     # a stored feature grid (--encode-features), after the label
 LEGACY_LABEL_EXT = "lbl"                 # versions 1 and 2: a 4-byte little-endian int32

@@ -147,7 +147,8 @@ def _items_from_names(kind, root, names, refs, meta_text, ignored) -> Inputs:
     else:
         labels, classes, bad = _labels_from_names(names, root)
         labeled = bool(classes)
-    items = [Item(n.rsplit(".", 1)[0] if "." in n.rsplit("/", 1)[-1] else n, shown(f"{root}/{n}" if kind == "zip" else r),
+    items = [Item(n.rsplit(".", 1)[0] if "." in n.rsplit("/", 1)[-1] else n,
+                  shown(f"{root}/{n}" if kind == "zip" else r),
                   r, lab) for n, r, lab in zip(names, refs, labels)]
     nested = [shown(n) for n in names if n.count("/") > 1] if meta_text is None else []
     src = Inputs(kind, root, items, classes, labeled, ignored=[shown(n) for n in ignored], nested=nested)
@@ -236,7 +237,8 @@ def _array_inputs(p: Path, opts: Options) -> Inputs:
     elif images.ndim == 4 and images.shape[-1] == 1:
         pass
     elif not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-        raise ShardInputError(f"{p}: images have shape {images.shape}, expected (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
+        raise ShardInputError(f"{p}: images have shape {images.shape}, expected (N, H, W), (N, H, W, 1) "
+                              f"or (N, H, W, 3)")
     n = images.shape[0]
     classes: list[str] = []
     if labels is not None:

@@ -105,7 +105,8 @@ class Options:
             raise ShardInputError(f"quality must lie in 1..100, got {self.quality}")
         if self.max_count < 1 or self.max_bytes < 1 or self.min_shards < 1:
             raise ShardInputError("max-count, max-bytes and min-shards must be positive")
-        if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)
+        if self.shuffle_seed is not None and (isinstance(self.shuffle_seed,
+                                                         bool) or not isinstance(self.shuffle_seed, int)
                                               or self.shuffle_seed < 0):
             raise ShardInputError(f"seed must be a non-negative integer, got {self.shuffle_seed!r}")
         if not self.name or any(c in self.name for c in "./\\ "):

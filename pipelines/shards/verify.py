@@ -218,12 +218,15 @@ def info(root: str | Path) -> str:
     lines = [
         f"folder      {root}",
         *what,
-        "labels      " + (f"{m['num_classes']} classes: " + ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else "")
+        "labels      " + (f"{m['num_classes']} classes: " + ", ".join(classes[:12])
+                          + (" ..." if len(classes) > 12 else "")
                            if m["labeled"] else "none"),
         f"shards      {len(sizes)} ({m['shards'][0]['tar']} .. {m['shards'][-1]['tar']}), "
-        f"{min(counts)}..{max(counts)} samples, {min(sizes) / 1e6:.2f}..{max(sizes) / 1e6:.2f} MB, total {m['bytes'] / 1e6:.1f} MB",
+        f"{min(counts)}..{max(counts)} samples, {min(sizes) / 1e6:.2f}..{max(sizes) / 1e6:.2f} MB, "
+        f"total {m['bytes'] / 1e6:.1f} MB",
         f"skipped     {m['skipped']['count']}" + ("" if not m["skipped"]["count"] else " ("
-                                                  + ", ".join(f"{r} {n}" for r, n in m["skipped"]["by_reason"].items()) + ")"),
+                                                  + ", ".join(f"{r} {n}" for r,
+                                                              n in m["skipped"]["by_reason"].items()) + ")"),
         f"format      version {m.get('version', 1)}, labels .{label_ext(m)}"
         + (", a CRC file per shard (a CRC-32 per member and per row)" if m.get("version", 1) >= 4
            else ", a CRC-32 per sample" if m.get("version", 1) >= 3 else ", no per-sample CRC-32s")

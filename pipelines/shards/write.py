@@ -620,7 +620,8 @@ def summary(manifest: dict, seconds: float | None = None) -> str:
              + (f", {seconds:.1f} s" if seconds is not None else "")]
     sk = m["skipped"]
     if sk["count"]:
-        lines.append(f"skipped {sk['count']} inputs: " + ", ".join(f"{r} {n}" for r, n in sorted(sk["by_reason"].items())))
+        lines.append(f"skipped {sk['count']} inputs: " + ", ".join(f"{r} {n}" for r,
+                                                                   n in sorted(sk["by_reason"].items())))
     else:
         lines.append("skipped 0 inputs")
     ignored = m.get("ignored") or {"count": 0}
