@@ -212,28 +212,12 @@ def test_kill9_resume_of_a_masked_dit_is_bitwise(tmp_path, digits_shards):
     """A class-conditional DiT with MaskDiT masking (and its unmasked phase from 384 images on) is
     killed mid-run and re-run: losses from the checkpoint on, the final weights and the EMA equal an
     uninterrupted run's bit for bit (the kept tokens follow images seen, as every other draw)."""
-    import os
-    import signal
-    import subprocess
-    import time
-    from pdiff.checkpoint import CheckpointManager
-    from test_train import PY, REPO, final_state, log_rows, run_train
+    from test_train import final_state, kill_at_first_checkpoint, log_rows, run_train
     net = {"label_dim": 10, "label_dropout": 0.3, "mask_ratio": 0.5, "decoder_depth": 1, "unmask_after_images": 384}
     train = {"duration_images": 640}
     run_train(dit_config(tmp_path, digits_shards, "ref", net, train=train))
     cfg = dit_config(tmp_path, digits_shards, "killed", net, train=train)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = CheckpointManager(tmp_path / "killed")
-    deadline = time.time() + 300
-    while ckpts.latest() is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = int(ckpts.latest().name.split("-")[1])
-    assert 0 < killed_at < 640
+    killed_at = kill_at_first_checkpoint(cfg, tmp_path / "killed", 640)
     run_train(cfg)
     ref, res = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
     assert "mask_token" in ref["model"] or any("mask_token" in k for k in ref["model"])

@@ -11,9 +11,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +25,8 @@ from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights
 from pdiff.pipelines.shards.reader import ShardSet
 from PIL import Image
 from test_shard import as_version_3
-from test_train import PY, REPO, final_state, free_port, log_rows, run_train, write_config
+from test_train import PY, REPO, final_state, free_port, kill_at_first_checkpoint, log_rows, run_train, write_config
 
-from pdiff.checkpoint import CheckpointManager
 from pdiff.config import ConfigError, load_config
 from pdiff.repr import dispersive_loss, feature_region
 from pdiff.schedule import PatchSchedule
@@ -300,18 +297,7 @@ def test_kill9_resume_with_align_is_bitwise(tmp_path, feature_shards):
     ref = write_config(tmp_path, feature_shards, run="ref", network=REPR_NET, train=long, repr=rcfg)
     run_train(ref)
     cfg = write_config(tmp_path, feature_shards, run="killed", network=REPR_NET, train=long, repr=rcfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = CheckpointManager(tmp_path / "killed")
-    deadline = time.time() + 300
-    while ckpts.latest() is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = int(ckpts.latest().name.split("-")[1])
-    assert 0 < killed_at < 640
+    killed_at = kill_at_first_checkpoint(cfg, tmp_path / "killed", 640)
     run_train(cfg)
     a, b = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
     for part in ("model", "ema", "repr_head"):

@@ -68,6 +68,24 @@ def final_state(run_dir: Path) -> dict:
     return CheckpointManager.load(CheckpointManager(run_dir).latest())
 
 
+def kill_at_first_checkpoint(config: Path, run_dir: Path, duration: int) -> int:
+    """Start `pdiff train` on ``config``, SIGKILL it once its first checkpoint is complete, and return
+    the images seen of that checkpoint (strictly inside the run of ``duration`` images)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([PY, "-m", "pdiff.cli", "train", "--config", str(config), "--device", "cpu"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = CheckpointManager(run_dir)
+    deadline = time.time() + 300
+    while ckpts.latest() is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(ckpts.latest().name.split("-")[1])
+    assert 0 < killed_at < duration
+    return killed_at
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,18 +207,7 @@ def test_kill9_and_rerun_matches_uninterrupted_run(tmp_path, digits_shards, ema_
     ref_cfg = write_config(tmp_path, digits_shards, run="ref", train=long, network=net, ema=ema, **more)
     run_train(ref_cfg)
     cfg = write_config(tmp_path, digits_shards, run="killed", train=long, network=net, ema=ema, **more)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [PY, "-m", "pdiff.cli", "train", "--config", str(cfg), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = CheckpointManager(tmp_path / "killed")
-    deadline = time.time() + 300
-    while ckpts.latest() is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = int(ckpts.latest().name.split("-")[1])
-    assert 0 < killed_at < 640
+    killed_at = kill_at_first_checkpoint(cfg, tmp_path / "killed", 640)
     run_train(cfg)
     ref, res = final_state(tmp_path / "ref"), final_state(tmp_path / "killed")
     averages = (list(zip(ref["ema"]["profiles"], res["ema"]["profiles"])) if ema_mode == "power"
