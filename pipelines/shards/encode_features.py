@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pdiff.pipelines.shards.format import FEATURE_EXT
 from pdiff.pipelines.shards.inputs import ShardInputError
+from pdiff.pipelines.shards.preprocess import image_batches
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -137,16 +138,7 @@ class FeatureEncoder:
 
     def stream(self, results: Iterable[list[Result]]) -> Iterator[list[Result]]:
         """The workers' chunks of results, re-cut into batches of ``batch`` images."""
-        pending: list[Result] = []
-        images = 0
-        for chunk in results:
-            for result in chunk:
-                pending.append(result)
-                images += result[1] is not None
-                if images == self.batch:
-                    yield self.encode(pending)
-                    pending, images = [], 0
-        if pending:
+        for pending in image_batches(results, self.batch):
             yield self.encode(pending)
 
     def encode(self, results: list[Result]) -> list[Result]:

@@ -19,7 +19,7 @@ import torch
 
 from pdiff.pipelines.shards.inputs import ShardInputError, open_inputs
 from pdiff.pipelines.shards.options import Options, write_order
-from pdiff.pipelines.shards.preprocess import BadInput, _prepare, _prepare_latent
+from pdiff.pipelines.shards.preprocess import BadInput, _prepare, _prepare_latent, image_batches
 
 Result = tuple[int, "bytes | None", "str | None"]        # (input position, sample bytes, bad-input reason)
 
@@ -34,17 +34,7 @@ class PosteriorEncoder:
     def stream(self, results: Iterable[list[Result]]) -> Iterator[list[Result]]:
         """The workers' chunks of results, re-cut into batches of ``batch`` images (bad inputs pass
         through in their place), each image's bytes replaced by its posterior's."""
-        pending: list[Result] = []
-        images = 0
-        for chunk in results:
-            for result in chunk:
-                pending.append(result)
-                if result[1] is not None:
-                    images += 1
-                    if images == self.batch:
-                        yield self.encode(pending)
-                        pending, images = [], 0
-        if pending:
+        for pending in image_batches(results, self.batch):
             yield self.encode(pending)
 
     def encode(self, results: list[Result]) -> list[Result]:

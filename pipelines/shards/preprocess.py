@@ -24,6 +24,23 @@ GRAY_MODES = {"1", "L", "LA", "La"}
 COLOR_MODES = {"P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
+def image_batches(results, batch: int):
+    """The worker processes' chunks of results (input position, sample bytes or None, bad-input reason),
+    re-cut into lists holding ``batch`` images each (bad inputs ride along in their place; the last list
+    may hold fewer): what an encoder that runs once per ``batch`` images consumes."""
+    pending, images = [], 0
+    for chunk in results:
+        for result in chunk:
+            pending.append(result)
+            if result[1] is not None:
+                images += 1
+                if images == batch:
+                    yield pending
+                    pending, images = [], 0
+    if pending:
+        yield pending
+
+
 class BadInput(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
