@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,8 @@ from pdiff.pipelines.shards.encode_features import load_feature_encoder, weights
 from pdiff.pipelines.shards.reader import ShardSet
 from PIL import Image
 from test_shard import as_version_3
-from test_train import PY, REPO, final_state, free_port, kill_at_first_checkpoint, log_rows, run_train, write_config
+from test_train import (final_state, kill_at_first_checkpoint, log_rows, run_train,
+                        run_two_processes, write_config)
 
 from pdiff.config import ConfigError, load_config
 from pdiff.repr import dispersive_loss, feature_region
@@ -277,11 +276,7 @@ def test_align_with_two_processes_matches_one_process(tmp_path, feature_shards):
     one = write_config(tmp_path, feature_shards, run="one", **common)
     two = write_config(tmp_path, feature_shards, run="two", **common)
     run_train(one)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "-m", "pdiff.cli", "train", "--config", str(two), "--device", "cpu"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_two_processes(two)
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert b["world_size"] == 2 and a["images_seen"] == b["images_seen"] >= 160
     for part in ("model", "repr_head"):

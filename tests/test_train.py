@@ -68,6 +68,16 @@ def final_state(run_dir: Path) -> dict:
     return CheckpointManager.load(CheckpointManager(run_dir).latest())
 
 
+def run_two_processes(config: Path) -> subprocess.CompletedProcess:
+    """`pdiff train` on ``config`` as two gloo processes under torchrun; fails the test if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "pdiff.cli", "train", "--config", str(config), "--device", "cpu"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
 def kill_at_first_checkpoint(config: Path, run_dir: Path, duration: int) -> int:
     """Start `pdiff train` on ``config``, SIGKILL it once its first checkpoint is complete, and return
     the images seen of that checkpoint (strictly inside the run of ``duration`` images)."""
@@ -131,11 +141,7 @@ def test_two_processes_match_one_process(tmp_path, digits_shards):
     one = write_config(tmp_path, digits_shards, run="one", **common)
     two = write_config(tmp_path, digits_shards, run="two", **common)
     run_train(one)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "-m", "pdiff.cli", "train", "--config", str(two), "--device", "cpu"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    p = run_two_processes(two)
     # The attention's 1x1 convs return gradients in their weights' layout: DDP's buckets match them.
     assert "Grad strides do not match bucket view strides" not in p.stderr, p.stderr[-3000:]
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
