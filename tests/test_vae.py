@@ -249,7 +249,9 @@ def test_verify_and_training_name_a_damaged_posterior_sample(damaged_posterior):
     assert not ok and "1 damaged sample(s)" in msg and f"sample {i:09d}" in msg and "fails its CRC-32 check" in msg
     pipe, _ = pipeline(bad, int(np.random.default_rng().integers(1 << 30)))        # data.on_corrupt=stop
     with pytest.raises(SourceError) as e:
-        for _ in range(8):                       # 8 steps of 4..8 samples cover the 11 samples
+        # Version 4 checks the rows a patch reads: a half-size patch may miss the damaged row, so run
+        # until a step reads it (64 steps of 4..8 samples read each of the 11 whole ~17 times).
+        for _ in range(64):
             next(pipe)
     pipe.close()
     assert f"sample {i:09d}" in str(e.value) and "CRC-32" in str(e.value)
