@@ -10,11 +10,13 @@
 #                                           # issue #14's evidence: DALI's GPU decode (after
 #                                           # benchmarks/dali_carry.py), compiled MFU, data.cache
 #
-# Stages (GPU_SUITE_STAGES picks them, comma-separated; default: cuda,kernels,step,sample,pipeline,
-# train,roi, in 8 minutes):
+# Stages (GPU_SUITE_STAGES picks them, comma-separated; default: cuda,kernels,step,recipes,sample,
+# pipeline,train,roi, in 8 minutes):
 #   cuda           pytest -m 'cuda or kernels': every Triton kernel vs its reference on CUDA
 #   kernels        bench_kernels --quick: GB/s against copy bandwidth
 #   step           bench_step eager bf16, DDPM++ 64 batch 64, per patch size, with TFLOP/s and MFU
+#   recipes        bench_step eager bf16 of the EDM2 and DiT presets (edm2_img64_s, edm2_img512_xs,
+#                  imagenet256_dit_b2, imagenet256_dit_xl2) per patch or window size, with TFLOP/s and MFU
 #   sample         bench_sample --quick
 #   pipeline       bench_pipeline at 64x64: DALI (JPEG decoded on the GPU, "mixed") when installed,
 #                  the torch fallback and the baseline loader; png, jpeg, raw
@@ -35,7 +37,7 @@
 # no package index). PYTHON=... picks the interpreter.
 #
 # OUTDIR gets suite.log (everything printed), summary.md and one file per stage (cuda_tests.log,
-# kernels.json, step.json, sample.json, pipeline.json, train.json, pipeline256.json,
+# kernels.json, step.json, step_recipes.json, sample.json, pipeline.json, train.json, pipeline256.json,
 # train_compile.json). A device call brings back 8 files at most: pack OUTDIR into one
 # (tar -czf $OUT/suite.tgz -C OUTDIR .). Each stage runs under `timeout`; a stage that fails or
 # times out is recorded in summary.md and the suite goes on.
@@ -68,7 +70,7 @@ if [[ -d "$DALI_SITE/nvidia/dali" ]]; then    # carried by benchmarks/dali_carry
     done
 fi
 export PYTHONUNBUFFERED=1
-STAGES_WANTED=",${GPU_SUITE_STAGES:-cuda,kernels,step,sample,pipeline,train,roi},"
+STAGES_WANTED=",${GPU_SUITE_STAGES:-cuda,kernels,step,recipes,sample,pipeline,train,roi},"
 [[ "${GPU_SUITE_COMPILE:-0}" == "1" ]] && STAGES_WANTED="${STAGES_WANTED}step-compile,"
 BUDGET="${GPU_SUITE_BUDGET:-470}"     # seconds for all stages (8 minutes less the summary)
 RESERVE=8                             # kept back for the summary
@@ -122,6 +124,7 @@ suite() {
         export OMP_NUM_THREADS=1
         DEV=cpu
         STEP_ARGS="--device cpu --modes eager --configs tiny --batch 2 --repeats 1 --set network.model_channels=8 --set network.channel_mult=[1,2] --set data.resolution=16"
+        RECIPE_ARGS="--device cpu --modes eager --configs tiny_edm2,tiny_dit --batch 2 --repeats 1"
         TRAIN_ARGS="--quick --device cpu --modes eager --synthetic 64 --set data.backend=torch"
         PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cpu --seconds 0.3 --images 64 --formats png,jpeg --workers 1 --resolution 32 --batch 4"
         ROI_ARGS="--backends $PIPE_BACKENDS --device cpu --seconds 0.3 --images 16 --formats jpeg,raw --workers 1 --resolution 64 --batch 2"
@@ -130,6 +133,7 @@ suite() {
     else
         DEV=cuda
         STEP_ARGS="--device cuda --modes eager --precision bf16 --configs celeba64 --batch 64 --repeats 5"
+        RECIPE_ARGS="--device cuda --modes eager --precision bf16 --configs edm2_img64_s,edm2_img512_xs,imagenet256_dit_b2,imagenet256_dit_xl2 --batch 32 --repeats 3"
         TRAIN_ARGS="--device cuda --config celeba64 --batch 64 --modes eager --synthetic 2048 --intervals 10 --interval-steps 3 --wall-budget 45 --set data.backend=torch --set data.workers=$WORKERS"
         PIPE_ARGS="--backends $PIPE_BACKENDS,baseline --device cuda --seconds 1 --images 1024 --formats png,jpeg,raw --workers $WORKERS"
         ROI_ARGS="--backends $PIPE_BACKENDS --device cuda --seconds 2 --images 512 --formats jpeg,raw --workers $WORKERS --resolution 256"
@@ -149,6 +153,8 @@ suite() {
         "'$PY' benchmarks/bench_kernels.py --quick --json '$OUT/kernels.json'"
     run_stage "3 step" 45 "bench_step eager bf16, DDPM++ 64 batch 64: ms/step per patch size, schedule cost/img" \
         "'$PY' benchmarks/bench_step.py $STEP_ARGS --out '$OUT/step.json'"
+    run_stage "10 recipes" 90 "bench_step eager bf16 of the EDM2 and DiT presets, batch 32: ms/step per patch/window size, TFLOP/s, MFU" \
+        "'$PY' benchmarks/bench_step.py $RECIPE_ARGS --out '$OUT/step_recipes.json'"
     run_stage "4 sample" 45 "bench_sample --quick: tiny and DDPM++ 64 at 35/79 NFE" \
         "'$PY' benchmarks/bench_sample.py $SAMPLE_ARGS --out '$WORK/sample'; rc=\$?; f=\$(ls -t '$WORK'/sample/*.json 2>/dev/null | head -n 1); [[ -n \"\$f\" ]] && mv \"\$f\" '$OUT/sample.json'; exit \$rc"
     run_stage "5 pipeline" 100 "bench_pipeline 64x64 ($PIPE_BACKENDS vs the baseline loader; DALI decodes JPEG on the GPU)" \

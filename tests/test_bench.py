@@ -383,7 +383,7 @@ def test_gpu_suite_plumbing_without_time(tmp_path):
     files = sorted(f.name for f in (tmp_path / "o").iterdir())
     assert files == ["suite.log", "summary.md"]
     summary = (tmp_path / "o" / "summary.md").read_text()
-    for stage in ("1 cuda", "2 kernels", "3 step", "4 sample", "5 pipeline", "6 train", "7 roi"):
+    for stage in ("1 cuda", "2 kernels", "3 step", "10 recipes", "4 sample", "5 pipeline", "6 train", "7 roi"):
         assert f"| {stage} | skipped |" in summary
     assert "train-compile" not in summary and "step-compile" not in summary
     assert p.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])    # the summary is printed last
