@@ -10,8 +10,10 @@ import json
 import os
 import signal
 import socket
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -470,18 +472,40 @@ def start_trainer(config: Path, *extra, slow: float | None = None, how: str = "p
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PDIFF_PROGRESS_SECONDS": "0"}
     argv = ["train", "--config", str(config), "--device", "cpu", *extra]
     cmd = [PY, "-c", SLOW_COMPILE, str(slow), how, *argv] if slow is not None else [PY, "-m", "pdiff.cli", *argv]
+    # Ctrl-C as a terminal's foreground job gets it: a suite started in the background (`make test &`)
+    # has SIGINT ignored, which the trainer (rightly) keeps, so the child starts with the default.
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def read_until(proc: subprocess.Popen, pattern: str) -> str:
-    """stderr up to and including the first line holding ``pattern``."""
-    seen = []
-    for line in proc.stderr:
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> str:
+    """stderr up to and including the first line holding ``pattern``; AssertionError when the trainer
+    ends first or ``timeout`` seconds pass (a thread reads the lines, so a silent trainer cannot hang
+    the suite)."""
+    if not hasattr(proc, "lines"):
+        proc.lines = queue.Queue()
+        threading.Thread(target=lambda: [*map(proc.lines.put, proc.stderr), proc.lines.put(None)],
+                         daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout
+    while True:
+        try:
+            line = proc.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no {pattern!r} from the trainer in {timeout:.0f} s:\n{''.join(seen)}") from None
+        if line is None:
+            raise AssertionError(f"the trainer ended (rc {proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}")
         seen.append(line)
         if pattern in line:
             return "".join(seen)
-    raise AssertionError(f"the trainer ended (rc {proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}")
+
+
+def read_rest(proc: subprocess.Popen, timeout: float) -> str:
+    """The rest of stderr once the trainer has ended (within ``timeout`` seconds)."""
+    proc.wait(timeout=timeout)
+    rest = []
+    while (line := proc.lines.get(timeout=30)) is not None:
+        rest.append(line)
+    return "".join(rest)
 
 
 def test_ctrl_c_stops_like_sigterm_and_the_run_resumes(tmp_path, random_shards):
@@ -492,7 +516,7 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes(tmp_path, random_shards):
     try:
         err = read_until(proc, "img/s")             # training: a log line
         os.killpg(proc.pid, signal.SIGINT)
-        _, rest = proc.communicate(timeout=300)
+        rest = read_rest(proc, timeout=300)
     finally:
         proc.kill()
     err += rest
@@ -519,7 +543,7 @@ def test_a_second_signal_inside_a_long_compile_exits_at_once(tmp_path, random_sh
         proc.send_signal(sig)
         err += read_until(proc, "finishing the step")
         proc.send_signal(sig)
-        _, rest = proc.communicate(timeout=60)      # far less than the compile's 600 s
+        rest = read_rest(proc, timeout=60)          # far less than the compile's 600 s
     finally:
         proc.kill()
     err += rest
