@@ -198,6 +198,19 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
                                                               for c in found) or "no crossover"))
             return tag, lines
         return None
+    if name == "quality_recipes":                  # benchmarks/quality_recipes.py
+        lines = []
+        for dataset, recipe in dict.fromkeys((r["dataset"], r["recipe"]) for r in p["rows"]):
+            arms = {}
+            for r in p["rows"]:
+                if (r["dataset"], r["recipe"]) == (dataset, recipe):
+                    arms.setdefault(r["arm"], []).append(r["at_budget"])
+            means = {arm: sum(v) / len(v) for arm, v in arms.items()}
+            lines.append(f"{dataset} {recipe}: " + "; ".join(
+                f"{arm} {', '.join(f'{x:.0f}' for x in v)} (mean {means[arm]:.0f})" for arm, v in arms.items())
+                + f"; best {min(means, key=means.get)}")
+        key = p["rows"][0]["metric"]["key"] if p["rows"] else "metric"
+        return f"quality per recipe, {key} at {p['budget_cpu_hours_per_arm']:g} CPU-hours per arm (per seed)", lines
     if name == "sample_cost":
         lines = []
         for label in ("before", "after"):

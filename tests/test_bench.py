@@ -504,3 +504,24 @@ def test_dali_carry_plan_names_one_part_per_call(tmp_path):
     assert carry.PART_BYTES + 64 * 1024 + carry.tree_bytes() < carry.CALL_LIMIT   # a part, its manifest, the tree
     ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"{carry.DIR}/part-01"])
     assert ignored.returncode == 0                                        # carry takes ignored paths only
+
+
+def test_quality_recipes_table_names_the_arm_with_the_lowest_mean_per_recipe():
+    """benchmarks/quality_recipes.py's JSON in the results table: per (dataset, recipe), every seed's
+    metric at the budget, each arm's mean, and the arm with the lowest mean as best."""
+    make_table = load_make_table()
+    rng = np.random.default_rng()
+    rows, want = [], {}
+    for dataset in ("digits16", "photo32"):
+        for recipe in ("ddpmpp", "edm2"):
+            vals = {arm: rng.uniform(10, 1000, size=2) for arm in ("full (p=1)", "{8,16} p=0.5")}
+            want[(dataset, recipe)] = min(vals, key=lambda a: vals[a].mean())
+            rows += [{"dataset": dataset, "recipe": recipe, "seed": s, "arm": arm, "at_budget": float(v[s]),
+                      "metric": {"key": "fd_features"}, "points": [{"images": 100, "metric": float(v[s])}]}
+                     for arm, v in vals.items() for s in (0, 1)]
+    tag, lines = make_table.headlines(Path("q.json"), {"benchmark": "quality_recipes", "rows": rows,
+                                                       "budget_cpu_hours_per_arm": 0.03})
+    assert tag == "quality per recipe, fd_features at 0.03 CPU-hours per arm (per seed)"
+    assert [line.split(":")[0] for line in lines] == [f"{d} {r}" for d, r in want]
+    for line, best in zip(lines, want.values()):
+        assert line.endswith(f"; best {best}")
