@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) -m pdiff.demo
 
+# The suite on every core (pytest-xdist; worksteal evens out the long trainer tests).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs/demo
