@@ -211,9 +211,15 @@ def test_a_node_killed_mid_run_and_the_job_goes_on_by_itself(tmp_path, reference
     deadline = time.time() + 300
     while ckpts.latest() is None and time.time() < deadline and nodes[1].poll() is None:
         time.sleep(0.05)
-    # torchrun starts each worker in a session of its own: the node is its agent and its worker
-    workers = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True, check=False).stdout
-    assert workers.split(), "node 1 has no worker"
+    # torchrun starts each worker in a session of its own: the node is its agent and its worker. On a
+    # loaded machine the agents may be between a rendezvous and their (re)started workers: wait for one.
+    workers, until = "", time.time() + 60
+    while not workers.split() and time.time() < until and nodes[1].poll() is None:
+        workers = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True,
+                                 check=False).stdout
+        time.sleep(0.0 if workers.split() else 0.2)
+    assert workers.split(), (f"node 1 has no worker (exit status {nodes[1].poll()}):\n"
+                             + (nodes[1].communicate()[1][-4000:] if nodes[1].poll() is not None else ""))
     os.kill(nodes[1].pid, signal.SIGKILL)         # the agent first, so that it restarts nothing
     for pid in workers.split():
         os.kill(int(pid), signal.SIGKILL)
