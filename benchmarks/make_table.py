@@ -208,7 +208,7 @@ def headlines(path: Path, p: dict) -> tuple[str, list[str]] | None:
             means = {arm: sum(v) / len(v) for arm, v in arms.items()}
             lines.append(f"{dataset} {recipe}: " + "; ".join(
                 f"{arm} {', '.join(f'{x:.0f}' for x in v)} (mean {means[arm]:.0f})" for arm, v in arms.items())
-                + f"; best {min(means, key=means.get)}")
+                + f"; lowest mean {min(means, key=means.get)}")
         key = p["rows"][0]["metric"]["key"] if p["rows"] else "metric"
         return f"quality per recipe, {key} at {p['budget_cpu_hours_per_arm']:g} CPU-hours per arm (per seed)", lines
     if name == "sample_cost":
