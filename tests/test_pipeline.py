@@ -148,7 +148,8 @@ def test_ranks_read_the_rows_of_one_process_whatever_the_world_size(n, world):
     for epoch in range(3):
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
     np.testing.assert_array_equal(seen[:n], epoch_permutation(n, seed, 0))
-    assert seen[:n] != seen[n:2 * n]                      # epochs differ
+    if n >= 10:                     # epochs differ (two of 5 samples' 120 orders coincide one time in 120)
+        assert seen[:n] != seen[n:2 * n]
     for r in range(world):              # the rank's own stream (the object-storage prefetcher reads it ahead)
         assert per_rank[r] == rank_stream(n, seed, r, world, 0, len(per_rank[r])).tolist()
 
