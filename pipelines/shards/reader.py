@@ -178,29 +178,15 @@ class ShardSet(SampleSource):
         return self._places
 
     # Every sample's place, as arrays (versions 1-3 keep them; version 4 reads every CRC file for them).
-    @property
-    def img_off(self) -> np.ndarray:
-        return self._all_records()[:, 0] if self.crc_files else self._places[:, 0]
+    def _place_column(self, i: int) -> np.ndarray:
+        return (self._all_records() if self.crc_files else self._places)[:, i]
 
-    @property
-    def img_size(self) -> np.ndarray:
-        return self._all_records()[:, 1] if self.crc_files else self._places[:, 1]
-
-    @property
-    def lbl_off(self) -> np.ndarray:
-        return self._all_records()[:, 2] if self.crc_files else self._places[:, 2]
-
-    @property
-    def lbl_size(self) -> np.ndarray:
-        return self._all_records()[:, 3] if self.crc_files else self._places[:, 3]
-
-    @property
-    def feat_off(self) -> np.ndarray:
-        return self._all_records()[:, 4] if self.crc_files else self._places[:, 4]
-
-    @property
-    def feat_size(self) -> np.ndarray:
-        return self._all_records()[:, 5] if self.crc_files else self._places[:, 5]
+    img_off = property(lambda self: self._place_column(0))
+    img_size = property(lambda self: self._place_column(1))
+    lbl_off = property(lambda self: self._place_column(2))
+    lbl_size = property(lambda self: self._place_column(3))
+    feat_off = property(lambda self: self._place_column(4))
+    feat_size = property(lambda self: self._place_column(5))
 
     @property
     def shard(self) -> np.ndarray:
